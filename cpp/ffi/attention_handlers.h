@@ -1,0 +1,20 @@
+// FFI handler symbols, one forward/backward pair per backend, and the backend
+// dispatch they share.
+#pragma once
+
+#include "attention/backend.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace jax_mfa {
+
+enum class Backend { Cpu };
+
+Status backend_forward(Backend backend, const AttentionProblem& p, DType dtype,
+                       const ForwardBuffers& b, TaskRunner& runner);
+Status backend_backward(Backend backend, const AttentionProblem& p, DType dtype,
+                        const BackwardBuffers& b, TaskRunner& runner);
+
+XLA_FFI_DECLARE_HANDLER_SYMBOL(AttentionForwardCpu);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(AttentionBackwardCpu);
+
+}  // namespace jax_mfa

@@ -1,0 +1,210 @@
+"""Checks and normalises the arguments of :func:`jax_mfa.attention`.
+
+Everything the kernels rely on is verified here, in Python, before any kernel
+runs: bad input raises ``ValueError``/``TypeError`` naming the argument and what
+was expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Storage dtypes the fused kernels accept for query, key and value.
+SUPPORTED_DTYPES = (jnp.float32, jnp.float16, jnp.bfloat16, jnp.float64)
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """The static part of a call: hashable, it travels as FFI attributes."""
+
+    scale: float
+    softcap: float  # 0.0: off
+    is_causal: bool
+    window_left: int  # -1: unbounded
+    window_right: int
+    has_bias: bool
+    has_mask: bool
+    has_q_lengths: bool
+    has_kv_lengths: bool
+
+    def ffi_attributes(self) -> dict[str, Any]:
+        return dict(
+            scale=np.float64(self.scale),
+            softcap=np.float64(self.softcap),
+            is_causal=self.is_causal,
+            window_left=np.int64(self.window_left),
+            window_right=np.int64(self.window_right),
+            has_bias=self.has_bias,
+            has_mask=self.has_mask,
+            has_q_lengths=self.has_q_lengths,
+            has_kv_lengths=self.has_kv_lengths,
+        )
+
+
+@dataclasses.dataclass
+class Operands:
+    """Rank-4 operands in the kernels' layout. Absent optional operands are
+    1-element placeholders (their ``has_*`` flag in Options is False)."""
+
+    query: jax.Array  # (B, T, N, H)
+    key: jax.Array  # (B, S, K, H)
+    value: jax.Array  # (B, S, K, H)
+    bias: jax.Array  # broadcast shape (each dim 1 or full), accumulation dtype
+    mask: jax.Array  # broadcast shape, bool
+    q_lengths: jax.Array  # (B,) int32
+    kv_lengths: jax.Array  # (B,) int32
+
+    def as_tuple(self):
+        return (self.query, self.key, self.value, self.bias, self.mask, self.q_lengths,
+                self.kv_lengths)
+
+
+def accumulation_dtype(dtype) -> np.dtype:
+    """float64 inputs accumulate (and keep bias, lse) in float64; others in float32."""
+    return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
+
+
+def _shape(x, name: str):
+    try:
+        return tuple(jnp.shape(x))
+    except Exception as e:  # pragma: no cover - exotic inputs
+        raise TypeError(f"{name} must be an array, got {type(x).__name__}") from e
+
+
+def _broadcast_4d(x, name: str, full: tuple[int, int, int, int], what: str):
+    shape = _shape(x, name)
+    if len(shape) > 4:
+        raise ValueError(f"{name} must have at most 4 dims, broadcastable to (B, N, T, S) = "
+                         f"{full}; got shape {shape}")
+    shape4 = (1,) * (4 - len(shape)) + shape
+    for got, want in zip(shape4, full):
+        if got not in (1, want):
+            raise ValueError(f"{name} of shape {shape} is not broadcastable to (B, N, T, S) = "
+                             f"{full} ({what})")
+    return jnp.reshape(x, shape4)
+
+
+def _seq_lengths(x, name: str, batch: int, batched_input: bool):
+    if x is None:
+        return jnp.zeros((1,), jnp.int32), False
+    shape = _shape(x, name)
+    want = (batch,) if batched_input else ((), (1,))
+    ok = shape == want if batched_input else shape in want
+    if not ok:
+        raise ValueError(f"{name} must have shape {(batch,) if batched_input else '()'} "
+                         f"(one length per batch element), got {shape}")
+    if not jnp.issubdtype(jnp.result_type(x), jnp.integer):
+        raise TypeError(f"{name} must be an integer array (int32), got {jnp.result_type(x)}")
+    return jnp.reshape(jnp.asarray(x, jnp.int32), (batch,)), True
+
+
+def _static_number(x, name: str) -> float:
+    if isinstance(x, jax.core.Tracer):
+        raise TypeError(f"{name} must be a static Python number, not a traced value")
+    try:
+        value = float(x)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"{name} must be a number, got {type(x).__name__}") from e
+    return value
+
+
+def _window(local_window_size) -> tuple[int, int]:
+    if local_window_size is None:
+        return -1, -1
+    if isinstance(local_window_size, (int, np.integer)) and not isinstance(local_window_size, bool):
+        left = right = int(local_window_size)
+    elif (isinstance(local_window_size, (tuple, list)) and len(local_window_size) == 2
+          and all(isinstance(w, (int, np.integer)) and not isinstance(w, bool)
+                  for w in local_window_size)):
+        left, right = (int(w) for w in local_window_size)
+    else:
+        raise TypeError("local_window_size must be an int or a (left, right) tuple of ints, "
+                        f"got {local_window_size!r}")
+    if left < 0 or right < 0:
+        raise ValueError(f"local_window_size must be non-negative, got {local_window_size!r}")
+    return left, right
+
+
+def prepare(query, key, value, bias, mask, *, scale, is_causal, query_seq_lengths,
+            key_value_seq_lengths, local_window_size, softcap,
+            max_head_dim: int | None) -> tuple[Operands, Options, bool]:
+    """Returns (operands, options, was_3d) or raises a clear error."""
+    q_shape, k_shape, v_shape = (_shape(a, n) for a, n in
+                                 ((query, "query"), (key, "key"), (value, "value")))
+    if len(q_shape) not in (3, 4):
+        raise ValueError(f"query must have shape (B, T, N, H) or (T, N, H), got {q_shape}")
+    if len(k_shape) != len(q_shape):
+        raise ValueError(f"key must have the same rank as query ({len(q_shape)}): expected "
+                         f"{'(B, S, K, H)' if len(q_shape) == 4 else '(S, K, H)'}, got {k_shape}")
+    if v_shape != k_shape:
+        raise ValueError(f"value must have the same shape as key {k_shape}, got {v_shape}")
+    was_3d = len(q_shape) == 3
+    if was_3d:
+        q_shape, k_shape = (1,) + q_shape, (1,) + k_shape
+    B, T, N, H = q_shape
+    _, S, K, Hk = k_shape
+    if k_shape[0] != B:
+        raise ValueError(f"key batch size {k_shape[0]} must equal query batch size {B}")
+    if Hk != H:
+        raise ValueError(f"key head dim {Hk} must equal query head dim {H}")
+    if K == 0 or N % K != 0:
+        raise ValueError(f"query heads ({N}) must be a multiple of key/value heads ({K})")
+    if H < 1 or (max_head_dim is not None and H > max_head_dim):
+        raise ValueError(f"head dim H={H} is not supported by this implementation "
+                         f"(supported: 1..{max_head_dim})")
+
+    dtypes = {jnp.result_type(a) for a in (query, key, value)}
+    if len(dtypes) != 1:
+        raise TypeError("query, key and value must share one dtype, got "
+                        f"{', '.join(str(jnp.result_type(a)) for a in (query, key, value))}")
+    dtype = dtypes.pop()
+    if dtype not in {np.dtype(d) for d in SUPPORTED_DTYPES}:
+        raise TypeError(f"query/key/value dtype must be float32, float16, bfloat16 or float64, "
+                        f"got {dtype}")
+    acc = accumulation_dtype(dtype)
+
+    if isinstance(is_causal, jax.core.Tracer) or not isinstance(is_causal, (bool, np.bool_)):
+        raise TypeError(f"is_causal must be a Python bool, got {type(is_causal).__name__}")
+    scale_value = 1.0 / math.sqrt(H) if scale is None else _static_number(scale, "scale")
+    if not math.isfinite(scale_value):
+        raise ValueError(f"scale must be finite, got {scale_value}")
+    softcap_value = 0.0
+    if softcap is not None:
+        softcap_value = _static_number(softcap, "softcap")
+        if not (softcap_value > 0 and math.isfinite(softcap_value)):
+            raise ValueError(f"softcap must be a positive number, got {softcap}")
+    window_left, window_right = _window(local_window_size)
+
+    full = (B, N, T, S)
+    if bias is not None:
+        if not jnp.issubdtype(jnp.result_type(bias), jnp.floating):
+            raise TypeError(f"bias must be a floating-point array, got {jnp.result_type(bias)}")
+        bias4 = _broadcast_4d(jnp.asarray(bias).astype(acc), "bias", full, "bias")
+    else:
+        bias4 = jnp.zeros((1, 1, 1, 1), acc)
+    if mask is not None:
+        if jnp.result_type(mask) != np.bool_:
+            raise TypeError(f"mask must be a bool array (True = attend), got "
+                            f"{jnp.result_type(mask)}")
+        mask4 = _broadcast_4d(mask, "mask", full, "mask")
+    else:
+        mask4 = jnp.ones((1, 1, 1, 1), bool)
+    q_lengths, has_q = _seq_lengths(query_seq_lengths, "query_seq_lengths", B, not was_3d)
+    kv_lengths, has_kv = _seq_lengths(key_value_seq_lengths, "key_value_seq_lengths", B,
+                                      not was_3d)
+
+    if was_3d:
+        query, key, value = (jnp.expand_dims(a, 0) for a in (query, key, value))
+    operands = Operands(jnp.asarray(query), jnp.asarray(key), jnp.asarray(value), bias4, mask4,
+                        q_lengths, kv_lengths)
+    options = Options(scale=scale_value, softcap=softcap_value, is_causal=bool(is_causal),
+                      window_left=window_left, window_right=window_right,
+                      has_bias=bias is not None, has_mask=mask is not None,
+                      has_q_lengths=has_q, has_kv_lengths=has_kv)
+    return operands, options, was_3d

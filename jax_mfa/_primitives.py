@@ -1,0 +1,207 @@
+"""JAX primitives for the fused kernels: abstract evaluation, lowering to the
+FFI targets, batching (vmap) rules, and the custom VJP that ties forward and
+backward together.
+
+Two primitives, one per kernel pass:
+  attention_fwd: (q, k, v, bias, mask, q_lengths, kv_lengths) -> (out, lse)
+  attention_bwd: (..., lse, dout, delta) -> (dq, dk, dv, dbias)
+Their static parameters are ``options`` (an :class:`Options`) and ``backend``
+(the FFI target suffix, e.g. "cpu"). On platforms without the fused kernels
+(cuda, rocm, tpu) both lower to the XLA implementation instead.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax._src import dispatch  # apply_primitive: the standard eager impl rule
+from jax.extend.core import Primitive
+from jax.interpreters import batching, mlir
+
+from jax_mfa import _native, _xla
+from jax_mfa._arguments import Operands, Options, accumulation_dtype
+
+attention_fwd_p = Primitive("jax_mfa_attention_fwd")
+attention_fwd_p.multiple_results = True
+attention_bwd_p = Primitive("jax_mfa_attention_bwd")
+attention_bwd_p.multiple_results = True
+
+
+# ----------------------------------------------------------------------------
+# Abstract evaluation
+
+
+def _fwd_abstract(q, k, v, bias, mask, q_lengths, kv_lengths, *, options, backend):
+    B, T, N, _ = q.shape
+    acc = accumulation_dtype(q.dtype)
+    return (jax.core.ShapedArray(q.shape, q.dtype), jax.core.ShapedArray((B, T, N), acc))
+
+
+def _bwd_abstract(q, k, v, bias, mask, q_lengths, kv_lengths, lse, dout, delta, *, options,
+                  backend):
+    return (jax.core.ShapedArray(q.shape, q.dtype), jax.core.ShapedArray(k.shape, k.dtype),
+            jax.core.ShapedArray(v.shape, v.dtype), jax.core.ShapedArray(bias.shape, bias.dtype))
+
+
+attention_fwd_p.def_abstract_eval(_fwd_abstract)
+attention_bwd_p.def_abstract_eval(_bwd_abstract)
+# Eager calls compile the primitive alone, as JAX's own primitives do.
+attention_fwd_p.def_impl(functools.partial(dispatch.apply_primitive, attention_fwd_p))
+attention_bwd_p.def_impl(functools.partial(dispatch.apply_primitive, attention_bwd_p))
+
+# ----------------------------------------------------------------------------
+# Lowering: FFI targets on the CPU platform (where jax_mfa's kernels run, also
+# the Metal ones, which read XLA's host buffers); the XLA path elsewhere.
+
+
+def _fwd_lowering(ctx, *args, options, backend):
+    target = _native.ffi_target("fwd", backend)
+    return jax.ffi.ffi_lowering(target)(ctx, *args, **options.ffi_attributes())
+
+
+def _bwd_lowering(ctx, *args, options, backend):
+    target = _native.ffi_target("bwd", backend)
+    return jax.ffi.ffi_lowering(target)(ctx, *args, **options.ffi_attributes())
+
+
+def _xla_fwd(q, k, v, bias, mask, q_lengths, kv_lengths, *, options, backend):
+    del backend
+    return _xla.attention(Operands(q, k, v, bias, mask, q_lengths, kv_lengths), options)
+
+
+def _xla_bwd(q, k, v, bias, mask, q_lengths, kv_lengths, lse, dout, delta, *, options, backend):
+    del backend, lse
+    # delta = rowsum(dout * out) - dlse; recover the lse cotangent from it.
+    def f(q, k, v, bias):
+        return _xla.attention(Operands(q, k, v, bias, mask, q_lengths, kv_lengths), options)
+
+    (out, _), vjp = jax.vjp(f, q, k, v, bias)
+    acc = accumulation_dtype(q.dtype)
+    dlse = jnp.sum(dout.astype(acc) * out.astype(acc), axis=-1) - delta
+    return vjp((dout, dlse))
+
+
+mlir.register_lowering(attention_fwd_p, _fwd_lowering, platform="cpu")
+mlir.register_lowering(attention_bwd_p, _bwd_lowering, platform="cpu")
+for _platform in ("cuda", "rocm", "tpu"):
+    mlir.register_lowering(attention_fwd_p, mlir.lower_fun(_xla_fwd, multiple_results=True),
+                           platform=_platform)
+    mlir.register_lowering(attention_bwd_p, mlir.lower_fun(_xla_bwd, multiple_results=True),
+                           platform=_platform)
+
+# ----------------------------------------------------------------------------
+# Batching: vmapped axes fold into the kernels' batch dim B.
+
+
+def _fold(x, dim, size: int, batch: int, keep_broadcast: bool):
+    """Folds vmap axis `dim` of x (leading dim: batch or 1) into its leading dim,
+    giving size * batch rows in (vmap index, batch index) order. An unbatched
+    operand whose leading dim is 1 may stay as it is (`keep_broadcast`): the
+    kernels broadcast it over every batch row with stride 0."""
+    if dim is batching.not_mapped:
+        if keep_broadcast and x.shape[0] == 1:
+            return x
+        x = jnp.broadcast_to(x[None], (size,) + x.shape)
+    else:
+        x = jnp.moveaxis(x, dim, 0)
+    if x.shape[1] != batch:
+        x = jnp.broadcast_to(x, (size, batch) + x.shape[2:])
+    return x.reshape((size * batch,) + x.shape[2:])
+
+
+def _unfold(x, size: int):
+    return x.reshape((size, x.shape[0] // size) + x.shape[1:])
+
+
+def _batch_size(args, dims) -> int:
+    return next(a.shape[d] for a, d in zip(args, dims) if d is not batching.not_mapped)
+
+
+def _leading_dim(x, dim) -> int:
+    """Size of x's first dim, not counting the vmapped axis `dim`."""
+    shape = list(x.shape)
+    if dim is not batching.not_mapped:
+        del shape[dim]
+    return shape[0]
+
+
+def _fold_operands(args, dims, options: Options, *, bias_per_example: bool):
+    q, k, v, bias, mask, q_lengths, kv_lengths = args
+    size = _batch_size(args, dims)
+    B = _leading_dim(q, dims[0])
+    fold = functools.partial(_fold, size=size, batch=B)
+    folded = [
+        fold(q, dims[0], keep_broadcast=False),
+        fold(k, dims[1], keep_broadcast=False),
+        fold(v, dims[2], keep_broadcast=False),
+        fold(bias, dims[3], keep_broadcast=not (options.has_bias and bias_per_example)),
+        fold(mask, dims[4], keep_broadcast=True),
+        fold(q_lengths, dims[5], keep_broadcast=not options.has_q_lengths),
+        fold(kv_lengths, dims[6], keep_broadcast=not options.has_kv_lengths),
+    ]
+    return folded, size, B
+
+
+def _fwd_batch(args, dims, *, options, backend):
+    folded, size, _ = _fold_operands(args, dims, options, bias_per_example=False)
+    out, lse = attention_fwd_p.bind(*folded, options=options, backend=backend)
+    return (_unfold(out, size), _unfold(lse, size)), (0, 0)
+
+
+def _bwd_batch(args, dims, *, options, backend):
+    folded, size, B = _fold_operands(args[:7], dims[:7], options, bias_per_example=True)
+    extra = [_fold(a, d, size, B, keep_broadcast=False) for a, d in zip(args[7:], dims[7:])]
+    dq, dk, dv, dbias = attention_bwd_p.bind(*folded, *extra, options=options, backend=backend)
+    if not options.has_bias:
+        dbias_dim = batching.not_mapped  # placeholder output
+    else:
+        # The bias was expanded to one copy per (vmap index, batch row) so each
+        # vmap index gets its own gradient; sum back over what was broadcast.
+        dbias = _unfold(dbias, size)
+        if _leading_dim(args[3], dims[3]) == 1 and B > 1:
+            dbias = jnp.sum(dbias, axis=1, keepdims=True)
+        dbias_dim = 0
+    return ((_unfold(dq, size), _unfold(dk, size), _unfold(dv, size), dbias),
+            (0, 0, 0, dbias_dim))
+
+
+batching.primitive_batchers[attention_fwd_p] = _fwd_batch
+batching.primitive_batchers[attention_bwd_p] = _bwd_batch
+
+# ----------------------------------------------------------------------------
+# Autodiff: a custom VJP over the two primitives. Residuals are the inputs, the
+# output and the logsumexp -- never the probabilities.
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+def fused_attention(q, k, v, bias, mask, q_lengths, kv_lengths, options: Options, backend: str):
+    """(out, lse) from the fused kernels of `backend`."""
+    return tuple(attention_fwd_p.bind(q, k, v, bias, mask, q_lengths, kv_lengths,
+                                      options=options, backend=backend))
+
+
+def _vjp_fwd(q, k, v, bias, mask, q_lengths, kv_lengths, options, backend):
+    out, lse = attention_fwd_p.bind(q, k, v, bias, mask, q_lengths, kv_lengths, options=options,
+                                    backend=backend)
+    return (out, lse), (q, k, v, bias, mask, q_lengths, kv_lengths, out, lse)
+
+
+def _vjp_bwd(options, backend, residuals, cotangents):
+    q, k, v, bias, mask, q_lengths, kv_lengths, out, lse = residuals
+    dout, dlse = cotangents
+    acc = accumulation_dtype(q.dtype)
+    # The lse cotangent enters only through delta = rowsum(dO * O) - dlse.
+    delta = jnp.sum(dout.astype(acc) * out.astype(acc), axis=-1) - dlse.astype(acc)
+    dq, dk, dv, dbias = attention_bwd_p.bind(q, k, v, bias, mask, q_lengths, kv_lengths, lse,
+                                             dout.astype(q.dtype), delta, options=options,
+                                             backend=backend)
+    if not options.has_bias:
+        dbias = jnp.zeros_like(bias)
+    zero_int = lambda x: np.zeros(x.shape, jax.dtypes.float0)  # noqa: E731
+    return dq, dk, dv, dbias, zero_int(mask), zero_int(q_lengths), zero_int(kv_lengths)
+
+
+fused_attention.defvjp(_vjp_fwd, _vjp_bwd)

@@ -1,0 +1,64 @@
+"""The "xla" implementation: plain JAX operations with jax_mfa's semantics.
+
+It materialises the (B, N, T, S) scores like ``jax.nn.dot_product_attention``
+and is differentiated by JAX itself. It serves as the comparison path and as the
+fallback on platforms the fused kernels do not run on (cuda, rocm, tpu).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jax_mfa._arguments import Operands, Options, accumulation_dtype
+
+
+def allowed_keys(ops: Operands, opt: Options, shape) -> jax.Array:
+    """Boolean (B, N|1, T, S) array: which keys each query row may attend to."""
+    B, T, N, S = shape
+    i = jnp.arange(T)[:, None]
+    j = jnp.arange(S)[None, :]
+    allowed = jnp.ones((T, S), bool)
+    if opt.is_causal:
+        allowed &= j <= i
+    if opt.window_left >= 0:
+        allowed &= j >= i - opt.window_left
+    if opt.window_right >= 0:
+        allowed &= j <= i + opt.window_right
+    allowed = allowed[None, None]
+    if opt.has_q_lengths:
+        allowed = allowed & (i < ops.q_lengths[:, None, None, None])
+    if opt.has_kv_lengths:
+        allowed = allowed & (j < ops.kv_lengths[:, None, None, None])
+    if opt.has_mask:
+        allowed = allowed & ops.mask
+    return allowed
+
+
+def attention(ops: Operands, opt: Options) -> tuple[jax.Array, jax.Array]:
+    """Returns (out (B, T, N, H), lse (B, T, N)); empty rows give 0 and -inf."""
+    q, k, v = ops.query, ops.key, ops.value
+    B, T, N, H = q.shape
+    S, K = k.shape[1], k.shape[2]
+    acc = accumulation_dtype(q.dtype)
+    group = N // K
+    qg = q.astype(acc).reshape(B, T, K, group, H)
+    logits = jnp.einsum("btkgh,bskh->bkgts", qg, k.astype(acc)).reshape(B, N, T, S)
+    logits = logits * jnp.asarray(opt.scale, acc)
+    if opt.softcap > 0:
+        logits = opt.softcap * jnp.tanh(logits / opt.softcap)
+    if opt.has_bias:
+        logits = logits + ops.bias
+    allowed = allowed_keys(ops, opt, (B, T, N, S))
+    logits = jnp.where(allowed, logits, -jnp.inf)
+    # Softmax is shift-invariant: the max needs no gradient.
+    row_max = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0)
+    p = jnp.exp(logits - row_max)
+    denom = jnp.sum(p, axis=-1, keepdims=True)
+    has_key = denom > 0
+    safe_denom = jnp.where(has_key, denom, 1)
+    out = jnp.einsum("bkgts,bskh->btkgh", (p / safe_denom).reshape(B, K, group, T, S),
+                     v.astype(acc)).reshape(B, T, N, H)
+    lse = jnp.where(has_key, row_max + jnp.log(safe_denom), -jnp.inf)[..., 0]  # (B, N, T)
+    return out.astype(q.dtype), jnp.transpose(lse, (0, 2, 1))
