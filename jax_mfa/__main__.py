@@ -70,7 +70,12 @@ def main(argv=None) -> int:
     print(f"jax_mfa {jax_mfa.__version__} on {platform.machine()} {platform.system()}, "
           f"jax {jax.__version__}, JAX platform {jax.default_backend()}")
     impls = jax_mfa.available_implementations()
-    print(f"available implementations (best first): {', '.join(impls)}\n")
+    print(f"available implementations (best first): {', '.join(impls)}")
+    from jax_mfa import _native
+
+    if _native.load_error():
+        print(f"warning: fused kernels unavailable: {_native.load_error()}")
+    print()
 
     failed = False
     print("check against the XLA implementation (forward + gradients of q, k, v):")
