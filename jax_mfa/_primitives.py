@@ -174,12 +174,15 @@ for _platform in ("cuda", "rocm", "tpu"):
 # Batching: vmapped axes fold into the kernels' batch dim B.
 
 
+NOT_MAPPED = None  # batch dim of an operand vmap does not map over
+
+
 def _fold(x, dim, size: int, batch: int, keep_broadcast: bool):
     """Folds vmap axis `dim` of x (leading dim: batch or 1) into its leading dim,
     giving size * batch rows in (vmap index, batch index) order. An unbatched
     operand whose leading dim is 1 may stay as it is (`keep_broadcast`): the
     kernels broadcast it over every batch row with stride 0."""
-    if dim is batching.not_mapped:
+    if dim is NOT_MAPPED:
         if keep_broadcast and x.shape[0] == 1:
             return x
         x = jnp.broadcast_to(x[None], (size,) + x.shape)
@@ -195,13 +198,13 @@ def _unfold(x, size: int):
 
 
 def _batch_size(args, dims) -> int:
-    return next(a.shape[d] for a, d in zip(args, dims) if d is not batching.not_mapped)
+    return next(a.shape[d] for a, d in zip(args, dims) if d is not NOT_MAPPED)
 
 
 def _leading_dim(x, dim) -> int:
     """Size of x's first dim, not counting the vmapped axis `dim`."""
     shape = list(x.shape)
-    if dim is not batching.not_mapped:
+    if dim is not NOT_MAPPED:
         del shape[dim]
     return shape[0]
 
@@ -234,7 +237,7 @@ def _bwd_batch(args, dims, *, options, backend):
     extra = [_fold(a, d, size, B, keep_broadcast=False) for a, d in zip(args[7:], dims[7:])]
     dq, dk, dv, dbias = attention_bwd_p.bind(*folded, *extra, options=options, backend=backend)
     if not options.has_bias:
-        dbias_dim = batching.not_mapped  # placeholder output
+        dbias_dim = NOT_MAPPED  # placeholder output
     else:
         # The bias was expanded to one copy per (vmap index, batch row) so each
         # vmap index gets its own gradient; sum back over what was broadcast.
