@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import jax
 
-from jax_mfa import _native, _xla
+from jax_mfa import _native, _primitives, _xla
 from jax_mfa._arguments import prepare
-from jax_mfa._primitives import fused_attention
 
 # Largest head dim each implementation accepts (None: no limit).
 MAX_HEAD_DIM = {"cpu": 512, "xla": None}
@@ -74,7 +73,7 @@ def attention(query, key, value, bias=None, mask=None, *, scale=None, is_causal=
     if impl == "xla" or (implementation is None and jax.default_backend() != "cpu"):
         out, lse = _xla.attention(ops, options)
     else:
-        out, lse = fused_attention(*ops.as_tuple(), options, impl)
+        out, lse = _primitives.attention(ops, options, impl)
     if was_3d:
         out, lse = out[0], lse[0]
     return (out, lse) if return_residual else out

@@ -17,6 +17,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax._src import core as _core  # mesh of the abstract values under shard_map
 from jax._src import dispatch  # apply_primitive (eager impl), devices during lowering
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.extend.core import Primitive
@@ -38,16 +39,24 @@ attention_bwd_p.multiple_results = True
 # Abstract evaluation
 
 
+def _like(ref, shape, dtype):
+    """Abstract value of the given shape and dtype that varies over the same
+    shard_map axes as `ref` (all operands are made to agree, see below)."""
+    mat = getattr(ref, "mat", None)
+    if mat is None:
+        return jax.core.ShapedArray(shape, dtype)
+    return jax.core.ShapedArray(shape, dtype, sharding=_core.get_cur_mesh_sharding(),
+                                manual_axis_type=mat)
+
+
 def _fwd_abstract(q, k, v, bias, mask, q_lengths, kv_lengths, *, options, backend):
     B, T, N, _ = q.shape
-    acc = accumulation_dtype(q.dtype)
-    return (jax.core.ShapedArray(q.shape, q.dtype), jax.core.ShapedArray((B, T, N), acc))
+    return (_like(q, q.shape, q.dtype), _like(q, (B, T, N), accumulation_dtype(q.dtype)))
 
 
 def _bwd_abstract(q, k, v, bias, mask, q_lengths, kv_lengths, lse, dout, delta, *, options,
                   backend):
-    return (jax.core.ShapedArray(q.shape, q.dtype), jax.core.ShapedArray(k.shape, k.dtype),
-            jax.core.ShapedArray(v.shape, v.dtype), jax.core.ShapedArray(bias.shape, bias.dtype))
+    return tuple(_like(q, a.shape, a.dtype) for a in (q, k, v, bias))
 
 
 attention_fwd_p.def_abstract_eval(_fwd_abstract)
@@ -255,6 +264,24 @@ batching.primitive_batchers[attention_bwd_p] = _bwd_batch
 # ----------------------------------------------------------------------------
 # Autodiff: a custom VJP over the two primitives. Residuals are the inputs, the
 # output and the logsumexp -- never the probabilities.
+
+
+def _varying_axes(x) -> frozenset:
+    mat = getattr(jax.typeof(x), "mat", None)
+    return frozenset(mat.varying) if mat is not None else frozenset()
+
+
+def attention(operands: Operands, options: Options, backend: str):
+    """(out, lse) from the fused kernels of `backend`, differentiable."""
+    args = operands.as_tuple()
+    # Inside shard_map, operands may vary over different manual axes (e.g. a
+    # mask made inside the body). Cast all to the union, as JAX's own
+    # operations do; the cast's transpose sums the cotangents it must.
+    axes = [_varying_axes(a) for a in args]
+    union = frozenset().union(*axes)
+    args = [a if s == union else jax.lax.pcast(a, tuple(union - s), to="varying")
+            for a, s in zip(args, axes)]
+    return fused_attention(*args, options, backend)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))

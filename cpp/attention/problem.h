@@ -73,6 +73,9 @@ struct AttentionProblem {
     if (causal) hi = std::min(hi, i + 1);
     if (window_left >= 0) lo = std::max(lo, i - window_left);
     if (window_right >= 0) hi = std::min(hi, i + window_right + 1);
+    // A window may start past the last valid key: keep the span inside
+    // [0, kv_valid_len] so the block spans below never reach past the keys.
+    lo = std::min(lo, kv_valid_len);
     return {lo, std::max(lo, hi)};
   }
 

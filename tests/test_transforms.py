@@ -1,0 +1,434 @@
+"""jax_mfa.attention under JAX transformations: numerical gradient checks, jit,
+grad, vmap (against Python loops, forward and gradients), sharded inputs (in a
+subprocess with 4 host devices), and agreement with the "xla" implementation
+and with jax.nn.dot_product_attention."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+import jax_mfa
+import reference
+from conftest import IMPLEMENTATIONS, random_array, relative_error, to64
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _inputs(rng, B, T, S, N, K, H, dtype=jnp.float64):
+    lead = () if B is None else (B,)
+    return (random_array(rng, lead + (T, N, H), dtype), random_array(rng, lead + (S, K, H), dtype),
+            random_array(rng, lead + (S, K, H), dtype))
+
+
+def assert_close(actual, expected, tol, what=""):
+    err = relative_error(actual, expected)
+    assert err <= tol, f"{what}: relative error {err:.3g} > {tol:.3g}"
+
+
+def assert_tree_close(actual, expected, tol, what=""):
+    la, le = jax.tree.leaves(actual), jax.tree.leaves(expected)
+    assert len(la) == len(le)
+    for i, (a, e) in enumerate(zip(la, le)):
+        assert np.shape(a) == np.shape(e), (what, i, np.shape(a), np.shape(e))
+        assert_close(a, e, tol, f"{what}[{i}]")
+
+
+# ----------------------------------------------------------------------------
+# Numerical gradient checks (float64)
+
+GRAD_CASES = {
+    "plain": dict(),
+    "causal_bias": dict(is_causal=True, bias=(2, 1, 9, 11)),
+    "lengths_softcap": dict(softcap=1.5, query_seq_lengths=(9, 5),
+                            key_value_seq_lengths=(4, 11), bias=(9, 11)),
+    "everything": dict(is_causal=True, local_window_size=(3, 1), softcap=2.0, bias=(2, 4, 9, 11),
+                       mask=True, query_seq_lengths=(7, 0), key_value_seq_lengths=(11, 6)),
+}
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("name", list(GRAD_CASES))
+def test_check_grads(name, impl, rng):
+    opts = dict(GRAD_CASES[name])
+    q, k, v = _inputs(rng, 2, 9, 11, 4, 2, 5)
+    bias_shape = opts.pop("bias", None)
+    bias = None if bias_shape is None else random_array(rng, bias_shape, jnp.float64)
+    mask = None
+    if opts.pop("mask", False):
+        mask = jnp.asarray(rng.random((2, 1, 9, 11)) < 0.7)
+    for key in ("query_seq_lengths", "key_value_seq_lengths"):
+        if key in opts:
+            opts[key] = jnp.asarray(opts[key], jnp.int32)
+
+    def f(q, k, v, *b):
+        out, lse = jax_mfa.attention(q, k, v, b[0] if b else None, mask, return_residual=True,
+                                     implementation=impl, **opts)
+        # Empty rows have lse = -inf (constant): compare a finite stand-in.
+        return out, jnp.where(jnp.isfinite(lse), lse, 0.0)
+
+    args = (q, k, v) if bias is None else (q, k, v, bias)
+    check_grads(f, args, order=1, modes=("rev",), atol=1e-6, rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------
+# jit and grad
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_jit_and_grad(impl, rng):
+    q, k, v = _inputs(rng, 2, 37, 65, 4, 2, 16, jnp.float32)
+    bias = random_array(rng, (1, 4, 37, 65), jnp.float32)
+    w = random_array(rng, q.shape, jnp.float32)
+
+    def f(q, k, v, bias, implementation=impl):
+        return jax_mfa.attention(q, k, v, bias, is_causal=True, local_window_size=(30, 2),
+                                 implementation=implementation)
+
+    eager = f(q, k, v, bias)
+    jitted = jax.jit(f)(q, k, v, bias)
+    np.testing.assert_array_equal(np.asarray(eager), np.asarray(jitted))
+
+    loss = lambda *a, **kw: jnp.sum(f(*a, **kw) * w)  # noqa: E731
+    g_eager = jax.grad(loss, argnums=(0, 1, 2, 3))(q, k, v, bias)
+    g_jit = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(q, k, v, bias)
+    g_xla = jax.grad(lambda *a: loss(*a, implementation="xla"), argnums=(0, 1, 2, 3))(
+        q, k, v, bias)
+    assert_tree_close(g_jit, g_eager, 1e-6, "jit(grad) vs grad")
+    assert_tree_close(g_eager, g_xla, 2e-5, "grad vs xla grad")
+    # value_and_grad, grad of a jitted function, and a second call (cache hit).
+    val, g2 = jax.value_and_grad(jax.jit(loss), argnums=0)(q, k, v, bias)
+    assert_close(val, loss(q, k, v, bias), 1e-6, "value")
+    assert_close(g2, g_eager[0], 1e-6, "grad of jit")
+
+
+# ----------------------------------------------------------------------------
+# vmap against Python loops
+
+V = 3  # vmap size
+B0, T0, S0, N0, K0, H0 = 2, 9, 13, 4, 2, 8
+
+
+def _batched(rng, shape, axis, dtype=jnp.float64):
+    if axis is None:
+        return random_array(rng, shape, dtype)
+    shape = list(shape)
+    shape.insert(axis, V)
+    return random_array(rng, tuple(shape), dtype)
+
+
+def _take(x, axis, i):
+    return x if axis is None or x is None else jnp.take(x, i, axis=axis)
+
+
+# Each case: in_axes of (q, k, v, bias, mask, q_lengths, kv_lengths) and options.
+VMAP_CASES = {
+    "q_only": dict(axes=(0, None, None, None, None, None, None), bias=(B0, N0, T0, S0),
+                   opts=dict(is_causal=True)),
+    "kv_only": dict(axes=(None, 0, 0, None, None, None, None), bias=(1, N0, T0, S0)),
+    "bias_only": dict(axes=(None, None, None, 0, None, None, None), bias=(B0, 1, 1, S0),
+                      opts=dict(softcap=3.0)),
+    "bias_batched_q_unbatched_broadcast": dict(axes=(None, 0, 0, 0, None, None, None),
+                                               bias=(T0, S0)),
+    "mask_batched": dict(axes=(0, None, None, None, 0, None, None), bias=(N0, T0, S0),
+                         mask=(B0, 1, T0, S0)),
+    "lengths_batched": dict(axes=(None, None, None, None, None, 0, 0), bias=(B0, N0, T0, 1),
+                            lengths=True),
+    "lengths_and_q": dict(axes=(0, 0, 0, None, None, 0, None), lengths=True,
+                          opts=dict(local_window_size=(2, 3))),
+    "axes_1_2": dict(axes=(1, 2, 2, 3, 1, None, None), bias=(B0, N0, T0, S0),
+                     mask=(B0, N0, T0, S0)),
+    "all_batched_axis_last": dict(axes=(4, 4, 4, 4, 4, 0, 0), bias=(B0, N0, T0, S0),
+                                  mask=(1, 1, T0, S0), lengths=True,
+                                  opts=dict(is_causal=True)),
+}
+
+
+def _vmap_setup(rng, case):
+    axes = case["axes"]
+    q = _batched(rng, (B0, T0, N0, H0), axes[0])
+    k = _batched(rng, (B0, S0, K0, H0), axes[1])
+    v = _batched(rng, (B0, S0, K0, H0), axes[2])
+    bias = None if "bias" not in case else _batched(rng, case["bias"], axes[3])
+    mask = None
+    if "mask" in case:
+        shape = list(case["mask"])
+        if axes[4] is not None:
+            shape.insert(axes[4], V)
+        m = rng.random(shape) < 0.7
+        m[..., 0, :] = False  # one fully masked row
+        mask = jnp.asarray(m)
+    ql = kl = None
+    if case.get("lengths"):
+        ql = jnp.asarray(rng.integers(0, T0 + 1, (V, B0) if axes[5] is not None else (B0,)),
+                         jnp.int32)
+        kl = jnp.asarray(rng.integers(0, S0 + 1, (V, B0) if axes[6] is not None else (B0,)),
+                         jnp.int32)
+    return [q, k, v, bias, mask, ql, kl]
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("name", list(VMAP_CASES))
+def test_vmap(name, impl, rng):
+    case = VMAP_CASES[name]
+    axes = list(case["axes"])
+    args = _vmap_setup(rng, case)
+    opts = case.get("opts", {})
+    for i, a in enumerate(args):
+        if a is None:
+            axes[i] = None
+    w = random_array(rng, (V, B0, T0, N0, H0), jnp.float64)
+    wl = random_array(rng, (V, B0, T0, N0), jnp.float64)
+
+    def f(q, k, v, bias, mask, ql, kl):
+        out, lse = jax_mfa.attention(q, k, v, bias, mask, query_seq_lengths=ql,
+                                     key_value_seq_lengths=kl, return_residual=True,
+                                     implementation=impl, **opts)
+        return out, lse
+
+    def example(i, a):
+        return [_take(x, ax, i) for x, ax in zip(a, axes)]
+
+    # Forward.
+    out, lse = jax.vmap(f, in_axes=tuple(axes))(*args)
+    loop = [f(*example(i, args)) for i in range(V)]
+    assert_close(out, jnp.stack([o for o, _ in loop]), 1e-12, "vmap out")
+    assert_close(lse, jnp.stack([l_ for _, l_ in loop]), 1e-12, "vmap lse")
+
+    # Differentiable arguments: q, k, v and bias (when present).
+    diff = [i for i in range(4) if args[i] is not None]
+
+    def loss(wi, wli, *a):
+        out, lse = f(*a)
+        return jnp.sum(out * wi) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0) * wli)
+
+    def loss_at(dargs, wi, wli, a):
+        a = list(a)
+        for j, d in zip(diff, dargs):
+            a[j] = d
+        return loss(wi, wli, *a)
+
+    # vmap(grad): per-example gradients, also for unbatched arguments (e.g. the
+    # bias when only q is batched: each example gets its own bias gradient).
+    def per_example(wi, wli, *a):
+        return jax.grad(loss_at)([a[j] for j in diff], wi, wli, a)
+
+    g_vmap = jax.vmap(per_example, in_axes=(0, 0) + tuple(axes))(w, wl, *args)
+    g_loop = [per_example(w[i], wl[i], *example(i, args)) for i in range(V)]
+    for j, g in enumerate(g_vmap):
+        assert_close(g, jnp.stack([gl[j] for gl in g_loop]), 1e-12, f"vmap(grad) arg {diff[j]}")
+
+    # grad(vmap): unbatched arguments get the sum over examples.
+    def vmapped_loss(dargs):
+        a = list(args)
+        for j, d in zip(diff, dargs):
+            a[j] = d
+        return jnp.sum(jax.vmap(loss, in_axes=(0, 0) + tuple(axes))(w, wl, *a))
+
+    def looped_loss(dargs):
+        a = list(args)
+        for j, d in zip(diff, dargs):
+            a[j] = d
+        return sum(loss(w[i], wl[i], *example(i, a)) for i in range(V))
+
+    dargs = [args[j] for j in diff]
+    assert_tree_close(jax.grad(vmapped_loss)(dargs), jax.grad(looped_loss)(dargs), 1e-12,
+                      "grad(vmap)")
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_nested_vmap(impl, rng):
+    """vmap over q (outer) and over k/v and bias (inner), with 3-D inputs."""
+    q = random_array(rng, (2, T0, N0, H0), jnp.float64)  # outer axis 0
+    k = random_array(rng, (S0, 3, K0, H0), jnp.float64)  # inner axis 1
+    v = random_array(rng, (S0, 3, K0, H0), jnp.float64)
+    bias = random_array(rng, (3, N0, T0, S0), jnp.float64)  # inner axis 0
+    kl = jnp.asarray([S0, 4, 0], jnp.int32)  # inner
+
+    def f(q, k, v, bias, kl):  # 3-D inputs
+        return jax_mfa.attention(q, k, v, bias, key_value_seq_lengths=kl, is_causal=True,
+                                 implementation=impl)
+
+    inner = jax.vmap(f, in_axes=(None, 1, 1, 0, 0))
+    nested = jax.vmap(inner, in_axes=(0, None, None, None, None))
+    out = nested(q, k, v, bias, kl)
+    assert out.shape == (2, 3, T0, N0, H0)
+    for a in range(2):
+        for b in range(3):
+            assert_close(out[a, b], f(q[a], k[:, b], v[:, b], bias[b], kl[b]), 1e-12,
+                         f"nested [{a},{b}]")
+
+    def loss(q, k, v, bias):
+        return jnp.sum(jnp.sin(nested(q, k, v, bias, kl)))
+
+    def loop_loss(q, k, v, bias):
+        return sum(jnp.sum(jnp.sin(f(q[a], k[:, b], v[:, b], bias[b], kl[b])))
+                   for a in range(2) for b in range(3))
+
+    assert_tree_close(jax.grad(loss, argnums=(0, 1, 2, 3))(q, k, v, bias),
+                      jax.grad(loop_loss, argnums=(0, 1, 2, 3))(q, k, v, bias), 1e-12,
+                      "grad(nested vmap)")
+
+
+# ----------------------------------------------------------------------------
+# Sharded inputs, in a subprocess with 4 host devices.
+
+SHARDING_SCRIPT = textwrap.dedent("""
+    import jax
+    jax.config.update("jax_enable_x64", True)
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    import jax_mfa
+
+    IMPL = {impl!r}
+    assert len(jax.devices()) == 4, jax.devices()
+    mesh = jax.make_mesh((4,), ("b",))
+    rng = np.random.default_rng(0)
+    B, T, S, N, K, H = 8, 37, 65, 4, 2, 16
+    q = jnp.asarray(rng.standard_normal((B, T, N, H)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((B, S, K, H)), jnp.float32)
+    v = jnp.asarray(rng.standard_normal((B, S, K, H)), jnp.float32)
+    bias = jnp.asarray(rng.standard_normal((B, N, T, S)), jnp.float32)
+    kl = jnp.asarray(rng.integers(1, S + 1, (B,)), jnp.int32)
+    w = jnp.asarray(rng.standard_normal((B, T, N, H)), jnp.float32)
+
+    def f(q, k, v, bias, kl):
+        return jax_mfa.attention(q, k, v, bias, key_value_seq_lengths=kl, is_causal=True,
+                                 implementation=IMPL)
+
+    def loss(q, k, v, bias, kl):
+        return jnp.sum(f(q, k, v, bias, kl) * w)
+
+    grad = jax.grad(loss, argnums=(0, 1, 2, 3))
+    want_out = f(q, k, v, bias, kl)
+    want_grads = grad(q, k, v, bias, kl)
+
+    sh = NamedSharding(mesh, P("b"))
+    qs, ks, vs, bs, kls = (jax.device_put(x, sh) for x in (q, k, v, bias, kl))
+    assert len(qs.sharding.device_set) == 4
+
+    def check(got, want, what):
+        got, want = np.asarray(got), np.asarray(want)
+        err = np.max(np.abs(got - want)) / np.max(np.abs(want))
+        assert err < 1e-6, (what, err)
+
+    out = jax.jit(f)(qs, ks, vs, bs, kls)
+    check(out, want_out, "jit out")
+    for i, g in enumerate(jax.jit(grad)(qs, ks, vs, bs, kls)):
+        check(g, want_grads[i], f"jit grad {{i}}")
+
+    # shard_map over the batch: each device runs the kernel on its 2 examples.
+    smap = jax.shard_map(f, mesh=mesh, in_specs=(P("b"),) * 5, out_specs=P("b"))
+    out = jax.jit(smap)(qs, ks, vs, bs, kls)
+    assert out.sharding.spec == P("b") or len(out.sharding.device_set) == 4
+    check(out, want_out, "shard_map out")
+
+    def smap_loss(q, k, v, bias, kl):
+        return jnp.sum(smap(q, k, v, bias, kl) * w)
+
+    for i, g in enumerate(jax.jit(jax.grad(smap_loss, argnums=(0, 1, 2, 3)))(
+            qs, ks, vs, bs, kls)):
+        check(g, want_grads[i], f"shard_map grad {{i}}")
+    print("SHARDING OK")
+""")
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_sharded_inputs(impl):
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
+                        " --xla_force_host_platform_device_count=4").strip()
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    result = subprocess.run([sys.executable, "-c", SHARDING_SCRIPT.format(impl=impl)],
+                            capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert result.returncode == 0 and "SHARDING OK" in result.stdout, (
+        result.stdout[-3000:] + result.stderr[-3000:])
+
+
+# ----------------------------------------------------------------------------
+# Agreement with the "xla" implementation and with jax.nn.
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64], ids=["float32", "float64"])
+def test_xla_agreement(impl, dtype, rng):
+    q, k, v = _inputs(rng, 3, 65, 37, 6, 3, 24, dtype)
+    bias = random_array(rng, (3, 1, 65, 37), dtype)
+    mask = jnp.asarray(rng.random((65, 37)) < 0.8)
+    kw = dict(is_causal=True, local_window_size=(40, 5), softcap=4.0,
+              query_seq_lengths=jnp.asarray([65, 30, 0], jnp.int32),
+              key_value_seq_lengths=jnp.asarray([37, 0, 20], jnp.int32), return_residual=True)
+    w = random_array(rng, q.shape, dtype)
+
+    def run(implementation):
+        def loss(q, k, v, bias):
+            out, lse = jax_mfa.attention(q, k, v, bias, mask, implementation=implementation, **kw)
+            return jnp.sum(out * w) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0)), (out, lse)
+        return jax.grad(loss, argnums=(0, 1, 2, 3), has_aux=True)(q, k, v, bias)
+
+    (g1, (o1, l1)), (g2, (o2, l2)) = run(impl), run("xla")
+    tol = 1e-5 if dtype == jnp.float32 else 1e-10
+    assert_close(o1, o2, tol, "out")
+    assert_close(l1, l2, tol, "lse")
+    assert_tree_close(g1, g2, 2 * tol, "grads")
+
+
+JAX_NN_CASES = {
+    "causal": dict(is_causal=True),
+    "bias": dict(bias=(2, 4, 37, 65)),
+    "mask": dict(mask=(2, 1, 37, 65)),
+    "gqa_causal_bias": dict(is_causal=True, bias=(1, 4, 37, 65), K=1),
+    "lengths": dict(query_seq_lengths=(37, 20), key_value_seq_lengths=(65, 9)),
+    "window": dict(local_window_size=(7, 3)),
+    "three_d": dict(batch=None, is_causal=True, bias=(4, 37, 65)),
+}
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("name", list(JAX_NN_CASES))
+def test_jax_nn_agreement(name, impl, rng):
+    """Same results as jax.nn.dot_product_attention (float32) where no row is
+    fully masked; with query lengths only rows below the length are compared."""
+    opts = dict(JAX_NN_CASES[name])
+    B = opts.pop("batch", 2)
+    K = opts.pop("K", 2)
+    q, k, v = _inputs(rng, B, 37, 65, 4, K, 32, jnp.float32)
+    args = [None, None]
+    if "bias" in opts:
+        args[0] = random_array(rng, opts.pop("bias"), jnp.float32)
+    if "mask" in opts:
+        m = rng.random(opts.pop("mask")) < 0.6
+        m[..., 0] = True  # every row sees at least key 0
+        args[1] = jnp.asarray(m)
+    for key in ("query_seq_lengths", "key_value_seq_lengths"):
+        if key in opts:
+            opts[key] = jnp.asarray(opts[key], jnp.int32)
+    w = random_array(rng, q.shape, jnp.float32)
+    valid = np.ones(q.shape[:-1], bool)
+    if "query_seq_lengths" in opts:
+        valid = np.arange(37)[None, :, None] < np.asarray(opts["query_seq_lengths"])[:, None,
+                                                                                    None]
+        valid = np.broadcast_to(valid, q.shape[:-1])
+    wv = w * jnp.asarray(valid[..., None], jnp.float32)
+
+    def run(fn):
+        def loss(q, k, v, *b):
+            out = fn(q, k, v, b[0] if b else None, args[1], **opts)
+            return jnp.sum(out * wv), out
+        diff = (q, k, v) if args[0] is None else (q, k, v, args[0])
+        return jax.grad(loss, argnums=tuple(range(len(diff))), has_aux=True)(*diff)
+
+    g1, o1 = run(lambda *a, **kw: jax_mfa.attention(*a, implementation=impl, **kw))
+    g2, o2 = run(jax.nn.dot_product_attention)
+    assert_close(np.asarray(o1)[valid], np.asarray(o2)[valid], 1e-5, "out")
+    assert_tree_close(g1, g2, 2e-5, "grads")
