@@ -1,0 +1,719 @@
+// The Metal Shading Language library subset of the Metal emulator: math,
+// SIMD-group functions, simdgroup_matrix, barriers, atomics and limits.
+// Included through <metal_stdlib>.
+#pragma once
+
+#include <cfloat>
+#include <limits>
+
+#include "metal_emulator/core.h"
+
+// Hidden visibility: every shared object gets its own registry, workers and
+// statics (default-visibility inline statics would be merged process-wide).
+#pragma GCC visibility push(hidden)
+
+namespace metal {
+
+// ---------------------------------------------------------------------------
+// Constants and limits.
+#ifndef INFINITY
+#define INFINITY (__builtin_inff())
+#endif
+#ifndef NAN
+#define NAN (__builtin_nanf(""))
+#endif
+#ifndef HUGE_VALF
+#define HUGE_VALF (__builtin_huge_valf())
+#endif
+#ifndef MAXFLOAT
+#define MAXFLOAT FLT_MAX
+#endif
+#define HUGE_VALH (::metal::half(__builtin_inff()))
+#define MAXHALF (::metal::half(65504.0f))
+#define HALF_MAX (::metal::half(65504.0f))
+#ifndef M_E_F
+#define M_E_F 2.71828182845904523536028747135266250f
+#define M_LOG2E_F 1.44269504088896340735992468100189214f
+#define M_LOG10E_F 0.434294481903251827651128918916605082f
+#define M_LN2_F 0.693147180559945309417232121458176568f
+#define M_LN10_F 2.30258509299404568401799145468436421f
+#define M_PI_F 3.14159265358979323846264338327950288f
+#define M_PI_2_F 1.57079632679489661923132169163975144f
+#define M_SQRT2_F 1.41421356237309504880168872420969808f
+#define M_SQRT1_2_F 0.707106781186547524400844362104849039f
+#endif
+
+template <class T>
+struct numeric_limits : std::numeric_limits<T> {};
+#define JAX_MFA_EMU_LIMITS(H, MAXB, MINB, LOWB, EPSB, INFB, NANB, DIG)                    \
+  template <>                                                                             \
+  struct numeric_limits<H> {                                                              \
+    static constexpr bool is_specialized = true, is_signed = true, is_integer = false;    \
+    static constexpr bool has_infinity = true, has_quiet_NaN = true;                      \
+    static constexpr int digits = DIG;                                                    \
+    static H max() { return H(detail::from_bits_t{}, MAXB); }                             \
+    static H min() { return H(detail::from_bits_t{}, MINB); }                             \
+    static H lowest() { return H(detail::from_bits_t{}, LOWB); }                          \
+    static H epsilon() { return H(detail::from_bits_t{}, EPSB); }                         \
+    static H infinity() { return H(detail::from_bits_t{}, INFB); }                        \
+    static H quiet_NaN() { return H(detail::from_bits_t{}, NANB); }                       \
+  };
+JAX_MFA_EMU_LIMITS(half, 0x7bff, 0x0400, 0xfbff, 0x1400, 0x7c00, 0x7e00, 11)
+JAX_MFA_EMU_LIMITS(bfloat, 0x7f7f, 0x0080, 0xff7f, 0x3c00, 0x7f80, 0x7fc0, 8)
+#undef JAX_MFA_EMU_LIMITS
+
+template <class T>
+struct unref { using type = T; };
+template <class T, int S>
+struct unref<as_ref<T, S>> { using type = std::remove_cv_t<T>; };
+template <class T>
+using unref_t = typename unref<T>::type;
+
+template <class T, class U>
+inline T as_type(const U& uu) {
+  const unref_t<U> u = uu;
+  static_assert(sizeof(T) == sizeof(unref_t<U>), "as_type needs types of the same size");
+  T t;
+  std::memcpy(&t, &u, sizeof(T));
+  return t;
+}
+
+// ---------------------------------------------------------------------------
+// Math. Functions live in metal::mathfns and are visible as metal::f,
+// metal::fast::f and metal::precise::f (all computed with the host's precise
+// float library; Metal's fast-math results may differ by a few ulp).
+namespace mathfns {
+
+#define JAX_MFA_EMU_UNARY(NAME, EXPR)                                                     \
+  inline float NAME(float x) { return EXPR; }                                             \
+  inline half NAME(half x) { return half(NAME(float(x))); }                               \
+  inline bfloat NAME(bfloat x) { return bfloat(NAME(float(x))); }                         \
+  template <class T, int N>                                                               \
+  inline vec<T, N> NAME(const vec<T, N>& v) {                                             \
+    vec<T, N> r;                                                                          \
+    for (int i = 0; i < N; ++i) r.v[i] = NAME(v.v[i]);                                    \
+    return r;                                                                             \
+  }
+JAX_MFA_EMU_UNARY(exp, __builtin_expf(x))
+JAX_MFA_EMU_UNARY(exp2, __builtin_exp2f(x))
+JAX_MFA_EMU_UNARY(exp10, __builtin_powf(10.0f, x))
+JAX_MFA_EMU_UNARY(log, __builtin_logf(x))
+JAX_MFA_EMU_UNARY(log2, __builtin_log2f(x))
+JAX_MFA_EMU_UNARY(log10, __builtin_log10f(x))
+JAX_MFA_EMU_UNARY(sqrt, __builtin_sqrtf(x))
+JAX_MFA_EMU_UNARY(rsqrt, 1.0f / __builtin_sqrtf(x))
+JAX_MFA_EMU_UNARY(sin, __builtin_sinf(x))
+JAX_MFA_EMU_UNARY(cos, __builtin_cosf(x))
+JAX_MFA_EMU_UNARY(tan, __builtin_tanf(x))
+JAX_MFA_EMU_UNARY(sinh, __builtin_sinhf(x))
+JAX_MFA_EMU_UNARY(cosh, __builtin_coshf(x))
+JAX_MFA_EMU_UNARY(tanh, __builtin_tanhf(x))
+JAX_MFA_EMU_UNARY(asin, __builtin_asinf(x))
+JAX_MFA_EMU_UNARY(acos, __builtin_acosf(x))
+JAX_MFA_EMU_UNARY(atan, __builtin_atanf(x))
+JAX_MFA_EMU_UNARY(floor, __builtin_floorf(x))
+JAX_MFA_EMU_UNARY(ceil, __builtin_ceilf(x))
+JAX_MFA_EMU_UNARY(round, __builtin_roundf(x))
+JAX_MFA_EMU_UNARY(trunc, __builtin_truncf(x))
+JAX_MFA_EMU_UNARY(rint, __builtin_rintf(x))
+JAX_MFA_EMU_UNARY(fabs, __builtin_fabsf(x))
+JAX_MFA_EMU_UNARY(fract, __builtin_fminf(x - __builtin_floorf(x), 0x1.fffffep-1f))
+JAX_MFA_EMU_UNARY(saturate, __builtin_fminf(__builtin_fmaxf(x, 0.0f), 1.0f))
+JAX_MFA_EMU_UNARY(sign, x > 0.0f ? 1.0f : (x < 0.0f ? -1.0f : (x == x ? 0.0f * x : 0.0f)))
+JAX_MFA_EMU_UNARY(erf, __builtin_erff(x))
+#undef JAX_MFA_EMU_UNARY
+
+inline float abs(float x) { return __builtin_fabsf(x); }
+inline half abs(half x) { return half(detail::from_bits_t{}, uint16_t(x.bits & 0x7fffu)); }
+inline bfloat abs(bfloat x) { return bfloat(detail::from_bits_t{}, uint16_t(x.bits & 0x7fffu)); }
+template <class I, std::enable_if_t<std::is_integral<I>::value, int> = 0>
+inline I abs(I x) { return x < 0 ? I(-x) : x; }
+template <class T, int N>
+inline vec<T, N> abs(const vec<T, N>& v) {
+  vec<T, N> r;
+  for (int i = 0; i < N; ++i) r.v[i] = abs(v.v[i]);
+  return r;
+}
+
+#define JAX_MFA_EMU_PRED(NAME, EXPR)                                        \
+  inline bool NAME(float x) { return EXPR; }                                \
+  inline bool NAME(half x) { return NAME(float(x)); }                       \
+  inline bool NAME(bfloat x) { return NAME(float(x)); }                     \
+  template <class T, int N>                                                 \
+  inline vec<bool, N> NAME(const vec<T, N>& v) {                            \
+    vec<bool, N> r;                                                         \
+    for (int i = 0; i < N; ++i) r.v[i] = NAME(v.v[i]);                      \
+    return r;                                                               \
+  }
+JAX_MFA_EMU_PRED(isnan, __builtin_isnan(x))
+JAX_MFA_EMU_PRED(isinf, __builtin_isinf(x))
+JAX_MFA_EMU_PRED(isfinite, __builtin_isfinite(x))
+JAX_MFA_EMU_PRED(signbit, __builtin_signbit(x))
+#undef JAX_MFA_EMU_PRED
+
+// Binary functions: one non-template overload per scalar type (so implicit
+// conversions resolve as in Metal), element-wise on vectors, vector-scalar.
+#define JAX_MFA_EMU_BINARY_F(NAME, EXPR)                                                       \
+  inline float NAME(float x, float y) { return EXPR; }                                         \
+  inline half NAME(half x, half y) { return half(NAME(float(x), float(y))); }                  \
+  inline bfloat NAME(bfloat x, bfloat y) { return bfloat(NAME(float(x), float(y))); }
+#define JAX_MFA_EMU_BINARY_I(NAME, T, EXPR) \
+  inline T NAME(T x, T y) { return EXPR; }
+#define JAX_MFA_EMU_BINARY_V(NAME)                                                                \
+  template <class T, int N>                                                                       \
+  inline vec<T, N> NAME(const vec<T, N>& a, const vec<T, N>& b) {                                 \
+    vec<T, N> r;                                                                                  \
+    for (int i = 0; i < N; ++i) r.v[i] = NAME(a.v[i], b.v[i]);                                    \
+    return r;                                                                                     \
+  }                                                                                               \
+  template <class T, int N, class U, std::enable_if_t<is_emu_scalar<U>::value, int> = 0>         \
+  inline vec<T, N> NAME(const vec<T, N>& a, U b) {                                                \
+    return NAME(a, vec<T, N>(b));                                                                 \
+  }
+JAX_MFA_EMU_BINARY_F(fmax, __builtin_fmaxf(x, y))
+JAX_MFA_EMU_BINARY_F(fmin, __builtin_fminf(x, y))
+JAX_MFA_EMU_BINARY_F(max, __builtin_fmaxf(x, y))
+JAX_MFA_EMU_BINARY_F(min, __builtin_fminf(x, y))
+JAX_MFA_EMU_BINARY_F(pow, __builtin_powf(x, y))
+JAX_MFA_EMU_BINARY_F(powr, __builtin_powf(x, y))
+JAX_MFA_EMU_BINARY_F(fmod, __builtin_fmodf(x, y))
+JAX_MFA_EMU_BINARY_F(copysign, __builtin_copysignf(x, y))
+JAX_MFA_EMU_BINARY_F(atan2, __builtin_atan2f(x, y))
+JAX_MFA_EMU_BINARY_F(step, y < x ? 0.0f : 1.0f)
+#define JAX_MFA_EMU_INT_MINMAX(T)                  \
+  JAX_MFA_EMU_BINARY_I(max, T, x > y ? x : y)      \
+  JAX_MFA_EMU_BINARY_I(min, T, x < y ? x : y)
+JAX_MFA_EMU_INT_MINMAX(char)
+JAX_MFA_EMU_INT_MINMAX(uchar)
+JAX_MFA_EMU_INT_MINMAX(short)
+JAX_MFA_EMU_INT_MINMAX(ushort)
+JAX_MFA_EMU_INT_MINMAX(int)
+JAX_MFA_EMU_INT_MINMAX(uint)
+JAX_MFA_EMU_INT_MINMAX(long)
+JAX_MFA_EMU_INT_MINMAX(ulong)
+#undef JAX_MFA_EMU_INT_MINMAX
+JAX_MFA_EMU_BINARY_V(fmax)
+JAX_MFA_EMU_BINARY_V(fmin)
+JAX_MFA_EMU_BINARY_V(max)
+JAX_MFA_EMU_BINARY_V(min)
+JAX_MFA_EMU_BINARY_V(pow)
+JAX_MFA_EMU_BINARY_V(powr)
+JAX_MFA_EMU_BINARY_V(fmod)
+JAX_MFA_EMU_BINARY_V(copysign)
+JAX_MFA_EMU_BINARY_V(atan2)
+JAX_MFA_EMU_BINARY_V(step)
+#undef JAX_MFA_EMU_BINARY_F
+#undef JAX_MFA_EMU_BINARY_I
+#undef JAX_MFA_EMU_BINARY_V
+
+inline float fma(float a, float b, float c) { return __builtin_fmaf(a, b, c); }
+inline half fma(half a, half b, half c) { return half(__builtin_fmaf(float(a), float(b), float(c))); }
+inline bfloat fma(bfloat a, bfloat b, bfloat c) { return bfloat(__builtin_fmaf(float(a), float(b), float(c))); }
+template <class T, int N>
+inline vec<T, N> fma(const vec<T, N>& a, const vec<T, N>& b, const vec<T, N>& c) {
+  vec<T, N> r;
+  for (int i = 0; i < N; ++i) r.v[i] = fma(a.v[i], b.v[i], c.v[i]);
+  return r;
+}
+
+template <class T, std::enable_if_t<is_emu_scalar<T>::value, int> = 0>
+inline T clamp(T x, T lo, T hi) { return min(max(x, lo), hi); }
+template <class T, int N>
+inline vec<T, N> clamp(const vec<T, N>& x, const vec<T, N>& lo, const vec<T, N>& hi) {
+  vec<T, N> r;
+  for (int i = 0; i < N; ++i) r.v[i] = clamp(x.v[i], lo.v[i], hi.v[i]);
+  return r;
+}
+template <class T, int N, class U, std::enable_if_t<is_emu_scalar<U>::value, int> = 0>
+inline vec<T, N> clamp(const vec<T, N>& x, U lo, U hi) { return clamp(x, vec<T, N>(lo), vec<T, N>(hi)); }
+
+inline float mix(float x, float y, float a) { return x + (y - x) * a; }
+inline half mix(half x, half y, half a) { return half(mix(float(x), float(y), float(a))); }
+template <class T, int N>
+inline vec<T, N> mix(const vec<T, N>& x, const vec<T, N>& y, const vec<T, N>& a) {
+  vec<T, N> r;
+  for (int i = 0; i < N; ++i) r.v[i] = mix(x.v[i], y.v[i], a.v[i]);
+  return r;
+}
+template <class T, int N, class U, std::enable_if_t<is_emu_scalar<U>::value, int> = 0>
+inline vec<T, N> mix(const vec<T, N>& x, const vec<T, N>& y, U a) { return mix(x, y, vec<T, N>(a)); }
+
+// select(a, b, c): c ? b : a (element-wise for vectors).
+template <class T, std::enable_if_t<is_emu_scalar<T>::value, int> = 0>
+inline T select(T a, T b, bool c) { return c ? b : a; }
+template <class T, int N>
+inline vec<T, N> select(const vec<T, N>& a, const vec<T, N>& b, const vec<bool, N>& c) {
+  vec<T, N> r;
+  for (int i = 0; i < N; ++i) r.v[i] = c.v[i] ? b.v[i] : a.v[i];
+  return r;
+}
+template <class T, int N>
+inline vec<T, N> select(const vec<T, N>& a, const vec<T, N>& b, bool c) { return c ? b : a; }
+
+template <class T, int N>
+inline T dot(const vec<T, N>& a, const vec<T, N>& b) {
+  float s = 0.0f;
+  for (int i = 0; i < N; ++i) s += float(a.v[i]) * float(b.v[i]);
+  return T(s);
+}
+
+inline uint popcount(uint x) { return uint(__builtin_popcount(x)); }
+inline uint clz(uint x) { return x ? uint(__builtin_clz(x)) : 32u; }
+inline uint ctz(uint x) { return x ? uint(__builtin_ctz(x)) : 32u; }
+inline uint mulhi(uint a, uint b) { return uint((uint64_t(a) * b) >> 32); }
+
+template <class T>
+inline auto divide(T a, T b) { return a / b; }
+
+}  // namespace mathfns
+using namespace mathfns;
+namespace fast {
+using namespace ::metal::mathfns;
+}
+namespace precise {
+using namespace ::metal::mathfns;
+}
+
+// ---------------------------------------------------------------------------
+// Barriers.
+enum class mem_flags : int {
+  mem_none = 0,
+  mem_device = 1,
+  mem_threadgroup = 2,
+  mem_texture = 4,
+  mem_threadgroup_imageblock = 8,
+};
+inline mem_flags operator|(mem_flags a, mem_flags b) { return mem_flags(int(a) | int(b)); }
+
+inline void threadgroup_barrier(mem_flags flags, JAX_MFA_EMU_SITE_PARAMS) {
+  detail::threadgroup_barrier_impl(int(flags), JAX_MFA_EMU_SITE);
+}
+
+namespace detail {
+enum CollectiveOp : int {
+  kOpSimdBarrier = 1,
+  kOpShuffle,
+  kOpShuffleXor,
+  kOpShuffleUp,
+  kOpShuffleDown,
+  kOpBroadcast,
+  kOpBroadcastFirst,
+  kOpSum,
+  kOpProduct,
+  kOpMax,
+  kOpMin,
+  kOpPrefixExcl,
+  kOpPrefixIncl,
+  kOpAll,
+  kOpAny,
+  kOpMatLoad,
+  kOpMatStore,
+  kOpMatMulAcc,
+  kOpMatMul,
+};
+}  // namespace detail
+
+// simdgroup_barrier: a rendezvous of the simdgroup's lanes; with
+// mem_threadgroup it also orders threadgroup memory between those lanes.
+inline void simdgroup_barrier(mem_flags flags, JAX_MFA_EMU_SITE_PARAMS) {
+  int dummy = 0;
+  const int f = int(flags);
+  detail::collective(detail::kOpSimdBarrier, "simdgroup_barrier", JAX_MFA_EMU_SITE, &dummy,
+                     [f](void**, int, int sgi) {
+                       if (f & detail::kMemThreadgroup) ++detail::worker().sg_epoch[sgi];
+                     });
+}
+
+// ---------------------------------------------------------------------------
+// SIMD-group functions (collectives over the active lanes of the simdgroup).
+namespace detail {
+template <class T>
+struct LaneVal {
+  T v;
+  int arg;
+  T out;
+};
+template <class T>
+inline T lane_shuffle(int op, const char* what, T v, int arg, Site site) {
+  LaneVal<T> d{v, arg, v};
+  collective(op, what, site, &d, [op](void** data, int n, int) {
+    for (int l = 0; l < n; ++l) {
+      auto* me = static_cast<LaneVal<T>*>(data[l]);
+      int src = l;
+      switch (op) {
+        case kOpShuffle:
+        case kOpBroadcast: src = me->arg; break;
+        case kOpShuffleXor: src = l ^ me->arg; break;
+        case kOpShuffleUp: src = l - me->arg; break;
+        case kOpShuffleDown: src = l + me->arg; break;
+        case kOpBroadcastFirst: src = 0; break;
+      }
+      if (src >= 0 && src < 32 && data[src]) {
+        me->out = static_cast<LaneVal<T>*>(data[src])->v;
+      } else if (op == kOpShuffleUp || op == kOpShuffleDown) {
+        me->out = me->v;  // lanes with no source lane keep their value
+      } else {
+        me->out = T(0);  // reading an inactive lane: undefined in Metal
+      }
+    }
+  });
+  return d.out;
+}
+template <class T>
+inline T combine(int op, const T& a, const T& b) {
+  switch (op) {
+    case kOpSum: return T(a + b);
+    case kOpProduct: return T(a * b);
+    case kOpMax: return max(a, b);
+    case kOpMin: return min(a, b);
+  }
+  return a;
+}
+template <class T>
+inline T lane_reduce(int op, const char* what, T v, Site site) {
+  LaneVal<T> d{v, 0, v};
+  collective(op, what, site, &d, [op](void** data, int n, int) {
+    if (op == kOpPrefixExcl || op == kOpPrefixIncl) {
+      T acc = T(0);
+      for (int l = 0; l < n; ++l) {
+        auto* me = static_cast<LaneVal<T>*>(data[l]);
+        if (op == kOpPrefixIncl) acc = T(acc + me->v);
+        me->out = acc;
+        if (op == kOpPrefixExcl) acc = T(acc + me->v);
+      }
+      return;
+    }
+    // Pairwise tree over lanes (like a butterfly reduction).
+    T vals[32];
+    bool have[32];
+    for (int l = 0; l < 32; ++l) {
+      have[l] = l < n && data[l];
+      if (have[l]) vals[l] = static_cast<LaneVal<T>*>(data[l])->v;
+    }
+    for (int step = 1; step < 32; step *= 2)
+      for (int l = 0; l + step < 32; l += 2 * step) {
+        if (have[l] && have[l + step]) vals[l] = combine(op, vals[l], vals[l + step]);
+        else if (have[l + step]) vals[l] = vals[l + step], have[l] = true;
+      }
+    for (int l = 0; l < n; ++l) static_cast<LaneVal<T>*>(data[l])->out = vals[0];
+  });
+  return d.out;
+}
+}  // namespace detail
+
+template <class T0>
+inline unref_t<T0> simd_shuffle(T0 v0, ushort lane, JAX_MFA_EMU_SITE_PARAMS) {
+  using T = unref_t<T0>;
+  const T v = v0;
+  return detail::lane_shuffle<T>(detail::kOpShuffle, "simd_shuffle", v, lane, JAX_MFA_EMU_SITE);
+}
+template <class T0>
+inline unref_t<T0> simd_broadcast(T0 v0, ushort lane, JAX_MFA_EMU_SITE_PARAMS) {
+  using T = unref_t<T0>;
+  const T v = v0;
+  return detail::lane_shuffle<T>(detail::kOpBroadcast, "simd_broadcast", v, lane, JAX_MFA_EMU_SITE);
+}
+template <class T0>
+inline unref_t<T0> simd_broadcast_first(T0 v0, JAX_MFA_EMU_SITE_PARAMS) {
+  using T = unref_t<T0>;
+  const T v = v0;
+  return detail::lane_shuffle<T>(detail::kOpBroadcastFirst, "simd_broadcast_first", v, 0, JAX_MFA_EMU_SITE);
+}
+template <class T0>
+inline unref_t<T0> simd_shuffle_xor(T0 v0, ushort mask, JAX_MFA_EMU_SITE_PARAMS) {
+  using T = unref_t<T0>;
+  const T v = v0;
+  return detail::lane_shuffle<T>(detail::kOpShuffleXor, "simd_shuffle_xor", v, mask & 31, JAX_MFA_EMU_SITE);
+}
+template <class T0>
+inline unref_t<T0> simd_shuffle_up(T0 v0, ushort delta, JAX_MFA_EMU_SITE_PARAMS) {
+  using T = unref_t<T0>;
+  const T v = v0;
+  return detail::lane_shuffle<T>(detail::kOpShuffleUp, "simd_shuffle_up", v, delta, JAX_MFA_EMU_SITE);
+}
+template <class T0>
+inline unref_t<T0> simd_shuffle_down(T0 v0, ushort delta, JAX_MFA_EMU_SITE_PARAMS) {
+  using T = unref_t<T0>;
+  const T v = v0;
+  return detail::lane_shuffle<T>(detail::kOpShuffleDown, "simd_shuffle_down", v, delta, JAX_MFA_EMU_SITE);
+}
+template <class T0>
+inline unref_t<T0> simd_sum(T0 v0, JAX_MFA_EMU_SITE_PARAMS) {
+  using T = unref_t<T0>;
+  const T v = v0;
+  return detail::lane_reduce<T>(detail::kOpSum, "simd_sum", v, JAX_MFA_EMU_SITE);
+}
+template <class T0>
+inline unref_t<T0> simd_product(T0 v0, JAX_MFA_EMU_SITE_PARAMS) {
+  using T = unref_t<T0>;
+  const T v = v0;
+  return detail::lane_reduce<T>(detail::kOpProduct, "simd_product", v, JAX_MFA_EMU_SITE);
+}
+template <class T0>
+inline unref_t<T0> simd_max(T0 v0, JAX_MFA_EMU_SITE_PARAMS) {
+  using T = unref_t<T0>;
+  const T v = v0;
+  return detail::lane_reduce<T>(detail::kOpMax, "simd_max", v, JAX_MFA_EMU_SITE);
+}
+template <class T0>
+inline unref_t<T0> simd_min(T0 v0, JAX_MFA_EMU_SITE_PARAMS) {
+  using T = unref_t<T0>;
+  const T v = v0;
+  return detail::lane_reduce<T>(detail::kOpMin, "simd_min", v, JAX_MFA_EMU_SITE);
+}
+template <class T0>
+inline unref_t<T0> simd_prefix_exclusive_sum(T0 v0, JAX_MFA_EMU_SITE_PARAMS) {
+  using T = unref_t<T0>;
+  const T v = v0;
+  return detail::lane_reduce<T>(detail::kOpPrefixExcl, "simd_prefix_exclusive_sum", v, JAX_MFA_EMU_SITE);
+}
+template <class T0>
+inline unref_t<T0> simd_prefix_inclusive_sum(T0 v0, JAX_MFA_EMU_SITE_PARAMS) {
+  using T = unref_t<T0>;
+  const T v = v0;
+  return detail::lane_reduce<T>(detail::kOpPrefixIncl, "simd_prefix_inclusive_sum", v, JAX_MFA_EMU_SITE);
+}
+inline bool simd_all(bool b, JAX_MFA_EMU_SITE_PARAMS) {
+  return detail::lane_reduce(detail::kOpMin, "simd_all", int(b), JAX_MFA_EMU_SITE) != 0;
+}
+inline bool simd_any(bool b, JAX_MFA_EMU_SITE_PARAMS) {
+  return detail::lane_reduce(detail::kOpMax, "simd_any", int(b), JAX_MFA_EMU_SITE) != 0;
+}
+
+// ---------------------------------------------------------------------------
+// simdgroup_matrix<T, 8, 8>. Each lane holds 2 adjacent elements of one row:
+// lane l holds row (l/16)*4 + (l/2)%4, columns ((l/8)%2)*4 + (l%2)*2 and +1.
+template <class T, int Cols, int Rows>
+struct simdgroup_matrix {
+  static_assert(Cols == 8 && Rows == 8, "only 8x8 simdgroup matrices exist in Metal");
+  vec<T, 2> e;
+  simdgroup_matrix() = default;
+  vec<T, 2>& thread_elements() { return e; }
+  const vec<T, 2>& thread_elements() const { return e; }
+};
+typedef simdgroup_matrix<float, 8, 8> simdgroup_float8x8;
+typedef simdgroup_matrix<half, 8, 8> simdgroup_half8x8;
+typedef simdgroup_matrix<bfloat, 8, 8> simdgroup_bfloat8x8;
+
+template <class T, int Cols, int Rows>
+inline simdgroup_matrix<T, Cols, Rows> make_filled_simdgroup_matrix(const T value) {
+  simdgroup_matrix<T, Cols, Rows> m;
+  m.e = vec<T, 2>(value);
+  return m;
+}
+
+namespace detail {
+inline int mat_row(int lane) { return (lane / 16) * 4 + (lane / 2) % 4; }
+inline int mat_col(int lane) { return ((lane / 8) % 2) * 4 + (lane % 2) * 2; }
+
+[[noreturn]] inline void matrix_misuse(const char* what, const char* why) {
+  Worker& w = worker();
+  char buf[300];
+  std::snprintf(buf, sizeof buf, "%s: %s (simdgroup %d)", what, why, w.cur / 32);
+  fail(kDivergence, buf);
+}
+
+template <class M, class P>
+struct MatIO {
+  M* m;
+  P* p;
+  const Region* r;
+  ulong epr;
+  ulong ox, oy;
+  bool tr;
+};
+
+template <class T, class P, bool kStore>
+inline void mat_io(void** data, int n, int sgi, const char* what) {
+  using IO = MatIO<simdgroup_matrix<T, 8, 8>, P>;
+  if (n != 32) matrix_misuse(what, "simdgroup_matrix operations need a full simdgroup of 32 active threads");
+  const IO& a = *static_cast<IO*>(data[0]);
+  for (int l = 1; l < 32; ++l) {
+    const IO& b = *static_cast<IO*>(data[l]);
+    if (b.p != a.p || b.epr != a.epr || b.ox != a.ox || b.oy != a.oy || b.tr != a.tr)
+      matrix_misuse(what, "pointer, elements_per_row, origin and transpose must be the same in all lanes");
+  }
+  for (int l = 0; l < 32; ++l) {
+    IO& io = *static_cast<IO*>(data[l]);
+    const int row = mat_row(l), c0 = mat_col(l);
+    for (int j = 0; j < 2; ++j) {
+      const int col = c0 + j;
+      const ulong idx = a.tr ? (a.oy + ulong(col)) * a.epr + a.ox + ulong(row)
+                             : (a.oy + ulong(row)) * a.epr + a.ox + ulong(col);
+      P* q = a.p + idx;
+      access(q, sizeof(P), a.r, kStore, sgi * 32 + l);
+      if constexpr (kStore) *q = P(io.m->e.v[j]);
+      else io.m->e.v[j] = T(*q);
+    }
+  }
+}
+}  // namespace detail
+
+template <class T, class P, int S>
+inline void simdgroup_load(simdgroup_matrix<T, 8, 8>& d, const as_ptr<P, S>& src, ulong elements_per_row = 8,
+                           ulong2 matrix_origin = ulong2(0), bool transpose_matrix = false,
+                           JAX_MFA_EMU_SITE_PARAMS) {
+  static_assert(std::is_same<std::remove_cv_t<P>, T>::value, "simdgroup_load: element type mismatch");
+  detail::MatIO<simdgroup_matrix<T, 8, 8>, P> io{&d, src.p, src.r, elements_per_row,
+                                                 matrix_origin.x, matrix_origin.y, transpose_matrix};
+  detail::collective(detail::kOpMatLoad, "simdgroup_load", JAX_MFA_EMU_SITE, &io, [](void** data, int n, int sgi) {
+    detail::mat_io<T, P, false>(data, n, sgi, "simdgroup_load");
+  });
+}
+
+template <class T, class P, int S>
+inline void simdgroup_store(const simdgroup_matrix<T, 8, 8>& a, const as_ptr<P, S>& dst, ulong elements_per_row = 8,
+                            ulong2 matrix_origin = ulong2(0), bool transpose_matrix = false,
+                            JAX_MFA_EMU_SITE_PARAMS) {
+  static_assert(std::is_same<P, T>::value, "simdgroup_store: element type mismatch");
+  static_assert(S != detail::kConstantSpace, "simdgroup_store to constant memory");
+  detail::MatIO<simdgroup_matrix<T, 8, 8>, P> io{const_cast<simdgroup_matrix<T, 8, 8>*>(&a), dst.p, dst.r,
+                                                 elements_per_row, matrix_origin.x, matrix_origin.y,
+                                                 transpose_matrix};
+  detail::collective(detail::kOpMatStore, "simdgroup_store", JAX_MFA_EMU_SITE, &io, [](void** data, int n, int sgi) {
+    detail::mat_io<T, P, true>(data, n, sgi, "simdgroup_store");
+  });
+}
+
+namespace detail {
+template <class T>
+inline void gather(void* const* mats, float out[8][8]) {
+  for (int l = 0; l < 32; ++l) {
+    const auto* m = static_cast<const simdgroup_matrix<T, 8, 8>*>(mats[l]);
+    out[mat_row(l)][mat_col(l)] = float(m->e.v[0]);
+    out[mat_row(l)][mat_col(l) + 1] = float(m->e.v[1]);
+  }
+}
+template <class D, class A, class B, class C>
+struct MMA {
+  simdgroup_matrix<D, 8, 8>* d;
+  const simdgroup_matrix<A, 8, 8>* a;
+  const simdgroup_matrix<B, 8, 8>* b;
+  const simdgroup_matrix<C, 8, 8>* c;
+};
+template <class D, class A, class B, class C>
+inline void mma(void** data, int n, const char* what) {
+  if (n != 32) matrix_misuse(what, "simdgroup_matrix operations need a full simdgroup of 32 active threads");
+  using X = MMA<D, A, B, C>;
+  void* pa[32];
+  void* pb[32];
+  void* pc[32];
+  for (int l = 0; l < 32; ++l) {
+    const X& x = *static_cast<X*>(data[l]);
+    pa[l] = (void*)x.a;
+    pb[l] = (void*)x.b;
+    pc[l] = (void*)x.c;
+  }
+  float fa[8][8], fb[8][8], fc[8][8];
+  gather<A>(pa, fa);
+  gather<B>(pb, fb);
+  if (pc[0]) gather<C>(pc, fc);
+  else std::memset(fc, 0, sizeof fc);
+  float out[8][8];
+  for (int i = 0; i < 8; ++i)
+    for (int j = 0; j < 8; ++j) {
+      float s = fc[i][j];
+      for (int k = 0; k < 8; ++k) s = __builtin_fmaf(fa[i][k], fb[k][j], s);
+      out[i][j] = s;
+    }
+  for (int l = 0; l < 32; ++l) {
+    X& x = *static_cast<X*>(data[l]);
+    x.d->e.v[0] = D(out[mat_row(l)][mat_col(l)]);
+    x.d->e.v[1] = D(out[mat_row(l)][mat_col(l) + 1]);
+  }
+}
+}  // namespace detail
+
+// d = a * b + c (accumulated in float, rounded once to d's type).
+template <class D, class A, class B, class C>
+inline void simdgroup_multiply_accumulate(simdgroup_matrix<D, 8, 8>& d, const simdgroup_matrix<A, 8, 8>& a,
+                                          const simdgroup_matrix<B, 8, 8>& b, const simdgroup_matrix<C, 8, 8>& c,
+                                          JAX_MFA_EMU_SITE_PARAMS) {
+  detail::MMA<D, A, B, C> x{&d, &a, &b, &c};
+  detail::collective(detail::kOpMatMulAcc, "simdgroup_multiply_accumulate", JAX_MFA_EMU_SITE, &x,
+                     [](void** data, int n, int) {
+                       detail::mma<D, A, B, C>(data, n, "simdgroup_multiply_accumulate");
+                     });
+}
+template <class D, class A, class B>
+inline void simdgroup_multiply(simdgroup_matrix<D, 8, 8>& d, const simdgroup_matrix<A, 8, 8>& a,
+                               const simdgroup_matrix<B, 8, 8>& b, JAX_MFA_EMU_SITE_PARAMS) {
+  detail::MMA<D, A, B, D> x{&d, &a, &b, nullptr};
+  detail::collective(detail::kOpMatMul, "simdgroup_multiply", JAX_MFA_EMU_SITE, &x, [](void** data, int n, int) {
+    detail::mma<D, A, B, D>(data, n, "simdgroup_multiply");
+  });
+}
+
+// ---------------------------------------------------------------------------
+// Atomics (device or threadgroup memory). Real atomics across threadgroups.
+enum memory_order { memory_order_relaxed = 0, memory_order_acquire, memory_order_release, memory_order_acq_rel,
+                    memory_order_seq_cst };
+template <class T>
+struct atomic {
+  T v;
+};
+typedef atomic<int> atomic_int;
+typedef atomic<uint> atomic_uint;
+typedef atomic<bool> atomic_bool;
+typedef atomic<float> atomic_float;
+typedef atomic<ulong> atomic_ulong;
+
+namespace detail {
+template <class T, class F>
+inline T atomic_rmw(T* p, F f) {
+  if constexpr (std::is_floating_point<T>::value) {
+    uint32_t* u = reinterpret_cast<uint32_t*>(p);
+    uint32_t old = __atomic_load_n(u, __ATOMIC_RELAXED);
+    for (;;) {
+      const T o = as_type<T>(old);
+      const uint32_t nw = as_type<uint32_t>(T(f(o)));
+      if (__atomic_compare_exchange_n(u, &old, nw, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) return o;
+    }
+  } else {
+    T old = __atomic_load_n(p, __ATOMIC_RELAXED);
+    for (;;) {
+      const T nw = T(f(old));
+      if (__atomic_compare_exchange_n(p, &old, nw, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) return old;
+    }
+  }
+}
+}  // namespace detail
+
+#define JAX_MFA_EMU_ATOMIC_RMW(NAME, EXPR)                                                       \
+  template <class T, int S, class U>                                                             \
+  inline T NAME(as_ptr<atomic<T>, S> obj, U operand, memory_order = memory_order_relaxed) {      \
+    detail::access_atomic(obj.p, sizeof(T), obj.r);                                              \
+    const T y = T(operand);                                                                      \
+    return detail::atomic_rmw(&obj.p->v, [y](T x) { return EXPR; });                              \
+  }
+JAX_MFA_EMU_ATOMIC_RMW(atomic_fetch_add_explicit, x + y)
+JAX_MFA_EMU_ATOMIC_RMW(atomic_fetch_sub_explicit, x - y)
+JAX_MFA_EMU_ATOMIC_RMW(atomic_fetch_max_explicit, x > y ? x : y)
+JAX_MFA_EMU_ATOMIC_RMW(atomic_fetch_min_explicit, x < y ? x : y)
+JAX_MFA_EMU_ATOMIC_RMW(atomic_fetch_and_explicit, x & y)
+JAX_MFA_EMU_ATOMIC_RMW(atomic_fetch_or_explicit, x | y)
+JAX_MFA_EMU_ATOMIC_RMW(atomic_fetch_xor_explicit, x ^ y)
+JAX_MFA_EMU_ATOMIC_RMW(atomic_exchange_explicit, ((void)x, y))
+#undef JAX_MFA_EMU_ATOMIC_RMW
+
+template <class T, int S>
+inline T atomic_load_explicit(as_ptr<atomic<T>, S> obj, memory_order = memory_order_relaxed) {
+  detail::access_atomic(obj.p, sizeof(T), obj.r);
+  return __atomic_load_n(&obj.p->v, __ATOMIC_RELAXED);
+}
+template <class T, int S, class U>
+inline void atomic_store_explicit(as_ptr<atomic<T>, S> obj, U value, memory_order = memory_order_relaxed) {
+  detail::access_atomic(obj.p, sizeof(T), obj.r);
+  __atomic_store_n(&obj.p->v, T(value), __ATOMIC_RELAXED);
+}
+template <class T, int S, class U>
+inline bool atomic_compare_exchange_weak_explicit(as_ptr<atomic<T>, S> obj, T* expected, U desired,
+                                                  memory_order = memory_order_relaxed,
+                                                  memory_order = memory_order_relaxed) {
+  detail::access_atomic(obj.p, sizeof(T), obj.r);
+  return __atomic_compare_exchange_n(&obj.p->v, expected, T(desired), false, __ATOMIC_RELAXED, __ATOMIC_RELAXED);
+}
+
+}  // namespace metal
+
+#pragma GCC visibility pop
