@@ -3,26 +3,43 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
 from jax_mfa import _native, _primitives, _xla
 from jax_mfa._arguments import prepare
 
 # Largest head dim each implementation accepts (None: no limit).
-MAX_HEAD_DIM = {"cpu": 512, "xla": None}
+MAX_HEAD_DIM = {"cpu": 512, "xla": None, "metal": 256, "metal-emulated": 256}
+
+# Storage dtypes each implementation cannot run (Metal has no float64).
+UNSUPPORTED_DTYPES = {"metal": ("float64",), "metal-emulated": ("float64",)}
+
+# implementation=None picks "metal" only when B*N*T*S reaches this: below it
+# the GPU launch and buffer overheads outweigh the work, and "cpu" is faster.
+METAL_MIN_WORK = 1 << 20
 
 
 def available_implementations() -> tuple[str, ...]:
     """Names of the implementations usable on this machine, best first."""
     names = []
-    if "cpu" in _native.registered_backends():
+    registered = _native.registered_backends()
+    ext = _native.extension()
+    if "metal" in registered and ext is not None and ext.metal_available():
+        names.append("metal")
+    if "cpu" in registered:
         names.append("cpu")
     names.append("xla")
+    # A slow verification path (the Metal kernels on the emulator): never the default.
+    if "metal-emulated" in registered:
+        names.append("metal-emulated")
     return tuple(names)
 
 
-def _resolve(implementation: str | None) -> str:
+def _resolve(implementation: str | None, work: int | None = None) -> str:
     available = available_implementations()
     if implementation is None:
+        if available[0] == "metal" and work is not None and work < METAL_MIN_WORK:
+            return available[1]
         return available[0]
     if not isinstance(implementation, str):
         raise TypeError(f"implementation must be a string or None, got {implementation!r}")
@@ -33,6 +50,19 @@ def _resolve(implementation: str | None) -> str:
         raise ValueError(f"implementation {implementation!r} is not available on this machine; "
                          f"available: {available}")
     return implementation
+
+
+def _work(query, key) -> int | None:
+    """B*N*T*S of a call (for the small-problem rule of _resolve); 0 for
+    float64, which Metal cannot run."""
+    if getattr(query, "dtype", None) == jnp.float64:
+        return 0
+    try:
+        *lead_q, T, N, _ = query.shape
+        S = key.shape[-3]
+    except (AttributeError, TypeError, ValueError, IndexError):
+        return None
+    return (lead_q[0] if lead_q else 1) * N * T * S
 
 
 def attention(query, key, value, bias=None, mask=None, *, scale=None, is_causal=False,
@@ -64,7 +94,11 @@ def attention(query, key, value, bias=None, mask=None, *, scale=None, is_causal=
       The output, with query's shape and dtype; ``(out, lse)`` with
       ``return_residual=True``.
     """
-    impl = _resolve(implementation)
+    impl = _resolve(implementation, _work(query, key))
+    dtype_name = getattr(getattr(query, "dtype", None), "name", None)
+    if dtype_name in UNSUPPORTED_DTYPES.get(impl, ()):
+        raise ValueError(f"implementation {impl!r} does not support {dtype_name} inputs; "
+                         f"use float32, float16 or bfloat16, or implementation='cpu'")
     ops, options, was_3d = prepare(
         query, key, value, bias, mask, scale=scale, is_causal=is_causal,
         query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,

@@ -15,7 +15,7 @@ flax = pytest.importorskip("flax")
 from flax import linen, nnx  # noqa: E402
 
 import jax_mfa.flax  # noqa: E402
-from conftest import random_array, relative_error  # noqa: E402
+from support import random_array, relative_error  # noqa: E402
 
 B, T, F, HEADS = 2, 37, 64, 4
 TOL = 1e-5

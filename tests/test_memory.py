@@ -12,7 +12,7 @@ import textwrap
 
 import pytest
 
-from conftest import IMPLEMENTATIONS, preset
+from support import IMPLEMENTATIONS, preset
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -73,7 +73,10 @@ def _run(impl: str, length: int, timeout: float):
     return float(fields["growth_mib"]), float(fields["worst_rel_err"])
 
 
-@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+# The emulator itself allocates per-dispatch state (fiber stacks, checker
+# shadow memory), so RSS there says nothing about the kernels' working memory;
+# the emulated kernels are checked for correctness elsewhere.
+@pytest.mark.parametrize("impl", [i for i in IMPLEMENTATIONS if i != "metal-emulated"])
 def test_memory_fast(impl):
     """T = S = 8192 (cpu preset): the scores would need 256 MiB."""
     length = preset(impl)["memory_len"]
@@ -86,7 +89,7 @@ def test_memory_fast(impl):
 @pytest.mark.parametrize("impl", [i for i in IMPLEMENTATIONS if i != "metal-emulated"])
 def test_memory_32k(impl):
     """T = S = 32768: the scores would need 4 GiB. (About 11 s on 2 cores for
-    "cpu", so it runs by default; the emulator only runs the preset length.)"""
+    "cpu", so it runs by default.)"""
     growth, err = _run(impl, 32768, timeout=1800)
     assert growth < 512, f"peak RSS grew by {growth:.1f} MiB (bound 512 MiB)"
     assert err < 1e-5, err

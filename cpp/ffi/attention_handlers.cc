@@ -9,6 +9,9 @@
 #include "attention/backend.h"
 #include "attention/problem.h"
 #include "cpu/attention_cpu.h"
+#if JAX_MFA_HAS_METAL || JAX_MFA_HAS_METAL_EMULATED
+#include "metal_host/metal_backend.h"
+#endif
 
 namespace ffi = xla::ffi;
 
@@ -220,6 +223,18 @@ Status backend_forward(Backend backend, const AttentionProblem& p, DType dtype,
                        const ForwardBuffers& b, TaskRunner& runner) {
   switch (backend) {
     case Backend::Cpu: return cpu_attention_forward(p, dtype, b, runner);
+    case Backend::Metal:
+#if JAX_MFA_HAS_METAL
+      return metal_attention_forward(p, dtype, b);
+#else
+      break;
+#endif
+    case Backend::MetalEmulated:
+#if JAX_MFA_HAS_METAL_EMULATED
+      return metal_emulated_attention_forward(p, dtype, b, runner);
+#else
+      break;
+#endif
   }
   return Status::Error("unknown backend");
 }
@@ -228,6 +243,18 @@ Status backend_backward(Backend backend, const AttentionProblem& p, DType dtype,
                         const BackwardBuffers& b, TaskRunner& runner) {
   switch (backend) {
     case Backend::Cpu: return cpu_attention_backward(p, dtype, b, runner);
+    case Backend::Metal:
+#if JAX_MFA_HAS_METAL
+      return metal_attention_backward(p, dtype, b);
+#else
+      break;
+#endif
+    case Backend::MetalEmulated:
+#if JAX_MFA_HAS_METAL_EMULATED
+      return metal_emulated_attention_backward(p, dtype, b, runner);
+#else
+      break;
+#endif
   }
   return Status::Error("unknown backend");
 }
@@ -297,5 +324,12 @@ Status backend_backward(Backend backend, const AttentionProblem& p, DType dtype,
           .Ret<ffi::AnyBuffer>())
 
 JAX_MFA_DEFINE_HANDLERS(Backend::Cpu, AttentionForwardCpu, AttentionBackwardCpu);
+#if JAX_MFA_HAS_METAL
+JAX_MFA_DEFINE_HANDLERS(Backend::Metal, AttentionForwardMetal, AttentionBackwardMetal);
+#endif
+#if JAX_MFA_HAS_METAL_EMULATED
+JAX_MFA_DEFINE_HANDLERS(Backend::MetalEmulated, AttentionForwardMetalEmulated,
+                        AttentionBackwardMetalEmulated);
+#endif
 
 }  // namespace jax_mfa

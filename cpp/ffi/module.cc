@@ -3,6 +3,9 @@
 #include <nanobind/nanobind.h>
 
 #include "ffi/attention_handlers.h"
+#if JAX_MFA_HAS_METAL
+#include "metal_host/metal_backend.h"
+#endif
 
 namespace nb = nanobind;
 
@@ -24,6 +27,25 @@ NB_MODULE(_jax_mfa, m) {
     nb::dict d;
     d["jax_mfa_attention_fwd_cpu"] = encapsulate_ffi_handler(jax_mfa::AttentionForwardCpu);
     d["jax_mfa_attention_bwd_cpu"] = encapsulate_ffi_handler(jax_mfa::AttentionBackwardCpu);
+#if JAX_MFA_HAS_METAL
+    d["jax_mfa_attention_fwd_metal"] = encapsulate_ffi_handler(jax_mfa::AttentionForwardMetal);
+    d["jax_mfa_attention_bwd_metal"] = encapsulate_ffi_handler(jax_mfa::AttentionBackwardMetal);
+#endif
+#if JAX_MFA_HAS_METAL_EMULATED
+    d["jax_mfa_attention_fwd_metal_emulated"] =
+        encapsulate_ffi_handler(jax_mfa::AttentionForwardMetalEmulated);
+    d["jax_mfa_attention_bwd_metal_emulated"] =
+        encapsulate_ffi_handler(jax_mfa::AttentionBackwardMetalEmulated);
+#endif
     return d;
+  });
+  // True when this build has the Metal backend and the machine a usable
+  // Apple-silicon GPU (checked at run time).
+  m.def("metal_available", [] {
+#if JAX_MFA_HAS_METAL
+    return jax_mfa::metal_available();
+#else
+    return false;
+#endif
   });
 }

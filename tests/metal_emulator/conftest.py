@@ -1,13 +1,8 @@
 import os
-import sys
 
 import pytest
 
-ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-
-import jax_mfa.metal_emulator as me  # noqa: E402
+import jax_mfa.metal_emulator as me
 
 KERNELS = os.path.join(os.path.dirname(__file__), "kernels")
 

@@ -1,0 +1,346 @@
+#include "metal_host/attention_plan.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+
+namespace jax_mfa {
+namespace metal_host {
+
+static_assert(sizeof(AttentionParams) == 8 * 8 + 4 * 29 + 4,
+              "AttentionParams must keep the same layout in C++ and MSL");
+
+namespace {
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// One row of a block-size table: applies to head buckets <= max_head.
+struct TableRow {
+  int max_head, rows, cols, head_block;
+};
+
+// metal-flash-attention's published block sizes (parallelization / traversal /
+// head block), looked up by the head bucket. Rows whose head limit no bucket
+// falls in (e.g. M1 dK/dV "<= 56") are kept for reference.
+constexpr TableRow kForwardApple9[] = {
+    {32, 16, 128, 16}, {96, 16, 128, 32}, {160, 16, 128, 32}, {224, 16, 128, 32}, {384, 16, 128, 32}};
+constexpr TableRow kForwardApple7[] = {{96, 32, 128, 32}, {128, 32, 128, 32}, {384, 32, 128, 32}};
+constexpr TableRow kQueryApple9[] = {{80, 16, 64, 8}, {192, 16, 64, 32}, {384, 16, 128, 32}};
+constexpr TableRow kQueryApple7[] = {{32, 32, 64, 32}, {96, 32, 64, 32}, {384, 32, 64, 32}};
+constexpr TableRow kKeyValueApple9[] = {
+    {56, 16, 64, 8}, {80, 16, 32, 16}, {144, 16, 128, 16}, {224, 16, 128, 16}, {384, 16, 128, 32}};
+constexpr TableRow kKeyValueApple7[] = {
+    {16, 32, 64, 16}, {32, 32, 64, 32}, {56, 32, 80, 32}, {96, 32, 64, 32}, {384, 32, 64, 32}};
+
+// Every table row fits Metal's 32 KiB of threadgroup memory (the dK/dV kernel
+// adds lse and delta for C queries) and tiles the head dim by whole 8x8 blocks.
+template <size_t N>
+constexpr bool fits(const TableRow (&table)[N]) {
+  for (const TableRow& r : table) {
+    if (4 * r.cols * r.head_block + 8 * r.cols > 32768) return false;
+    if (r.rows % 8 != 0 || r.cols % 8 != 0 || r.head_block % 8 != 0) return false;
+  }
+  return true;
+}
+static_assert(fits(kForwardApple9) && fits(kForwardApple7) && fits(kQueryApple9) &&
+                  fits(kQueryApple7) && fits(kKeyValueApple9) && fits(kKeyValueApple7),
+              "a block-size table row exceeds threadgroup memory or breaks 8x8 tiling");
+
+template <size_t N>
+BlockConfig lookup(const TableRow (&table)[N], int head_pad) {
+  for (const TableRow& r : table) {
+    if (head_pad <= r.max_head) {
+      // The head block never exceeds the (padded) head dim.
+      return {head_pad, r.rows, r.cols, std::min(r.head_block, head_pad)};
+    }
+  }
+  return {};
+}
+
+const char* dtype_tag(DType d) {
+  switch (d) {
+    case DType::F32: return "f32";
+    case DType::F16: return "f16";
+    case DType::BF16: return "bf16";
+    case DType::F64: return "f64";
+  }
+  return "?";
+}
+
+size_t storage_bytes(DType d) { return d == DType::F32 ? 4 : 2; }
+
+AttentionParams make_params(const AttentionProblem& p) {
+  AttentionParams a{};
+  for (int d = 0; d < 4; ++d) {
+    a.bias_strides[d] = p.bias.present ? p.bias.strides[d] : 0;
+    a.mask_strides[d] = p.mask.present ? p.mask.strides[d] : 0;
+  }
+  a.batch = int32_t(p.batch);
+  a.q_len = int32_t(p.q_len);
+  a.kv_len = int32_t(p.kv_len);
+  a.q_heads = int32_t(p.q_heads);
+  a.kv_heads = int32_t(p.kv_heads);
+  a.head_dim = int32_t(p.head_dim);
+  a.group_size = int32_t(p.group_size());
+  const double log2e = 1.4426950408889634;
+  a.scale = float(p.scale);
+  a.scale_log2 = float(p.scale * log2e);
+  a.has_softcap = p.softcap > 0;
+  a.softcap = a.has_softcap ? float(p.softcap) : 1.0f;
+  a.softcap_log2 = float(a.softcap * log2e);
+  a.causal = p.causal;
+  // A window wider than any sequence is the same as no bound (keeps int32).
+  const int64_t big = std::max<int64_t>(p.q_len, p.kv_len) + 1;
+  a.window_left = p.window_left < 0 ? -1 : int32_t(std::min(p.window_left, big));
+  a.window_right = p.window_right < 0 ? -1 : int32_t(std::min(p.window_right, big));
+  a.has_q_lengths = p.has_q_lengths;
+  a.has_kv_lengths = p.has_kv_lengths;
+  a.has_bias = p.bias.present;
+  a.has_mask = p.mask.present;
+  a.dbias_mode = MFA_DBIAS_NONE;
+  a.bias_batch_dim = int32_t(p.bias.dims[0]);
+  a.bias_head_dim = int32_t(p.bias.dims[1]);
+  a.bias_query_broadcast = p.bias.present && p.bias.strides[2] == 0;
+  return a;
+}
+
+// Splits `total` threadgroups of `work_per_group` multiply-adds each into
+// chunks of at most max_work_per_command_buffer() work.
+std::vector<Chunk> make_chunks(int64_t total, int64_t work_per_group) {
+  const int64_t per = std::max<int64_t>(1, max_work_per_command_buffer() /
+                                               std::max<int64_t>(1, work_per_group));
+  std::vector<Chunk> chunks;
+  for (int64_t g = 0; g < total; g += per) chunks.push_back({g, std::min(per, total - g)});
+  return chunks;
+}
+
+KernelLaunch base_launch(Pass pass, const AttentionProblem& p, DType dtype, GpuFamily family) {
+  KernelLaunch l;
+  l.pass = pass;
+  l.config = block_config(pass, family, p.head_dim);
+  l.kernel = kernel_name(pass, dtype, l.config);
+  l.threads_per_group = 32 * l.config.rows / 8;
+  l.threadgroup_memory = threadgroup_memory_bytes(pass, l.config);
+  l.params = make_params(p);
+  l.params.block_rows = l.config.rows;
+  return l;
+}
+
+}  // namespace
+
+int64_t max_work_per_command_buffer() {
+  if (const char* s = std::getenv("JAX_MFA_METAL_MAX_WORK")) {
+    const long long v = std::atoll(s);
+    if (v > 0) return v;
+  }
+  return kMaxWorkPerCommandBuffer;
+}
+
+int head_bucket(int64_t head_dim) {
+  for (int b : {16, 32, 64, 96, 128, 192, 256})
+    if (head_dim <= b) return b;
+  return 0;
+}
+
+BlockConfig block_config(Pass pass, GpuFamily family, int64_t head_dim) {
+  const int hp = head_bucket(head_dim);
+  if (hp == 0) return {};
+  const bool m3 = family == GpuFamily::Apple9;
+  switch (pass) {
+    case Pass::Forward: return m3 ? lookup(kForwardApple9, hp) : lookup(kForwardApple7, hp);
+    case Pass::BackwardQuery: return m3 ? lookup(kQueryApple9, hp) : lookup(kQueryApple7, hp);
+    case Pass::BackwardKeyValue:
+      return m3 ? lookup(kKeyValueApple9, hp) : lookup(kKeyValueApple7, hp);
+  }
+  return {};
+}
+
+std::string kernel_name(Pass pass, DType dtype, const BlockConfig& c) {
+  const char* kind = pass == Pass::Forward ? "fwd" : pass == Pass::BackwardQuery ? "dq" : "dkdv";
+  return std::string("mfa_") + kind + "_" + dtype_tag(dtype) + "_h" + std::to_string(c.head_pad) +
+         "_p" + std::to_string(c.rows) + "_c" + std::to_string(c.cols) + "_d" +
+         std::to_string(c.head_block);
+}
+
+size_t threadgroup_memory_bytes(Pass pass, const BlockConfig& c) {
+  size_t bytes = sizeof(float) * size_t(c.cols) * size_t(c.head_block);
+  if (pass == Pass::BackwardKeyValue) bytes += 2 * sizeof(float) * size_t(c.cols);  // lse, delta
+  return bytes;
+}
+
+const char* arg_name(Arg a) {
+  static const char* names[] = {"q",   "k",  "v",     "bias", "mask", "q_lengths",
+                                "kv_lengths", "out", "lse", "dout", "delta", "dq",
+                                "dk",  "dv", "dbias", "dbias_rows"};
+  return names[int(a)];
+}
+
+Status check_supported(const AttentionProblem& p, DType dtype) {
+  if (dtype == DType::F64)
+    return Status::Error("the Metal kernels support float32, float16 and bfloat16, not float64");
+  if (p.head_dim < 1 || p.head_dim > kMaxHeadDim)
+    return Status::Error("the Metal kernels support head dims 1.." + std::to_string(kMaxHeadDim) +
+                         ", got " + std::to_string(p.head_dim));
+  const int64_t lim = std::numeric_limits<int32_t>::max() / 2;
+  if (p.batch > lim || p.q_len > lim || p.kv_len > lim || p.q_heads > lim ||
+      p.batch * p.q_heads * ceil_div(p.q_len, 16) > lim)
+    return Status::Error("problem too large for the Metal kernels' 32-bit grid");
+  return Status::Ok();
+}
+
+KernelLaunch plan_forward(const AttentionProblem& p, DType dtype, GpuFamily family) {
+  KernelLaunch l = base_launch(Pass::Forward, p, dtype, family);
+  const size_t st = storage_bytes(dtype);
+  const size_t q_bytes = size_t(p.batch * p.q_len * p.q_heads * p.head_dim) * st;
+  const size_t kv_bytes = size_t(p.batch * p.kv_len * p.kv_heads * p.head_dim) * st;
+  l.params.num_row_blocks = int32_t(ceil_div(p.q_len, l.config.rows));
+  l.args = {{Arg::Q, Access::Read, q_bytes},
+            {Arg::K, Access::Read, kv_bytes},
+            {Arg::V, Access::Read, kv_bytes},
+            {Arg::Bias, Access::Read, p.bias.present ? size_t(p.bias.size()) * 4 : 0},
+            {Arg::Mask, Access::Read, p.mask.present ? size_t(p.mask.size()) : 0},
+            {Arg::QLengths, Access::Read, p.has_q_lengths ? size_t(p.batch) * 4 : 0},
+            {Arg::KvLengths, Access::Read, p.has_kv_lengths ? size_t(p.batch) * 4 : 0},
+            {Arg::Out, Access::Write, q_bytes},
+            {Arg::Lse, Access::Write, size_t(p.batch * p.q_len * p.q_heads) * 4}};
+  l.total_groups = int64_t(l.params.num_row_blocks) * p.q_heads * p.batch;
+  l.params.total_groups = int32_t(l.total_groups);
+  // Q K^T and P V: 2 * rows * S * HP multiply-adds per threadgroup at most.
+  l.chunks = make_chunks(l.total_groups, 2 * int64_t(l.config.rows) * std::max<int64_t>(p.kv_len, 1) *
+                                             l.config.head_pad);
+  return l;
+}
+
+std::vector<KernelLaunch> plan_backward(const AttentionProblem& p, DType dtype,
+                                        GpuFamily family) {
+  const size_t st = storage_bytes(dtype);
+  const size_t q_bytes = size_t(p.batch * p.q_len * p.q_heads * p.head_dim) * st;
+  const size_t kv_bytes = size_t(p.batch * p.kv_len * p.kv_heads * p.head_dim) * st;
+  const size_t row_bytes = size_t(p.batch * p.q_len * p.q_heads) * 4;
+  // Bias gradient ownership, as in the CPU design: varying along keys -> the
+  // dK/dV kernel; constant along keys -> row sums from the dQ kernel.
+  const bool bias = p.bias.present;
+  const bool dbias_keys = bias && p.bias.dims[3] == p.kv_len;
+  const int32_t mode = !bias ? MFA_DBIAS_NONE : dbias_keys ? MFA_DBIAS_KEYS : MFA_DBIAS_ROW_SUMS;
+
+  const std::vector<ArgBinding> common = {
+      {Arg::Q, Access::Read, q_bytes},
+      {Arg::K, Access::Read, kv_bytes},
+      {Arg::V, Access::Read, kv_bytes},
+      {Arg::Bias, Access::Read, bias ? size_t(p.bias.size()) * 4 : 0},
+      {Arg::Mask, Access::Read, p.mask.present ? size_t(p.mask.size()) : 0},
+      {Arg::QLengths, Access::Read, p.has_q_lengths ? size_t(p.batch) * 4 : 0},
+      {Arg::KvLengths, Access::Read, p.has_kv_lengths ? size_t(p.batch) * 4 : 0},
+      {Arg::Lse, Access::Read, row_bytes},
+      {Arg::DOut, Access::Read, q_bytes},
+      {Arg::Delta, Access::Read, row_bytes}};
+
+  KernelLaunch dq = base_launch(Pass::BackwardQuery, p, dtype, family);
+  dq.params.dbias_mode = mode;
+  dq.params.num_row_blocks = int32_t(ceil_div(p.q_len, dq.config.rows));
+  dq.args = common;
+  dq.args.push_back({Arg::DQ, Access::Write, q_bytes});
+  dq.args.push_back({Arg::DBiasRows, Access::Write, mode == MFA_DBIAS_ROW_SUMS ? row_bytes : 0});
+  dq.total_groups = int64_t(dq.params.num_row_blocks) * p.q_heads * p.batch;
+  dq.params.total_groups = int32_t(dq.total_groups);
+  // Q K^T, dO V^T, dS K.
+  dq.chunks = make_chunks(dq.total_groups, 3 * int64_t(dq.config.rows) *
+                                               std::max<int64_t>(p.kv_len, 1) * dq.config.head_pad);
+
+  KernelLaunch kv = base_launch(Pass::BackwardKeyValue, p, dtype, family);
+  kv.params.dbias_mode = mode;
+  kv.params.num_row_blocks = int32_t(ceil_div(p.kv_len, kv.config.rows));
+  kv.params.merge_batches = dbias_keys && p.bias.dims[0] == 1;
+  kv.params.merge_heads = dbias_keys && p.bias.dims[1] == 1;
+  kv.args = common;
+  kv.args.push_back({Arg::DK, Access::Write, kv_bytes});
+  kv.args.push_back({Arg::DV, Access::Write, kv_bytes});
+  kv.args.push_back({Arg::DBias, Access::ReadWrite, dbias_keys ? size_t(p.bias.size()) * 4 : 0});
+  const int64_t b_tasks = kv.params.merge_batches ? 1 : p.batch;
+  const int64_t h_tasks = kv.params.merge_heads ? 1 : p.kv_heads;
+  kv.total_groups = int64_t(kv.params.num_row_blocks) * h_tasks * b_tasks;
+  kv.params.total_groups = int32_t(kv.total_groups);
+  // K Q^T, V dO^T, P^T dO, dS^T Q over every query of the (merged) heads.
+  const int64_t merged = (p.batch / b_tasks) * (p.kv_heads / h_tasks) * p.group_size();
+  kv.chunks = make_chunks(kv.total_groups, 4 * int64_t(kv.config.rows) *
+                                               std::max<int64_t>(p.q_len, 1) * merged *
+                                               kv.config.head_pad);
+  return {dq, kv};
+}
+
+Status run_forward(const AttentionProblem& p, DType dtype, GpuFamily family,
+                   const ForwardBuffers& b, KernelExecutor& exec) {
+  if (Status s = check_supported(p, dtype); !s.ok()) return s;
+  if (p.batch == 0 || p.q_len == 0 || p.q_heads == 0) return Status::Ok();
+  if (p.kv_len == 0) {
+    // No keys at all: every row is empty.
+    const size_t st = storage_bytes(dtype);
+    std::memset(b.out, 0, size_t(p.batch * p.q_len * p.q_heads * p.head_dim) * st);
+    float* lse = static_cast<float*>(b.lse);
+    std::fill(lse, lse + p.batch * p.q_len * p.q_heads, -std::numeric_limits<float>::infinity());
+    return Status::Ok();
+  }
+  HostBuffers hb;
+  hb.set(Arg::Q, b.q);
+  hb.set(Arg::K, b.k);
+  hb.set(Arg::V, b.v);
+  hb.set(Arg::Bias, b.bias);
+  hb.set(Arg::Mask, b.mask);
+  hb.set(Arg::QLengths, b.q_lengths);
+  hb.set(Arg::KvLengths, b.kv_lengths);
+  hb.set(Arg::Out, b.out);
+  hb.set(Arg::Lse, b.lse);
+  return exec.run(plan_forward(p, dtype, family), hb);
+}
+
+Status run_backward(const AttentionProblem& p, DType dtype, GpuFamily family,
+                    const BackwardBuffers& b, KernelExecutor& exec) {
+  if (Status s = check_supported(p, dtype); !s.ok()) return s;
+  const size_t st = storage_bytes(dtype);
+  if (b.dbias) std::memset(b.dbias, 0, size_t(p.bias.size()) * sizeof(float));
+  if (p.batch == 0 || p.q_heads == 0) return Status::Ok();
+  if (p.q_len == 0 || p.kv_len == 0) {
+    std::memset(b.dq, 0, size_t(p.batch * p.q_len * p.q_heads * p.head_dim) * st);
+    std::memset(b.dk, 0, size_t(p.batch * p.kv_len * p.kv_heads * p.head_dim) * st);
+    std::memset(b.dv, 0, size_t(p.batch * p.kv_len * p.kv_heads * p.head_dim) * st);
+    return Status::Ok();
+  }
+  std::vector<KernelLaunch> plan = plan_backward(p, dtype, family);
+  const bool row_sums = plan[0].params.dbias_mode == MFA_DBIAS_ROW_SUMS;
+  std::vector<float> rows(row_sums ? size_t(p.batch * p.q_heads * p.q_len) : 0, 0.0f);
+
+  HostBuffers hb;
+  hb.set(Arg::Q, b.q);
+  hb.set(Arg::K, b.k);
+  hb.set(Arg::V, b.v);
+  hb.set(Arg::Bias, b.bias);
+  hb.set(Arg::Mask, b.mask);
+  hb.set(Arg::QLengths, b.q_lengths);
+  hb.set(Arg::KvLengths, b.kv_lengths);
+  hb.set(Arg::Lse, b.lse);
+  hb.set(Arg::DOut, b.dout);
+  hb.set(Arg::Delta, b.delta);
+  hb.set(Arg::DQ, b.dq);
+  hb.set(Arg::DK, b.dk);
+  hb.set(Arg::DV, b.dv);
+  hb.set(Arg::DBias, plan[1].params.dbias_mode == MFA_DBIAS_KEYS ? b.dbias : nullptr);
+  hb.set(Arg::DBiasRows, row_sums ? rows.data() : nullptr);
+  for (const KernelLaunch& l : plan)
+    if (Status s = exec.run(l, hb); !s.ok()) return s;
+
+  if (row_sums) {
+    // Bias constant along keys: reduce the row sums over the broadcast dims
+    // (B * N * T additions on the host; the GPU did the S-long sums).
+    float* dbias = static_cast<float*>(b.dbias);
+    for (int64_t bb = 0; bb < p.batch; ++bb)
+      for (int64_t n = 0; n < p.q_heads; ++n)
+        for (int64_t i = 0; i < p.q_len; ++i)
+          dbias[p.bias.offset(bb, n, i, 0)] += rows[size_t((bb * p.q_heads + n) * p.q_len + i)];
+  }
+  return Status::Ok();
+}
+
+}  // namespace metal_host
+}  // namespace jax_mfa

@@ -1,0 +1,115 @@
+// The launch plan of the Metal attention kernels, shared by both launchers
+// (the Objective-C++ Metal launcher and the emulator launcher): which kernel
+// (block sizes from the descriptor tables), the grid and its chunking, the
+// threadgroup size and memory, the AttentionParams block and the buffer list.
+//
+// Launchers only move buffers and encode what a KernelLaunch says; everything
+// else -- validation, zeroing the bias gradient, the row-sum reduction of a
+// bias constant along keys -- happens in run_forward / run_backward here.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "attention/backend.h"
+#include "attention/problem.h"
+#include "../../metal/attention_params.h"
+
+namespace jax_mfa {
+namespace metal_host {
+
+// Block-size tables follow metal-flash-attention's published ones: Apple7
+// covers M1/M2 (Apple7/Apple8 GPU families), Apple9 covers M3 and later.
+enum class GpuFamily { Apple7, Apple9 };
+enum class Pass { Forward, BackwardQuery, BackwardKeyValue };
+
+// The largest head dim the kernels accept.
+constexpr int64_t kMaxHeadDim = 256;
+
+// Upper bound of multiply-adds one command buffer may carry; larger dispatches
+// are split into chunks of whole threadgroups, each its own command buffer, so
+// no single submission runs long enough to trip the macOS GPU watchdog.
+// 2^36 MACs is about 50 ms on an M1 (2.6 TFLOP/s). Overridable (tests) with
+// the environment variable JAX_MFA_METAL_MAX_WORK.
+constexpr int64_t kMaxWorkPerCommandBuffer = int64_t(1) << 36;
+int64_t max_work_per_command_buffer();
+
+struct BlockConfig {
+  int head_pad = 0;    // HP: head dim bucket the kernel is compiled for
+  int rows = 0;        // P: parallelization block (rows per threadgroup)
+  int cols = 0;        // C: traversal block
+  int head_block = 0;  // DB: head-dim block staged through threadgroup memory
+};
+
+// Head-dim bucket (16, 32, 64, 96, 128, 192, 256); 0 if above kMaxHeadDim.
+int head_bucket(int64_t head_dim);
+BlockConfig block_config(Pass pass, GpuFamily family, int64_t head_dim);
+// Host name of the instantiation, e.g. "mfa_fwd_f16_h64_p16_c128_d32".
+std::string kernel_name(Pass pass, DType dtype, const BlockConfig& config);
+// Threadgroup memory the kernel declares (bytes); always <= 32 KiB.
+size_t threadgroup_memory_bytes(Pass pass, const BlockConfig& config);
+
+// Buffers a kernel binds, in [[buffer(1)]], [[buffer(2)]], ... order
+// ([[buffer(0)]] is the AttentionParams block).
+enum class Arg {
+  Q, K, V, Bias, Mask, QLengths, KvLengths, Out, Lse, DOut, Delta, DQ, DK, DV, DBias,
+  DBiasRows,  // float (B, N, T) scratch: per-row sums of dS
+};
+enum class Access { Read, Write, ReadWrite };
+const char* arg_name(Arg a);
+
+struct ArgBinding {
+  Arg arg;
+  Access access;
+  size_t bytes;   // 0 when the operand is absent (launchers bind a placeholder)
+};
+
+struct Chunk {
+  int64_t group_offset = 0, groups = 0;
+};
+
+struct KernelLaunch {
+  Pass pass;
+  std::string kernel;
+  BlockConfig config;
+  int threads_per_group = 0;
+  size_t threadgroup_memory = 0;
+  AttentionParams params{};  // group_offset is set per chunk
+  std::vector<ArgBinding> args;
+  std::vector<Chunk> chunks;  // run in order; together they cover the grid
+  int64_t total_groups = 0;
+};
+
+// Returns an error for what the Metal kernels cannot run (float64, head dim
+// above 256, sizes beyond 32-bit positions).
+Status check_supported(const AttentionProblem& p, DType dtype);
+KernelLaunch plan_forward(const AttentionProblem& p, DType dtype, GpuFamily family);
+// [0]: the dQ kernel, [1]: the dK/dV kernel.
+std::vector<KernelLaunch> plan_backward(const AttentionProblem& p, DType dtype, GpuFamily family);
+
+// Host pointers of every Arg (nullptr when absent).
+struct HostBuffers {
+  const void* ptr[int(Arg::DBiasRows) + 1] = {};
+  const void* get(Arg a) const { return ptr[int(a)]; }
+  void set(Arg a, const void* p) { ptr[int(a)] = p; }
+};
+
+// What a launcher implements: run every chunk of `launch` with the given host
+// buffers, synchronously, returning any device or compile error as a Status.
+class KernelExecutor {
+ public:
+  virtual ~KernelExecutor() = default;
+  virtual Status run(const KernelLaunch& launch, const HostBuffers& buffers) = 0;
+};
+
+// The whole forward / backward on top of an executor (one implementation for
+// the Metal and the emulated backends).
+Status run_forward(const AttentionProblem& p, DType dtype, GpuFamily family,
+                   const ForwardBuffers& b, KernelExecutor& exec);
+Status run_backward(const AttentionProblem& p, DType dtype, GpuFamily family,
+                    const BackwardBuffers& b, KernelExecutor& exec);
+
+}  // namespace metal_host
+}  // namespace jax_mfa

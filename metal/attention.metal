@@ -1,0 +1,84 @@
+// Host-named instantiations of the attention kernels (metal/attention_kernels.h):
+// one per storage type and per block configuration the descriptor tables in
+// cpp/metal_host/attention_plan.cc can choose. Names follow
+// mfa_<fwd|dq|dkdv>_<f32|f16|bf16>_h<HP>_p<P>_c<C>_d<DB>.
+//
+// JAX_MFA_METAL_FAMILIES selects the table sets compiled in: bit 0 the M1/M2
+// (Apple7) tables, bit 1 the M3+ (Apple9) tables; default both.
+// JAX_MFA_METAL_DTYPES selects storage types: bit 0 float, 1 half, 2 bfloat16
+// (the emulated build compiles one translation unit per type, in parallel).
+#include <metal_stdlib>
+#ifndef JAX_MFA_EMBEDDED
+#include "jax_mfa_instantiate.h"
+#include "attention_params.h"
+#include "attention_kernels.h"
+#endif
+
+#ifndef JAX_MFA_METAL_FAMILIES
+#define JAX_MFA_METAL_FAMILIES 3
+#endif
+#ifndef JAX_MFA_METAL_DTYPES
+#define JAX_MFA_METAL_DTYPES 7
+#endif
+
+#define MFA_NAME(KIND, TAG, HP, P, C, DB) \
+  "mfa_" #KIND "_" #TAG "_h" #HP "_p" #P "_c" #C "_d" #DB
+
+#define MFA_FWD(T, TAG, HP, P, C, DB) \
+  JAX_MFA_INSTANTIATE_KERNEL(MFA_NAME(fwd, TAG, HP, P, C, DB), attention_forward, T, HP, P, C, DB)
+#define MFA_DQ(T, TAG, HP, P, C, DB) \
+  JAX_MFA_INSTANTIATE_KERNEL(MFA_NAME(dq, TAG, HP, P, C, DB), attention_backward_query, T, HP, P, C, DB)
+#define MFA_DKDV(T, TAG, HP, P, C, DB)                                                    \
+  JAX_MFA_INSTANTIATE_KERNEL(MFA_NAME(dkdv, TAG, HP, P, C, DB), attention_backward_key_value, \
+                             T, HP, P, C, DB)
+
+// M3 and later (Apple9): metal-flash-attention's mixed-precision tables.
+#define MFA_APPLE9(T, TAG)                                                                  \
+  MFA_FWD(T, TAG, 16, 16, 128, 16) MFA_FWD(T, TAG, 32, 16, 128, 16)                         \
+  MFA_FWD(T, TAG, 64, 16, 128, 32) MFA_FWD(T, TAG, 96, 16, 128, 32)                         \
+  MFA_FWD(T, TAG, 128, 16, 128, 32) MFA_FWD(T, TAG, 192, 16, 128, 32)                       \
+  MFA_FWD(T, TAG, 256, 16, 128, 32)                                                         \
+  MFA_DQ(T, TAG, 16, 16, 64, 8) MFA_DQ(T, TAG, 32, 16, 64, 8) MFA_DQ(T, TAG, 64, 16, 64, 8) \
+  MFA_DQ(T, TAG, 96, 16, 64, 32) MFA_DQ(T, TAG, 128, 16, 64, 32)                            \
+  MFA_DQ(T, TAG, 192, 16, 64, 32) MFA_DQ(T, TAG, 256, 16, 128, 32)                          \
+  MFA_DKDV(T, TAG, 16, 16, 64, 8) MFA_DKDV(T, TAG, 32, 16, 64, 8)                           \
+  MFA_DKDV(T, TAG, 64, 16, 32, 16) MFA_DKDV(T, TAG, 96, 16, 128, 16)                        \
+  MFA_DKDV(T, TAG, 128, 16, 128, 16) MFA_DKDV(T, TAG, 192, 16, 128, 16)                     \
+  MFA_DKDV(T, TAG, 256, 16, 128, 32)
+
+// M1 and M2 (Apple7/Apple8).
+#define MFA_APPLE7(T, TAG)                                                                  \
+  MFA_FWD(T, TAG, 16, 32, 128, 16) MFA_FWD(T, TAG, 32, 32, 128, 32)                         \
+  MFA_FWD(T, TAG, 64, 32, 128, 32) MFA_FWD(T, TAG, 96, 32, 128, 32)                         \
+  MFA_FWD(T, TAG, 128, 32, 128, 32) MFA_FWD(T, TAG, 192, 32, 128, 32)                       \
+  MFA_FWD(T, TAG, 256, 32, 128, 32)                                                         \
+  MFA_DQ(T, TAG, 16, 32, 64, 16) MFA_DQ(T, TAG, 32, 32, 64, 32)                             \
+  MFA_DQ(T, TAG, 64, 32, 64, 32) MFA_DQ(T, TAG, 96, 32, 64, 32)                             \
+  MFA_DQ(T, TAG, 128, 32, 64, 32) MFA_DQ(T, TAG, 192, 32, 64, 32)                           \
+  MFA_DQ(T, TAG, 256, 32, 64, 32)                                                           \
+  MFA_DKDV(T, TAG, 16, 32, 64, 16) MFA_DKDV(T, TAG, 32, 32, 64, 32)                         \
+  MFA_DKDV(T, TAG, 64, 32, 64, 32) MFA_DKDV(T, TAG, 96, 32, 64, 32)                         \
+  MFA_DKDV(T, TAG, 128, 32, 64, 32) MFA_DKDV(T, TAG, 192, 32, 64, 32)                       \
+  MFA_DKDV(T, TAG, 256, 32, 64, 32)
+
+#define MFA_FAMILIES(T, TAG) MFA_FAMILY9(T, TAG) MFA_FAMILY7(T, TAG)
+#if JAX_MFA_METAL_FAMILIES & 2
+#define MFA_FAMILY9(T, TAG) MFA_APPLE9(T, TAG)
+#else
+#define MFA_FAMILY9(T, TAG)
+#endif
+#if JAX_MFA_METAL_FAMILIES & 1
+#define MFA_FAMILY7(T, TAG) MFA_APPLE7(T, TAG)
+#else
+#define MFA_FAMILY7(T, TAG)
+#endif
+
+#if JAX_MFA_METAL_DTYPES & 1
+MFA_FAMILIES(float, f32)
+#endif
+#if JAX_MFA_METAL_DTYPES & 2
+MFA_FAMILIES(half, f16)
+#endif
+#if JAX_MFA_METAL_DTYPES & 4
+MFA_FAMILIES(bf16_t, bf16)
+#endif

@@ -1,0 +1,626 @@
+// FlashAttention kernels in Metal Shading Language: forward, backward-query
+// (dQ) and backward-key-value (dK, dV). Design notes: docs/metal.md.
+//
+// Every kernel is a template over
+//   T   storage type: float, half or bf16_t (bfloat16 bits; converted to float
+//       on load, so no bfloat arithmetic is needed on any chip),
+//   HP  head dim padded to a bucket (16, 32, 64, 96, 128, 192, 256),
+//   P   parallelization block: rows (queries, or keys for dK/dV) per
+//       threadgroup; one simdgroup owns 8 of them, so P / 8 simdgroups,
+//   C   traversal block: columns (keys, or queries for dK/dV) per step,
+//   DB  head block: head-dim columns staged through threadgroup memory at once.
+// Arithmetic is float32 in simdgroup_matrix<float, 8, 8> registers. Logits are
+// kept in base-2 units (scale * log2(e) folded in) so the softmax uses exp2;
+// the logsumexp leaves the kernel in natural-log units.
+#ifndef JAX_MFA_METAL_ATTENTION_KERNELS_H
+#define JAX_MFA_METAL_ATTENTION_KERNELS_H
+
+#include <metal_stdlib>
+#ifndef JAX_MFA_EMBEDDED
+#include "attention_params.h"
+#endif
+
+using namespace metal;
+
+// bfloat16 storage: its bits, widened to float by a shift (no bfloat type or
+// bfloat arithmetic required).
+struct bf16_t {
+  ushort bits;
+};
+
+inline float mfa_to_float(float x) { return x; }
+inline float mfa_to_float(half x) { return float(x); }
+inline float mfa_to_float(bf16_t x) { return as_type<float>(uint(x.bits) << 16); }
+
+template <typename T>
+inline T mfa_from_float(float x);
+template <>
+inline float mfa_from_float<float>(float x) { return x; }
+template <>
+inline half mfa_from_float<half>(float x) { return half(x); }
+template <>
+inline bf16_t mfa_from_float<bf16_t>(float x) {
+  // Round to nearest, ties to even; NaN stays a quiet NaN.
+  uint u = as_type<uint>(x);
+  bf16_t r;
+  if ((u & 0x7fffffffu) > 0x7f800000u) {
+    r.bits = ushort((u >> 16) | 0x40u);
+  } else {
+    r.bits = ushort((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+  }
+  return r;
+}
+
+// A logit at or below this (base-2 units) counts as masked; also the initial
+// running maximum. Finite on purpose: Metal compiles with fast math, so the
+// kernels never rely on infinities in arithmetic.
+constant constexpr float kMaskedLogit = -1.0e30f;
+constant constexpr float kLog2e = 1.4426950408889634f;
+constant constexpr float kLn2 = 0.6931471805599453f;
+
+typedef simdgroup_matrix<float, 8, 8> mfa_mat;
+
+// Position of a lane's two elements in an 8x8 simdgroup matrix: row
+// (lane / 16) * 4 + (lane / 2) % 4, columns col and col + 1 with
+// col = ((lane / 8) % 2) * 4 + (lane % 2) * 2. Lanes sharing a row differ in
+// bits 0 and 3 of the lane index, so a row reduction is two xor-shuffles.
+inline int mfa_lane_row(uint lane) { return int((lane / 16) * 4 + (lane / 2) % 4); }
+inline int mfa_lane_col(uint lane) { return int(((lane / 8) % 2) * 4 + (lane % 2) * 2); }
+
+inline float mfa_row_max(float x) {
+  x = max(x, simd_shuffle_xor(x, ushort(1)));
+  return max(x, simd_shuffle_xor(x, ushort(8)));
+}
+inline float mfa_row_sum(float x) {
+  x += simd_shuffle_xor(x, ushort(1));
+  return x + simd_shuffle_xor(x, ushort(8));
+}
+
+// Loads an 8x8 block of a (positions x H) head slice straight into registers,
+// converted to float; rows at or past `rows_valid` and columns at or past H
+// read as zero (the head dim is padded to HP inside the kernel).
+template <typename T>
+inline void mfa_load_rows(thread mfa_mat& m, device const T* row, bool row_ok, int col, int H) {
+  float a = 0.0f, b = 0.0f;
+  if (row_ok && col < H) a = mfa_to_float(row[col]);
+  if (row_ok && col + 1 < H) b = mfa_to_float(row[col + 1]);
+  m.thread_elements()[0] = a;
+  m.thread_elements()[1] = b;
+}
+
+template <typename T>
+inline void mfa_store_rows(thread mfa_mat& m, device T* row, bool row_ok, int col, int H) {
+  if (row_ok && col < H) row[col] = mfa_from_float<T>(m.thread_elements()[0]);
+  if (row_ok && col + 1 < H) row[col + 1] = mfa_from_float<T>(m.thread_elements()[1]);
+}
+
+// Cooperatively stages a (R x DB) tile of a head slice into threadgroup memory
+// as float: rows [0, rows_valid) from `base` (row stride `stride`), columns
+// [d0, d0 + DB) of the head dim; everything else is zero. Callers put the
+// barriers around it.
+template <typename T, int R, int DB, int NT>
+inline void mfa_stage(threadgroup float* tile, device const T* base, mfa_long stride,
+                      int rows_valid, int d0, int H, uint tid) {
+  for (int idx = int(tid); idx < R * DB; idx += NT) {
+    const int r = idx / DB, c = idx % DB;
+    float x = 0.0f;
+    if (r < rows_valid && d0 + c < H) x = mfa_to_float(base[mfa_long(r) * stride + d0 + c]);
+    tile[idx] = x;
+  }
+}
+
+inline mfa_long mfa_bias_offset(constant AttentionParams& p, int b, int n, int i, int j) {
+  return mfa_long(b) * p.bias_strides[0] + mfa_long(n) * p.bias_strides[1] +
+         mfa_long(i) * p.bias_strides[2] + mfa_long(j) * p.bias_strides[3];
+}
+inline mfa_long mfa_mask_offset(constant AttentionParams& p, int b, int n, int i, int j) {
+  return mfa_long(b) * p.mask_strides[0] + mfa_long(n) * p.mask_strides[1] +
+         mfa_long(i) * p.mask_strides[2] + mfa_long(j) * p.mask_strides[3];
+}
+
+// One logit: raw q.k product -> scaled, soft-capped, biased, in base-2 units.
+// `valid` comes back false for masked entries; `t` keeps the softcap's tanh for
+// the backward's chain rule.
+inline float mfa_logit(constant AttentionParams& p, device const float* bias,
+                       device const uchar* mask, int b, int n, int i, int j, MfaSpan keys,
+                       float s, thread bool& valid, thread float& t) {
+  valid = j >= keys.begin && j < keys.end;
+  float x;
+  if (p.has_softcap) {
+    t = precise::tanh(s * p.scale / p.softcap);
+    x = p.softcap_log2 * t;
+  } else {
+    t = 0.0f;
+    x = s * p.scale_log2;
+  }
+  if (valid && p.has_bias) x += bias[mfa_bias_offset(p, b, n, i, j)] * kLog2e;
+  if (valid && p.has_mask) valid = mask[mfa_mask_offset(p, b, n, i, j)] != 0;
+  // A -inf bias masks the entry, as it would in the reference.
+  valid = valid && x > kMaskedLogit;
+  return x;
+}
+
+inline int mfa_valid_len(device const int* lengths, int has, int b, int full) {
+  if (!has) return full;
+  const int given = lengths[b];
+  return clamp(given, 0, full);
+}
+
+// ---------------------------------------------------------------------------
+// Forward: one threadgroup per (batch, query head, block of P queries). Keys
+// stream by in blocks of C with an online softmax; Q (when HP <= 128) and the
+// output accumulator live in registers for the whole kernel.
+template <typename T, int HP, int P, int C, int DB>
+kernel void attention_forward(constant AttentionParams& p [[buffer(0)]],
+                              device const T* q [[buffer(1)]],
+                              device const T* k [[buffer(2)]],
+                              device const T* v [[buffer(3)]],
+                              device const float* bias [[buffer(4)]],
+                              device const uchar* mask [[buffer(5)]],
+                              device const int* q_lengths [[buffer(6)]],
+                              device const int* kv_lengths [[buffer(7)]],
+                              device T* out [[buffer(8)]],
+                              device float* lse [[buffer(9)]],
+                              uint group [[threadgroup_position_in_grid]],
+                              uint sg [[simdgroup_index_in_threadgroup]],
+                              uint lane [[thread_index_in_simdgroup]],
+                              uint tid [[thread_index_in_threadgroup]]) {
+  constexpr int NT = P * 4;  // 32 threads per 8 rows
+  constexpr int HB = HP / 8, CB = C / 8, DBB = DB / 8;
+  constexpr bool kCacheQ = HP <= 128;
+  threadgroup float tile[C * DB];
+
+  const int linear = p.group_offset + int(group);
+  const int qb = linear % p.num_row_blocks;
+  const int n = (linear / p.num_row_blocks) % p.q_heads;
+  const int b = linear / (p.num_row_blocks * p.q_heads);
+  const int kvh = n / p.group_size;
+  const int H = p.head_dim, N = p.q_heads, K = p.kv_heads;
+  const int i0 = qb * P;
+  const int q_valid = mfa_valid_len(q_lengths, p.has_q_lengths, b, p.q_len);
+  const int kv_valid = mfa_valid_len(kv_lengths, p.has_kv_lengths, b, p.kv_len);
+  const MfaSpan span = mfa_key_span_of_rows(i0, i0 + P, q_valid, kv_valid, p.causal,
+                                            p.window_left, p.window_right);
+
+  const int lr = mfa_lane_row(lane), lc = mfa_lane_col(lane);
+  const int i = i0 + int(sg) * 8 + lr;  // this lane's query row
+  const bool row_ok = i < p.q_len;
+  const MfaSpan keys = mfa_key_span(i, q_valid, kv_valid, p.causal, p.window_left, p.window_right);
+  device const T* q_row = q + ((mfa_long(b) * p.q_len + (row_ok ? i : 0)) * N + n) * H;
+  const mfa_long kv_stride = mfa_long(K) * H;
+
+  mfa_mat O[HB];
+  mfa_mat Qc[kCacheQ ? HB : 1];
+  for (int h = 0; h < HB; ++h) O[h] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+  if (kCacheQ && !(span.begin >= span.end))
+    for (int h = 0; h < HB; ++h) mfa_load_rows(Qc[kCacheQ ? h : 0], q_row, row_ok, h * 8 + lc, H);
+
+  float m = kMaskedLogit, l = 0.0f;
+  for (int j0 = span.begin; j0 < span.end; j0 += C) {
+    const int cols = min(C, span.end - j0);
+    device const T* k_base = k + (mfa_long(b) * p.kv_len + j0) * kv_stride + mfa_long(kvh) * H;
+    device const T* v_base = v + (mfa_long(b) * p.kv_len + j0) * kv_stride + mfa_long(kvh) * H;
+
+    // S = Q K^T over the head dim, one head block of K at a time.
+    mfa_mat S[CB];
+    for (int c = 0; c < CB; ++c) S[c] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+    for (int d0 = 0; d0 < HP; d0 += DB) {
+      threadgroup_barrier(mem_flags::mem_threadgroup);
+      mfa_stage<T, C, DB, NT>(tile, k_base, kv_stride, cols, d0, H, tid);
+      threadgroup_barrier(mem_flags::mem_threadgroup);
+      for (int kk = 0; kk < DBB; ++kk) {
+        mfa_mat qm;
+        if (kCacheQ) {
+          qm = Qc[kCacheQ ? d0 / 8 + kk : 0];
+        } else {
+          mfa_load_rows(qm, q_row, row_ok, d0 + kk * 8 + lc, H);
+        }
+        for (int c = 0; c < CB; ++c) {
+          mfa_mat kt;
+          simdgroup_load(kt, tile + c * 8 * DB + kk * 8, DB, ulong2(0, 0), true);
+          simdgroup_multiply_accumulate(S[c], qm, kt, S[c]);
+        }
+      }
+    }
+
+    // Masks, then the online softmax in base 2.
+    float block_max = kMaskedLogit;
+    bool ok[CB][2];
+    for (int c = 0; c < CB; ++c) {
+      for (int e = 0; e < 2; ++e) {
+        const int j = j0 + c * 8 + lc + e;
+        float t;
+        bool valid;
+        const float x = mfa_logit(p, bias, mask, b, n, i, j, keys, S[c].thread_elements()[e],
+                                  valid, t);
+        ok[c][e] = valid;
+        S[c].thread_elements()[e] = x;
+        if (valid) block_max = max(block_max, x);
+      }
+    }
+    const float m_new = max(m, mfa_row_max(block_max));
+    const float alpha = exp2(m - m_new);
+    float sum = 0.0f;
+    for (int c = 0; c < CB; ++c) {
+      for (int e = 0; e < 2; ++e) {
+        const float pr = ok[c][e] ? exp2(S[c].thread_elements()[e] - m_new) : 0.0f;
+        S[c].thread_elements()[e] = pr;
+        sum += pr;
+      }
+    }
+    l = l * alpha + mfa_row_sum(sum);
+    m = m_new;
+    for (int h = 0; h < HB; ++h) {
+      O[h].thread_elements()[0] *= alpha;
+      O[h].thread_elements()[1] *= alpha;
+    }
+
+    // O += P V, one head block of V at a time.
+    for (int d0 = 0; d0 < HP; d0 += DB) {
+      threadgroup_barrier(mem_flags::mem_threadgroup);
+      mfa_stage<T, C, DB, NT>(tile, v_base, kv_stride, cols, d0, H, tid);
+      threadgroup_barrier(mem_flags::mem_threadgroup);
+      for (int o = 0; o < DBB; ++o) {
+        for (int c = 0; c < CB; ++c) {
+          mfa_mat vm;
+          simdgroup_load(vm, tile + c * 8 * DB + o * 8, DB);
+          simdgroup_multiply_accumulate(O[d0 / 8 + o], S[c], vm, O[d0 / 8 + o]);
+        }
+      }
+    }
+  }
+
+  // Normalize; a row with no allowed key gets zeros and lse = -inf.
+  const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+  device T* out_row = out + ((mfa_long(b) * p.q_len + (row_ok ? i : 0)) * N + n) * H;
+  for (int h = 0; h < HB; ++h) {
+    O[h].thread_elements()[0] *= inv;
+    O[h].thread_elements()[1] *= inv;
+    mfa_store_rows(O[h], out_row, row_ok, h * 8 + lc, H);
+  }
+  if (row_ok && (lane & 9u) == 0u) {
+    lse[(mfa_long(b) * p.q_len + i) * N + n] =
+        l > 0.0f ? (m + log2(l)) * kLn2 : as_type<float>(0xff800000u);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Backward, query side: one threadgroup per (batch, query head, block of P
+// queries) computes dQ. P is recomputed from the saved logsumexp; delta =
+// rowsum(dO * O) - dlse arrives precomputed. With a bias constant along keys
+// it also writes per-row sums of dS (the host reduces them into dbias).
+template <typename T, int HP, int P, int C, int DB>
+kernel void attention_backward_query(constant AttentionParams& p [[buffer(0)]],
+                                     device const T* q [[buffer(1)]],
+                                     device const T* k [[buffer(2)]],
+                                     device const T* v [[buffer(3)]],
+                                     device const float* bias [[buffer(4)]],
+                                     device const uchar* mask [[buffer(5)]],
+                                     device const int* q_lengths [[buffer(6)]],
+                                     device const int* kv_lengths [[buffer(7)]],
+                                     device const float* lse [[buffer(8)]],
+                                     device const T* dout [[buffer(9)]],
+                                     device const float* delta [[buffer(10)]],
+                                     device T* dq [[buffer(11)]],
+                                     device float* dbias_rows [[buffer(12)]],
+                                     uint group [[threadgroup_position_in_grid]],
+                                     uint sg [[simdgroup_index_in_threadgroup]],
+                                     uint lane [[thread_index_in_simdgroup]],
+                                     uint tid [[thread_index_in_threadgroup]]) {
+  constexpr int NT = P * 4;
+  constexpr int HB = HP / 8, CB = C / 8, DBB = DB / 8;
+  constexpr bool kCache = HP <= 64;  // Q and dO in registers
+  threadgroup float tile[C * DB];
+
+  const int linear = p.group_offset + int(group);
+  const int qb = linear % p.num_row_blocks;
+  const int n = (linear / p.num_row_blocks) % p.q_heads;
+  const int b = linear / (p.num_row_blocks * p.q_heads);
+  const int kvh = n / p.group_size;
+  const int H = p.head_dim, N = p.q_heads, K = p.kv_heads;
+  const int i0 = qb * P;
+  const int q_valid = mfa_valid_len(q_lengths, p.has_q_lengths, b, p.q_len);
+  const int kv_valid = mfa_valid_len(kv_lengths, p.has_kv_lengths, b, p.kv_len);
+  const MfaSpan span = mfa_key_span_of_rows(i0, i0 + P, q_valid, kv_valid, p.causal,
+                                            p.window_left, p.window_right);
+
+  const int lr = mfa_lane_row(lane), lc = mfa_lane_col(lane);
+  const int i = i0 + int(sg) * 8 + lr;
+  const bool row_ok = i < p.q_len;
+  const MfaSpan keys = mfa_key_span(i, q_valid, kv_valid, p.causal, p.window_left, p.window_right);
+  const mfa_long row_index = (mfa_long(b) * p.q_len + (row_ok ? i : 0)) * N + n;
+  device const T* q_row = q + row_index * H;
+  device const T* do_row = dout + row_index * H;
+  const float row_lse = row_ok ? lse[row_index] : 0.0f;
+  const bool row_empty = !(row_lse > kMaskedLogit);
+  const float row_lse2 = row_empty ? 0.0f : row_lse * kLog2e;
+  const float row_delta = row_ok ? delta[row_index] : 0.0f;
+  const mfa_long kv_stride = mfa_long(K) * H;
+
+  mfa_mat dQ[HB];
+  mfa_mat Qc[kCache ? HB : 1], dOc[kCache ? HB : 1];
+  for (int h = 0; h < HB; ++h) dQ[h] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+  if (kCache && !(span.begin >= span.end)) {
+    for (int h = 0; h < HB; ++h) {
+      mfa_load_rows(Qc[kCache ? h : 0], q_row, row_ok, h * 8 + lc, H);
+      mfa_load_rows(dOc[kCache ? h : 0], do_row, row_ok, h * 8 + lc, H);
+    }
+  }
+  float ds_sum = 0.0f;
+
+  for (int j0 = span.begin; j0 < span.end; j0 += C) {
+    const int cols = min(C, span.end - j0);
+    device const T* k_base = k + (mfa_long(b) * p.kv_len + j0) * kv_stride + mfa_long(kvh) * H;
+    device const T* v_base = v + (mfa_long(b) * p.kv_len + j0) * kv_stride + mfa_long(kvh) * H;
+
+    // S = Q K^T and dP = dO V^T.
+    mfa_mat S[CB], dP[CB];
+    for (int c = 0; c < CB; ++c) {
+      S[c] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+      dP[c] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+    }
+    for (int d0 = 0; d0 < HP; d0 += DB) {
+      threadgroup_barrier(mem_flags::mem_threadgroup);
+      mfa_stage<T, C, DB, NT>(tile, k_base, kv_stride, cols, d0, H, tid);
+      threadgroup_barrier(mem_flags::mem_threadgroup);
+      for (int kk = 0; kk < DBB; ++kk) {
+        mfa_mat qm;
+        if (kCache) qm = Qc[kCache ? d0 / 8 + kk : 0];
+        else mfa_load_rows(qm, q_row, row_ok, d0 + kk * 8 + lc, H);
+        for (int c = 0; c < CB; ++c) {
+          mfa_mat kt;
+          simdgroup_load(kt, tile + c * 8 * DB + kk * 8, DB, ulong2(0, 0), true);
+          simdgroup_multiply_accumulate(S[c], qm, kt, S[c]);
+        }
+      }
+      threadgroup_barrier(mem_flags::mem_threadgroup);
+      mfa_stage<T, C, DB, NT>(tile, v_base, kv_stride, cols, d0, H, tid);
+      threadgroup_barrier(mem_flags::mem_threadgroup);
+      for (int kk = 0; kk < DBB; ++kk) {
+        mfa_mat om;
+        if (kCache) om = dOc[kCache ? d0 / 8 + kk : 0];
+        else mfa_load_rows(om, do_row, row_ok, d0 + kk * 8 + lc, H);
+        for (int c = 0; c < CB; ++c) {
+          mfa_mat vt;
+          simdgroup_load(vt, tile + c * 8 * DB + kk * 8, DB, ulong2(0, 0), true);
+          simdgroup_multiply_accumulate(dP[c], om, vt, dP[c]);
+        }
+      }
+    }
+
+    // P = exp2(logit - L), dS = P (dP - delta); S becomes dS * d(logit)/d(q.k).
+    for (int c = 0; c < CB; ++c) {
+      for (int e = 0; e < 2; ++e) {
+        const int j = j0 + c * 8 + lc + e;
+        float t;
+        bool valid;
+        const float x = mfa_logit(p, bias, mask, b, n, i, j, keys, S[c].thread_elements()[e],
+                                  valid, t);
+        const float pr = (valid && !row_empty) ? exp2(x - row_lse2) : 0.0f;
+        const float ds = pr * (dP[c].thread_elements()[e] - row_delta);
+        ds_sum += ds;
+        S[c].thread_elements()[e] = ds * p.scale * (p.has_softcap ? 1.0f - t * t : 1.0f);
+      }
+    }
+
+    // dQ += dS K, restaging K one head block at a time.
+    for (int d0 = 0; d0 < HP; d0 += DB) {
+      threadgroup_barrier(mem_flags::mem_threadgroup);
+      mfa_stage<T, C, DB, NT>(tile, k_base, kv_stride, cols, d0, H, tid);
+      threadgroup_barrier(mem_flags::mem_threadgroup);
+      for (int o = 0; o < DBB; ++o) {
+        for (int c = 0; c < CB; ++c) {
+          mfa_mat km;
+          simdgroup_load(km, tile + c * 8 * DB + o * 8, DB);
+          simdgroup_multiply_accumulate(dQ[d0 / 8 + o], S[c], km, dQ[d0 / 8 + o]);
+        }
+      }
+    }
+  }
+
+  device T* dq_row = dq + row_index * H;
+  for (int h = 0; h < HB; ++h) mfa_store_rows(dQ[h], dq_row, row_ok, h * 8 + lc, H);
+  ds_sum = mfa_row_sum(ds_sum);
+  if (p.dbias_mode == MFA_DBIAS_ROW_SUMS && row_ok && (lane & 9u) == 0u)
+    dbias_rows[(mfa_long(b) * N + n) * p.q_len + i] = ds_sum;
+}
+
+// ---------------------------------------------------------------------------
+// Backward, key/value side: one threadgroup per block of P keys of one (batch,
+// kv head) computes dK and dV, looping over the query heads of its GQA group
+// (and over the batches / kv heads a broadcast bias merges), so every output
+// element -- dbias included -- has exactly one writer and no atomics are needed.
+template <typename T, int HP, int P, int C, int DB>
+kernel void attention_backward_key_value(constant AttentionParams& p [[buffer(0)]],
+                                         device const T* q [[buffer(1)]],
+                                         device const T* k [[buffer(2)]],
+                                         device const T* v [[buffer(3)]],
+                                         device const float* bias [[buffer(4)]],
+                                         device const uchar* mask [[buffer(5)]],
+                                         device const int* q_lengths [[buffer(6)]],
+                                         device const int* kv_lengths [[buffer(7)]],
+                                         device const float* lse [[buffer(8)]],
+                                         device const T* dout [[buffer(9)]],
+                                         device const float* delta [[buffer(10)]],
+                                         device T* dk [[buffer(11)]],
+                                         device T* dv [[buffer(12)]],
+                                         device float* dbias [[buffer(13)]],
+                                         uint group [[threadgroup_position_in_grid]],
+                                         uint sg [[simdgroup_index_in_threadgroup]],
+                                         uint lane [[thread_index_in_simdgroup]],
+                                         uint tid [[thread_index_in_threadgroup]]) {
+  constexpr int NT = P * 4;
+  constexpr int HB = HP / 8, CB = C / 8, DBB = DB / 8;
+  constexpr bool kCache = HP <= 64;  // K and V in registers
+  threadgroup float tile[C * DB];
+  threadgroup float lse_t[C];
+  threadgroup float delta_t[C];
+
+  const int h_tasks = p.merge_heads ? 1 : p.kv_heads;
+  const int linear = p.group_offset + int(group);
+  const int kb = linear % p.num_row_blocks;
+  const int ht = (linear / p.num_row_blocks) % h_tasks;
+  const int bt = linear / (p.num_row_blocks * h_tasks);
+  const int b_begin = p.merge_batches ? 0 : bt, b_end = p.merge_batches ? p.batch : bt + 1;
+  const int h_begin = p.merge_heads ? 0 : ht, h_end = p.merge_heads ? p.kv_heads : ht + 1;
+  const int H = p.head_dim, N = p.q_heads, K = p.kv_heads, G = p.group_size;
+  const int j0 = kb * P;
+
+  const int lr = mfa_lane_row(lane), lc = mfa_lane_col(lane);
+  const int j = j0 + int(sg) * 8 + lr;  // this lane's key row
+  const bool key_ok = j < p.kv_len;
+  const mfa_long q_stride = mfa_long(N) * H;
+  const bool dbias_keys = p.dbias_mode == MFA_DBIAS_KEYS;
+
+  for (int b = b_begin; b < b_end; ++b) {
+    const int q_valid = mfa_valid_len(q_lengths, p.has_q_lengths, b, p.q_len);
+    const int kv_valid = mfa_valid_len(kv_lengths, p.has_kv_lengths, b, p.kv_len);
+    const MfaSpan rows = mfa_query_span_of_keys(j0, j0 + P, q_valid, kv_valid, p.causal,
+                                                p.window_left, p.window_right);
+    for (int kvh = h_begin; kvh < h_end; ++kvh) {
+      const mfa_long key_index = (mfa_long(b) * p.kv_len + (key_ok ? j : 0)) * K + kvh;
+      device const T* k_row = k + key_index * H;
+      device const T* v_row = v + key_index * H;
+      mfa_mat dK[HB], dV[HB];
+      mfa_mat Kc[kCache ? HB : 1], Vc[kCache ? HB : 1];
+      for (int h = 0; h < HB; ++h) {
+        dK[h] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+        dV[h] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+      }
+      if (kCache && !(rows.begin >= rows.end)) {
+        for (int h = 0; h < HB; ++h) {
+          mfa_load_rows(Kc[kCache ? h : 0], k_row, key_ok, h * 8 + lc, H);
+          mfa_load_rows(Vc[kCache ? h : 0], v_row, key_ok, h * 8 + lc, H);
+        }
+      }
+
+      for (int n = kvh * G; n < (kvh + 1) * G && !(rows.begin >= rows.end); ++n) {
+        for (int i0 = rows.begin; i0 < rows.end; i0 += C) {
+          const int cnt = min(C, rows.end - i0);
+          device const T* q_base = q + (mfa_long(b) * p.q_len + i0) * q_stride + mfa_long(n) * H;
+          device const T* do_base =
+              dout + (mfa_long(b) * p.q_len + i0) * q_stride + mfa_long(n) * H;
+
+          threadgroup_barrier(mem_flags::mem_threadgroup);
+          for (int r = int(tid); r < C; r += NT) {
+            float l2 = 0.0f, dl = 0.0f;
+            bool empty = true;
+            if (r < cnt) {
+              const mfa_long idx = (mfa_long(b) * p.q_len + i0 + r) * N + n;
+              const float x = lse[idx];
+              empty = !(x > kMaskedLogit);
+              l2 = x * kLog2e;
+              dl = delta[idx];
+            }
+            // An empty row is flagged by a lse below the mask threshold.
+            lse_t[r] = empty ? 2.0f * kMaskedLogit : l2;
+            delta_t[r] = dl;
+          }
+
+          // S^T = K Q^T and dP^T = V dO^T: rows are keys, columns queries.
+          mfa_mat ST[CB], dPT[CB];
+          for (int c = 0; c < CB; ++c) {
+            ST[c] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+            dPT[c] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+          }
+          for (int d0 = 0; d0 < HP; d0 += DB) {
+            threadgroup_barrier(mem_flags::mem_threadgroup);
+            mfa_stage<T, C, DB, NT>(tile, q_base, q_stride, cnt, d0, H, tid);
+            threadgroup_barrier(mem_flags::mem_threadgroup);
+            for (int kk = 0; kk < DBB; ++kk) {
+              mfa_mat km;
+              if (kCache) km = Kc[kCache ? d0 / 8 + kk : 0];
+              else mfa_load_rows(km, k_row, key_ok, d0 + kk * 8 + lc, H);
+              for (int c = 0; c < CB; ++c) {
+                mfa_mat qt;
+                simdgroup_load(qt, tile + c * 8 * DB + kk * 8, DB, ulong2(0, 0), true);
+                simdgroup_multiply_accumulate(ST[c], km, qt, ST[c]);
+              }
+            }
+            threadgroup_barrier(mem_flags::mem_threadgroup);
+            mfa_stage<T, C, DB, NT>(tile, do_base, q_stride, cnt, d0, H, tid);
+            threadgroup_barrier(mem_flags::mem_threadgroup);
+            for (int kk = 0; kk < DBB; ++kk) {
+              mfa_mat vm;
+              if (kCache) vm = Vc[kCache ? d0 / 8 + kk : 0];
+              else mfa_load_rows(vm, v_row, key_ok, d0 + kk * 8 + lc, H);
+              for (int c = 0; c < CB; ++c) {
+                mfa_mat ot;
+                simdgroup_load(ot, tile + c * 8 * DB + kk * 8, DB, ulong2(0, 0), true);
+                simdgroup_multiply_accumulate(dPT[c], vm, ot, dPT[c]);
+              }
+            }
+          }
+
+          // P^T and dS^T; ST becomes P^T, dPT becomes dS^T * d(logit)/d(q.k).
+          float ds_row = 0.0f;
+          for (int c = 0; c < CB; ++c) {
+            for (int e = 0; e < 2; ++e) {
+              const int col = c * 8 + lc + e;
+              const int i = i0 + col;
+              const MfaSpan keys = mfa_key_span(i, q_valid, kv_valid, p.causal, p.window_left,
+                                                p.window_right);
+              float t;
+              bool valid;
+              const float x = mfa_logit(p, bias, mask, b, n, i, j, keys,
+                                        ST[c].thread_elements()[e], valid, t);
+              const float l2 = lse_t[col];
+              const bool live = valid && l2 > kMaskedLogit;
+              const float pr = live ? exp2(x - l2) : 0.0f;
+              const float ds = pr * (dPT[c].thread_elements()[e] - delta_t[col]);
+              ST[c].thread_elements()[e] = pr;
+              dPT[c].thread_elements()[e] =
+                  ds * p.scale * (p.has_softcap ? 1.0f - t * t : 1.0f);
+              if (dbias_keys) {
+                if (p.bias_query_broadcast) {
+                  ds_row += ds;
+                } else if (live && key_ok) {
+                  dbias[mfa_bias_offset(p, b, n, i, j)] += ds;
+                }
+              }
+            }
+          }
+          if (dbias_keys && p.bias_query_broadcast) {
+            // Every query of the block maps to the same dbias element: reduce
+            // across the row's lanes first, then one lane per key writes.
+            ds_row = mfa_row_sum(ds_row);
+            if (key_ok && (lane & 9u) == 0u) dbias[mfa_bias_offset(p, b, n, 0, j)] += ds_row;
+          }
+
+          // dV += P^T dO and dK += dS^T Q, restaging dO and Q by head block.
+          for (int d0 = 0; d0 < HP; d0 += DB) {
+            threadgroup_barrier(mem_flags::mem_threadgroup);
+            mfa_stage<T, C, DB, NT>(tile, do_base, q_stride, cnt, d0, H, tid);
+            threadgroup_barrier(mem_flags::mem_threadgroup);
+            for (int o = 0; o < DBB; ++o) {
+              for (int c = 0; c < CB; ++c) {
+                mfa_mat om;
+                simdgroup_load(om, tile + c * 8 * DB + o * 8, DB);
+                simdgroup_multiply_accumulate(dV[d0 / 8 + o], ST[c], om, dV[d0 / 8 + o]);
+              }
+            }
+            threadgroup_barrier(mem_flags::mem_threadgroup);
+            mfa_stage<T, C, DB, NT>(tile, q_base, q_stride, cnt, d0, H, tid);
+            threadgroup_barrier(mem_flags::mem_threadgroup);
+            for (int o = 0; o < DBB; ++o) {
+              for (int c = 0; c < CB; ++c) {
+                mfa_mat qm;
+                simdgroup_load(qm, tile + c * 8 * DB + o * 8, DB);
+                simdgroup_multiply_accumulate(dK[d0 / 8 + o], dPT[c], qm, dK[d0 / 8 + o]);
+              }
+            }
+          }
+        }
+      }
+
+      device T* dk_row = dk + key_index * H;
+      device T* dv_row = dv + key_index * H;
+      for (int h = 0; h < HB; ++h) {
+        mfa_store_rows(dK[h], dk_row, key_ok, h * 8 + lc, H);
+        mfa_store_rows(dV[h], dv_row, key_ok, h * 8 + lc, H);
+      }
+    }
+  }
+}
+
+#endif  // JAX_MFA_METAL_ATTENTION_KERNELS_H

@@ -1,0 +1,119 @@
+// The parameter block of the Metal attention kernels, shared by the host (C++)
+// and the kernels (Metal Shading Language): one definition, one layout.
+//
+// The host builds an AttentionParams from jax_mfa::AttentionProblem
+// (cpp/metal_host/attention_plan.cc) and binds it as `constant
+// AttentionParams&`. Every 64-bit member comes first and every 32-bit member
+// after it, so the layout is the same under both compilers (checked by a
+// static_assert on the host side).
+//
+// The masking rules below mirror AttentionProblem::key_span,
+// key_span_of_rows and query_span_of_keys in cpp/attention/problem.h; the
+// emulated test suite compares the Metal kernels against the CPU kernels, which
+// use problem.h, on every mask feature, so the two cannot drift silently.
+#ifndef JAX_MFA_METAL_ATTENTION_PARAMS_H
+#define JAX_MFA_METAL_ATTENTION_PARAMS_H
+
+#if defined(__METAL_VERSION__)
+typedef long mfa_long;
+typedef int mfa_int;
+#else
+#include <cstdint>
+typedef int64_t mfa_long;
+typedef int32_t mfa_int;
+#endif
+
+// Which pass produces the bias gradient (see docs/metal.md).
+#define MFA_DBIAS_NONE 0
+#define MFA_DBIAS_KEYS 1       // bias varies along keys: the dK/dV kernel owns it
+#define MFA_DBIAS_ROW_SUMS 2   // bias constant along keys: dQ kernel writes row sums
+
+struct AttentionParams {
+  // Element strides of the (B, N, T, S) bias and mask views; 0 where broadcast.
+  mfa_long bias_strides[4];
+  mfa_long mask_strides[4];
+
+  // Shapes: query (B, T, N, H); key/value (B, S, K, H).
+  mfa_int batch, q_len, kv_len, q_heads, kv_heads, head_dim, group_size;
+
+  // Logit rules. scale_log2 = scale * log2(e); softcap_log2 = softcap * log2(e).
+  float scale, scale_log2, softcap, softcap_log2;
+  mfa_int has_softcap, causal, window_left, window_right;  // window: -1 unbounded
+  mfa_int has_q_lengths, has_kv_lengths, has_bias, has_mask;
+
+  // Bias-gradient ownership: MFA_DBIAS_*; bias dims (1 or full) along B and N.
+  mfa_int dbias_mode, bias_batch_dim, bias_head_dim, bias_query_broadcast;
+
+  // Grid decomposition. The forward and dQ kernels own query blocks
+  // (num_row_blocks of block_rows); the dK/dV kernel owns key blocks, with
+  // `merge_batches`/`merge_heads` folding broadcast dims of the bias into one
+  // threadgroup so each dbias element has one writer.
+  mfa_int num_row_blocks, block_rows;
+  mfa_int merge_batches, merge_heads;
+  // A long dispatch is split into chunks; threadgroup g of a chunk works on
+  // linear block index group_offset + g.
+  mfa_int group_offset, total_groups;
+};
+
+// Half-open range of key (or query) positions.
+struct MfaSpan {
+  mfa_int begin, end;
+};
+
+inline mfa_int mfa_min(mfa_int a, mfa_int b) { return a < b ? a : b; }
+inline mfa_int mfa_max(mfa_int a, mfa_int b) { return a > b ? a : b; }
+
+// Keys row i may attend to under lengths, causal and window (mirror of
+// AttentionProblem::key_span).
+inline MfaSpan mfa_key_span(mfa_int i, mfa_int q_valid, mfa_int kv_valid, mfa_int causal,
+                            mfa_int window_left, mfa_int window_right) {
+  MfaSpan s;
+  s.begin = 0;
+  s.end = 0;
+  if (i >= q_valid) return s;
+  mfa_int lo = 0, hi = kv_valid;
+  if (causal) hi = mfa_min(hi, i + 1);
+  if (window_left >= 0) lo = mfa_max(lo, i - window_left);
+  if (window_right >= 0) hi = mfa_min(hi, i + window_right + 1);
+  s.begin = lo;
+  s.end = mfa_max(lo, hi);
+  return s;
+}
+
+// Keys any row of [i0, i1) may attend to (mirror of key_span_of_rows).
+inline MfaSpan mfa_key_span_of_rows(mfa_int i0, mfa_int i1, mfa_int q_valid, mfa_int kv_valid,
+                                    mfa_int causal, mfa_int window_left, mfa_int window_right) {
+  MfaSpan s;
+  s.begin = 0;
+  s.end = 0;
+  i1 = mfa_min(i1, q_valid);
+  if (i0 >= i1) return s;
+  MfaSpan first = mfa_key_span(i0, q_valid, kv_valid, causal, window_left, window_right);
+  MfaSpan last = mfa_key_span(i1 - 1, q_valid, kv_valid, causal, window_left, window_right);
+  // An empty row span {lo, lo} may lie past kv_valid (a left window edge beyond
+  // the last key); no row attends past kv_valid, so clamp the union's end.
+  // (problem.h's key_span_of_rows lacks this clamp; see docs/metal.md.)
+  s.begin = first.begin;
+  s.end = mfa_min(mfa_max(first.begin, last.end), kv_valid);
+  if (s.end < s.begin) s.end = s.begin;
+  return s;
+}
+
+// Query rows that may attend to any key of [j0, j1) (mirror of query_span_of_keys).
+inline MfaSpan mfa_query_span_of_keys(mfa_int j0, mfa_int j1, mfa_int q_valid, mfa_int kv_valid,
+                                      mfa_int causal, mfa_int window_left, mfa_int window_right) {
+  MfaSpan s;
+  s.begin = 0;
+  s.end = 0;
+  j1 = mfa_min(j1, kv_valid);
+  if (j0 >= j1) return s;
+  mfa_int lo = 0, hi = q_valid;
+  if (causal) lo = mfa_max(lo, j0);
+  if (window_right >= 0) lo = mfa_max(lo, j0 - window_right);
+  if (window_left >= 0) hi = mfa_min(hi, j1 + window_left);
+  s.begin = lo;
+  s.end = mfa_max(lo, hi);
+  return s;
+}
+
+#endif  // JAX_MFA_METAL_ATTENTION_PARAMS_H
