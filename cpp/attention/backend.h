@@ -27,7 +27,7 @@ inline const char* dtype_name(DType d) {
 // Absent optional operands are nullptr (see AttentionProblem::bias/mask and
 // has_*_lengths). Layouts: q/out/dq (B,T,N,H); k/v/dk/dv (B,S,K,H);
 // lse/delta (B,T,N); bias/mask/dbias in their broadcast shape.
-struct ForwardBuffers {
+struct OperandBuffers {
   const void* q = nullptr;
   const void* k = nullptr;
   const void* v = nullptr;
@@ -35,18 +35,14 @@ struct ForwardBuffers {
   const bool* mask = nullptr;
   const int32_t* q_lengths = nullptr;
   const int32_t* kv_lengths = nullptr;
+};
+
+struct ForwardBuffers : OperandBuffers {
   void* out = nullptr;
   void* lse = nullptr;  // natural-log logsumexp; -inf for rows with no key
 };
 
-struct BackwardBuffers {
-  const void* q = nullptr;
-  const void* k = nullptr;
-  const void* v = nullptr;
-  const void* bias = nullptr;
-  const bool* mask = nullptr;
-  const int32_t* q_lengths = nullptr;
-  const int32_t* kv_lengths = nullptr;
+struct BackwardBuffers : OperandBuffers {
   const void* lse = nullptr;
   const void* dout = nullptr;
   // delta = rowsum(dout * out) - dlse, computed by the caller: the lse

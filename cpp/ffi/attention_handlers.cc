@@ -143,6 +143,18 @@ const T* if_present(bool present, ffi::AnyBuffer b) {
   return present ? reinterpret_cast<const T*>(b.untyped_data()) : nullptr;
 }
 
+void set_operands(const Options& o, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+                  ffi::AnyBuffer bias, ffi::AnyBuffer mask, ffi::AnyBuffer q_lengths,
+                  ffi::AnyBuffer kv_lengths, OperandBuffers& b) {
+  b.q = q.untyped_data();
+  b.k = k.untyped_data();
+  b.v = v.untyped_data();
+  b.bias = if_present<void>(o.has_bias, bias);
+  b.mask = if_present<bool>(o.has_mask, mask);
+  b.q_lengths = if_present<int32_t>(o.has_q_lengths, q_lengths);
+  b.kv_lengths = if_present<int32_t>(o.has_kv_lengths, kv_lengths);
+}
+
 ffi::Error forward_impl(Backend backend, ffi::ThreadPool pool, const Options& o, ffi::AnyBuffer q,
                         ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::AnyBuffer bias,
                         ffi::AnyBuffer mask, ffi::AnyBuffer q_lengths, ffi::AnyBuffer kv_lengths,
@@ -161,13 +173,7 @@ ffi::Error forward_impl(Backend backend, ffi::ThreadPool pool, const Options& o,
     return e;
 
   ForwardBuffers b;
-  b.q = q.untyped_data();
-  b.k = k.untyped_data();
-  b.v = v.untyped_data();
-  b.bias = if_present<void>(o.has_bias, bias);
-  b.mask = if_present<bool>(o.has_mask, mask);
-  b.q_lengths = if_present<int32_t>(o.has_q_lengths, q_lengths);
-  b.kv_lengths = if_present<int32_t>(o.has_kv_lengths, kv_lengths);
+  set_operands(o, q, k, v, bias, mask, q_lengths, kv_lengths, b);
   b.out = out->untyped_data();
   b.lse = lse->untyped_data();
   XlaThreadPoolRunner runner(pool);
@@ -199,13 +205,7 @@ ffi::Error backward_impl(Backend backend, ffi::ThreadPool pool, const Options& o
     return invalid("dbias must have the bias's shape and dtype");
 
   BackwardBuffers b;
-  b.q = q.untyped_data();
-  b.k = k.untyped_data();
-  b.v = v.untyped_data();
-  b.bias = if_present<void>(o.has_bias, bias);
-  b.mask = if_present<bool>(o.has_mask, mask);
-  b.q_lengths = if_present<int32_t>(o.has_q_lengths, q_lengths);
-  b.kv_lengths = if_present<int32_t>(o.has_kv_lengths, kv_lengths);
+  set_operands(o, q, k, v, bias, mask, q_lengths, kv_lengths, b);
   b.lse = lse.untyped_data();
   b.dout = dout.untyped_data();
   b.delta = delta.untyped_data();
