@@ -1,46 +1,167 @@
-"""Timing helpers shared by `python -m jax_mfa` and benchmarks/."""
+"""Timing helpers shared by ``python -m jax_mfa`` and benchmarks/bench_cpu.py.
+
+Everything is jitted and timed after a warm-up call; figures are medians over
+repeats, so that noise from other processes on the machine is damped. The
+reference for "jax.nn" is ``jax.nn.dot_product_attention`` (XLA).
+"""
 
 from __future__ import annotations
 
+import statistics
 import time
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-import jax_mfa
+REFERENCE = "jax.nn"  # jax.nn.dot_product_attention, as XLA compiles it
 
 
-def median_ms(fn, *args, repeats: int = 5, warmup: int = 1) -> float:
-    for _ in range(warmup):
+def median_times(calls: Sequence[tuple[Callable, tuple]], repeats: int = 5, warmup: int = 1,
+                 min_time: float = 0.05) -> list[float]:
+    """Median wall time in seconds of each ``fn(*args)`` in ``calls`` (outputs
+    blocked on). The calls are interleaved -- every repeat runs each of them
+    once, in rotating order -- so that load from other processes hits them
+    alike and their ratios stay meaningful on a shared machine. Calls shorter
+    than ``min_time`` are repeated within a sample (the per-call time is kept).
+    """
+    inner = []
+    for fn, args in calls:
+        for _ in range(warmup):
+            jax.block_until_ready(fn(*args))
+        t0 = time.perf_counter()
         jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append((time.perf_counter() - start) * 1e3)
-    return float(np.median(times))
+        once = max(time.perf_counter() - t0, 1e-6)
+        inner.append(max(1, int(min_time / once)) if min_time > 0 else 1)
+    samples: list[list[float]] = [[] for _ in calls]
+    for rep in range(repeats):
+        for j in range(len(calls)):
+            idx = (j + rep) % len(calls)
+            fn, args = calls[idx]
+            t0 = time.perf_counter()
+            for _ in range(inner[idx]):
+                out = fn(*args)
+            jax.block_until_ready(out)
+            samples[idx].append((time.perf_counter() - t0) / inner[idx])
+    return [statistics.median(s) for s in samples]
 
 
-def short_table(implementation: str | None = None) -> str:
-    """Markdown table: forward and forward+backward at a few lengths, float32."""
-    impl = implementation or jax_mfa.available_implementations()[0]
-    rows = ["| T=S | B,N,H | causal | XLA fwd | jax_mfa fwd | ratio | XLA fwd+bwd | jax_mfa fwd+bwd | ratio |",
-            "|---|---|---|---|---|---|---|---|---|"]
+def median_time(fn: Callable, *args, repeats: int = 5, warmup: int = 1,
+                min_time: float = 0.0) -> float:
+    """Median wall time in seconds of ``fn(*args)``; see :func:`median_times`."""
+    return median_times([(fn, args)], repeats=repeats, warmup=warmup, min_time=min_time)[0]
+
+
+def median_ms(fn: Callable, *args, repeats: int = 5, warmup: int = 1) -> float:
+    """Median wall time in milliseconds of ``fn(*args)`` (kept for callers of
+    the first version of this module)."""
+    return median_time(fn, *args, repeats=repeats, warmup=warmup) * 1e3
+
+
+def sgemm_call(n: int = 2048) -> tuple[Callable, tuple]:
+    """(function, arguments) of a NumPy float32 n x n x n matmul (2 n^3 flops):
+    the machine's practical GEMM rate on all cores."""
     rng = np.random.default_rng(0)
-    for T, causal in ((1024, False), (2048, False), (2048, True)):
-        B, N, H = 1, 8, 64
-        q, k, v = (jnp.asarray(rng.standard_normal((B, T, N, H)), jnp.float32) for _ in range(3))
-        ours = lambda q, k, v: jax_mfa.attention(q, k, v, is_causal=causal, implementation=impl)  # noqa: E731
-        ref = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal)  # noqa: E731
-        cells = []
-        for f in (ref, ours):
-            fwd = jax.jit(f)
-            cells.append(median_ms(fwd, q, k, v))
-        for f in (ref, ours):
-            grad = jax.jit(jax.grad(lambda q, k, v, f=f: jnp.sum(f(q, k, v)), argnums=(0, 1, 2)))
-            cells.append(median_ms(grad, q, k, v))
-        rows.append(f"| {T} | {B},{N},{H} | {causal} | {cells[0]:.1f} | {cells[1]:.1f} | "
-                    f"{cells[0] / cells[1]:.2f}x | {cells[2]:.1f} | {cells[3]:.1f} | "
-                    f"{cells[2] / cells[3]:.2f}x |")
-    return "\n".join(rows)
+    a = rng.standard_normal((n, n), dtype=np.float32)
+    b = rng.standard_normal((n, n), dtype=np.float32)
+    return np.matmul, (a, b)
+
+
+def sgemm_gflops(n: int = 2048, repeats: int = 5) -> float:
+    """NumPy float32 matmul rate (GFLOP/s) on n x n x n, all cores."""
+    return 2.0 * n**3 / median_times([sgemm_call(n)], repeats=repeats, min_time=0)[0] / 1e9
+
+
+def attention_flops(B, T, S, N, H, *, backward=False) -> float:
+    """Dense-equivalent flops: 4*B*N*T*S*H forward (QK^T and PV), 2.5x that
+    more for the backward (five products)."""
+    fwd = 4.0 * B * N * T * S * H
+    return fwd * (3.5 if backward else 1.0)
+
+
+def make_inputs(B, T, S, N, K, H, dtype=jnp.float32, seed=0):
+    """Random (q, k, v, dout) in the (B, L, heads, H) layout."""
+    ks = jax.random.split(jax.random.PRNGKey(seed), 4)
+    q = jax.random.normal(ks[0], (B, T, N, H), jnp.float32).astype(dtype)
+    k = jax.random.normal(ks[1], (B, S, K, H), jnp.float32).astype(dtype)
+    v = jax.random.normal(ks[2], (B, S, K, H), jnp.float32).astype(dtype)
+    do = jax.random.normal(ks[3], (B, T, N, H), jnp.float32).astype(dtype)
+    return jax.block_until_ready((q, k, v, do))
+
+
+def attention_fn(implementation: str, *, is_causal=False, local_window_size=None):
+    """``f(q, k, v)`` for jax_mfa's implementation (``"cpu"``, ``"xla"``, ...)
+    or ``"jax.nn"`` (jax.nn.dot_product_attention)."""
+    if implementation == REFERENCE:
+        def f(q, k, v):
+            return jax.nn.dot_product_attention(q, k, v, is_causal=is_causal,
+                                                local_window_size=local_window_size)
+    else:
+        import jax_mfa
+
+        def f(q, k, v):
+            return jax_mfa.attention(q, k, v, is_causal=is_causal,
+                                     local_window_size=local_window_size,
+                                     implementation=implementation)
+    return f
+
+
+def forward_and_backward(f):
+    """Jitted ``(q, k, v, dout) -> (dq, dk, dv)``: one forward and one backward."""
+    def loss(q, k, v, do):
+        return jnp.sum(f(q, k, v).astype(jnp.float32) * do.astype(jnp.float32))
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+
+
+def attention_call(implementation: str, q, k, v, do, *, backward=False, is_causal=False,
+                   local_window_size=None) -> tuple[Callable, tuple]:
+    """(jitted function, arguments) of one forward (or forward+backward) call."""
+    f = attention_fn(implementation, is_causal=is_causal, local_window_size=local_window_size)
+    if backward:
+        return forward_and_backward(f), (q, k, v, do)
+    return jax.jit(f), (q, k, v)
+
+
+def time_attention(implementation: str, q, k, v, do, *, backward=False, is_causal=False,
+                   local_window_size=None, repeats=5) -> float:
+    """Median seconds of one jitted forward (or forward+backward) call."""
+    call = attention_call(implementation, q, k, v, do, backward=backward, is_causal=is_causal,
+                          local_window_size=local_window_size)
+    return median_times([call], repeats=repeats)[0]
+
+
+def compare_attention(implementations: Sequence[str], q, k, v, do, *, repeats=5,
+                      **kw) -> list[float]:
+    """Median seconds of each implementation on the same inputs, interleaved."""
+    return median_times([attention_call(i, q, k, v, do, **kw) for i in implementations],
+                        repeats=repeats)
+
+
+def short_table(implementations: Sequence[str] | None = None) -> str:
+    """A short Markdown table: float32, B=1, N=8, H=64, T=S in {1024, 2048},
+    forward and forward+backward, each implementation (default: the fused
+    ones available, not the emulator) against jax.nn.dot_product_attention,
+    interleaved. Takes a few tens of seconds."""
+    if implementations is None:  # the fast fused ones (not the emulator)
+        import jax_mfa
+        implementations = [i for i in jax_mfa.available_implementations()
+                           if i not in ("xla", "metal-emulated")] or ["xla"]
+    elif isinstance(implementations, str):
+        implementations = [implementations]
+    implementations = [i for i in implementations if i != REFERENCE]
+    names = [REFERENCE] + list(implementations)
+    lines = ["| pass | T=S | " + " | ".join(f"{n} (ms)" for n in names) + " | " +
+             " | ".join(f"{n} speed-up" for n in implementations) + " |",
+             "|" + "---|" * (2 + len(names) + len(implementations))]
+    B, N, H = 1, 8, 64
+    for backward in (False, True):
+        for L in (1024, 2048):
+            q, k, v, do = make_inputs(B, L, L, N, N, H)
+            times = dict(zip(names, compare_attention(names, q, k, v, do, backward=backward,
+                                                      repeats=3)))
+            ref = times[REFERENCE]
+            lines.append(f"| {'fwd+bwd' if backward else 'fwd'} | {L} | " +
+                         " | ".join(f"{times[n] * 1e3:.1f}" for n in names) + " | " +
+                         " | ".join(f"{ref / times[n]:.2f}x" for n in implementations) + " |")
+    return "\n".join(lines)

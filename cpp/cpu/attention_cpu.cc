@@ -1,31 +1,58 @@
 // Fused FlashAttention on the CPU.
 //
-// Forward: one task per (batch, query head, query block); keys are streamed in
-// blocks with an online softmax, so the T x S score matrix never exists.
-// Backward (no atomics, as in metal-flash-attention): pass A owns query blocks
-// and computes dQ; pass B owns key blocks and computes dK, dV (summing the
-// query heads of a GQA group) and the bias gradient. Both recompute the
-// probabilities from the saved logsumexp.
+// Tile products go through a single-threaded BLAS GEMM (cpu_blas.h); the
+// softmax row operations are vectorised with run-time CPU dispatch
+// (cpu_simd.h). The query heads of a GQA group are stacked into one tile (row
+// r = position * G + head-in-group), so they share the key/value tiles and
+// decode-like calls still get tall GEMMs.
+//
+// Forward: one task per (batch, kv head, block of query positions) -- and,
+// when that gives too few tasks to fill the cores (decoding), per slice of the
+// key range, the slices being merged afterwards through their logsumexp. Keys
+// are streamed in blocks with an online softmax; the T x S scores never exist.
+//
+// Backward (FlashAttention-2 style): one task per (batch, kv head, key block)
+// owns dK, dV (and the key columns of dbias) for its keys, recomputes P from
+// the saved logsumexp, and accumulates its share of dQ into a per-thread
+// float accumulator; the accumulators are summed at the end of each chunk of
+// heads. No atomics, no races: every output element has one writer.
+//
+// float16/bfloat16 inputs are converted to float once per call (per chunk of
+// heads), float64 runs in float64 throughout.
 #include "cpu/attention_cpu.h"
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstdio>
 #include <cmath>
+#include <condition_variable>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <type_traits>
 #include <vector>
 
+#if defined(__linux__)
+#include <sched.h>
+#endif
+
 #include "common/half_types.h"
+#include "cpu/cpu_blas.h"
+#include "cpu/cpu_simd.h"
 
 namespace jax_mfa {
 namespace {
 
+using cpu::gemm;
+using cpu::RowOps;
+
 // Storage types as they sit in XLA's buffers.
 struct Half { uint16_t bits; };
 struct BFloat { uint16_t bits; };
-
-template <typename Acc> inline Acc to_acc(float x) { return x; }
-template <typename Acc> inline Acc to_acc(double x) { return Acc(x); }
-template <typename Acc> inline Acc to_acc(Half x) { return half_bits_to_float(x.bits); }
-template <typename Acc> inline Acc to_acc(BFloat x) { return bfloat_bits_to_float(x.bits); }
 
 template <typename T> inline T from_acc(float x);
 template <> inline float from_acc<float>(float x) { return x; }
@@ -33,375 +60,671 @@ template <> inline Half from_acc<Half>(float x) { return {float_to_half_bits(x)}
 template <> inline BFloat from_acc<BFloat>(float x) { return {float_to_bfloat_bits(x)}; }
 template <typename T> inline T from_acc(double x) { return T(x); }
 
-constexpr int64_t kBlockQ = 64;  // query rows per tile
-constexpr int64_t kBlockK = 64;  // key columns per tile
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// Reads and writes the (b, position, head, :) rows of a (B, L, heads, H) tensor.
-template <typename T>
-struct HeadRows {
-  T* base;
-  int64_t len, heads, dim;
-  T* row(int64_t b, int64_t pos, int64_t head) const {
-    return base + ((b * len + pos) * heads + head) * dim;
-  }
-};
-
-// rows x H tile in Acc, converted once per tile (not per use).
-template <typename Acc, typename T>
-void load_rows(const HeadRows<const T>& src, int64_t b, int64_t pos0, int64_t rows, int64_t head,
-               Acc* dst) {
-  const int64_t H = src.dim;
-  for (int64_t r = 0; r < rows; ++r) {
-    const T* s = src.row(b, pos0 + r, head);
-    for (int64_t h = 0; h < H; ++h) dst[r * H + h] = to_acc<Acc>(s[h]);
-  }
+// dst[0..n) = src[0..n) in the accumulation type.
+inline void convert(const float* s, float* d, int64_t n, const RowOps&) {
+  std::memcpy(d, s, n * sizeof(float));
 }
-
-// Transposed: dst is H x ld, column r holds row r.
-template <typename Acc, typename T>
-void load_rows_transposed(const HeadRows<const T>& src, int64_t b, int64_t pos0, int64_t rows,
-                          int64_t head, int64_t ld, Acc* dst) {
-  const int64_t H = src.dim;
-  for (int64_t r = 0; r < rows; ++r) {
-    const T* s = src.row(b, pos0 + r, head);
-    for (int64_t h = 0; h < H; ++h) dst[h * ld + r] = to_acc<Acc>(s[h]);
-  }
+inline void convert(const double* s, double* d, int64_t n, const RowOps&) {
+  std::memcpy(d, s, n * sizeof(double));
+}
+inline void convert(const Half* s, float* d, int64_t n, const RowOps& ops) {
+  ops.half_to_float(reinterpret_cast<const uint16_t*>(s), d, n);
+}
+inline void convert(const BFloat* s, float* d, int64_t n, const RowOps& ops) {
+  ops.bfloat_to_float(reinterpret_cast<const uint16_t*>(s), d, n);
 }
 
 template <typename T, typename Acc>
-void store_rows(const HeadRows<T>& dst, int64_t b, int64_t pos0, int64_t rows, int64_t head,
-                const Acc* src) {
-  const int64_t H = dst.dim;
-  for (int64_t r = 0; r < rows; ++r) {
-    T* d = dst.row(b, pos0 + r, head);
-    for (int64_t h = 0; h < H; ++h) d[h] = from_acc<T>(src[r * H + h]);
+inline void store(const Acc* s, T* d, int64_t n, Acc scale) {
+  if constexpr (std::is_same_v<T, Half>) {
+    cpu::row_ops().float_to_half(s, reinterpret_cast<uint16_t*>(d), n, scale);
+  } else if constexpr (std::is_same_v<T, BFloat>) {
+    cpu::row_ops().float_to_bfloat(s, reinterpret_cast<uint16_t*>(d), n, scale);
+  } else {
+    for (int64_t i = 0; i < n; ++i) d[i] = from_acc<T>(s[i] * scale);
   }
 }
 
-// C[rows x cols] (+)= A[rows x H] * Bt[H x cols]; the inner loop is an axpy
-// over contiguous columns so it vectorizes.
+// Softmax row operations: vectorised for float, plain loops for double.
+inline float row_max(const float* x, int64_t n, const RowOps& o) { return o.max(x, n); }
+inline float row_exp_sum(float* x, int64_t n, float sh, const RowOps& o) { return o.exp_sum(x, n, sh); }
+inline void row_exp(float* x, int64_t n, float sh, const RowOps& o) { o.exp(x, n, sh); }
+inline void row_ds(const float* p, float* dp, int64_t n, float d, const RowOps& o) { o.ds(p, dp, n, d); }
+inline void row_scale(float* y, int64_t n, float a, const RowOps& o) { o.scale(y, n, a); }
+inline double row_max(const double* x, int64_t n, const RowOps&) {
+  double m = -std::numeric_limits<double>::infinity();
+  for (int64_t i = 0; i < n; ++i) m = std::max(m, x[i]);
+  return m;
+}
+inline double row_exp_sum(double* x, int64_t n, double sh, const RowOps&) {
+  double s = 0;
+  for (int64_t i = 0; i < n; ++i) s += (x[i] = std::exp(x[i] - sh));
+  return s;
+}
+inline void row_exp(double* x, int64_t n, double sh, const RowOps&) {
+  for (int64_t i = 0; i < n; ++i) x[i] = std::exp(x[i] - sh);
+}
+inline void row_ds(const double* p, double* dp, int64_t n, double d, const RowOps&) {
+  for (int64_t i = 0; i < n; ++i) dp[i] = p[i] * (dp[i] - d);
+}
+inline void row_scale(double* y, int64_t n, double a, const RowOps&) {
+  for (int64_t i = 0; i < n; ++i) y[i] *= a;
+}
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Tile shape: stacked query rows x key columns per tile. Overridable for
+// tuning with JAX_MFA_TILES="fwd_rows,fwd_cols,bwd_rows,bwd_cols".
+struct TileShape {
+  int64_t rows, cols;
+};
+TileShape tile_shape(bool backward, int64_t H, TileShape dflt) {
+  if (const char* env = std::getenv("JAX_MFA_TILES"); env && *env) {
+    long v[4];
+    if (std::sscanf(env, "%ld,%ld,%ld,%ld", &v[0], &v[1], &v[2], &v[3]) == 4)
+      return backward ? TileShape{v[2], v[3]} : TileShape{v[0], v[1]};
+  }
+  return dflt;
+}
+
+// ---------------------------------------------------------------------------
+// Optional timing breakdown (JAX_MFA_PROFILE=1): thread-summed time in the
+// tile GEMMs, per pass, printed to stderr after each call.
+struct Profile {
+  static constexpr int kSites = 8;
+  static bool enabled() {
+    static const bool on = [] {
+      const char* e = std::getenv("JAX_MFA_PROFILE");
+      return e && *e && *e != '0';
+    }();
+    return on;
+  }
+  std::atomic<int64_t> gemm_ns[kSites] = {}, gemm_flops[kSites] = {}, total_ns{0};
+  std::chrono::steady_clock::time_point start = std::chrono::steady_clock::now();
+  void report(const char* what, int64_t threads, const char* const* names) {
+    const double wall =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    int64_t g = 0;
+    for (auto& x : gemm_ns) g += x.load();
+    std::fprintf(stderr, "jax_mfa %s: wall %.1f ms, %lld threads, task time %.1f ms, GEMM %.0f%%:",
+                 what, wall * 1e3, (long long)threads, total_ns.load() * 1e-6,
+                 100.0 * g / std::max<int64_t>(1, total_ns.load()));
+    for (int i = 0; i < kSites && names[i]; ++i)
+      std::fprintf(stderr, " %s %.0f%% %.1f GF/s;", names[i],
+                   100.0 * gemm_ns[i].load() / std::max<int64_t>(1, total_ns.load()),
+                   double(gemm_flops[i].load()) / std::max<int64_t>(1, gemm_ns[i].load()));
+    std::fprintf(stderr, "\n");
+  }
+};
+inline int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+// A GEMM call, timed per call site when profiling.
+template <typename... Rest>
+inline void timed_gemm(Profile* prof, int site, bool ta, bool tb, int64_t M, int64_t N,
+                       int64_t K, Rest... rest) {
+  if (!prof) return gemm(ta, tb, M, N, K, rest...);
+  const int64_t t0 = now_ns();
+  gemm(ta, tb, M, N, K, rest...);
+  prof->gemm_ns[site] += now_ns() - t0;
+  prof->gemm_flops[site] += 2 * M * N * K;
+}
+
+// ---------------------------------------------------------------------------
+// Threads
+
+// CPUs this process may run on (honours taskset / cgroup cpusets on Linux).
+int64_t usable_cpus() {
+#if defined(__linux__)
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
+#endif
+  return std::max(1u, std::thread::hardware_concurrency());
+}
+
+// Helper threads to use besides the caller for n tasks: never more threads than
+// usable CPUs (XLA's pool may be larger, and oversubscription only thrashes
+// the caches), optionally capped by JAX_MFA_NUM_THREADS.
+int64_t helpers_for(TaskRunner& runner, int64_t n) {
+  int64_t threads = usable_cpus();
+  if (const char* env = std::getenv("JAX_MFA_NUM_THREADS"); env && std::atoi(env) > 0)
+    threads = std::min<int64_t>(threads, std::atoi(env));
+  return std::max<int64_t>(0, std::min({runner.num_workers(), threads - 1, n - 1}));
+}
+
+// parallel_for (common/parallel.h) that also tells fn(slot, i) which of the
+// helpers + 1 participating threads runs it, for per-thread accumulators.
+template <typename Fn>
+void parallel_slots(TaskRunner& runner, int64_t n, int64_t helpers, const Fn& fn) {
+  if (n <= 0) return;
+  if (helpers <= 0) {
+    for (int64_t i = 0; i < n; ++i) fn(int64_t(0), i);
+    return;
+  }
+  struct State {
+    std::atomic<int64_t> next{0}, slot{0};
+    int64_t done = 0;
+    std::mutex mu;
+    std::condition_variable cv;
+  };
+  auto state = std::make_shared<State>();
+  const Fn* body = &fn;
+  auto work = [state, body, n] {
+    const int64_t slot = state->slot.fetch_add(1);
+    int64_t finished = 0;
+    for (int64_t i; (i = state->next.fetch_add(1)) < n; ++finished) (*body)(slot, i);
+    if (finished == 0) return;
+    std::lock_guard<std::mutex> lock(state->mu);
+    state->done += finished;
+    if (state->done == n) state->cv.notify_all();
+  };
+  for (int64_t h = 0; h < helpers; ++h) runner.schedule(work);
+  work();
+  std::unique_lock<std::mutex> lock(state->mu);
+  state->cv.wait(lock, [&] { return state->done == n; });
+}
+
+// Per-thread tile scratch, reused across tasks and calls (no allocation in
+// the hot loops once warm).
 template <typename Acc>
-void matmul_abt(const Acc* A, const Acc* Bt, int64_t rows, int64_t H, int64_t cols, int64_t ldb,
-                Acc* C, int64_t ldc, bool accumulate) {
-  for (int64_t r = 0; r < rows; ++r) {
-    Acc* c = C + r * ldc;
-    if (!accumulate) std::fill(c, c + cols, Acc(0));
-    const Acc* a = A + r * H;
-    for (int64_t h = 0; h < H; ++h) {
-      const Acc ah = a[h];
-      const Acc* bt = Bt + h * ldb;
-      for (int64_t j = 0; j < cols; ++j) c[j] += ah * bt[j];
-    }
+Acc* scratch(int id, size_t n) {
+  thread_local std::vector<Acc> buffers[12];
+  std::vector<Acc>& v = buffers[id];
+  if (v.size() < n) v.resize(n);
+  return v.data();
+}
+
+// ---------------------------------------------------------------------------
+// Operand views
+
+// Rows of a (B, L, heads, H) tensor addressed by (batch, kv head, position,
+// head-in-group). Either the XLA buffer itself (float32/float64) or a float
+// copy of a chunk of (batch, kv head) pairs, laid out [pair][pos][g][h].
+template <typename Acc>
+struct Rows {
+  const Acc* base = nullptr;
+  int64_t sb = 0, sk = 0, sp = 0, sg = 0, off0 = 0;
+  const Acc* at(int64_t b, int64_t kvh, int64_t pos, int64_t g = 0) const {
+    return base + (b * sb + kvh * sk + pos * sp + g * sg - off0);
+  }
+};
+
+// View of src (B, L, K*Gs, H) for pairs [p0, p1) (pair = b * K + kvh); Gs is
+// the group size for query-side tensors and 1 for key/value.
+template <typename T, typename Acc>
+Rows<Acc> stage(const T* src, int64_t L, int64_t K, int64_t Gs, int64_t H, int64_t p0,
+                int64_t p1, std::vector<Acc>& storage, TaskRunner& runner, const RowOps& ops) {
+  if constexpr (std::is_same_v<T, Acc>) {
+    return Rows<Acc>{src, L * K * Gs * H, Gs * H, K * Gs * H, H, 0};
+  } else {
+    const int64_t pairs = p1 - p0, run = Gs * H, block = 256;
+    storage.resize(size_t(pairs * L * run));
+    Acc* dst = storage.data();
+    const int64_t blocks = ceil_div(L, block);
+    parallel_slots(runner, pairs * blocks, helpers_for(runner, pairs * blocks),
+                   [&](int64_t, int64_t task) {
+                     const int64_t pl = task / blocks, l0 = (task % blocks) * block;
+                     const int64_t p = p0 + pl, b = p / K, kvh = p % K;
+                     for (int64_t l = l0; l < std::min(L, l0 + block); ++l)
+                       convert(src + ((b * L + l) * K + kvh) * run, dst + (pl * L + l) * run, run,
+                               ops);
+                   });
+    return Rows<Acc>{dst, K * L * run, L * run, run, H, p0 * L * run};
   }
 }
 
-// C[rows x H] += P[rows x cols] * V[cols x H].
+// ---------------------------------------------------------------------------
+// Masking rules for a stacked tile: rows r = t * G + g are query position
+// t0 + t of query head kvh * G + g; columns are keys j0 + c.
 template <typename Acc>
-void matmul_pv(const Acc* P, int64_t ldp, const Acc* V, int64_t rows, int64_t cols, int64_t H,
-               Acc* C) {
-  for (int64_t r = 0; r < rows; ++r) {
-    Acc* c = C + r * H;
-    const Acc* p = P + r * ldp;
-    for (int64_t j = 0; j < cols; ++j) {
-      const Acc pj = p[j];
-      if (pj == Acc(0)) continue;
-      const Acc* v = V + j * H;
-      for (int64_t h = 0; h < H; ++h) c[h] += pj * v[h];
-    }
-  }
-}
-
-// C[cols x H] += P[rows x cols]^T * X[rows x H].
-template <typename Acc>
-void matmul_ptx(const Acc* P, int64_t ldp, const Acc* X, int64_t rows, int64_t cols, int64_t H,
-                Acc* C) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const Acc* p = P + r * ldp;
-    const Acc* x = X + r * H;
-    for (int64_t j = 0; j < cols; ++j) {
-      const Acc pj = p[j];
-      if (pj == Acc(0)) continue;
-      Acc* c = C + j * H;
-      for (int64_t h = 0; h < H; ++h) c[h] += pj * x[h];
-    }
-  }
-}
-
-// Everything a tile needs to turn raw q.k products into masked logits.
-template <typename Acc>
-struct LogitRules {
+struct Rules {
   const AttentionProblem& p;
   const Acc* bias;
   const bool* mask;
-  int64_t q_valid, kv_valid;
+  int64_t q_valid, kv_valid, G;
 
-  // Overwrites S[rows x cols] (raw q.k for rows i0.., keys j0..) with the final
-  // logits; disallowed entries become -inf. tanh_out (optional) keeps the
-  // softcap's tanh for the backward's chain rule.
-  void apply(int64_t b, int64_t n, int64_t i0, int64_t rows, int64_t j0, int64_t cols, Acc* S,
-             int64_t lds, Acc* tanh_out) const {
-    const Acc scale = Acc(p.scale), cap = Acc(p.softcap);
-    const Acc neg_inf = -std::numeric_limits<Acc>::infinity();
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t i = i0 + r;
-      Acc* s = S + r * lds;
+  bool transforms() const { return p.softcap > 0 || bias || mask; }
+
+  // True when every entry of the tile is allowed and the logits need nothing
+  // beyond the scale (applied by the GEMM): the common case, skipped cheaply.
+  bool plain(int64_t t0, int64_t tq, int64_t j0, int64_t cols) const {
+    if (transforms() || t0 + tq > q_valid) return false;
+    return p.key_span(t0 + tq - 1, q_valid, kv_valid).begin <= j0 &&
+           p.key_span(t0, q_valid, kv_valid).end >= j0 + cols;
+  }
+
+  // S holds scale * q.k; turns it into the final logits (-inf where
+  // disallowed). th (softcap only) keeps tanh for the backward's chain rule.
+  void apply(int64_t b, int64_t kvh, int64_t t0, int64_t tq, int64_t j0, int64_t cols, Acc* S,
+             int64_t lds, Acc* th) const {
+    const Acc cap = Acc(p.softcap), neg_inf = -std::numeric_limits<Acc>::infinity();
+    for (int64_t t = 0; t < tq; ++t) {
+      const int64_t i = t0 + t;
       const Span keys = p.key_span(i, q_valid, kv_valid);
-      for (int64_t c = 0; c < cols; ++c) s[c] *= scale;
-      if (cap > 0) {
-        Acc* t = tanh_out + r * lds;
-        for (int64_t c = 0; c < cols; ++c) {
-          t[c] = std::tanh(s[c] / cap);
-          s[c] = cap * t[c];
+      const int64_t lo = std::clamp<int64_t>(keys.begin - j0, 0, cols);
+      const int64_t hi = std::clamp<int64_t>(keys.end - j0, lo, cols);
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t r = t * G + g, n = kvh * G + g;
+        Acc* s = S + r * lds;
+        if (cap > 0) {
+          Acc* tr = th + r * lds;
+          for (int64_t c = 0; c < cols; ++c) {
+            tr[c] = std::tanh(s[c] / cap);
+            s[c] = cap * tr[c];
+          }
         }
-      }
-      if (bias) {
-        const Acc* brow = bias + p.bias.offset(b, n, i, 0);
-        const int64_t bs = p.bias.strides[3];
-        for (int64_t c = 0; c < cols; ++c) s[c] += brow[(j0 + c) * bs];
-      }
-      for (int64_t c = 0; c < cols; ++c) {
-        const int64_t j = j0 + c;
-        if (j < keys.begin || j >= keys.end) s[c] = neg_inf;
-      }
-      if (mask) {
-        const bool* mrow = mask + p.mask.offset(b, n, i, 0);
-        const int64_t ms = p.mask.strides[3];
-        for (int64_t c = 0; c < cols; ++c)
-          if (!mrow[(j0 + c) * ms]) s[c] = neg_inf;
+        if (bias && lo < hi) {
+          const Acc* brow = bias + p.bias.offset(b, n, i, 0);
+          const int64_t bs = p.bias.strides[3];
+          for (int64_t c = lo; c < hi; ++c) s[c] += brow[(j0 + c) * bs];
+        }
+        std::fill(s, s + lo, neg_inf);
+        std::fill(s + hi, s + cols, neg_inf);
+        if (mask && lo < hi) {
+          const bool* mrow = mask + p.mask.offset(b, n, i, 0);
+          const int64_t ms = p.mask.strides[3];
+          for (int64_t c = lo; c < hi; ++c)
+            if (!mrow[(j0 + c) * ms]) s[c] = neg_inf;
+        }
       }
     }
   }
 };
+
+// Keys any row of positions [t0, t0 + tq) may attend to, within [0, kv_valid).
+Span key_span_clamped(const AttentionProblem& p, int64_t t0, int64_t tq, int64_t qv,
+                      int64_t kvv) {
+  Span s = p.key_span_of_rows(t0, t0 + tq, qv, kvv);
+  s.end = std::min(s.end, kvv);  // a trailing empty row can report end > kv_valid
+  if (s.end < s.begin) s.end = s.begin;
+  return s;
+}
+
+// ---------------------------------------------------------------------------
+// Forward
 
 template <typename T, typename Acc>
 void forward_typed(const AttentionProblem& p, const ForwardBuffers& buf, TaskRunner& runner) {
   const int64_t B = p.batch, T_ = p.q_len, S_ = p.kv_len, N = p.q_heads, K = p.kv_heads,
-                H = p.head_dim;
-  const HeadRows<const T> q{static_cast<const T*>(buf.q), T_, N, H};
-  const HeadRows<const T> k{static_cast<const T*>(buf.k), S_, K, H};
-  const HeadRows<const T> v{static_cast<const T*>(buf.v), S_, K, H};
-  const HeadRows<T> out{static_cast<T*>(buf.out), T_, N, H};
+                H = p.head_dim, G = p.group_size();
+  const RowOps& ops = cpu::row_ops();
+  const T* q = static_cast<const T*>(buf.q);
+  T* out = static_cast<T*>(buf.out);
   Acc* lse = static_cast<Acc*>(buf.lse);
-  const int64_t q_blocks = ceil_div(T_, kBlockQ);
   const Acc neg_inf = -std::numeric_limits<Acc>::infinity();
+  const Acc scale = Acc(p.scale);
+  std::unique_ptr<Profile> profile(Profile::enabled() ? new Profile : nullptr);
+  Profile* prof = profile.get();
 
-  parallel_for(runner, B * N * q_blocks, [&](int64_t task) {
-    const int64_t qb = task % q_blocks, n = (task / q_blocks) % N, b = task / (q_blocks * N);
-    const int64_t kvh = p.kv_head_of(n);
-    const int64_t i0 = qb * kBlockQ, rows = std::min(kBlockQ, T_ - i0);
-    const LogitRules<Acc> rules{p, static_cast<const Acc*>(buf.bias), buf.mask,
-                                p.q_valid(buf.q_lengths, b), p.kv_valid(buf.kv_lengths, b)};
-    const Span span = p.key_span_of_rows(i0, i0 + rows, rules.q_valid, rules.kv_valid);
+  // Tiles (stacked query rows x keys): chosen by measurement with OpenBLAS on
+  // Zen 4 (benchmarks/RESULTS.md). Tiles the causal diagonal or a window
+  // edge cuts through are split into row sub-tiles (see `ragged` below).
+  const TileShape tile = tile_shape(false, H, {256, H <= 128 ? 256 : 128});
+  const int64_t Tq = std::max<int64_t>(1, tile.rows / G), rows_max = Tq * G;
+  const int64_t Bk = tile.cols;
+  const int64_t QB = ceil_div(T_, Tq), pairs = B * K;
 
-    std::vector<Acc> Q(rows * H), Kt(H * kBlockK), V(kBlockK * H), S(rows * kBlockK),
-        tanh_buf(p.softcap > 0 ? rows * kBlockK : 0), acc(rows * H, Acc(0));
-    std::vector<Acc> m(rows, neg_inf), l(rows, Acc(0));
-    if (!span.empty()) load_rows(q, b, i0, rows, n, Q.data());
+  // Too few tasks for the cores (decoding): also split the key range.
+  const int64_t threads = helpers_for(runner, std::numeric_limits<int64_t>::max()) + 1;
+  int64_t SP = 1;
+  if (threads > 1 && pairs * QB < 4 * threads)
+    SP = std::clamp<int64_t>(ceil_div(4 * threads, pairs * QB), 1,
+                             std::max<int64_t>(1, S_ / (2 * Bk)));
 
-    for (int64_t j0 = span.begin; j0 < span.end; j0 += kBlockK) {
-      const int64_t cols = std::min(kBlockK, span.end - j0);
-      load_rows_transposed(k, b, j0, cols, kvh, kBlockK, Kt.data());
-      load_rows(v, b, j0, cols, kvh, V.data());
-      matmul_abt(Q.data(), Kt.data(), rows, H, cols, kBlockK, S.data(), kBlockK, false);
-      rules.apply(b, n, i0, rows, j0, cols, S.data(), kBlockK, tanh_buf.data());
-      // Online softmax: rescale what was accumulated when the running max grows.
-      for (int64_t r = 0; r < rows; ++r) {
-        Acc* s = S.data() + r * kBlockK;
-        Acc row_max = m[r];
-        for (int64_t c = 0; c < cols; ++c) row_max = std::max(row_max, s[c]);
-        if (row_max == neg_inf) {  // nothing allowed yet in this row
-          std::fill(s, s + cols, Acc(0));
+  // Chunks of pairs bound the float copies of float16/bfloat16 keys/values.
+  const bool direct = std::is_same_v<T, Acc>;
+  const int64_t per_pair = 2 * S_ * H * int64_t(sizeof(Acc));
+  const int64_t chunk = direct ? pairs : std::clamp<int64_t>((64 << 20) / per_pair, 1, pairs);
+  std::vector<Acc> kbuf, vbuf, part;
+  if (SP > 1) part.resize(size_t(std::min(chunk, pairs) * QB * SP * rows_max * (H + 2)));
+
+  for (int64_t p0 = 0; p0 < pairs; p0 += chunk) {
+    const int64_t p1 = std::min(pairs, p0 + chunk), cp = p1 - p0;
+    const Rows<Acc> kv = stage<T, Acc>(static_cast<const T*>(buf.k), S_, K, 1, H, p0, p1, kbuf,
+                                       runner, ops);
+    const Rows<Acc> vv = stage<T, Acc>(static_cast<const T*>(buf.v), S_, K, 1, H, p0, p1, vbuf,
+                                       runner, ops);
+    const int64_t ntasks = cp * QB * SP;
+    parallel_slots(runner, ntasks, helpers_for(runner, ntasks), [&](int64_t, int64_t task) {
+      const int64_t task_start = prof ? now_ns() : 0;
+      // Last query blocks first: under a causal mask they are the longest.
+      const int64_t sp = task % SP, rest = task / SP;
+      const int64_t pl = rest % cp, qb = QB - 1 - rest / cp;
+      const int64_t pr = p0 + pl, b = pr / K, kvh = pr % K;
+      const int64_t t0 = qb * Tq, tq = std::min(Tq, T_ - t0), rows = tq * G;
+      const Rules<Acc> rules{p, static_cast<const Acc*>(buf.bias), buf.mask,
+                             p.q_valid(buf.q_lengths, b), p.kv_valid(buf.kv_lengths, b), G};
+      Span span = key_span_clamped(p, t0, tq, rules.q_valid, rules.kv_valid);
+      if (SP > 1) {
+        const int64_t per = ceil_div(ceil_div(span.end - span.begin, Bk), SP) * Bk;
+        const int64_t cb = std::min(span.end, span.begin + sp * per);
+        span = {cb, std::min(span.end, cb + per)};
+      }
+      Acc* Qs = scratch<Acc>(0, rows_max * H);
+      Acc* Sb = scratch<Acc>(1, rows_max * Bk);
+      Acc* acc = scratch<Acc>(2, rows_max * H);
+      Acc* m = scratch<Acc>(3, rows_max);
+      Acc* l = scratch<Acc>(4, rows_max);
+      Acc* th = p.softcap > 0 ? scratch<Acc>(5, rows_max * Bk) : nullptr;
+      std::fill(acc, acc + rows * H, Acc(0));
+      std::fill(m, m + rows, neg_inf);
+      std::fill(l, l + rows, Acc(0));
+      if (!span.empty())  // G heads of a position are contiguous: one run of G*H
+        for (int64_t t = 0; t < tq; ++t)
+          convert(q + ((b * T_ + t0 + t) * N + kvh * G) * H, Qs + t * G * H, G * H, ops);
+
+      // One tile: query positions [u0, u0 + uq) (stacked rows from
+      // (u0 - t0) * G), keys [j0, j0 + cols).
+      auto tile = [&](int64_t u0, int64_t uq, int64_t j0, int64_t cols) {
+        const int64_t r0 = (u0 - t0) * G, nr = uq * G;
+        Acc* a = acc + r0 * H;
+        timed_gemm(prof, 0, false, true, nr, cols, H, scale, Qs + r0 * H, H, kv.at(b, kvh, j0),
+                   kv.sp, Acc(0), Sb, Bk);
+        if (!rules.plain(u0, uq, j0, cols)) rules.apply(b, kvh, u0, uq, j0, cols, Sb, Bk, th);
+        for (int64_t r = 0; r < nr; ++r) {  // online softmax
+          Acc* s = Sb + r * Bk;
+          Acc& mr = m[r0 + r];
+          const Acc row_m = std::max(mr, row_max(s, cols, ops));
+          if (row_m == neg_inf) {  // nothing allowed yet in this row
+            std::fill(s, s + cols, Acc(0));
+            continue;
+          }
+          const Acc alpha = std::exp(mr - row_m);  // 0 when m was -inf
+          l[r0 + r] = l[r0 + r] * alpha + row_exp_sum(s, cols, row_m, ops);
+          mr = row_m;
+          if (alpha != Acc(1)) row_scale(a + r * H, H, alpha, ops);
+        }
+        timed_gemm(prof, 1, false, false, nr, H, cols, Acc(1), Sb, Bk, vv.at(b, kvh, j0), vv.sp,
+                   Acc(1), a, H);
+      };
+      const int64_t sub = std::max<int64_t>(1, 64 / G);  // positions per sub-tile
+      for (int64_t j0 = span.begin; j0 < span.end; j0 += Bk) {
+        const int64_t cols = std::min(Bk, span.end - j0);
+        const bool ragged =
+            t0 + tq > rules.q_valid ||
+            p.key_span(t0 + tq - 1, rules.q_valid, rules.kv_valid).begin > j0 ||
+            p.key_span(t0, rules.q_valid, rules.kv_valid).end < j0 + cols;
+        if (!ragged || tq <= sub) {
+          tile(t0, tq, j0, cols);
           continue;
         }
-        const Acc alpha = std::exp(m[r] - row_max);
-        Acc sum = 0;
-        for (int64_t c = 0; c < cols; ++c) {
-          s[c] = std::exp(s[c] - row_max);
-          sum += s[c];
+        // Rows see different parts of this tile (causal diagonal, window
+        // edges): sub-tiles of rows only compute the columns they may see.
+        for (int64_t u0 = t0; u0 < t0 + tq; u0 += sub) {
+          const int64_t uq = std::min(sub, t0 + tq - u0);
+          const Span us = key_span_clamped(p, u0, uq, rules.q_valid, rules.kv_valid);
+          const int64_t lo = std::max(j0, us.begin), hi = std::min(j0 + cols, us.end);
+          if (lo < hi) tile(u0, uq, lo, hi - lo);
         }
-        l[r] = l[r] * alpha + sum;
-        m[r] = row_max;
-        if (alpha != Acc(1))
-          for (int64_t h = 0; h < H; ++h) acc[r * H + h] *= alpha;
       }
-      matmul_pv(S.data(), kBlockK, V.data(), rows, cols, H, acc.data());
-    }
-    for (int64_t r = 0; r < rows; ++r) {
-      const bool empty = l[r] == Acc(0);  // no allowed key: zeros, lse = -inf
-      const Acc inv = empty ? Acc(0) : Acc(1) / l[r];
-      for (int64_t h = 0; h < H; ++h) acc[r * H + h] *= inv;
-      lse[(b * T_ + i0 + r) * N + n] = empty ? neg_inf : m[r] + std::log(l[r]);
-    }
-    store_rows(out, b, i0, rows, n, acc.data());
-  });
-}
 
-// Recomputes one tile of the backward: P from lse, dP = dO V^T,
-// dS = P * (dP - delta) (the gradient of the post-bias logits) and dQK, the
-// gradient of the raw q.k products (chain rule through softcap and scale).
-template <typename Acc>
-struct BackwardTile {
-  int64_t H;
-  std::vector<Acc> P, dS, dQK, tanh_buf;
-  BackwardTile(int64_t rows, int64_t H, bool softcap)
-      : H(H), P(rows * kBlockK), dS(rows * kBlockK), dQK(rows * kBlockK),
-        tanh_buf(softcap ? rows * kBlockK : 0) {}
+      if (SP == 1) {
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t t = r / G, g = r % G;
+          const bool empty = l[r] == Acc(0);  // no allowed key: zeros, lse = -inf
+          store<T, Acc>(acc + r * H, out + ((b * T_ + t0 + t) * N + kvh * G + g) * H, H,
+                        empty ? Acc(0) : Acc(1) / l[r]);
+          lse[(b * T_ + t0 + t) * N + kvh * G + g] = empty ? neg_inf : m[r] + std::log(l[r]);
+        }
+      } else {  // keep the unnormalised partial result for the merge
+        Acc* dst = part.data() + ((pl * QB + qb) * SP + sp) * rows_max * (H + 2);
+        std::copy(acc, acc + rows * H, dst);
+        std::copy(m, m + rows, dst + rows_max * H);
+        std::copy(l, l + rows, dst + rows_max * (H + 1));
+      }
+      if (prof) prof->total_ns += now_ns() - task_start;
+    });
 
-  // Q, dO: rows x H; Kt, Vt: H x kBlockK; all tiles have row stride kBlockK.
-  void compute(const LogitRules<Acc>& rules, int64_t b, int64_t n, int64_t i0, int64_t rows,
-               int64_t j0, int64_t cols, const Acc* Q, const Acc* dO, const Acc* Kt,
-               const Acc* Vt, const Acc* lse, const Acc* delta) {
-    const AttentionProblem& p = rules.p;
-    matmul_abt(Q, Kt, rows, H, cols, kBlockK, P.data(), kBlockK, false);
-    rules.apply(b, n, i0, rows, j0, cols, P.data(), kBlockK, tanh_buf.data());
-    matmul_abt(dO, Vt, rows, H, cols, kBlockK, dQK.data(), kBlockK, false);  // dP for now
-    const Acc scale = Acc(p.scale);
-    for (int64_t r = 0; r < rows; ++r) {
-      Acc* prob = P.data() + r * kBlockK;
-      Acc* ds = dS.data() + r * kBlockK;
-      Acc* dqk = dQK.data() + r * kBlockK;
-      const Acc row_lse = lse[r];
-      for (int64_t c = 0; c < cols; ++c) {
-        // Masked logits (-inf) and empty rows (lse = -inf) get probability 0.
-        prob[c] = prob[c] == -std::numeric_limits<Acc>::infinity() ? Acc(0)
-                                                                   : std::exp(prob[c] - row_lse);
-        ds[c] = prob[c] * (dqk[c] - delta[r]);
-        dqk[c] = ds[c] * scale;
-      }
-      if (p.softcap > 0) {
-        const Acc* t = tanh_buf.data() + r * kBlockK;
-        for (int64_t c = 0; c < cols; ++c) dqk[c] *= Acc(1) - t[c] * t[c];
-      }
+    if (SP > 1) {  // merge the key slices of each query block through their lse
+      parallel_slots(runner, cp * QB, helpers_for(runner, cp * QB), [&](int64_t, int64_t task) {
+        const int64_t pl = task / QB, qb = task % QB;
+        const int64_t pr = p0 + pl, b = pr / K, kvh = pr % K;
+        const int64_t t0 = qb * Tq, tq = std::min(Tq, T_ - t0), rows = tq * G;
+        const Acc* base = part.data() + (pl * QB + qb) * SP * rows_max * (H + 2);
+        Acc* o = scratch<Acc>(6, H);
+        for (int64_t r = 0; r < rows; ++r) {
+          Acc mx = neg_inf;
+          for (int64_t s = 0; s < SP; ++s)
+            mx = std::max(mx, base[s * rows_max * (H + 2) + rows_max * H + r]);
+          Acc sum = 0;
+          std::fill(o, o + H, Acc(0));
+          if (mx != neg_inf)
+            for (int64_t s = 0; s < SP; ++s) {
+              const Acc* ps = base + s * rows_max * (H + 2);
+              const Acc w = std::exp(ps[rows_max * H + r] - mx);
+              if (w == Acc(0)) continue;
+              sum += w * ps[rows_max * (H + 1) + r];
+              for (int64_t h = 0; h < H; ++h) o[h] += w * ps[r * H + h];
+            }
+          const int64_t t = r / G, g = r % G;
+          const bool empty = !(sum > Acc(0));
+          store<T, Acc>(o, out + ((b * T_ + t0 + t) * N + kvh * G + g) * H, H,
+                        empty ? Acc(0) : Acc(1) / sum);
+          lse[(b * T_ + t0 + t) * N + kvh * G + g] = empty ? neg_inf : mx + std::log(sum);
+        }
+      });
     }
   }
-};
+  if (prof) {
+    static const char* const names[] = {"QK^T", "PV", nullptr};
+    prof->report("forward", threads, names);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Backward
 
 template <typename T, typename Acc>
 void backward_typed(const AttentionProblem& p, const BackwardBuffers& buf, TaskRunner& runner) {
   const int64_t B = p.batch, T_ = p.q_len, S_ = p.kv_len, N = p.q_heads, K = p.kv_heads,
                 H = p.head_dim, G = p.group_size();
-  const HeadRows<const T> q{static_cast<const T*>(buf.q), T_, N, H};
-  const HeadRows<const T> k{static_cast<const T*>(buf.k), S_, K, H};
-  const HeadRows<const T> v{static_cast<const T*>(buf.v), S_, K, H};
-  const HeadRows<const T> dout{static_cast<const T*>(buf.dout), T_, N, H};
-  const HeadRows<T> dq{static_cast<T*>(buf.dq), T_, N, H};
-  const HeadRows<T> dk{static_cast<T*>(buf.dk), S_, K, H};
-  const HeadRows<T> dv{static_cast<T*>(buf.dv), S_, K, H};
+  const RowOps& ops = cpu::row_ops();
+  T* dq = static_cast<T*>(buf.dq);
+  T* dk = static_cast<T*>(buf.dk);
+  T* dv = static_cast<T*>(buf.dv);
   const Acc* lse_all = static_cast<const Acc*>(buf.lse);
   const Acc* delta_all = static_cast<const Acc*>(buf.delta);
   const Acc* bias = static_cast<const Acc*>(buf.bias);
   Acc* dbias = static_cast<Acc*>(buf.dbias);
-  const bool softcap = p.softcap > 0;
-  const int64_t q_blocks = ceil_div(T_, kBlockQ), k_blocks = ceil_div(S_, kBlockK);
+  const Acc scale = Acc(p.scale);
+  const Acc inf = std::numeric_limits<Acc>::infinity();
+  std::unique_ptr<Profile> profile(Profile::enabled() ? new Profile : nullptr);
+  Profile* prof = profile.get();
+
+  const TileShape tile = tile_shape(true, H, {256, 256});
+  const int64_t Tq = std::max<int64_t>(1, tile.rows / G), rows_max = Tq * G;
+  const int64_t Bk = tile.cols;
+  const int64_t KB = ceil_div(S_, Bk), pairs = B * K;
 
   // The bias gradient sums dS over the dims the bias is broadcast along. When
-  // the bias varies along keys, pass B owns it (its tasks own key columns);
-  // when it is constant along keys, pass A records per-row sums of dS instead.
-  const bool dbias_in_pass_b = bias && p.bias.dims[3] == p.kv_len;
-  std::vector<Acc> dbias_rows(bias && !dbias_in_pass_b ? B * N * T_ : 0, Acc(0));
+  // the bias varies along keys, the key-block tasks own its columns (tasks
+  // cover every batch / head the bias is broadcast over, so each element has
+  // one writer); when it is constant along keys, per-thread row sums of dS
+  // are reduced at the end.
+  const bool dbias_cols = bias && p.bias.dims[3] == p.kv_len;
+  const bool dbias_rows = bias && !dbias_cols;
+  const bool merge_batches = dbias_cols && p.bias.dims[0] == 1;
+  const bool merge_heads = dbias_cols && p.bias.dims[1] == 1;
+  if (dbias_cols) std::fill(dbias, dbias + p.bias.size(), Acc(0));
+  std::vector<Acc> row_sums(dbias_rows ? B * N * T_ : 0, Acc(0));
 
-  auto gather = [&](int64_t b, int64_t n, int64_t i0, int64_t rows, Acc* lse, Acc* delta) {
-    for (int64_t r = 0; r < rows; ++r) {
-      lse[r] = lse_all[(b * T_ + i0 + r) * N + n];
-      delta[r] = delta_all[(b * T_ + i0 + r) * N + n];
-    }
-  };
+  // Chunks of (batch, kv head) pairs bound the per-thread dQ accumulators
+  // (and the float copies of float16/bfloat16 inputs).
+  const int64_t slots = helpers_for(runner, std::numeric_limits<int64_t>::max()) + 1;
+  const int64_t slot_pair = T_ * G * H + (dbias_rows ? T_ * G : 0);
+  const bool direct = std::is_same_v<T, Acc>;
+  const int64_t per_pair = int64_t(sizeof(Acc)) *
+                           (slots * slot_pair + (direct ? 0 : 2 * (T_ * G * H + S_ * H)));
+  int64_t chunk = std::clamp<int64_t>((128 << 20) / std::max<int64_t>(per_pair, 1), 1, pairs);
+  if (merge_batches || merge_heads) chunk = pairs;
+  // Uninitialised: each thread zeroes its own accumulator on first use.
+  std::unique_ptr<Acc[]> slot_acc(new Acc[size_t(slots * chunk * slot_pair)]);
+  std::vector<Acc> qbuf, dobuf, kbuf, vbuf;
 
-  // Pass A: dQ, one task per (batch, query head, query block).
-  parallel_for(runner, B * N * q_blocks, [&](int64_t task) {
-    const int64_t qb = task % q_blocks, n = (task / q_blocks) % N, b = task / (q_blocks * N);
-    const int64_t kvh = p.kv_head_of(n);
-    const int64_t i0 = qb * kBlockQ, rows = std::min(kBlockQ, T_ - i0);
-    const LogitRules<Acc> rules{p, bias, buf.mask, p.q_valid(buf.q_lengths, b),
-                                p.kv_valid(buf.kv_lengths, b)};
-    const Span span = p.key_span_of_rows(i0, i0 + rows, rules.q_valid, rules.kv_valid);
-    std::vector<Acc> Q(rows * H), dO(rows * H), Kb(kBlockK * H), Kt(H * kBlockK),
-        Vt(H * kBlockK), dQ(rows * H, Acc(0)), lse(rows), delta(rows), row_sums(rows, Acc(0));
-    BackwardTile<Acc> tile(rows, H, softcap);
-    if (!span.empty()) {
-      load_rows(q, b, i0, rows, n, Q.data());
-      load_rows(dout, b, i0, rows, n, dO.data());
-      gather(b, n, i0, rows, lse.data(), delta.data());
-    }
-    for (int64_t j0 = span.begin; j0 < span.end; j0 += kBlockK) {
-      const int64_t cols = std::min(kBlockK, span.end - j0);
-      load_rows(k, b, j0, cols, kvh, Kb.data());
-      load_rows_transposed(k, b, j0, cols, kvh, kBlockK, Kt.data());
-      load_rows_transposed(v, b, j0, cols, kvh, kBlockK, Vt.data());
-      tile.compute(rules, b, n, i0, rows, j0, cols, Q.data(), dO.data(), Kt.data(), Vt.data(),
-                   lse.data(), delta.data());
-      matmul_pv(tile.dQK.data(), kBlockK, Kb.data(), rows, cols, H, dQ.data());
-      if (!dbias_rows.empty())
-        for (int64_t r = 0; r < rows; ++r)
-          for (int64_t c = 0; c < cols; ++c) row_sums[r] += tile.dS[r * kBlockK + c];
-    }
-    store_rows(dq, b, i0, rows, n, dQ.data());
-    if (!dbias_rows.empty())
-      for (int64_t r = 0; r < rows; ++r) dbias_rows[(b * N + n) * T_ + i0 + r] = row_sums[r];
-  });
-
-  // Pass B: dK, dV (and dbias), one task per key block and per (batch, kv
-  // head) -- except that batches or kv heads the bias is broadcast along share
-  // a task, so each dbias element has exactly one writer.
-  const bool merge_batches = dbias_in_pass_b && p.bias.dims[0] == 1;
-  const bool merge_heads = dbias_in_pass_b && p.bias.dims[1] == 1;
-  const int64_t b_tasks = merge_batches ? 1 : B, h_tasks = merge_heads ? 1 : K;
-  if (dbias_in_pass_b) {
-    // Zero this pass's dbias columns up front; tasks only accumulate.
-    std::fill(dbias, dbias + p.bias.size(), Acc(0));
-  }
-  parallel_for(runner, b_tasks * h_tasks * k_blocks, [&](int64_t task) {
-    const int64_t kb = task % k_blocks, ht = (task / k_blocks) % h_tasks,
-                  bt = task / (k_blocks * h_tasks);
-    const int64_t j0 = kb * kBlockK, cols = std::min(kBlockK, S_ - j0);
-    std::vector<Acc> Kt(H * kBlockK), Vt(H * kBlockK), Q(kBlockQ * H), dO(kBlockQ * H),
-        dK(kBlockK * H), dV(kBlockK * H), lse(kBlockQ), delta(kBlockQ);
-    BackwardTile<Acc> tile(kBlockQ, H, softcap);
-    const int64_t b_begin = merge_batches ? 0 : bt, b_end = merge_batches ? B : bt + 1;
-    const int64_t h_begin = merge_heads ? 0 : ht, h_end = merge_heads ? K : ht + 1;
-    for (int64_t b = b_begin; b < b_end; ++b) {
-      const LogitRules<Acc> rules{p, bias, buf.mask, p.q_valid(buf.q_lengths, b),
-                                  p.kv_valid(buf.kv_lengths, b)};
-      const Span rows_span = p.query_span_of_keys(j0, j0 + cols, rules.q_valid, rules.kv_valid);
-      for (int64_t kvh = h_begin; kvh < h_end; ++kvh) {
-        std::fill(dK.begin(), dK.end(), Acc(0));
-        std::fill(dV.begin(), dV.end(), Acc(0));
-        if (!rows_span.empty()) {
-          load_rows_transposed(k, b, j0, cols, kvh, kBlockK, Kt.data());
-          load_rows_transposed(v, b, j0, cols, kvh, kBlockK, Vt.data());
-        }
-        for (int64_t n = kvh * G; n < (kvh + 1) * G && !rows_span.empty(); ++n) {
-          for (int64_t i0 = rows_span.begin; i0 < rows_span.end; i0 += kBlockQ) {
-            const int64_t rows = std::min(kBlockQ, rows_span.end - i0);
-            load_rows(q, b, i0, rows, n, Q.data());
-            load_rows(dout, b, i0, rows, n, dO.data());
-            gather(b, n, i0, rows, lse.data(), delta.data());
-            tile.compute(rules, b, n, i0, rows, j0, cols, Q.data(), dO.data(), Kt.data(),
-                         Vt.data(), lse.data(), delta.data());
-            matmul_ptx(tile.P.data(), kBlockK, dO.data(), rows, cols, H, dV.data());
-            matmul_ptx(tile.dQK.data(), kBlockK, Q.data(), rows, cols, H, dK.data());
-            if (dbias_in_pass_b)
-              for (int64_t r = 0; r < rows; ++r) {
-                Acc* d = dbias + p.bias.offset(merge_batches ? 0 : b, merge_heads ? 0 : n, i0 + r, j0);
-                for (int64_t c = 0; c < cols; ++c) d[c] += tile.dS[r * kBlockK + c];
-              }
-          }
-        }
-        store_rows(dk, b, j0, cols, kvh, dK.data());
-        store_rows(dv, b, j0, cols, kvh, dV.data());
+  for (int64_t p0 = 0; p0 < pairs; p0 += chunk) {
+    const int64_t p1 = std::min(pairs, p0 + chunk), cp = p1 - p0;
+    const Rows<Acc> qv = stage<T, Acc>(static_cast<const T*>(buf.q), T_, K, G, H, p0, p1, qbuf,
+                                       runner, ops);
+    const Rows<Acc> dov = stage<T, Acc>(static_cast<const T*>(buf.dout), T_, K, G, H, p0, p1,
+                                        dobuf, runner, ops);
+    const Rows<Acc> kv = stage<T, Acc>(static_cast<const T*>(buf.k), S_, K, 1, H, p0, p1, kbuf,
+                                       runner, ops);
+    const Rows<Acc> vv = stage<T, Acc>(static_cast<const T*>(buf.v), S_, K, 1, H, p0, p1, vbuf,
+                                       runner, ops);
+    // Groups of pairs one task covers: single pairs, or the pairs sharing a
+    // broadcast dbias slice.
+    std::vector<std::vector<int64_t>> groups;
+    if (merge_batches && merge_heads) {
+      groups.emplace_back();
+      for (int64_t pr = p0; pr < p1; ++pr) groups.back().push_back(pr);
+    } else if (merge_batches) {
+      for (int64_t kvh = 0; kvh < K; ++kvh) {
+        groups.emplace_back();
+        for (int64_t b = 0; b < B; ++b) groups.back().push_back(b * K + kvh);
       }
+    } else if (merge_heads) {
+      for (int64_t b = 0; b < B; ++b) {
+        groups.emplace_back();
+        for (int64_t kvh = 0; kvh < K; ++kvh) groups.back().push_back(b * K + kvh);
+      }
+    } else {
+      for (int64_t pr = p0; pr < p1; ++pr) groups.push_back({pr});
     }
-  });
+    const int64_t ngroups = int64_t(groups.size()), ntasks = ngroups * KB;
+    const int64_t helpers = helpers_for(runner, ntasks);
+    std::vector<char> used(size_t(helpers + 1), 0);
+    const int64_t slot_stride = cp * slot_pair;
 
-  if (!dbias_rows.empty()) {
+    parallel_slots(runner, ntasks, helpers, [&](int64_t slot, int64_t task) {
+      const int64_t task_start = prof ? now_ns() : 0;
+      Acc* my = slot_acc.get() + slot * slot_stride;
+      if (!used[slot]) {  // first task of this thread in this chunk
+        std::fill(my, my + slot_stride, Acc(0));
+        used[slot] = 1;
+      }
+      // First key blocks first: under a causal mask they are the longest.
+      const int64_t kb = task / ngroups;
+      const std::vector<int64_t>& group = groups[task % ngroups];
+      const int64_t j0 = kb * Bk, cols = std::min(Bk, S_ - j0);
+      Acc* Qs = scratch<Acc>(0, rows_max * H);
+      Acc* dOs = scratch<Acc>(1, rows_max * H);
+      Acc* Pb = scratch<Acc>(2, rows_max * Bk);
+      Acc* dPb = scratch<Acc>(3, rows_max * Bk);
+      Acc* th = p.softcap > 0 ? scratch<Acc>(4, rows_max * Bk) : nullptr;
+      Acc* dK = scratch<Acc>(5, Bk * H);
+      Acc* dV = scratch<Acc>(6, Bk * H);
+      Acc* lse = scratch<Acc>(7, rows_max);
+      Acc* delta = scratch<Acc>(8, rows_max);
+      for (const int64_t pr : group) {
+        const int64_t b = pr / K, kvh = pr % K, pl = pr - p0;
+        const Rules<Acc> rules{p, bias, buf.mask, p.q_valid(buf.q_lengths, b),
+                               p.kv_valid(buf.kv_lengths, b), G};
+        const Span rspan = p.query_span_of_keys(j0, j0 + cols, rules.q_valid, rules.kv_valid);
+        std::fill(dK, dK + cols * H, Acc(0));
+        std::fill(dV, dV + cols * H, Acc(0));
+        const Acc* Kp = kv.at(b, kvh, j0);
+        const Acc* Vp = vv.at(b, kvh, j0);
+        Acc* dq_acc = my + pl * slot_pair;
+        Acc* rs_acc = dq_acc + T_ * G * H;
+        for (int64_t t0 = rspan.begin; t0 < rspan.end; t0 += Tq) {
+          const int64_t tq = std::min(Tq, rspan.end - t0), rows = tq * G;
+          // Used in place when the stacked rows are evenly spaced in memory
+          // (one head per group: stride sp; or G heads whose positions are
+          // G*H apart: stride H); packed otherwise.
+          const Acc* Qp = qv.at(b, kvh, t0);
+          const Acc* dOp = dov.at(b, kvh, t0);
+          int64_t ldq = G == 1 ? qv.sp : H, lddo = G == 1 ? dov.sp : H;
+          if (G > 1 && qv.sp != G * H) {
+            for (int64_t t = 0; t < tq; ++t) {
+              std::copy(qv.at(b, kvh, t0 + t), qv.at(b, kvh, t0 + t) + G * H, Qs + t * G * H);
+              std::copy(dov.at(b, kvh, t0 + t), dov.at(b, kvh, t0 + t) + G * H, dOs + t * G * H);
+            }
+            Qp = Qs;
+            dOp = dOs;
+            ldq = lddo = H;
+          }
+          for (int64_t t = 0; t < tq; ++t)
+            for (int64_t g = 0; g < G; ++g) {
+              const int64_t idx = (b * T_ + t0 + t) * N + kvh * G + g;
+              // Rows without any key (lse = -inf) get P = 0 everywhere.
+              lse[t * G + g] = lse_all[idx] == -inf ? inf : lse_all[idx];
+              delta[t * G + g] = delta_all[idx];
+            }
+          timed_gemm(prof, 0, false, true, rows, cols, H, scale, Qp, ldq, Kp, kv.sp, Acc(0), Pb, Bk);
+          if (!rules.plain(t0, tq, j0, cols)) rules.apply(b, kvh, t0, tq, j0, cols, Pb, Bk, th);
+          for (int64_t r = 0; r < rows; ++r) row_exp(Pb + r * Bk, cols, lse[r], ops);
+          timed_gemm(prof, 1, false, true, rows, cols, H, Acc(1), dOp, lddo, Vp, vv.sp, Acc(0), dPb, Bk);
+          for (int64_t r = 0; r < rows; ++r) row_ds(Pb + r * Bk, dPb + r * Bk, cols, delta[r], ops);
+          // dPb now holds dS, the gradient of the post-bias logits.
+          if (dbias_cols)
+            for (int64_t r = 0; r < rows; ++r) {
+              const int64_t i = t0 + r / G, n = kvh * G + r % G;
+              Acc* d = dbias + p.bias.offset(merge_batches ? 0 : b, merge_heads ? 0 : n, i, j0);
+              const Acc* ds = dPb + r * Bk;
+              for (int64_t c = 0; c < cols; ++c) d[c] += ds[c];
+            }
+          if (dbias_rows)
+            for (int64_t r = 0; r < rows; ++r) {
+              Acc sum = 0;
+              for (int64_t c = 0; c < cols; ++c) sum += dPb[r * Bk + c];
+              rs_acc[t0 * G + r] += sum;
+            }
+          if (th)  // through the softcap: d tanh = 1 - tanh^2
+            for (int64_t r = 0; r < rows; ++r)
+              for (int64_t c = 0; c < cols; ++c) {
+                const Acc tt = th[r * Bk + c];
+                dPb[r * Bk + c] *= Acc(1) - tt * tt;
+              }
+          timed_gemm(prof, 2, true, false, cols, H, rows, Acc(1), Pb, Bk, dOp, lddo, Acc(1), dV, H);
+          timed_gemm(prof, 3, true, false, cols, H, rows, scale, dPb, Bk, Qp, ldq, Acc(1), dK, H);
+          timed_gemm(prof, 4, false, false, rows, H, cols, scale, dPb, Bk, Kp, kv.sp, Acc(1),
+               dq_acc + t0 * G * H, H);
+        }
+        for (int64_t c = 0; c < cols; ++c) {
+          store<T, Acc>(dK + c * H, dk + ((b * S_ + j0 + c) * K + kvh) * H, H, Acc(1));
+          store<T, Acc>(dV + c * H, dv + ((b * S_ + j0 + c) * K + kvh) * H, H, Acc(1));
+        }
+      }
+      if (prof) prof->total_ns += now_ns() - task_start;
+    });
+
+    // Sum the threads' dQ (and dbias row) accumulators into the outputs.
+    std::vector<const Acc*> parts;
+    for (int64_t s = 0; s <= helpers; ++s)
+      if (used[s]) parts.push_back(slot_acc.get() + s * slot_stride);
+    const int64_t tb = 64, blocks = ceil_div(T_, tb);
+    parallel_slots(runner, cp * blocks, helpers_for(runner, cp * blocks), [&](int64_t, int64_t task) {
+      const int64_t pl = task / blocks, pr = p0 + pl, b = pr / K, kvh = pr % K;
+      Acc* sum = scratch<Acc>(9, G * H);
+      for (int64_t t = (task % blocks) * tb; t < std::min(T_, (task % blocks + 1) * tb); ++t) {
+        std::fill(sum, sum + G * H, Acc(0));
+        for (const Acc* part : parts) {
+          const Acc* src = part + pl * slot_pair + t * G * H;
+          for (int64_t e = 0; e < G * H; ++e) sum[e] += src[e];
+        }
+        store<T, Acc>(sum, dq + ((b * T_ + t) * N + kvh * G) * H, G * H, Acc(1));
+        if (dbias_rows)
+          for (int64_t g = 0; g < G; ++g) {
+            Acc rs = 0;
+            for (const Acc* part : parts) rs += part[pl * slot_pair + T_ * G * H + t * G + g];
+            row_sums[(b * N + kvh * G + g) * T_ + t] = rs;
+          }
+      }
+    });
+  }
+
+  if (dbias_rows) {
     // Bias constant along keys: reduce the per-row sums over broadcast dims.
     std::fill(dbias, dbias + p.bias.size(), Acc(0));
     for (int64_t b = 0; b < B; ++b)
       for (int64_t n = 0; n < N; ++n)
         for (int64_t i = 0; i < T_; ++i)
-          dbias[p.bias.offset(b, n, i, 0)] += dbias_rows[(b * N + n) * T_ + i];
+          dbias[p.bias.offset(b, n, i, 0)] += row_sums[(b * N + n) * T_ + i];
+  }
+  if (prof) {
+    static const char* const names[] = {"QK^T", "dO V^T", "P^T dO", "dS^T Q", "dS K", nullptr};
+    prof->report("backward", slots, names);
   }
 }
 

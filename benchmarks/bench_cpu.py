@@ -1,0 +1,294 @@
+"""CPU benchmark: jax_mfa's fused kernels against jax.nn.dot_product_attention.
+
+Reproduces every figure of the CPU performance targets in one process (ratios
+are only meaningful within one run: the machine is shared), prints a Markdown
+table and writes a plot of time against sequence length.
+
+    python benchmarks/bench_cpu.py [--quick] [--out DIR] [--repeats N]
+
+Timing helpers live in jax_mfa/_benchmark.py (shared with ``python -m jax_mfa``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import sys
+import textwrap
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from jax_mfa import _benchmark as bm  # noqa: E402
+
+REF = bm.REFERENCE
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return (f"{cpu}, {len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()} "
+            f"usable cores, Python {platform.python_version()}, jax {jax.__version__}")
+
+
+class Bench:
+    def __init__(self, quick: bool, repeats: int):
+        self.quick = quick
+        self.repeats = repeats
+        self.rows: list[tuple[str, str, str]] = []  # (section, config, result)
+        self.curve: dict[tuple[str, bool], list[tuple[int, float]]] = {}
+        self.verdicts: list[tuple[str, str, bool]] = []
+
+    def times(self, calls):
+        """Interleaved medians of several (fn, args) calls."""
+        return bm.median_times(calls, repeats=self.repeats)
+
+    def check(self, name: str, figure: str, ok: bool):
+        self.verdicts.append((name, figure, ok))
+
+
+def call(impl, inputs, **kw):
+    return bm.attention_call(impl, *inputs, **kw)
+
+
+def main_rows(b: Bench, L: int):
+    """Forward and forward+backward, float32, B=1, N=8, H=64, T=S=L, against
+    jax.nn (interleaved) and the SGEMM rate (numpy 2048^3, measured just before
+    and just after: not interleaved, as numpy's OpenBLAS threads keep spinning
+    for a while after each call and would slow down whatever runs next)."""
+    B, N, H = 1, 8, 64
+    x = bm.make_inputs(B, L, L, N, N, H)
+    for backward in (False, True):
+        before = bm.sgemm_gflops(2048)
+        tc, tx = b.times([call("cpu", x, backward=backward), call(REF, x, backward=backward)])
+        gf = (before + bm.sgemm_gflops(2048)) / 2
+        rate = bm.attention_flops(B, L, L, N, H, backward=backward) / tc / 1e9
+        name = "fwd+bwd" if backward else "fwd"
+        b.rows.append(("main", f"{name} T=S={L}",
+                       f"cpu {tc * 1e3:.1f} ms, {REF} {tx * 1e3:.1f} ms: **{tx / tc:.2f}x**; "
+                       f"{rate:.0f} GFLOP/s = {100 * rate / gf:.0f}% of SGEMM ({gf:.0f} GFLOP/s)"))
+        b.curve.setdefault(("cpu", backward), []).append((L, tc))
+        b.curve.setdefault((REF, backward), []).append((L, tx))
+        if backward:
+            b.check(f"fwd+bwd T=S={L} >= 2.5x XLA", f"{tx / tc:.2f}x", tx / tc >= 2.5)
+        else:
+            b.check(f"fwd T=S={L} >= 3x XLA", f"{tx / tc:.2f}x", tx / tc >= 3)
+            b.check(f"fwd T=S={L} >= 55% SGEMM", f"{100 * rate / gf:.0f}%", rate / gf >= 0.55)
+
+
+def curve_rows(b: Bench, L: int):
+    """Extra points of the time-vs-length plot."""
+    x = bm.make_inputs(1, L, L, 8, 8, 64)
+    for backward in (False, True):
+        tc, tx = b.times([call("cpu", x, backward=backward), call(REF, x, backward=backward)])
+        b.curve.setdefault(("cpu", backward), []).append((L, tc))
+        b.curve.setdefault((REF, backward), []).append((L, tx))
+        b.rows.append(("curve", f"{'fwd+bwd' if backward else 'fwd'} T=S={L}",
+                       f"cpu {tc * 1e3:.1f} ms, {REF} {tx * 1e3:.1f} ms: **{tx / tc:.2f}x**"))
+
+
+def mask_rows(b: Bench, L: int):
+    """Causal and local window against our own non-causal time."""
+    x = bm.make_inputs(1, L, L, 8, 8, 64)
+    full, causal, win = b.times([call("cpu", x), call("cpu", x, is_causal=True),
+                                 call("cpu", x, local_window_size=(256, 0))])
+    b.rows.append(("masks", f"fwd T=S={L}",
+                   f"full {full * 1e3:.1f} ms; causal {causal * 1e3:.1f} ms "
+                   f"(**{causal / full:.2f}x**); window (256, 0) {win * 1e3:.1f} ms "
+                   f"({win / full:.3f}x)"))
+    b.check(f"causal <= 0.55x non-causal (T=S={L})", f"{causal / full:.2f}x", causal / full <= 0.55)
+
+
+def window_scaling_rows(b: Bench, lengths):
+    inputs = [bm.make_inputs(1, L, L, 8, 8, 64) for L in lengths]
+    times = b.times([call("cpu", x, local_window_size=(256, 0)) for x in inputs])
+    per_row = [t / L * 1e6 for t, L in zip(times, lengths)]
+    b.rows.append(("masks", "window (256, 0) vs length",
+                   ", ".join(f"T=S={L}: {t * 1e3:.1f} ms ({pr:.2f} us/query row)"
+                             for L, t, pr in zip(lengths, times, per_row))))
+    growth = per_row[-1] / per_row[0]
+    b.check("window 256: time per query row flat in S",
+            f"{growth:.2f}x per row from S={lengths[0]} to {lengths[-1]}", growth < 1.3)
+
+
+def head_dim_rows(b: Bench, L: int):
+    ratios = {}
+    for H in (64, 128, 256):
+        x = bm.make_inputs(1, L, L, 8, 8, H)
+        res = []
+        for backward in (False, True):
+            tc, tx = b.times([call("cpu", x, backward=backward), call(REF, x, backward=backward)])
+            ratios[(H, backward)] = tx / tc
+            res.append(f"{'fwd+bwd' if backward else 'fwd'} cpu {tc * 1e3:.1f} ms, {REF} "
+                       f"{tx * 1e3:.1f} ms: **{tx / tc:.2f}x**")
+        b.rows.append(("head dim", f"H={H}, T=S={L}", "; ".join(res)))
+    for H in (128, 256):
+        for backward in (False, True):
+            r, r64 = ratios[(H, backward)], ratios[(64, backward)]
+            b.check(f"H={H} {'fwd+bwd' if backward else 'fwd'} ahead of XLA as much as H=64",
+                    f"{r:.2f}x vs {r64:.2f}x", r >= 0.95 * r64)
+
+
+def dtype_rows(b: Bench, L: int):
+    dts = (jnp.float32, jnp.float16, jnp.bfloat16)
+    inputs = [bm.make_inputs(1, L, L, 8, 8, 64, dtype=dt) for dt in dts]
+    for backward in (False, True):
+        name = "fwd+bwd" if backward else "fwd"
+        times = b.times([call("cpu", x, backward=backward) for x in inputs])
+        for dt, t in zip(dts[1:], times[1:]):
+            b.check(f"{jnp.dtype(dt).name} {name} no slower than float32",
+                    f"{t / times[0]:.2f}x float32's time", t / times[0] <= 1.05)
+        b.rows.append(("dtype", f"{name}, T=S={L}",
+                       ", ".join(f"{jnp.dtype(dt).name} {t * 1e3:.1f} ms "
+                                 f"(**{t / times[0]:.2f}x** float32's)"
+                                 for dt, t in zip(dts, times))
+                       + f" ({REF} rejects float16 on the CPU)"))
+
+
+def decode_rows(b: Bench):
+    for T in (1, 8):
+        for S in (4096, 32768):
+            x = bm.make_inputs(1, T, S, 8, 1, 64)
+            tc, tx = b.times([call("cpu", x), call(REF, x)])
+            b.rows.append(("decode", f"T={T}, S={S}, N=8, K=1, H=64",
+                           f"cpu {tc * 1e3:.3f} ms, {REF} {tx * 1e3:.3f} ms: **{tx / tc:.2f}x**"))
+            b.check(f"decode T={T} S={S} at least as fast as XLA", f"{tx / tc:.2f}x",
+                    tx / tc >= 1.0)
+
+
+def scaling_rows(b: Bench, L: int):
+    """One thread (JAX_MFA_NUM_THREADS=1: the kernels then run on the calling
+    thread only) against all usable cores, interleaved in the same process."""
+    x = bm.make_inputs(1, L, L, 8, 8, 64)
+    fn, args = call("cpu", x)
+
+    def one_thread(*a):
+        os.environ["JAX_MFA_NUM_THREADS"] = "1"
+        try:
+            return jax.block_until_ready(fn(*a))
+        finally:
+            del os.environ["JAX_MFA_NUM_THREADS"]
+
+    one, both = b.times([(one_thread, args), (fn, args)])
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    b.rows.append(("scaling", f"fwd T=S={L}",
+                   f"1 thread {one * 1e3:.1f} ms, {cores} threads {both * 1e3:.1f} ms: "
+                   f"**{one / both:.2f}x**"))
+    b.check(f"{cores} threads >= 1.8x one thread (fwd T=S={L})", f"{one / both:.2f}x",
+            one / both >= 1.8)
+
+
+MEMORY_PROBE = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, {root!r})
+    import jax, jax.numpy as jnp
+    from jax_mfa import _benchmark as bm
+    def status(key):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key):
+                    return int(line.split()[1]) * 1024
+    L = {L}
+    q, k, v, do = bm.make_inputs(1, L, L, 8, 8, 64)
+    f = bm.forward_and_backward(bm.attention_fn("cpu")).lower(q, k, v, do).compile()
+    before = status("VmRSS:")
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")  # resets the peak RSS (VmHWM)
+    grads = jax.block_until_ready(f(q, k, v, do))
+    peak = status("VmHWM:")
+    grad_bytes = sum(g.size * g.dtype.itemsize for g in grads)
+    print(peak - before - grad_bytes, before)
+""")
+
+
+def memory_rows(b: Bench, L: int):
+    out = subprocess.run([sys.executable, "-c", MEMORY_PROBE.format(root=ROOT, L=L)],
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        b.rows.append(("memory", f"fwd+bwd T=S={L}", "probe failed: " + out.stderr[-300:]))
+        return
+    extra, before = (int(x) for x in out.stdout.split())
+    b.rows.append(("memory", f"fwd+bwd T=S={L}, B=1, N=8, H=64, float32",
+                   f"peak RSS beyond inputs and gradients: **{extra / 2**20:.0f} MiB** "
+                   f"(process RSS before the call {before / 2**20:.0f} MiB)"))
+    b.check(f"fwd+bwd T=S={L} peak < 1 GiB beyond inputs/grads", f"{extra / 2**20:.0f} MiB",
+            extra < 2**30)
+
+
+def plot(b: Bench, path: str):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, backward in zip(axes, (False, True)):
+        for impl, style in (("cpu", "o-"), (REF, "s--")):
+            pts = sorted(dict(b.curve.get((impl, backward), [])).items())
+            if pts:
+                ax.loglog([p[0] for p in pts], [p[1] * 1e3 for p in pts], style,
+                          label="jax_mfa cpu" if impl == "cpu" else f"{REF} (XLA)", base=2)
+        ax.set_title(("forward+backward" if backward else "forward") +
+                     ", float32, B=1, N=8, H=64")
+        ax.set_xlabel("T = S")
+        ax.set_ylabel("time (ms)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="small sweep (about a minute)")
+    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"),
+                    help="directory for the plot and table")
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    b = Bench(args.quick, 3 if args.quick else args.repeats)
+
+    if args.quick:
+        steps = [(main_rows, 1024), (curve_rows, 512), (mask_rows, 1024),
+                 (window_scaling_rows, (1024, 2048)), (head_dim_rows, 512), (dtype_rows, 512),
+                 (decode_rows,), (scaling_rows, 1024), (memory_rows, 4096)]
+    else:
+        steps = [(main_rows, 2048), (main_rows, 4096), (curve_rows, 512), (curve_rows, 1024),
+                 (mask_rows, 4096), (window_scaling_rows, (2048, 4096, 8192)),
+                 (head_dim_rows, 2048), (dtype_rows, 2048), (decode_rows,),
+                 (scaling_rows, 4096), (memory_rows, 16384)]
+    started = time.time()
+    for fn, *a in tqdm(steps, desc="bench", unit="step"):
+        fn(b, *a)
+
+    lines = [f"Machine: {machine()}", "",
+             f"Command: `python benchmarks/bench_cpu.py{' --quick' if args.quick else ''}` "
+             f"({time.time() - started:.0f} s); medians of {b.repeats} after warm-up; "
+             f"reference `{REF}` = jax.nn.dot_product_attention (XLA), float32 unless noted.",
+             "", "| section | configuration | result |", "|---|---|---|"]
+    lines += [f"| {s} | {c} | {r} |" for s, c, r in b.rows]
+    lines += ["", "| target | measured | met |", "|---|---|---|"]
+    lines += [f"| {n} | {f} | {'yes' if ok else '**no**'} |" for n, f, ok in b.verdicts]
+    table = "\n".join(lines)
+    png = os.path.join(args.out, "bench_cpu_quick.png" if args.quick else "bench_cpu.png")
+    plot(b, png)
+    table += f"\n\nPlot: `{os.path.relpath(png, ROOT)}`\n"
+    with open(os.path.join(args.out, "bench_cpu.md"), "w") as f:
+        f.write(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
