@@ -30,20 +30,22 @@ class InlineRunner final : public TaskRunner {
   void schedule(std::function<void()> task) override { task(); }
 };
 
-// Calls fn(i) for every i in [0, n), spread over the runner's workers and the
-// caller, and returns when all calls have finished. `fn` must not throw.
+// Calls fn(slot, i) for every i in [0, n), spread over `helpers` workers of
+// the runner plus the caller, and returns when all calls have finished. `slot`
+// in [0, helpers] names the participating thread (for per-thread
+// accumulators). `fn` must not throw.
 template <typename Fn>
-void parallel_for(TaskRunner& runner, int64_t n, const Fn& fn) {
+void parallel_for_slots(TaskRunner& runner, int64_t n, int64_t helpers, const Fn& fn) {
   if (n <= 0) return;
-  const int64_t helpers = std::min<int64_t>(runner.num_workers(), n - 1);
+  helpers = std::min<int64_t>({helpers, runner.num_workers(), n - 1});
   if (helpers <= 0) {
-    for (int64_t i = 0; i < n; ++i) fn(i);
+    for (int64_t i = 0; i < n; ++i) fn(int64_t(0), i);
     return;
   }
   // Shared state outlives this frame: a helper that starts after the loop has
   // finished finds no index left and never touches `fn`.
   struct State {
-    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> next{0}, slot{0};
     int64_t done = 0;
     std::mutex mu;
     std::condition_variable cv;
@@ -51,8 +53,9 @@ void parallel_for(TaskRunner& runner, int64_t n, const Fn& fn) {
   auto state = std::make_shared<State>();
   const Fn* body = &fn;
   auto work = [state, body, n] {
+    const int64_t slot = state->slot.fetch_add(1);
     int64_t finished = 0;
-    for (int64_t i; (i = state->next.fetch_add(1)) < n; ++finished) (*body)(i);
+    for (int64_t i; (i = state->next.fetch_add(1)) < n; ++finished) (*body)(slot, i);
     if (finished == 0) return;
     std::lock_guard<std::mutex> lock(state->mu);
     state->done += finished;
@@ -62,6 +65,13 @@ void parallel_for(TaskRunner& runner, int64_t n, const Fn& fn) {
   work();
   std::unique_lock<std::mutex> lock(state->mu);
   state->cv.wait(lock, [&] { return state->done == n; });
+}
+
+// Calls fn(i) for every i in [0, n) on all the runner's workers and the caller.
+template <typename Fn>
+void parallel_for(TaskRunner& runner, int64_t n, const Fn& fn) {
+  parallel_for_slots(runner, n, runner.num_workers(),
+                     [&fn](int64_t, int64_t i) { fn(i); });
 }
 
 }  // namespace jax_mfa

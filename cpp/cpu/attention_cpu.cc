@@ -26,12 +26,10 @@
 #include <chrono>
 #include <cstdio>
 #include <cmath>
-#include <condition_variable>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <memory>
-#include <mutex>
 #include <thread>
 #include <type_traits>
 #include <vector>
@@ -193,38 +191,6 @@ int64_t helpers_for(TaskRunner& runner, int64_t n) {
   return std::max<int64_t>(0, std::min({runner.num_workers(), threads - 1, n - 1}));
 }
 
-// parallel_for (common/parallel.h) that also tells fn(slot, i) which of the
-// helpers + 1 participating threads runs it, for per-thread accumulators.
-template <typename Fn>
-void parallel_slots(TaskRunner& runner, int64_t n, int64_t helpers, const Fn& fn) {
-  if (n <= 0) return;
-  if (helpers <= 0) {
-    for (int64_t i = 0; i < n; ++i) fn(int64_t(0), i);
-    return;
-  }
-  struct State {
-    std::atomic<int64_t> next{0}, slot{0};
-    int64_t done = 0;
-    std::mutex mu;
-    std::condition_variable cv;
-  };
-  auto state = std::make_shared<State>();
-  const Fn* body = &fn;
-  auto work = [state, body, n] {
-    const int64_t slot = state->slot.fetch_add(1);
-    int64_t finished = 0;
-    for (int64_t i; (i = state->next.fetch_add(1)) < n; ++finished) (*body)(slot, i);
-    if (finished == 0) return;
-    std::lock_guard<std::mutex> lock(state->mu);
-    state->done += finished;
-    if (state->done == n) state->cv.notify_all();
-  };
-  for (int64_t h = 0; h < helpers; ++h) runner.schedule(work);
-  work();
-  std::unique_lock<std::mutex> lock(state->mu);
-  state->cv.wait(lock, [&] { return state->done == n; });
-}
-
 // Per-thread tile scratch, reused across tasks and calls (no allocation in
 // the hot loops once warm).
 template <typename Acc>
@@ -262,7 +228,7 @@ Rows<Acc> stage(const T* src, int64_t L, int64_t K, int64_t Gs, int64_t H, int64
     storage.resize(size_t(pairs * L * run));
     Acc* dst = storage.data();
     const int64_t blocks = ceil_div(L, block);
-    parallel_slots(runner, pairs * blocks, helpers_for(runner, pairs * blocks),
+    parallel_for_slots(runner, pairs * blocks, helpers_for(runner, pairs * blocks),
                    [&](int64_t, int64_t task) {
                      const int64_t pl = task / blocks, l0 = (task % blocks) * block;
                      const int64_t p = p0 + pl, b = p / K, kvh = p % K;
@@ -386,7 +352,7 @@ void forward_typed(const AttentionProblem& p, const ForwardBuffers& buf, TaskRun
     const Rows<Acc> vv = stage<T, Acc>(static_cast<const T*>(buf.v), S_, K, 1, H, p0, p1, vbuf,
                                        runner, ops);
     const int64_t ntasks = cp * QB * SP;
-    parallel_slots(runner, ntasks, helpers_for(runner, ntasks), [&](int64_t, int64_t task) {
+    parallel_for_slots(runner, ntasks, helpers_for(runner, ntasks), [&](int64_t, int64_t task) {
       const int64_t task_start = prof ? now_ns() : 0;
       // Last query blocks first: under a causal mask they are the longest.
       const int64_t sp = task % SP, rest = task / SP;
@@ -477,7 +443,7 @@ void forward_typed(const AttentionProblem& p, const ForwardBuffers& buf, TaskRun
     });
 
     if (SP > 1) {  // merge the key slices of each query block through their lse
-      parallel_slots(runner, cp * QB, helpers_for(runner, cp * QB), [&](int64_t, int64_t task) {
+      parallel_for_slots(runner, cp * QB, helpers_for(runner, cp * QB), [&](int64_t, int64_t task) {
         const int64_t pl = task / QB, qb = task % QB;
         const int64_t pr = p0 + pl, b = pr / K, kvh = pr % K;
         const int64_t t0 = qb * Tq, tq = std::min(Tq, T_ - t0), rows = tq * G;
@@ -596,7 +562,7 @@ void backward_typed(const AttentionProblem& p, const BackwardBuffers& buf, TaskR
     std::vector<char> used(size_t(helpers + 1), 0);
     const int64_t slot_stride = cp * slot_pair;
 
-    parallel_slots(runner, ntasks, helpers, [&](int64_t slot, int64_t task) {
+    parallel_for_slots(runner, ntasks, helpers, [&](int64_t slot, int64_t task) {
       const int64_t task_start = prof ? now_ns() : 0;
       Acc* my = slot_acc.get() + slot * slot_stride;
       if (!used[slot]) {  // first task of this thread in this chunk
@@ -694,7 +660,7 @@ void backward_typed(const AttentionProblem& p, const BackwardBuffers& buf, TaskR
     for (int64_t s = 0; s <= helpers; ++s)
       if (used[s]) parts.push_back(slot_acc.get() + s * slot_stride);
     const int64_t tb = 64, blocks = ceil_div(T_, tb);
-    parallel_slots(runner, cp * blocks, helpers_for(runner, cp * blocks), [&](int64_t, int64_t task) {
+    parallel_for_slots(runner, cp * blocks, helpers_for(runner, cp * blocks), [&](int64_t, int64_t task) {
       const int64_t pl = task / blocks, pr = p0 + pl, b = pr / K, kvh = pr % K;
       Acc* sum = scratch<Acc>(9, G * H);
       for (int64_t t = (task % blocks) * tb; t < std::min(T_, (task % blocks + 1) * tb); ++t) {
