@@ -109,6 +109,52 @@ inline void mfa_stage(threadgroup float* tile, device const T* base, mfa_long st
   }
 }
 
+// acc[c] += A B^T over the (padded) head dim, for the C rows of B (keys, or
+// queries) at b_base: B is staged DB head columns at a time through `tile` and
+// read back transposed; A, this simdgroup's 8 rows, comes from registers
+// (a_cached, HP / 8 matrices) when CACHED, else from a_row in device memory.
+template <typename T, int HP, int C, int DB, int NT, bool CACHED>
+inline void mfa_accumulate_abt(thread mfa_mat* acc, thread const mfa_mat* a_cached,
+                               device const T* a_row, bool a_ok, device const T* b_base,
+                               mfa_long b_stride, int b_rows, int H, int lc,
+                               threadgroup float* tile, uint tid) {
+  for (int d0 = 0; d0 < HP; d0 += DB) {
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    mfa_stage<T, C, DB, NT>(tile, b_base, b_stride, b_rows, d0, H, tid);
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    for (int kk = 0; kk < DB / 8; ++kk) {
+      mfa_mat am;
+      if (CACHED) am = a_cached[CACHED ? d0 / 8 + kk : 0];
+      else mfa_load_rows(am, a_row, a_ok, d0 + kk * 8 + lc, H);
+      for (int c = 0; c < C / 8; ++c) {
+        mfa_mat bt;
+        simdgroup_load(bt, tile + c * 8 * DB + kk * 8, DB, ulong2(0, 0), true);
+        simdgroup_multiply_accumulate(acc[c], am, bt, acc[c]);
+      }
+    }
+  }
+}
+
+// acc[h] += P B: P is this simdgroup's 8 x C block (C / 8 matrices in
+// registers), B the C rows at b_base, staged DB head columns at a time.
+template <typename T, int HP, int C, int DB, int NT>
+inline void mfa_accumulate_pb(thread mfa_mat* acc, thread const mfa_mat* pm,
+                              device const T* b_base, mfa_long b_stride, int b_rows, int H,
+                              threadgroup float* tile, uint tid) {
+  for (int d0 = 0; d0 < HP; d0 += DB) {
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    mfa_stage<T, C, DB, NT>(tile, b_base, b_stride, b_rows, d0, H, tid);
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    for (int o = 0; o < DB / 8; ++o) {
+      for (int c = 0; c < C / 8; ++c) {
+        mfa_mat bm;
+        simdgroup_load(bm, tile + c * 8 * DB + o * 8, DB);
+        simdgroup_multiply_accumulate(acc[d0 / 8 + o], pm[c], bm, acc[d0 / 8 + o]);
+      }
+    }
+  }
+}
+
 inline mfa_long mfa_bias_offset(constant AttentionParams& p, int b, int n, int i, int j) {
   return mfa_long(b) * p.bias_strides[0] + mfa_long(n) * p.bias_strides[1] +
          mfa_long(i) * p.bias_strides[2] + mfa_long(j) * p.bias_strides[3];
@@ -166,7 +212,7 @@ kernel void attention_forward(constant AttentionParams& p [[buffer(0)]],
                               uint lane [[thread_index_in_simdgroup]],
                               uint tid [[thread_index_in_threadgroup]]) {
   constexpr int NT = P * 4;  // 32 threads per 8 rows
-  constexpr int HB = HP / 8, CB = C / 8, DBB = DB / 8;
+  constexpr int HB = HP / 8, CB = C / 8;
   constexpr bool kCacheQ = HP <= 128;
   threadgroup float tile[C * DB];
 
@@ -204,24 +250,8 @@ kernel void attention_forward(constant AttentionParams& p [[buffer(0)]],
     // S = Q K^T over the head dim, one head block of K at a time.
     mfa_mat S[CB];
     for (int c = 0; c < CB; ++c) S[c] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
-    for (int d0 = 0; d0 < HP; d0 += DB) {
-      threadgroup_barrier(mem_flags::mem_threadgroup);
-      mfa_stage<T, C, DB, NT>(tile, k_base, kv_stride, cols, d0, H, tid);
-      threadgroup_barrier(mem_flags::mem_threadgroup);
-      for (int kk = 0; kk < DBB; ++kk) {
-        mfa_mat qm;
-        if (kCacheQ) {
-          qm = Qc[kCacheQ ? d0 / 8 + kk : 0];
-        } else {
-          mfa_load_rows(qm, q_row, row_ok, d0 + kk * 8 + lc, H);
-        }
-        for (int c = 0; c < CB; ++c) {
-          mfa_mat kt;
-          simdgroup_load(kt, tile + c * 8 * DB + kk * 8, DB, ulong2(0, 0), true);
-          simdgroup_multiply_accumulate(S[c], qm, kt, S[c]);
-        }
-      }
-    }
+    mfa_accumulate_abt<T, HP, C, DB, NT, kCacheQ>(S, Qc, q_row, row_ok, k_base, kv_stride, cols,
+                                                  H, lc, tile, tid);
 
     // Masks, then the online softmax in base 2.
     float block_max = kMaskedLogit;
@@ -256,18 +286,7 @@ kernel void attention_forward(constant AttentionParams& p [[buffer(0)]],
     }
 
     // O += P V, one head block of V at a time.
-    for (int d0 = 0; d0 < HP; d0 += DB) {
-      threadgroup_barrier(mem_flags::mem_threadgroup);
-      mfa_stage<T, C, DB, NT>(tile, v_base, kv_stride, cols, d0, H, tid);
-      threadgroup_barrier(mem_flags::mem_threadgroup);
-      for (int o = 0; o < DBB; ++o) {
-        for (int c = 0; c < CB; ++c) {
-          mfa_mat vm;
-          simdgroup_load(vm, tile + c * 8 * DB + o * 8, DB);
-          simdgroup_multiply_accumulate(O[d0 / 8 + o], S[c], vm, O[d0 / 8 + o]);
-        }
-      }
-    }
+    mfa_accumulate_pb<T, HP, C, DB, NT>(O, S, v_base, kv_stride, cols, H, tile, tid);
   }
 
   // Normalize; a row with no allowed key gets zeros and lse = -inf.
@@ -308,7 +327,7 @@ kernel void attention_backward_query(constant AttentionParams& p [[buffer(0)]],
                                      uint lane [[thread_index_in_simdgroup]],
                                      uint tid [[thread_index_in_threadgroup]]) {
   constexpr int NT = P * 4;
-  constexpr int HB = HP / 8, CB = C / 8, DBB = DB / 8;
+  constexpr int HB = HP / 8, CB = C / 8;
   constexpr bool kCache = HP <= 64;  // Q and dO in registers
   threadgroup float tile[C * DB];
 
@@ -359,34 +378,10 @@ kernel void attention_backward_query(constant AttentionParams& p [[buffer(0)]],
       S[c] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
       dP[c] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
     }
-    for (int d0 = 0; d0 < HP; d0 += DB) {
-      threadgroup_barrier(mem_flags::mem_threadgroup);
-      mfa_stage<T, C, DB, NT>(tile, k_base, kv_stride, cols, d0, H, tid);
-      threadgroup_barrier(mem_flags::mem_threadgroup);
-      for (int kk = 0; kk < DBB; ++kk) {
-        mfa_mat qm;
-        if (kCache) qm = Qc[kCache ? d0 / 8 + kk : 0];
-        else mfa_load_rows(qm, q_row, row_ok, d0 + kk * 8 + lc, H);
-        for (int c = 0; c < CB; ++c) {
-          mfa_mat kt;
-          simdgroup_load(kt, tile + c * 8 * DB + kk * 8, DB, ulong2(0, 0), true);
-          simdgroup_multiply_accumulate(S[c], qm, kt, S[c]);
-        }
-      }
-      threadgroup_barrier(mem_flags::mem_threadgroup);
-      mfa_stage<T, C, DB, NT>(tile, v_base, kv_stride, cols, d0, H, tid);
-      threadgroup_barrier(mem_flags::mem_threadgroup);
-      for (int kk = 0; kk < DBB; ++kk) {
-        mfa_mat om;
-        if (kCache) om = dOc[kCache ? d0 / 8 + kk : 0];
-        else mfa_load_rows(om, do_row, row_ok, d0 + kk * 8 + lc, H);
-        for (int c = 0; c < CB; ++c) {
-          mfa_mat vt;
-          simdgroup_load(vt, tile + c * 8 * DB + kk * 8, DB, ulong2(0, 0), true);
-          simdgroup_multiply_accumulate(dP[c], om, vt, dP[c]);
-        }
-      }
-    }
+    mfa_accumulate_abt<T, HP, C, DB, NT, kCache>(S, Qc, q_row, row_ok, k_base, kv_stride, cols,
+                                                 H, lc, tile, tid);
+    mfa_accumulate_abt<T, HP, C, DB, NT, kCache>(dP, dOc, do_row, row_ok, v_base, kv_stride,
+                                                 cols, H, lc, tile, tid);
 
     // P = exp2(logit - L), dS = P (dP - delta); S becomes dS * d(logit)/d(q.k).
     for (int c = 0; c < CB; ++c) {
@@ -404,18 +399,7 @@ kernel void attention_backward_query(constant AttentionParams& p [[buffer(0)]],
     }
 
     // dQ += dS K, restaging K one head block at a time.
-    for (int d0 = 0; d0 < HP; d0 += DB) {
-      threadgroup_barrier(mem_flags::mem_threadgroup);
-      mfa_stage<T, C, DB, NT>(tile, k_base, kv_stride, cols, d0, H, tid);
-      threadgroup_barrier(mem_flags::mem_threadgroup);
-      for (int o = 0; o < DBB; ++o) {
-        for (int c = 0; c < CB; ++c) {
-          mfa_mat km;
-          simdgroup_load(km, tile + c * 8 * DB + o * 8, DB);
-          simdgroup_multiply_accumulate(dQ[d0 / 8 + o], S[c], km, dQ[d0 / 8 + o]);
-        }
-      }
-    }
+    mfa_accumulate_pb<T, HP, C, DB, NT>(dQ, S, k_base, kv_stride, cols, H, tile, tid);
   }
 
   device T* dq_row = dq + row_index * H;
@@ -450,7 +434,7 @@ kernel void attention_backward_key_value(constant AttentionParams& p [[buffer(0)
                                          uint lane [[thread_index_in_simdgroup]],
                                          uint tid [[thread_index_in_threadgroup]]) {
   constexpr int NT = P * 4;
-  constexpr int HB = HP / 8, CB = C / 8, DBB = DB / 8;
+  constexpr int HB = HP / 8, CB = C / 8;
   constexpr bool kCache = HP <= 64;  // K and V in registers
   threadgroup float tile[C * DB];
   threadgroup float lse_t[C];
@@ -523,34 +507,10 @@ kernel void attention_backward_key_value(constant AttentionParams& p [[buffer(0)
             ST[c] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
             dPT[c] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
           }
-          for (int d0 = 0; d0 < HP; d0 += DB) {
-            threadgroup_barrier(mem_flags::mem_threadgroup);
-            mfa_stage<T, C, DB, NT>(tile, q_base, q_stride, cnt, d0, H, tid);
-            threadgroup_barrier(mem_flags::mem_threadgroup);
-            for (int kk = 0; kk < DBB; ++kk) {
-              mfa_mat km;
-              if (kCache) km = Kc[kCache ? d0 / 8 + kk : 0];
-              else mfa_load_rows(km, k_row, key_ok, d0 + kk * 8 + lc, H);
-              for (int c = 0; c < CB; ++c) {
-                mfa_mat qt;
-                simdgroup_load(qt, tile + c * 8 * DB + kk * 8, DB, ulong2(0, 0), true);
-                simdgroup_multiply_accumulate(ST[c], km, qt, ST[c]);
-              }
-            }
-            threadgroup_barrier(mem_flags::mem_threadgroup);
-            mfa_stage<T, C, DB, NT>(tile, do_base, q_stride, cnt, d0, H, tid);
-            threadgroup_barrier(mem_flags::mem_threadgroup);
-            for (int kk = 0; kk < DBB; ++kk) {
-              mfa_mat vm;
-              if (kCache) vm = Vc[kCache ? d0 / 8 + kk : 0];
-              else mfa_load_rows(vm, v_row, key_ok, d0 + kk * 8 + lc, H);
-              for (int c = 0; c < CB; ++c) {
-                mfa_mat ot;
-                simdgroup_load(ot, tile + c * 8 * DB + kk * 8, DB, ulong2(0, 0), true);
-                simdgroup_multiply_accumulate(dPT[c], vm, ot, dPT[c]);
-              }
-            }
-          }
+          mfa_accumulate_abt<T, HP, C, DB, NT, kCache>(ST, Kc, k_row, key_ok, q_base, q_stride,
+                                                       cnt, H, lc, tile, tid);
+          mfa_accumulate_abt<T, HP, C, DB, NT, kCache>(dPT, Vc, v_row, key_ok, do_base,
+                                                       q_stride, cnt, H, lc, tile, tid);
 
           // P^T and dS^T; ST becomes P^T, dPT becomes dS^T * d(logit)/d(q.k).
           float ds_row = 0.0f;
@@ -588,28 +548,8 @@ kernel void attention_backward_key_value(constant AttentionParams& p [[buffer(0)
           }
 
           // dV += P^T dO and dK += dS^T Q, restaging dO and Q by head block.
-          for (int d0 = 0; d0 < HP; d0 += DB) {
-            threadgroup_barrier(mem_flags::mem_threadgroup);
-            mfa_stage<T, C, DB, NT>(tile, do_base, q_stride, cnt, d0, H, tid);
-            threadgroup_barrier(mem_flags::mem_threadgroup);
-            for (int o = 0; o < DBB; ++o) {
-              for (int c = 0; c < CB; ++c) {
-                mfa_mat om;
-                simdgroup_load(om, tile + c * 8 * DB + o * 8, DB);
-                simdgroup_multiply_accumulate(dV[d0 / 8 + o], ST[c], om, dV[d0 / 8 + o]);
-              }
-            }
-            threadgroup_barrier(mem_flags::mem_threadgroup);
-            mfa_stage<T, C, DB, NT>(tile, q_base, q_stride, cnt, d0, H, tid);
-            threadgroup_barrier(mem_flags::mem_threadgroup);
-            for (int o = 0; o < DBB; ++o) {
-              for (int c = 0; c < CB; ++c) {
-                mfa_mat qm;
-                simdgroup_load(qm, tile + c * 8 * DB + o * 8, DB);
-                simdgroup_multiply_accumulate(dK[d0 / 8 + o], dPT[c], qm, dK[d0 / 8 + o]);
-              }
-            }
-          }
+          mfa_accumulate_pb<T, HP, C, DB, NT>(dV, ST, do_base, q_stride, cnt, H, tile, tid);
+          mfa_accumulate_pb<T, HP, C, DB, NT>(dK, dPT, q_base, q_stride, cnt, H, tile, tid);
         }
       }
 

@@ -287,9 +287,9 @@ def _forward_with(lib, rng):
 
 def test_planted_missing_barrier_is_caught(rng, tmp_path):
     """The checkers are live on these kernels: the embedded source runs right
-    when dispatched directly, and the same source with one barrier removed (K
-    staged into threadgroup memory, then read without a barrier) is reported
-    as a threadgroup-memory race."""
+    when dispatched directly, and the same source with one barrier removed (an
+    operand staged into threadgroup memory by mfa_accumulate_abt, then read
+    without a barrier) is reported as a threadgroup-memory race."""
     from jax_mfa import metal_emulator
 
     defines = {"JAX_MFA_METAL_FAMILIES": 2, "JAX_MFA_METAL_DTYPES": 2}
@@ -298,8 +298,8 @@ def test_planted_missing_barrier_is_caught(rng, tmp_path):
     out, ref = _forward_with(good, rng)
     np.testing.assert_allclose(out.astype(np.float64), ref, atol=4e-3)
 
-    staged = ("mfa_stage<T, C, DB, NT>(tile, k_base, kv_stride, cols, d0, H, tid);\n"
-              "      threadgroup_barrier(mem_flags::mem_threadgroup);\n")
+    staged = ("mfa_stage<T, C, DB, NT>(tile, b_base, b_stride, b_rows, d0, H, tid);\n"
+              "    threadgroup_barrier(mem_flags::mem_threadgroup);\n")
     assert staged in src
     planted = src.replace(staged, staged.split("\n")[0] + "\n", 1)
     bad = metal_emulator.compile_source(planted, defines, filename=str(tmp_path / "planted.metal"))
