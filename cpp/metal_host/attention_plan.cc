@@ -270,6 +270,21 @@ std::vector<KernelLaunch> plan_backward(const AttentionProblem& p, DType dtype,
   return {dq, kv};
 }
 
+namespace {
+
+// The operands both passes read.
+void set_operands(const OperandBuffers& b, HostBuffers& hb) {
+  hb.set(Arg::Q, b.q);
+  hb.set(Arg::K, b.k);
+  hb.set(Arg::V, b.v);
+  hb.set(Arg::Bias, b.bias);
+  hb.set(Arg::Mask, b.mask);
+  hb.set(Arg::QLengths, b.q_lengths);
+  hb.set(Arg::KvLengths, b.kv_lengths);
+}
+
+}  // namespace
+
 Status run_forward(const AttentionProblem& p, DType dtype, GpuFamily family,
                    const ForwardBuffers& b, KernelExecutor& exec) {
   if (Status s = check_supported(p, dtype); !s.ok()) return s;
@@ -283,13 +298,7 @@ Status run_forward(const AttentionProblem& p, DType dtype, GpuFamily family,
     return Status::Ok();
   }
   HostBuffers hb;
-  hb.set(Arg::Q, b.q);
-  hb.set(Arg::K, b.k);
-  hb.set(Arg::V, b.v);
-  hb.set(Arg::Bias, b.bias);
-  hb.set(Arg::Mask, b.mask);
-  hb.set(Arg::QLengths, b.q_lengths);
-  hb.set(Arg::KvLengths, b.kv_lengths);
+  set_operands(b, hb);
   hb.set(Arg::Out, b.out);
   hb.set(Arg::Lse, b.lse);
   return exec.run(plan_forward(p, dtype, family), hb);
@@ -312,13 +321,7 @@ Status run_backward(const AttentionProblem& p, DType dtype, GpuFamily family,
   std::vector<float> rows(row_sums ? size_t(p.batch * p.q_heads * p.q_len) : 0, 0.0f);
 
   HostBuffers hb;
-  hb.set(Arg::Q, b.q);
-  hb.set(Arg::K, b.k);
-  hb.set(Arg::V, b.v);
-  hb.set(Arg::Bias, b.bias);
-  hb.set(Arg::Mask, b.mask);
-  hb.set(Arg::QLengths, b.q_lengths);
-  hb.set(Arg::KvLengths, b.kv_lengths);
+  set_operands(b, hb);
   hb.set(Arg::Lse, b.lse);
   hb.set(Arg::DOut, b.dout);
   hb.set(Arg::Delta, b.delta);
