@@ -197,21 +197,12 @@ MEMORY_PROBE = textwrap.dedent("""
     sys.path.insert(0, {root!r})
     import jax, jax.numpy as jnp
     from jax_mfa import _benchmark as bm
-    def status(key):
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key):
-                    return int(line.split()[1]) * 1024
     L = {L}
     q, k, v, do = bm.make_inputs(1, L, L, 8, 8, 64)
     f = bm.forward_and_backward(bm.attention_fn("cpu")).lower(q, k, v, do).compile()
-    before = status("VmRSS:")
-    with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")  # resets the peak RSS (VmHWM)
-    grads = jax.block_until_ready(f(q, k, v, do))
-    peak = status("VmHWM:")
+    grads, growth, before = bm.peak_rss_during(f, q, k, v, do)
     grad_bytes = sum(g.size * g.dtype.itemsize for g in grads)
-    print(peak - before - grad_bytes, before)
+    print(growth - grad_bytes, before)
 """)
 
 

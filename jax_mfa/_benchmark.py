@@ -73,6 +73,25 @@ def sgemm_gflops(n: int = 2048, repeats: int = 5) -> float:
     return 2.0 * n**3 / median_times([sgemm_call(n)], repeats=repeats, min_time=0)[0] / 1e9
 
 
+def _proc_status_bytes(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{key} not in /proc/self/status")
+
+
+def peak_rss_during(fn: Callable, *args):
+    """(result, peak RSS during fn(*args) above the RSS before it, RSS before),
+    in bytes. Linux only: the peak (VmHWM) is reset through /proc/self/clear_refs
+    first, so earlier peaks (compilation) cannot hide this call's."""
+    before = _proc_status_bytes("VmRSS:")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    result = jax.block_until_ready(fn(*args))
+    return result, _proc_status_bytes("VmHWM:") - before, before
+
+
 def attention_flops(B, T, S, N, H, *, backward=False) -> float:
     """Dense-equivalent flops: 4*B*N*T*S*H forward (QK^T and PV), 2.5x that
     more for the backward (five products)."""

@@ -24,13 +24,7 @@ SCRIPT = textwrap.dedent("""
     import jax.numpy as jnp
     import jax_mfa
     import reference
-
-    def status_mib(key):
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key):
-                    return int(line.split()[1]) / 1024.0
-        raise RuntimeError("no " + key)
+    from jax_mfa._benchmark import peak_rss_during
 
     L, H, IMPL = {length}, 16, {impl!r}
     rng = np.random.default_rng(0)
@@ -39,14 +33,8 @@ SCRIPT = textwrap.dedent("""
                                                   return_residual=True, implementation=IMPL))
     compiled = f.lower(q, k, v).compile()  # compile before measuring
     jax.block_until_ready((q, k, v))
-    # Reset the peak (VmHWM) to the current RSS, so the peak measured is this
-    # call's, not compilation's.
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    before = status_mib("VmRSS:")
-    out, lse = compiled(q, k, v)
-    jax.block_until_ready((out, lse))
-    growth = status_mib("VmHWM:") - before
+    (out, lse), growth, _ = peak_rss_during(compiled, q, k, v)  # resets the peak first
+    growth /= 2**20
     out, lse = np.asarray(out), np.asarray(lse)
     assert not np.isnan(out).any() and np.isfinite(lse).all()
 
