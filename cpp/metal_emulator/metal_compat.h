@@ -401,78 +401,41 @@ inline T lane_reduce(int op, const char* what, T v, Site site) {
 }
 }  // namespace detail
 
-template <class T0>
-inline unref_t<T0> simd_shuffle(T0 v0, ushort lane, JAX_MFA_EMU_SITE_PARAMS) {
-  using T = unref_t<T0>;
-  const T v = v0;
-  return detail::lane_shuffle<T>(detail::kOpShuffle, "simd_shuffle", v, lane, JAX_MFA_EMU_SITE);
-}
-template <class T0>
-inline unref_t<T0> simd_broadcast(T0 v0, ushort lane, JAX_MFA_EMU_SITE_PARAMS) {
-  using T = unref_t<T0>;
-  const T v = v0;
-  return detail::lane_shuffle<T>(detail::kOpBroadcast, "simd_broadcast", v, lane, JAX_MFA_EMU_SITE);
-}
+// SIMD-group shuffles and reductions: collectives of the 32 lanes, executed
+// in lockstep by the runtime (the value is copied out of any proxy first).
+#define JAX_MFA_EMU_SHUFFLE(NAME, OP, ARG, LANE_EXPR)                                   \
+  template <class T0>                                                                  \
+  inline unref_t<T0> NAME(T0 v0, ushort ARG, JAX_MFA_EMU_SITE_PARAMS) {                 \
+    using T = unref_t<T0>;                                                             \
+    const T v = v0;                                                                    \
+    return detail::lane_shuffle<T>(detail::OP, #NAME, v, LANE_EXPR, JAX_MFA_EMU_SITE); \
+  }
+#define JAX_MFA_EMU_REDUCE(NAME, OP)                                         \
+  template <class T0>                                                       \
+  inline unref_t<T0> NAME(T0 v0, JAX_MFA_EMU_SITE_PARAMS) {                  \
+    using T = unref_t<T0>;                                                  \
+    const T v = v0;                                                         \
+    return detail::lane_reduce<T>(detail::OP, #NAME, v, JAX_MFA_EMU_SITE);  \
+  }
+JAX_MFA_EMU_SHUFFLE(simd_shuffle, kOpShuffle, lane, lane)
+JAX_MFA_EMU_SHUFFLE(simd_broadcast, kOpBroadcast, lane, lane)
 template <class T0>
 inline unref_t<T0> simd_broadcast_first(T0 v0, JAX_MFA_EMU_SITE_PARAMS) {
   using T = unref_t<T0>;
   const T v = v0;
   return detail::lane_shuffle<T>(detail::kOpBroadcastFirst, "simd_broadcast_first", v, 0, JAX_MFA_EMU_SITE);
 }
-template <class T0>
-inline unref_t<T0> simd_shuffle_xor(T0 v0, ushort mask, JAX_MFA_EMU_SITE_PARAMS) {
-  using T = unref_t<T0>;
-  const T v = v0;
-  return detail::lane_shuffle<T>(detail::kOpShuffleXor, "simd_shuffle_xor", v, mask & 31, JAX_MFA_EMU_SITE);
-}
-template <class T0>
-inline unref_t<T0> simd_shuffle_up(T0 v0, ushort delta, JAX_MFA_EMU_SITE_PARAMS) {
-  using T = unref_t<T0>;
-  const T v = v0;
-  return detail::lane_shuffle<T>(detail::kOpShuffleUp, "simd_shuffle_up", v, delta, JAX_MFA_EMU_SITE);
-}
-template <class T0>
-inline unref_t<T0> simd_shuffle_down(T0 v0, ushort delta, JAX_MFA_EMU_SITE_PARAMS) {
-  using T = unref_t<T0>;
-  const T v = v0;
-  return detail::lane_shuffle<T>(detail::kOpShuffleDown, "simd_shuffle_down", v, delta, JAX_MFA_EMU_SITE);
-}
-template <class T0>
-inline unref_t<T0> simd_sum(T0 v0, JAX_MFA_EMU_SITE_PARAMS) {
-  using T = unref_t<T0>;
-  const T v = v0;
-  return detail::lane_reduce<T>(detail::kOpSum, "simd_sum", v, JAX_MFA_EMU_SITE);
-}
-template <class T0>
-inline unref_t<T0> simd_product(T0 v0, JAX_MFA_EMU_SITE_PARAMS) {
-  using T = unref_t<T0>;
-  const T v = v0;
-  return detail::lane_reduce<T>(detail::kOpProduct, "simd_product", v, JAX_MFA_EMU_SITE);
-}
-template <class T0>
-inline unref_t<T0> simd_max(T0 v0, JAX_MFA_EMU_SITE_PARAMS) {
-  using T = unref_t<T0>;
-  const T v = v0;
-  return detail::lane_reduce<T>(detail::kOpMax, "simd_max", v, JAX_MFA_EMU_SITE);
-}
-template <class T0>
-inline unref_t<T0> simd_min(T0 v0, JAX_MFA_EMU_SITE_PARAMS) {
-  using T = unref_t<T0>;
-  const T v = v0;
-  return detail::lane_reduce<T>(detail::kOpMin, "simd_min", v, JAX_MFA_EMU_SITE);
-}
-template <class T0>
-inline unref_t<T0> simd_prefix_exclusive_sum(T0 v0, JAX_MFA_EMU_SITE_PARAMS) {
-  using T = unref_t<T0>;
-  const T v = v0;
-  return detail::lane_reduce<T>(detail::kOpPrefixExcl, "simd_prefix_exclusive_sum", v, JAX_MFA_EMU_SITE);
-}
-template <class T0>
-inline unref_t<T0> simd_prefix_inclusive_sum(T0 v0, JAX_MFA_EMU_SITE_PARAMS) {
-  using T = unref_t<T0>;
-  const T v = v0;
-  return detail::lane_reduce<T>(detail::kOpPrefixIncl, "simd_prefix_inclusive_sum", v, JAX_MFA_EMU_SITE);
-}
+JAX_MFA_EMU_SHUFFLE(simd_shuffle_xor, kOpShuffleXor, mask, mask & 31)
+JAX_MFA_EMU_SHUFFLE(simd_shuffle_up, kOpShuffleUp, delta, delta)
+JAX_MFA_EMU_SHUFFLE(simd_shuffle_down, kOpShuffleDown, delta, delta)
+JAX_MFA_EMU_REDUCE(simd_sum, kOpSum)
+JAX_MFA_EMU_REDUCE(simd_product, kOpProduct)
+JAX_MFA_EMU_REDUCE(simd_max, kOpMax)
+JAX_MFA_EMU_REDUCE(simd_min, kOpMin)
+JAX_MFA_EMU_REDUCE(simd_prefix_exclusive_sum, kOpPrefixExcl)
+JAX_MFA_EMU_REDUCE(simd_prefix_inclusive_sum, kOpPrefixIncl)
+#undef JAX_MFA_EMU_SHUFFLE
+#undef JAX_MFA_EMU_REDUCE
 inline bool simd_all(bool b, JAX_MFA_EMU_SITE_PARAMS) {
   return detail::lane_reduce(detail::kOpMin, "simd_all", int(b), JAX_MFA_EMU_SITE) != 0;
 }
