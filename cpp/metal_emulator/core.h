@@ -126,22 +126,28 @@ inline void access_atomic(const void* p, size_t n, const Region* r);
 template <class T, int S>
 struct as_ptr;
 
+// A half/bfloat element converts implicitly to float, as in Metal (a
+// non-template conversion, so that built-in operators such as `float += p[i]`
+// find it; mixed arithmetic on such a proxy goes through the operators below).
+template <class Ref, class V, bool = is_emu_float16<V>::value>
+struct float16_ref_conversion {};
+template <class Ref, class V>
+struct float16_ref_conversion<Ref, V, true> {
+  operator float() const { return float(static_cast<const Ref&>(*this).get()); }
+};
+
 template <class T, int S>
-struct as_ref {
+struct as_ref : float16_ref_conversion<as_ref<T, S>, std::remove_cv_t<T>> {
   using V = std::remove_cv_t<T>;
   T* p;
   const detail::Region* r;
+  as_ref(T* p_, const detail::Region* r_) : p(p_), r(r_) {}
+  as_ref(const as_ref&) = default;
   operator V() const {
     detail::access(p, sizeof(T), r, false);
     return *p;
   }
   V get() const { return *this; }
-  // A half/bfloat element converts implicitly to float, as in Metal (mixed
-  // arithmetic on such a proxy goes through the operators below).
-  template <class X, std::enable_if_t<std::is_same<X, float>::value && is_emu_float16<V>::value, int> = 0>
-  operator X() const {
-    return float(V(*this));
-  }
   // Other conversions of non-arithmetic elements are explicit: double(p[i]).
   template <class X, std::enable_if_t<std::is_arithmetic<X>::value && !std::is_same<X, V>::value &&
                                           !std::is_arithmetic<V>::value &&

@@ -327,6 +327,8 @@ inline Error dispatch(const std::string& kernel, const DispatchArgs& args, TaskR
     d.tg[i].size = args.threadgroup_memory[i];
     d.tg[i].index = int(i);
     d.tg[i].space = md::kThreadgroupSpace;
+    d.tg[i].checked = args.check;
+    d.tg[i].profile = args.profile;
   }
   d.tg_dynamic = tg_total;
   struct ProfilingScope {  // counts this dispatch in profiling_dispatches() while it runs

@@ -85,15 +85,15 @@ def random(rng, shape, dtype: str, scale: float = 1.0) -> np.ndarray:
 
 def assert_close(out: np.ndarray, ref: np.ndarray, dtype: str, numpy_f32_error: float | None = None):
     """float32: within a small multiple of NumPy's own float32 error on the same problem (given);
-    float16/bfloat16: within one unit of the storage precision of the reference."""
+    float16/bfloat16: within one unit of the storage precision at the output's largest magnitude
+    (normwise: an element near 0 gets the same absolute tolerance as the largest one)."""
     out = np.asarray(out).astype(np.float64)
     assert np.isfinite(out).all(), "non-finite output (unwritten or poisoned elements)"
     err = np.abs(out - ref)
     if dtype == "float32":
         tol = 4 * numpy_f32_error + 1e-7 * np.abs(ref).max()
     else:
-        mag = np.maximum(np.abs(ref), 2.0 ** -14)
-        tol = 2.0 ** (np.floor(np.log2(mag)) - MANTISSA_BITS[dtype])
+        tol = 2.0 ** (np.floor(np.log2(max(np.abs(ref).max(), 2.0 ** -14))) - MANTISSA_BITS[dtype])
     bad = err > tol
     assert not bad.any(), (f"{int(bad.sum())} of {bad.size} elements differ; worst error {err.max():.3g} "
                            f"(tolerance there {np.broadcast_to(tol, err.shape).flat[int(np.argmax(err))]:.3g})")
@@ -175,3 +175,130 @@ def gemm_reference(ta, tb, a, b, c=None, alpha=1.0, beta=0.0):
         out = out + beta * c.astype(np.float64)
         f32 = np.float32(alpha) * f32 + np.float32(beta) * c.astype(np.float32)
     return out, float(np.abs(f32 - out).max())
+
+
+# ---------------------------------------------------------------------------
+# Steel attention forward (following sdpa_full_self_attention_metal in MLX's
+# scaled_dot_product_attention.cpp) and the vector kernels (sdpa_vector, sdpa_vector_2pass).
+ATTN_PARAMS = np.dtype([("B", "<i4"), ("H", "<i4"), ("D", "<i4"), ("qL", "<i4"), ("kL", "<i4"),
+                        ("gqa_factor", "<i4"), ("scale", "<f4"), ("NQ", "<i4"), ("NK", "<i4"),
+                        ("NQ_aligned", "<i4"), ("NK_aligned", "<i4"), ("qL_rem", "<i4"), ("kL_rem", "<i4"),
+                        ("qL_off", "<i4"), ("Q_strides", "<i8", 3), ("K_strides", "<i8", 3),
+                        ("V_strides", "<i8", 3), ("O_strides", "<i8", 3)], align=True)
+ATTN_MASK_PARAMS = np.dtype([("M_strides", "<i8", 3)])
+
+
+def _strides(x: np.ndarray) -> list[int]:
+    return [s // x.itemsize for s in x.strides[:3]]
+
+
+def attention(lib, dtype: str, q, k, v, scale: float, causal: bool = False, mask=None, **dispatch):
+    """MLX's steel attention forward. q: (B, H, qL, D); k, v: (B, H_kv, kL, D); mask: (B, H, qL, kL) bool
+    (True: keep) or of q's dtype (added to the scores). Causal is MLX's (bottom-right aligned)."""
+    B, H, qL, D = q.shape
+    kL = k.shape[2]
+    bq, bk, wm, wn = 32, (32 if D < 128 else 16), 4, 1
+    o = np.full(q.shape, np.nan, q.dtype)
+    nq, nk = -(-qL // bq), -(-kL // bk)
+    params = np.zeros((), ATTN_PARAMS)
+    for key, val in dict(B=B, H=H, D=D, qL=qL, kL=kL, gqa_factor=H // k.shape[1], scale=scale, NQ=nq, NK=nk,
+                         NQ_aligned=qL // bq, NK_aligned=kL // bk, qL_rem=qL - (qL // bq) * bq,
+                         kL_rem=kL - (kL // bk) * bk, qL_off=kL - qL, Q_strides=_strides(q), K_strides=_strides(k),
+                         V_strides=_strides(v), O_strides=_strides(o)).items():
+        params[key] = val
+    buffers = [q, k, v, o, params.tobytes()]
+    if mask is not None:
+        mp = np.zeros((), ATTN_MASK_PARAMS)
+        mp["M_strides"] = _strides(mask)
+        buffers += [mp.tobytes(), mask]
+    mname = "bool_" if mask is not None and mask.dtype == np.bool_ else dtype
+    name = f"steel_attention_{dtype}_bq{bq}_bk{bk}_bd{D}_wm{wm}_wn{wn}_mask{mname}"
+    fcs = dict(align_Q=qL % bq == 0, align_K=kL % bk == 0, has_mask=mask is not None, do_causal=causal,
+               has_sinks=False, save_lse=False)
+    prof = lib.dispatch(name, grid=(nq, H, B), threads=(32, wm, wn), buffers=buffers, function_constants=fcs,
+                        **dispatch)
+    return o, prof
+
+
+def _vector_fcs(mask, causal):
+    bool_mask = mask is not None and mask.dtype == np.bool_
+    return dict(has_mask=mask is not None, query_transposed=False, do_causal=causal, bool_mask=bool_mask,
+                float_mask=mask is not None and not bool_mask, has_sinks=False)
+
+
+def _mask_strides(mask):
+    # (kv_seq, q_seq, head) strides in elements, 0 along broadcast dimensions, as MLX passes them.
+    st = [s // mask.itemsize for s in mask.strides]
+    kv = st[3] if mask.shape[3] > 1 else 0
+    qs = st[2] if mask.shape[2] > 1 else 0
+    head = st[1] if mask.shape[1] > 1 else (st[0] if mask.shape[0] > 1 else 0)
+    return [np.int32(kv), np.int32(qs), np.int32(head)]
+
+
+def sdpa_vector(lib, dtype: str, q, k, v, scale: float, causal: bool = False, mask=None, **dispatch):
+    """MLX's one-pass vector kernel: q (B, H, qL <= 8, D), k/v (B, H_kv, kL, D) contiguous."""
+    B, H, qL, D = q.shape
+    out = np.full(q.shape, np.nan, q.dtype)
+    buffers = [q, k, v, out, np.int32(H // k.shape[1]), np.int32(k.shape[2]), np.uint64(k.strides[1] // k.itemsize),
+               np.uint64(D), np.uint64(v.strides[1] // v.itemsize), np.uint64(D), np.float32(scale)]
+    if mask is not None:
+        buffers += [None, None]
+        buffers[11 + (mask.dtype != np.bool_)] = mask
+        buffers += _mask_strides(mask)
+    prof = lib.dispatch(f"sdpa_vector_{_TYPE_NAME[dtype]}_{D}_{D}", grid=(B * H, qL, 1), threads=(1024, 1, 1),
+                        buffers=buffers, function_constants=_vector_fcs(mask, causal), **dispatch)
+    return out, prof
+
+
+def sdpa_vector_2pass(lib, dtype: str, q, k, v, scale: float, blocks: int, causal: bool = False, mask=None,
+                      **dispatch):
+    """MLX's two-pass vector kernels (keys split over `blocks` threadgroups, then a reduction)."""
+    B, H, qL, D = q.shape
+    hkv = k.shape[1]
+    out = np.full(q.shape, np.nan, q.dtype)
+    partials = np.full((B, H, qL, blocks, D), np.nan, q.dtype)
+    sums = np.full((B, H, qL, blocks), np.nan, np.float32)
+    maxs = np.full((B, H, qL, blocks), np.nan, np.float32)
+    buffers = [q, k, v, partials, sums, maxs, None, np.int32(k.shape[2]), np.uint64(k.strides[1] // k.itemsize),
+               np.uint64(D), np.uint64(v.strides[1] // v.itemsize), np.uint64(D), np.float32(scale)]
+    if mask is not None:
+        buffers += [None, None]
+        buffers[13 + (mask.dtype != np.bool_)] = mask
+        buffers += _mask_strides(mask)
+    fcs = dict(_vector_fcs(mask, causal), blocks=blocks)
+    t = _TYPE_NAME[dtype]
+    p1 = lib.dispatch(f"sdpa_vector_2pass_1_{t}_{D}_{D}", grid=(hkv, B, blocks), threads=(32, H // hkv, qL),
+                      buffers=buffers, function_constants=fcs, **dispatch)
+    p2 = lib.dispatch(f"sdpa_vector_2pass_2_{t}_{D}", grid=(B * H, qL, 1), threads=(1024, 1, 1),
+                      buffers=[partials, sums, maxs, out, np.int32(blocks)], **dispatch)
+    return out, (p1, p2)
+
+
+_TYPE_NAME = {"float32": "float", "float16": "float16_t", "bfloat16": "bfloat16_t"}
+
+
+def attention_reference(q, k, v, scale, causal=False, mask=None):
+    """(float64 softmax(scale * Q K^T (+ mask)) V with GQA; causal and bool masks as in MLX,
+    the largest error of the same computation in NumPy float32)."""
+    ref = _attention(q, k, v, scale, causal, mask, np.float64)
+    return ref, float(np.abs(_attention(q, k, v, scale, causal, mask, np.float32) - ref).max())
+
+
+def _attention(q, k, v, scale, causal, mask, dt):
+    q64, k64, v64 = (x.astype(dt) for x in (q, k, v))
+    g = q.shape[1] // k.shape[1]
+    k64 = np.repeat(k64, g, axis=1)
+    v64 = np.repeat(v64, g, axis=1)
+    s = dt(scale) * (q64 @ np.swapaxes(k64, -1, -2))
+    qL, kL = s.shape[-2:]
+    keep = np.ones(s.shape, bool)
+    if causal:
+        keep &= np.arange(kL)[None, :] <= np.arange(qL)[:, None] + (kL - qL)
+    if mask is not None:
+        if mask.dtype == np.bool_:
+            keep &= mask
+        else:
+            s = s + mask.astype(dt)
+    s = np.where(keep, s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    return (p / p.sum(-1, keepdims=True)) @ v64
