@@ -88,6 +88,7 @@ def assert_close(out: np.ndarray, ref: np.ndarray, dtype: str, numpy_f32_error: 
     float16/bfloat16: within one unit of the storage precision at the output's largest magnitude
     (normwise: an element near 0 gets the same absolute tolerance as the largest one)."""
     out = np.asarray(out).astype(np.float64)
+    assert np.isfinite(ref).all(), "the reference is not finite (a row without any allowed key?)"
     assert np.isfinite(out).all(), "non-finite output (unwritten or poisoned elements)"
     err = np.abs(out - ref)
     if dtype == "float32":
