@@ -118,7 +118,8 @@ def _attention_case(dtype, D, causal, mask_kind, H=4, H_kv=2, T=45, S=70, seed=N
     mask = None
     if mask_kind == "bool":
         mask = rng.random((1, H, T, S)) < 0.7
-        mask[..., -1] = True  # every row keeps a key (also under MLX's bottom-right causal mask)
+        mask[..., np.arange(T), np.arange(T) + S - T] = True  # every row keeps a key, also under
+        # MLX's bottom-right causal mask
     elif mask_kind == "float":
         mask = mp.random(rng, (1, H, T, S), dtype)
     kw = {} if seed is None else {"seed": seed}
