@@ -556,6 +556,8 @@ inline unref_t<T0> simd_broadcast_first(T0 v0, JAX_MFA_EMU_SITE_PARAMS) {
 JAX_MFA_EMU_SHUFFLE(simd_shuffle_xor, kOpShuffleXor, mask, mask & 31)
 JAX_MFA_EMU_SHUFFLE(simd_shuffle_up, kOpShuffleUp, delta, delta)
 JAX_MFA_EMU_SHUFFLE(simd_shuffle_down, kOpShuffleDown, delta, delta)
+JAX_MFA_EMU_SHUFFLE(simd_shuffle_rotate_up, kOpRotateUp, delta, delta)
+JAX_MFA_EMU_SHUFFLE(simd_shuffle_rotate_down, kOpRotateDown, delta, delta)
 JAX_MFA_EMU_REDUCE(simd_sum, kOpSum)
 JAX_MFA_EMU_REDUCE(simd_product, kOpProduct)
 JAX_MFA_EMU_REDUCE(simd_max, kOpMax)
@@ -587,16 +589,6 @@ JAX_MFA_EMU_REDUCE(simd_xor, kOpXor)
 JAX_MFA_EMU_SHUFFLE_FILL(simd_shuffle_and_fill_up, kOpShuffleFillUp)
 JAX_MFA_EMU_SHUFFLE_FILL(simd_shuffle_and_fill_down, kOpShuffleFillDown)
 #undef JAX_MFA_EMU_SHUFFLE_FILL
-#define JAX_MFA_EMU_SHUFFLE(NAME, OP, ARG, LANE_EXPR)                                   \
-  template <class T0>                                                                  \
-  inline unref_t<T0> NAME(T0 v0, ushort ARG, JAX_MFA_EMU_SITE_PARAMS) {                 \
-    using T = unref_t<T0>;                                                             \
-    const T v = v0;                                                                    \
-    return detail::lane_shuffle<T>(detail::OP, #NAME, v, LANE_EXPR, JAX_MFA_EMU_SITE); \
-  }
-JAX_MFA_EMU_SHUFFLE(simd_shuffle_rotate_up, kOpRotateUp, delta, delta)
-JAX_MFA_EMU_SHUFFLE(simd_shuffle_rotate_down, kOpRotateDown, delta, delta)
-#undef JAX_MFA_EMU_SHUFFLE
 
 inline bool simd_all(bool b, JAX_MFA_EMU_SITE_PARAMS) {
   return detail::lane_reduce(detail::kOpMin, "simd_all", int(b), JAX_MFA_EMU_SITE) != 0;

@@ -109,19 +109,24 @@ def test_gemm_absent_arguments_dead_reads():
         mp.assert_close(d, ref, "float32", err)
 
 
-def _attention_case(dtype, D, causal, mask_kind, H=4, H_kv=2, T=45, S=70, seed=None, rng_seed=0):
-    lib = mp.load("steel_attention.metal")
-    rng = np.random.default_rng(rng_seed)
+def _attention_inputs(rng, dtype, D, mask_kind, H, H_kv, T, S):
+    """q (1, H, T, D), k and v (1, H_kv, S, D), and a bool (True: keep) or additive mask or None."""
     q = mp.random(rng, (1, H, T, D), dtype)
     k = mp.random(rng, (1, H_kv, S, D), dtype)
     v = mp.random(rng, (1, H_kv, S, D), dtype)
     mask = None
     if mask_kind == "bool":
         mask = rng.random((1, H, T, S)) < 0.7
-        mask[..., np.arange(T), np.arange(T) + S - T] = True  # every row keeps a key, also under
-        # MLX's bottom-right causal mask
+        # every row keeps a key, also under MLX's bottom-right causal mask
+        mask[..., np.arange(T), np.arange(T) + S - T] = True
     elif mask_kind == "float":
         mask = mp.random(rng, (1, H, T, S), dtype)
+    return q, k, v, mask
+
+
+def _attention_case(dtype, D, causal, mask_kind, H=4, H_kv=2, T=45, S=70, seed=None, rng_seed=0):
+    lib = mp.load("steel_attention.metal")
+    q, k, v, mask = _attention_inputs(np.random.default_rng(rng_seed), dtype, D, mask_kind, H, H_kv, T, S)
     kw = {} if seed is None else {"seed": seed}
     o, _ = mp.attention(lib, dtype, q, k, v, D ** -0.5, causal, mask, **kw)
     ref, err = mp.attention_reference(q, k, v, D ** -0.5, causal, mask)
@@ -140,14 +145,7 @@ def test_attention_random_schedule():
 
 def _vector_case(dtype, D, causal, mask_kind, two_pass, S=70, T=2, H=4, H_kv=2, blocks=32, seed=None, rng_seed=0):
     lib = mp.load("sdpa_vector.metal")
-    rng = np.random.default_rng(rng_seed)
-    q = mp.random(rng, (1, H, T, D), dtype)
-    k = mp.random(rng, (1, H_kv, S, D), dtype)
-    v = mp.random(rng, (1, H_kv, S, D), dtype)
-    mask = None
-    if mask_kind == "bool":
-        mask = rng.random((1, H, T, S)) < 0.7
-        mask[..., 0] = True
+    q, k, v, mask = _attention_inputs(np.random.default_rng(rng_seed), dtype, D, mask_kind, H, H_kv, T, S)
     kw = {} if seed is None else {"seed": seed}
     if two_pass:
         o, _ = mp.sdpa_vector_2pass(lib, dtype, q, k, v, D ** -0.5, blocks, causal, mask, **kw)
