@@ -131,3 +131,21 @@ def test_own_forward_kernel_counts():
     key_blocks = S // 128
     assert prof.total["simdgroup_matrix_multiply_accumulate"] == simdgroups * key_blocks * 2 * 8 * 16
     assert prof.total["exp2"] == simdgroups * 32 * key_blocks * (1 + 2 * 16)
+
+
+def test_mlx_attention_counts():
+    """steel attention, head dim 64 (bq 32, bk 32, 4 simdgroups of 8 query rows): per simdgroup and
+    key block, S = Q K^T takes 1 x (32 / 8) x (64 / 8) and O += P V 1 x (64 / 8) x (32 / 8)
+    multiply-accumulates; each lane calls exp2 once per score element it holds (8 x 32 / 32) and
+    once for the running-max rescale."""
+    lib = mlx_peer.load("steel_attention.metal")
+    rng = np.random.default_rng(2)
+    D, T, S = 64, 256, 256
+    q, k, v = (mlx_peer.random(rng, (1, 1, n, D), "float16") for n in (T, S, S))
+    o, prof = mlx_peer.attention(lib, "float16", q, k, v, D ** -0.5, profile=True)
+    ref, err = mlx_peer.attention_reference(q, k, v, D ** -0.5)
+    mlx_peer.assert_close(o, ref, "float16", err)
+    simdgroups, key_blocks = (T // 32) * 4, S // 32
+    assert prof.total["simdgroup_matrix_multiply_accumulate"] == simdgroups * key_blocks * (32 + 32)
+    assert prof.total["exp2"] == simdgroups * key_blocks * 32 * (8 + 1)
+    assert prof.max_simdgroup["exp2"] == key_blocks * 32 * 9
