@@ -105,7 +105,7 @@ def test_own_forward_kernel_counts():
     and key block, S = Q K^T takes (64 / 8) x (128 / 8) and O += P V (64 / 8) x (128 / 8)
     multiply-accumulates; the online softmax calls exp2 once per lane for the rescale and once per
     score element (2 x 16 per lane)."""
-    lib = me.load(str(ROOT / "metal" / "attention_f32.metal"), defines={"JAX_MFA_METAL_FAMILIES": 2},
+    lib = me.load(str(pathlib.Path(__file__).parent / "kernels" / "own_forward.metal"),
                   include_paths=[str(ROOT / "metal")])
     rng = np.random.default_rng(1)
     B, T, S, N, H = 1, 32, 256, 2, 64
