@@ -52,8 +52,9 @@ inline bf16_t mfa_from_float<bf16_t>(float x) {
 }
 
 // A logit at or below this (base-2 units) counts as masked; also the initial
-// running maximum. Finite on purpose: Metal compiles with fast math, so the
-// kernels never rely on infinities in arithmetic.
+// running maximum. Finite on purpose: the kernels never rely on infinities in
+// arithmetic, so they do not depend on the math mode (the launcher asks for
+// IEEE math, but fast math -- the default before macOS 15 -- assumes none).
 constant constexpr float kMaskedLogit = -1.0e30f;
 constant constexpr float kLog2e = 1.4426950408889634f;
 constant constexpr float kLn2 = 0.6931471805599453f;

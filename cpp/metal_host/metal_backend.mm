@@ -238,7 +238,7 @@ class MetalExecutor final : public metal_host::KernelExecutor {
       Status status = Status::Ok();
       for (size_t r = 0; r < regions.size() && status.ok(); ++r)
         status = wrap(plan.regions[r], &regions[r]);
-      if (status.ok()) copy_in(launch, plan, ranges, regions);
+      if (status.ok()) copy_unwrapped(Direction::In, launch, plan, ranges, regions);
 
       std::lock_guard<std::mutex> submitting(context_.submit_mutex());
       std::vector<id<MTLCommandBuffer>> submitted;
@@ -281,7 +281,7 @@ class MetalExecutor final : public metal_host::KernelExecutor {
         const Status s = finish(cb, launch);
         if (status.ok()) status = s;
       }
-      if (status.ok()) copy_out(launch, plan, ranges, regions);
+      if (status.ok()) copy_unwrapped(Direction::Out, launch, plan, ranges, regions);
       for (Region& r : regions)
         if (r.copied) context_.pool().give(r.buffer, [r.buffer length]);
       return status;
@@ -315,29 +315,22 @@ class MetalExecutor final : public metal_host::KernelExecutor {
     return Status::Ok();
   }
 
-  static char* staged(const std::vector<Region>& regions, const metal_host::RegionBinding& b) {
-    return static_cast<char*>([regions[size_t(b.region)].buffer contents]) + b.offset;
-  }
-
-  static void copy_in(const KernelLaunch& launch, const metal_host::WrapPlan& plan,
-                      const std::vector<metal_host::HostRange>& ranges,
-                      const std::vector<Region>& regions) {
+  // Copies the operands of regions Metal would not wrap: inputs into the
+  // staging buffer before the dispatch, outputs back after it.
+  enum class Direction { In, Out };
+  static void copy_unwrapped(Direction direction, const KernelLaunch& launch,
+                             const metal_host::WrapPlan& plan,
+                             const std::vector<metal_host::HostRange>& ranges,
+                             const std::vector<Region>& regions) {
+    const Access skipped = direction == Direction::In ? Access::Write : Access::Read;
     for (size_t i = 0; i < ranges.size(); ++i) {
       const metal_host::RegionBinding& b = plan.bindings[i];
-      if (b.region >= 0 && regions[size_t(b.region)].copied &&
-          launch.args[i].access != Access::Write)
-        std::memcpy(staged(regions, b), ranges[i].ptr, ranges[i].bytes);
-    }
-  }
-
-  static void copy_out(const KernelLaunch& launch, const metal_host::WrapPlan& plan,
-                       const std::vector<metal_host::HostRange>& ranges,
-                       const std::vector<Region>& regions) {
-    for (size_t i = 0; i < ranges.size(); ++i) {
-      const metal_host::RegionBinding& b = plan.bindings[i];
-      if (b.region >= 0 && regions[size_t(b.region)].copied &&
-          launch.args[i].access != Access::Read)
-        std::memcpy(const_cast<void*>(ranges[i].ptr), staged(regions, b), ranges[i].bytes);
+      if (b.region < 0 || !regions[size_t(b.region)].copied || launch.args[i].access == skipped)
+        continue;
+      char* staged = static_cast<char*>([regions[size_t(b.region)].buffer contents]) + b.offset;
+      void* host = const_cast<void*>(ranges[i].ptr);
+      if (direction == Direction::In) std::memcpy(staged, host, ranges[i].bytes);
+      else std::memcpy(host, staged, ranges[i].bytes);
     }
   }
 
@@ -345,13 +338,14 @@ class MetalExecutor final : public metal_host::KernelExecutor {
   LibraryKey key_;
 };
 
-MetalContext* usable_context(Status* error) {
+// The forward or backward pass on the GPU (run: metal_host::run_forward/_backward).
+template <typename Buffers, typename Run>
+Status run_on_gpu(const AttentionProblem& p, DType dtype, const Buffers& b, Run run) {
   MetalContext& context = MetalContext::get();
-  if (context.device() == nil) {
-    *error = Status::Error("Metal is unavailable: " + context.unavailable_reason());
-    return nullptr;
-  }
-  return &context;
+  if (context.device() == nil)
+    return Status::Error("Metal is unavailable: " + context.unavailable_reason());
+  MetalExecutor exec(context, metal_host::library_key(dtype, p.head_dim));
+  return run(p, dtype, context.family(), b, exec);
 }
 
 }  // namespace
@@ -373,19 +367,11 @@ MetalDiagnostics metal_diagnostics() {
 }
 
 Status metal_attention_forward(const AttentionProblem& p, DType dtype, const ForwardBuffers& b) {
-  Status error;
-  MetalContext* context = usable_context(&error);
-  if (context == nullptr) return error;
-  MetalExecutor exec(*context, metal_host::library_key(dtype, p.head_dim));
-  return metal_host::run_forward(p, dtype, context->family(), b, exec);
+  return run_on_gpu(p, dtype, b, metal_host::run_forward);
 }
 
 Status metal_attention_backward(const AttentionProblem& p, DType dtype, const BackwardBuffers& b) {
-  Status error;
-  MetalContext* context = usable_context(&error);
-  if (context == nullptr) return error;
-  MetalExecutor exec(*context, metal_host::library_key(dtype, p.head_dim));
-  return metal_host::run_backward(p, dtype, context->family(), b, exec);
+  return run_on_gpu(p, dtype, b, metal_host::run_backward);
 }
 
 }  // namespace jax_mfa
