@@ -89,15 +89,18 @@ def test_mlx_gemm_counts():
 
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-PARAMS = np.dtype([("bias_strides", "<i8", 4), ("mask_strides", "<i8", 4)]
+# metal/attention_params.h's AttentionParams (64-bit members first, then 32-bit ones).
+PARAMS = np.dtype([("bias_strides", "<i8", 4), ("mask_strides", "<i8", 4), ("dbias_slot", "<i8")]
                   + [(n, "<i4") for n in ("batch", "q_len", "kv_len", "q_heads", "kv_heads", "head_dim",
                                           "group_size")]
                   + [(n, "<f4") for n in ("scale", "scale_log2", "softcap", "softcap_log2")]
                   + [(n, "<i4") for n in ("has_softcap", "causal", "window_left", "window_right", "has_q_lengths",
                                           "has_kv_lengths", "has_bias", "has_mask", "dbias_mode", "bias_batch_dim",
                                           "bias_head_dim", "bias_query_broadcast", "num_row_blocks", "block_rows",
-                                          "merge_batches", "merge_heads", "group_offset", "total_groups")],
+                                          "merge_batches", "merge_heads", "group_offset", "total_groups",
+                                          "kv_splits", "pairs_per_split")],
                   align=True)
+assert PARAMS.itemsize == 200  # sizeof(AttentionParams), as cpp/metal_host/attention_plan.cc asserts
 
 
 def test_own_forward_kernel_counts():
@@ -120,7 +123,7 @@ def test_own_forward_kernel_counts():
     for name, val in dict(batch=B, q_len=T, kv_len=S, q_heads=N, kv_heads=N, head_dim=H, group_size=1,
                           scale=scale, scale_log2=scale * np.log2(np.e), window_left=-1, window_right=-1,
                           num_row_blocks=blocks, block_rows=16, merge_batches=1, merge_heads=1,
-                          total_groups=blocks * N * B).items():
+                          total_groups=blocks * N * B, kv_splits=1).items():
         p[name] = val
     prof = lib.dispatch("mfa_fwd_f32_h64_p16_c128_d32", grid=blocks * N * B, threads=64,
                         buffers=[p.tobytes(), q, k, v, None, None, None, None, out, lse], profile=True)
