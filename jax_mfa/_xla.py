@@ -13,11 +13,13 @@ import jax.numpy as jnp
 from jax_mfa._arguments import Operands, Options, accumulation_dtype
 
 
-def allowed_keys(ops: Operands, opt: Options, shape) -> jax.Array:
-    """Boolean (B, N|1, T, S) array: which keys each query row may attend to."""
+def allowed_keys(ops: Operands, opt: Options, shape, q_start=0, k_start=0) -> jax.Array:
+    """Boolean (B, N|1, T, S) array: which keys each query row may attend to.
+    Rows and keys are at absolute positions q_start + i and k_start + j (a
+    block of a longer sequence, e.g. in ring attention)."""
     B, T, N, S = shape
-    i = jnp.arange(T)[:, None]
-    j = jnp.arange(S)[None, :]
+    i = q_start + jnp.arange(T)[:, None]
+    j = k_start + jnp.arange(S)[None, :]
     allowed = jnp.ones((T, S), bool)
     if opt.is_causal:
         allowed &= j <= i
