@@ -174,8 +174,8 @@ def ring_attention(query, key, value, bias=None, mask=None, *, axis_name, scale=
 def _kernels(impl: str) -> _ring.Kernels:
     if impl == "xla":
         return _ring.Kernels(lambda options, *a: _xla.attention(Operands(*a), options),
-                             lambda options, *a: _primitives._xla_bwd(*a, options=options,
-                                                                      backend=impl))
+                             lambda options, *a: _xla.backward(Operands(*a[:7]), options,
+                                                               *a[7:]))
 
     def bind(primitive):
         return lambda options, *a: tuple(primitive.bind(*a, options=options, backend=impl))

@@ -288,11 +288,26 @@ def _run_step(ring: Ring, options: Options, local: _Local, step: int, visiting, 
     j = (d - step) % ring.size
     if not ring.zigzag:
         return run([_contiguous_block(ring, options, local.limits, d, j)], visiting, state)
-    if step == 0:
+    if isinstance(step, int) and step == 0:  # the own block (traced apart, see _around)
         return run(_zigzag_blocks(ring, local.limits, d, j, "diagonal"), visiting, state)
     early = lambda vs, st: run(_zigzag_blocks(ring, local.limits, d, j, "early"), vs, st)  # noqa
     late = lambda vs, st: run(_zigzag_blocks(ring, local.limits, d, j, "late"), vs, st)  # noqa
     return jax.lax.cond(j < d, early, late, visiting, state)
+
+
+def _around(ring: Ring, step, visiting, state):
+    """One turn of the ring: step(s, visiting, state) -> (visiting, state) for
+    s = 0..n-1, the visiting blocks moving on between steps. Step 0 (the own
+    block) is traced apart; the others run in a loop, so that the buffers of
+    one step are reused by the next."""
+    visiting, state = step(0, visiting, state)
+
+    def body(s, carry):
+        return step(s, _shift(ring, carry[0]), carry[1])
+
+    if ring.size > 1:
+        visiting, state = jax.lax.fori_loop(1, ring.size, body, (visiting, state))
+    return visiting, state
 
 
 def merge(out, lse, part_out, part_lse):
@@ -322,13 +337,10 @@ def forward(kernels: Kernels, ring: Ring, options: Options, ops: Operands, vary=
             out, lse = out.at[:, rows].set(o), lse.at[:, rows].set(l)
         return out, lse
 
-    visiting = (local.ops.key, local.ops.value)
-    state = (out, lse)
-    for step in range(ring.size):
-        state = _run_step(ring, options, local, step, visiting, state, run)
-        if step < ring.size - 1:
-            visiting = _shift(ring, visiting)
-    out, lse = state
+    def step(s, visiting, state):
+        return visiting, _run_step(ring, options, local, s, visiting, state, run)
+
+    _, (out, lse) = _around(ring, step, (local.ops.key, local.ops.value), (out, lse))
     return _from_layout(ring, out.astype(q.dtype)), _from_layout(ring, lse)
 
 
@@ -367,11 +379,10 @@ def backward(kernels: Kernels, ring: Ring, options: Options, ops: Operands, lse,
                 dbias = _add_block(dbias, parts[3], block)
         return (k, v, dk, dv), (dq, dbias)
 
-    visiting, state = (k, v, zeros(k), zeros(v)), (dq, dbias)
-    for step in range(ring.size):
-        visiting, state = _run_step(ring, options, local, step, visiting, state, run)
-        if step < ring.size - 1:
-            visiting = _shift(ring, visiting)
+    def step(s, visiting, state):
+        return _run_step(ring, options, local, s, visiting, state, run)
+
+    visiting, state = _around(ring, step, (k, v, zeros(k), zeros(v)), (dq, dbias))
     # The gradient accumulators made n-1 moves with their blocks: one more
     # brings them home.
     dk, dv = _shift(ring, visiting[2:]) if ring.size > 1 else visiting[2:]

@@ -73,6 +73,9 @@ def cases(kind: str, n: int) -> dict:
                                           softcap=2.0, lengths=True),
             "float32_causal": dict(size=(2, L, L, 4, 2, 8), is_causal=True, dtype=jnp.float32,
                                    bias="full"),
+            # ring_attention on the "xla" implementation's kernels.
+            "xla_kernels_causal_odd": dict(size=(1, L, L, 2, 1, 8), is_causal=True,
+                                           bias=(1, 2, L, L), ring_implementation="xla"),
         }
     L = odd * n
     return {
@@ -153,8 +156,9 @@ def run_case(mesh, name, case, rng):
     tol = TOLERANCE[jnp.dtype(q.dtype).name]
     results = {"jit": jax.jit(grad(plain))(*args, kw_sharded)}
     if s is not None:
-        results["shard_map"] = ring_under_shard_map(mesh, grad, args, specs, kw_sharded, b,
-                                                    static)
+        results["shard_map"] = ring_under_shard_map(
+            mesh, grad, args, specs, kw_sharded, b,
+            dict(static, implementation=case.get("ring_implementation", "cpu")))
     for path, (grads, (out, lse)) in results.items():
         errs = [relative_error(out, want[0]), relative_error(lse, want[1])]
         errs += [relative_error(g, g0) for g, g0 in zip(grads, want_grads)]
@@ -176,8 +180,7 @@ def ring_under_shard_map(mesh, grad, args, specs, arrays, b, static):
         for i, x in zip(present, a):
             full[i] = x
         return jax_mfa.ring_attention(*full[:3], full[3], full[4], axis_name="s",
-                                      implementation="cpu", return_residual=True, **static,
-                                      **k_)
+                                      return_residual=True, **static, **k_)
 
     smap = jax.shard_map(lambda *a: ring(*a[:len(present)],
                                          **dict(zip(arrays, a[len(present):]))),

@@ -207,3 +207,48 @@ def test_two_processes():
                 p.kill()
     for i, (p, (out, err)) in enumerate(zip(procs, outputs)):
         assert p.returncode == 0 and f"PROCESS {i} OK" in out, out[-2000:] + err[-3000:]
+
+
+# ----------------------------------------------------------------------------
+# ring_attention's arguments
+
+
+def test_ring_attention_needs_a_mesh_axis(rng):
+    import jax.numpy as jnp
+
+    import jax_mfa
+    q = jnp.zeros((1, 8, 2, 4), jnp.float32)
+    with pytest.raises(ValueError, match="axis_name 'seq' is not a mesh axis"):
+        jax_mfa.ring_attention(q, q, q, axis_name="seq")
+
+
+# ----------------------------------------------------------------------------
+# Memory
+
+
+def _memory_figures(length: int):
+    out = run_script([os.path.join(TESTS, "ring_memory_case.py"), str(length)], 4,
+                     timeout=1800)
+    mem = {line.split()[1]: [float(x) for x in line.split()[2:4]]
+           for line in out.splitlines() if line.startswith("MEMORY")}
+    return mem, out
+
+
+def test_ring_memory_small():
+    """T = S = 4096 over 4 devices (forward+backward): per device, ring
+    attention needs well under one device's memory for the whole sequence."""
+    mem, out = _memory_figures(4096)
+    assert mem["ring"][0] < 0.8 * mem["single"][0], out  # XLA's buffers, per device
+
+
+@pytest.mark.slow
+def test_ring_memory_32k():
+    """T = S = 32768 over 4 devices, forward+backward: the per-device peak of
+    ring attention against the single-device run (figures in
+    benchmarks/RESULTS.md). Its blocks are a quarter; the blocks in transit
+    and the accumulators add a constant number of blocks, so the bound is
+    0.6, not 0.25."""
+    mem, out = _memory_figures(32768)
+    print(out)
+    for i, what in enumerate(("XLA buffers", "peak RSS")):
+        assert mem["ring"][i] < 0.6 * mem["single"][i], (what, out)
