@@ -1,6 +1,7 @@
 """Ring attention against gathered attention on sequence-sharded inputs.
 
     python3 benchmarks/bench_ring.py [--length 16384] [--devices 2] [--repeats 3]
+                                     [--passes fwd,fwd+bwd]
 
 Inputs q, k, v (float32, B=1, N=8, H=64, T=S=length) are sharded over the
 sequence on `devices` CPU devices (--xla_force_host_platform_device_count, set
@@ -31,6 +32,8 @@ def parse():
     p.add_argument("--devices", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--passes", default="fwd,fwd+bwd",
+                   help="comma-separated: fwd, fwd+bwd")
     return p.parse_args()
 
 
@@ -78,7 +81,7 @@ def main():
           "over gathered |")
     print("|---|---|---|---|---|---|")
     start = time.perf_counter()
-    for backward in (False, True):
+    for backward in [p == "fwd+bwd" for p in args.passes.split(",")]:
         for causal in (False, True):
             calls = variants(causal, backward)
             times = dict(zip(calls, median_times(list(calls.values()), repeats=args.repeats,

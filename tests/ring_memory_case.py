@@ -9,7 +9,8 @@ backward. Two measures per program: XLA's buffer assignment for one device
 memory_analysis; the kernels' own scratch is a few tiles and not in it), and
 the growth of the process's peak resident set across one call (the host
 devices share the process: the ring's growth is divided by 4). Prints
-"MEMORY <name> <per-device MiB (XLA)> <per-device MiB (RSS)>" and "ALL OK".
+"MEMORY <name> <per-device MiB (XLA)> <per-device MiB (RSS)> <arguments and
+outputs MiB> <temporaries MiB>" and "ALL OK".
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ from jax_mfa._benchmark import peak_rss_during
 MIB = 2.0**20
 
 
-def per_device_bytes(compiled) -> int:
+def per_device_bytes(compiled) -> tuple[int, int]:
+    """(arguments + outputs, temporaries) of one device's program."""
     m = compiled.memory_analysis()
-    return m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+    return m.argument_size_in_bytes + m.output_size_in_bytes, m.temp_size_in_bytes
 
 
 def measure(name, args, devices: int):
@@ -38,13 +40,14 @@ def measure(name, args, devices: int):
 
     grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
     compiled = grad.lower(*args).compile()
-    xla = per_device_bytes(compiled) / MIB
+    io, temp = (x / MIB for x in per_device_bytes(compiled))
+    xla = io + temp
     jax.block_until_ready(args)
     _, growth, _ = peak_rss_during(compiled, *args)
     # Inputs are allocated before the call; count them as XLA does.
     inputs = sum(a.nbytes for a in args) / MIB
     rss = (growth / MIB + inputs) / devices
-    print(f"MEMORY {name} {xla:.1f} {rss:.1f}", flush=True)
+    print(f"MEMORY {name} {xla:.1f} {rss:.1f} {io:.1f} {temp:.1f}", flush=True)
     return xla, rss
 
 

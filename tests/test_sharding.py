@@ -45,13 +45,19 @@ def run_script(args, devices: int, timeout: float = 600) -> str:
 # Heads, sequence (ring) and batch x heads x sequence meshes
 
 
+# Every case runs on 4 devices; on 2 and 8 the ring runs a subset (compiling
+# each case twice, jit and shard_map, is what takes the time).
+RING_SUBSET = ["causal_gqa_odd", "full_t_ne_s_mask", "float32_causal"]
+
+
 @pytest.mark.parametrize("devices", [2, 4, 8])
 @pytest.mark.parametrize("kind", ["heads", "seq", "bhs"])
 def test_mesh(kind, devices):
     """Forward, lse and gradients (q, k, v, bias) equal the unsharded call:
     float64 to 1e-12, float32 to 1e-5 (causal and not, GQA/MQA, odd lengths,
     lengths, windows, bias/mask sharded or broadcast)."""
-    out = run_script([os.path.join(TESTS, "sharding_cases.py"), kind], devices)
+    cases = RING_SUBSET if kind == "seq" and devices != 4 else []
+    out = run_script([os.path.join(TESTS, "sharding_cases.py"), kind, *cases], devices)
     assert out.count("CASE ") >= 3, out
 
 
@@ -229,26 +235,37 @@ def test_ring_attention_needs_a_mesh_axis(rng):
 def _memory_figures(length: int):
     out = run_script([os.path.join(TESTS, "ring_memory_case.py"), str(length)], 4,
                      timeout=1800)
-    mem = {line.split()[1]: [float(x) for x in line.split()[2:4]]
+    mem = {line.split()[1]: [float(x) for x in line.split()[2:6]]
            for line in out.splitlines() if line.startswith("MEMORY")}
     return mem, out
 
 
+def _check_memory(mem, out, devices=4):
+    single, ring = mem["single"], mem["ring"]
+    # Arguments and outputs: exactly this device's blocks.
+    assert abs(ring[2] - single[2] / devices) < 0.01 * single[2], out
+    # Temporaries: the ring's blocks in transit, accumulators and the zigzag
+    # copies, a constant number (< 16) of local blocks (one block: a
+    # (B, T/n, N, H) array, 1/7 of the arguments and outputs).
+    block = ring[2] / 7
+    assert ring[3] < 16 * block, out
+    assert ring[0] < 0.8 * single[0], out
+
+
 def test_ring_memory_small():
-    """T = S = 4096 over 4 devices (forward+backward): per device, ring
-    attention needs well under one device's memory for the whole sequence."""
+    """T = S = 4096 over 4 devices, causal forward+backward: per device, the
+    blocks of ring attention are a quarter of one device's arrays, plus a
+    bounded number of blocks in transit."""
     mem, out = _memory_figures(4096)
-    assert mem["ring"][0] < 0.8 * mem["single"][0], out  # XLA's buffers, per device
+    _check_memory(mem, out)
 
 
 @pytest.mark.slow
 def test_ring_memory_32k():
-    """T = S = 32768 over 4 devices, forward+backward: the per-device peak of
-    ring attention against the single-device run (figures in
-    benchmarks/RESULTS.md). Its blocks are a quarter; the blocks in transit
-    and the accumulators add a constant number of blocks, so the bound is
-    0.6, not 0.25."""
+    """T = S = 32768 over 4 devices, causal forward+backward (figures in
+    benchmarks/RESULTS.md): as test_ring_memory_small, and the measured peak
+    resident set per device below the single-device run's."""
     mem, out = _memory_figures(32768)
     print(out)
-    for i, what in enumerate(("XLA buffers", "peak RSS")):
-        assert mem["ring"][i] < 0.6 * mem["single"][i], (what, out)
+    _check_memory(mem, out)
+    assert mem["ring"][1] < mem["single"][1], out
