@@ -37,7 +37,6 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jax_mfa import _xla
 from jax_mfa._arguments import Operands, Options, accumulation_dtype

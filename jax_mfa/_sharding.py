@@ -30,7 +30,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jax_mfa import _ring
-from jax_mfa._arguments import Operands, Options
+from jax_mfa._arguments import Operands
 
 # Roles of each dim of every operand and result of the two primitives. A new
 # operand is one line here (and its place in OPERANDS / RESULTS).
@@ -137,7 +137,6 @@ def _local_program(kind, options, backend, kernel_call, plan: Plan, mesh, shapes
     sizes = _role_sizes(shapes)
     N, K = sizes["q_heads"], sizes["kv_heads"]
     pick_heads = bool(plan.heads) and not plan.kv_heads_sharded
-    names = OPERANDS[kind]
     n = math.prod(mesh.shape[a] for a in plan.seq)
     kernels = _ring.Kernels(functools.partial(_call, kernel_call, "fwd", backend),
                             functools.partial(_call, kernel_call, "bwd", backend))
