@@ -69,7 +69,9 @@ def attention(ops: Operands, opt: Options) -> tuple[jax.Array, jax.Array]:
     row_max = jnp.where(jnp.isfinite(row_max), row_max, 0)
     p = jnp.exp(logits - row_max)
     denom = jnp.sum(p, axis=-1, keepdims=True)
-    has_key = denom > 0
+    # No allowed key: denom is 0. An allowed NaN logit makes denom NaN, and
+    # the row's out and lse NaN (as in jax.nn), so test `!= 0`, not `> 0`.
+    has_key = denom != 0
     safe_denom = jnp.where(has_key, denom, 1)
     out = _weighted_values(p / safe_denom, ops.value)
     lse = jnp.where(has_key, row_max + jnp.log(safe_denom), -jnp.inf)[..., 0]  # (B, N, T)
