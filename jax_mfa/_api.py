@@ -7,9 +7,10 @@ import warnings
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from jax_mfa import _native, _primitives, _xla
-from jax_mfa._arguments import prepare
+from jax_mfa import _native, _primitives, _ring, _xla
+from jax_mfa._arguments import Operands, accumulation_dtype, prepare
 
 # Largest head dim each implementation accepts (None: no limit).
 MAX_HEAD_DIM = {"cpu": 512, "xla": None, "metal": 256, "metal-emulated": 256}
@@ -96,6 +97,21 @@ def _work(query, key) -> int | None:
     return (lead_q[0] if lead_q else 1) * N * T * S
 
 
+def _setup(query, key, value, bias, mask, *, implementation, key_columns=None, **kw):
+    """(implementation, operands, options, was_3d): the arguments checked, and
+    "xla" where the fused kernels do not run."""
+    impl = _resolve(implementation, _work(query, key))
+    dtype_name = getattr(getattr(query, "dtype", None), "name", None)
+    if dtype_name in UNSUPPORTED_DTYPES.get(impl, ()):
+        raise ValueError(f"implementation {impl!r} does not support {dtype_name} inputs; "
+                         f"use float32, float16 or bfloat16, or implementation='cpu'")
+    ops, options, was_3d = prepare(query, key, value, bias, mask, key_columns=key_columns,
+                                   max_head_dim=MAX_HEAD_DIM.get(impl), **kw)
+    if implementation is None and jax.default_backend() != "cpu":
+        impl = "xla"
+    return impl, ops, options, was_3d
+
+
 def attention(query, key, value, bias=None, mask=None, *, scale=None, is_causal=False,
               query_seq_lengths=None, key_value_seq_lengths=None, local_window_size=None,
               softcap=None, return_residual=False, implementation=None):
@@ -125,20 +141,112 @@ def attention(query, key, value, bias=None, mask=None, *, scale=None, is_causal=
       The output, with query's shape and dtype; ``(out, lse)`` with
       ``return_residual=True``.
     """
-    impl = _resolve(implementation, _work(query, key))
-    dtype_name = getattr(getattr(query, "dtype", None), "name", None)
-    if dtype_name in UNSUPPORTED_DTYPES.get(impl, ()):
-        raise ValueError(f"implementation {impl!r} does not support {dtype_name} inputs; "
-                         f"use float32, float16 or bfloat16, or implementation='cpu'")
-    ops, options, was_3d = prepare(
+    impl, ops, options, was_3d = _setup(
         query, key, value, bias, mask, scale=scale, is_causal=is_causal,
         query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
-        local_window_size=local_window_size, softcap=softcap,
-        max_head_dim=MAX_HEAD_DIM.get(impl))
-    if impl == "xla" or (implementation is None and jax.default_backend() != "cpu"):
+        local_window_size=local_window_size, softcap=softcap, implementation=implementation)
+    if impl == "xla":
         out, lse = _xla.attention(ops, options)
     else:
         out, lse = _primitives.attention(ops, options, impl)
     if was_3d:
         out, lse = out[0], lse[0]
     return (out, lse) if return_residual else out
+
+
+# ----------------------------------------------------------------------------
+# Ring attention under shard_map
+
+
+def ring_attention(query, key, value, bias=None, mask=None, *, axis_name, scale=None,
+                   is_causal=False, query_seq_lengths=None, key_value_seq_lengths=None,
+                   local_window_size=None, softcap=None, return_residual=False,
+                   implementation=None):
+    """:func:`attention` over a sequence sharded along the mesh axis (or axes)
+    ``axis_name``, called inside ``jax.shard_map``: ring attention.
+
+    Each device passes its query rows ``(B, T/n, N, H)`` and its key/value rows
+    ``(B, S/n, K, H)``: device i holds rows ``[i*T/n, (i+1)*T/n)`` of the
+    sequence (the blocks of ``P(None, axis_name)``). Key/value blocks travel
+    around the ring; no device ever holds the whole sequence. Causal attention
+    with T == S is load-balanced (zigzag; the rows are exchanged internally,
+    inputs and outputs stay in the contiguous layout). All options mean what
+    they mean for the whole sequence: ``is_causal``, ``local_window_size`` and
+    the lengths (int32 ``(B,)``, the same on every device) use absolute
+    positions. ``bias``/``mask`` are broadcastable to ``(B, N, T/n, S)``: this
+    device's query rows against all keys. Other shard_map axes (batch, heads)
+    just see local arrays. Gradients flow through a ring backward pass.
+
+    Returns this device's rows of the output (and of the lse with
+    ``return_residual=True``).
+    """
+    axes = (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
+    try:
+        size = jax.lax.axis_size(axes)
+    except NameError as e:
+        raise ValueError(f"axis_name {axis_name!r} is not a mesh axis of the enclosing "
+                         "shard_map") from e
+    key_rows = jnp.shape(key)[-3] if jnp.ndim(key) >= 3 else 0
+    impl, ops, options, was_3d = _setup(
+        query, key, value, bias, mask, scale=scale, is_causal=is_causal,
+        query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
+        local_window_size=local_window_size, softcap=softcap, implementation=implementation,
+        key_columns=size * key_rows)
+    ops = Operands(*_vary(ops.as_tuple(), axes))
+    ring = _ring.Ring.make(axes, size, ops.query.shape[1], ops.key.shape[1], options)
+    out, lse = _ring_attention(*ops.as_tuple(), options, impl, ring)
+    if was_3d:
+        out, lse = out[0], lse[0]
+    return (out, lse) if return_residual else out
+
+
+def _kernels(impl: str) -> _ring.Kernels:
+    if impl == "xla":
+        return _ring.Kernels(lambda options, *a: _xla.attention(Operands(*a), options),
+                             lambda options, *a: _xla.backward(Operands(*a[:7]), options,
+                                                               *a[7:]))
+
+    def bind(primitive):
+        return lambda options, *a: tuple(primitive.bind(*a, options=options, backend=impl))
+
+    return _ring.Kernels(bind(_primitives.attention_fwd_p), bind(_primitives.attention_bwd_p))
+
+
+def _vary(arrays, axes=()):
+    """The arrays cast to vary over the same manual (shard_map) axes: the
+    union of theirs and `axes`. The casts' transposes sum the cotangents of
+    operands shared by several devices (a replicated bias, the lengths)."""
+    sets = [_primitives._varying_axes(a) for a in arrays]
+    union = frozenset(axes).union(*sets)
+    return tuple(a if s == union else jax.lax.pcast(a, tuple(union - s), to="varying")
+                 for a, s in zip(arrays, sets))
+
+
+def _vary_like(ref):
+    """Makes arrays created in the ring vary over the same axes as `ref`."""
+    axes = _primitives._varying_axes(ref)
+    return lambda x: _vary((x,), axes)[0]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+def _ring_attention(q, k, v, bias, mask, q_lengths, kv_lengths, options, impl, ring):
+    ops = Operands(q, k, v, bias, mask, q_lengths, kv_lengths)
+    return _ring.forward(_kernels(impl), ring, options, ops, _vary_like(q))
+
+
+def _ring_fwd(q, k, v, bias, mask, q_lengths, kv_lengths, options, impl, ring):
+    out, lse = _ring_attention(q, k, v, bias, mask, q_lengths, kv_lengths, options, impl, ring)
+    return (out, lse), (q, k, v, bias, mask, q_lengths, kv_lengths, out, lse)
+
+
+def _ring_bwd(options, impl, ring, residuals, cotangents):
+    *args, out, lse = residuals
+    dout, dlse = cotangents
+    acc = accumulation_dtype(out.dtype)
+    delta = jnp.sum(dout.astype(acc) * out.astype(acc), axis=-1) - dlse.astype(acc)
+    grads = _ring.backward(_kernels(impl), ring, options, Operands(*args), lse,
+                           dout.astype(out.dtype), delta, _vary_like(out))
+    return grads + tuple(np.zeros(a.shape, jax.dtypes.float0) for a in args[4:])
+
+
+_ring_attention.defvjp(_ring_fwd, _ring_bwd)

@@ -133,8 +133,11 @@ def _window(local_window_size) -> tuple[int, int]:
 
 def prepare(query, key, value, bias, mask, *, scale, is_causal, query_seq_lengths,
             key_value_seq_lengths, local_window_size, softcap,
-            max_head_dim: int | None) -> tuple[Operands, Options, bool]:
-    """Returns (operands, options, was_3d) or raises a clear error."""
+            max_head_dim: int | None,
+            key_columns: int | None = None) -> tuple[Operands, Options, bool]:
+    """Returns (operands, options, was_3d) or raises a clear error.
+    key_columns: the key dim of bias and mask when it differs from the key
+    block's length S (ring attention: every device has all keys' columns)."""
     q_shape, k_shape, v_shape = (_shape(a, n) for a, n in
                                  ((query, "query"), (key, "key"), (value, "value")))
     if len(q_shape) not in (3, 4):
@@ -181,7 +184,7 @@ def prepare(query, key, value, bias, mask, *, scale, is_causal, query_seq_length
             raise ValueError(f"softcap must be a positive number, got {softcap}")
     window_left, window_right = _window(local_window_size)
 
-    full = (B, N, T, S)
+    full = (B, N, T, S if key_columns is None else key_columns)
     if bias is not None:
         if not jnp.issubdtype(jnp.result_type(bias), jnp.floating):
             raise TypeError(f"bias must be a floating-point array, got {jnp.result_type(bias)}")

@@ -19,13 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax._src import core as _core  # mesh of the abstract values under shard_map
 from jax._src import dispatch  # apply_primitive (eager impl), devices during lowering
-from jax.experimental.custom_partitioning import custom_partitioning
 from jax.extend.core import Primitive
 from jax.interpreters import batching, mlir
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
-from jax_mfa import _native, _xla
+from jax_mfa import _native, _sharding, _xla
 
 from jax_mfa._arguments import Operands, Options, accumulation_dtype
 
@@ -79,61 +76,9 @@ def _kernel_call(kind: str, options: Options, backend: str, *args):
     return tuple(call(*args, **options.ffi_attributes()))
 
 
-def _batch_splits(kind: str, options: Options, shapes) -> bool:
-    """Whether the call may run on batch shards. Batch rows are independent,
-    except that a bias broadcast over the batch gets a gradient summed over all
-    rows (each shard would hold a partial sum)."""
-    B = shapes[0][0]
-    return not (kind == "bwd" and options.has_bias and shapes[3][0] == 1 and B > 1)
-
-
-def _batch_dims(shapes, splits: bool):
-    """Per array: True where its leading dim is the batch that may be split."""
-    B = shapes[0][0]
-    return [splits and len(s) > 0 and s[0] == B for s in shapes]
-
-
-def _sharding_rule(kind, options, backend, mesh, operand_types, result_types):
-    # Shardy rule: factor "b" for every leading batch dim; everything else must
-    # be replicated (keys are needed whole; masks use absolute positions).
-    shapes = [tuple(t.shape) for t in (*operand_types, *result_types)]
-    splits = _batch_splits(kind, options, shapes)
-    names, replicated = [], []
-    for shape, batch in zip(shapes, _batch_dims(shapes, splits)):
-        dims = []
-        for d in range(len(shape)):
-            if d == 0 and batch:
-                dims.append("b")
-            else:
-                replicated.append(f"f{len(replicated)}")
-                dims.append(replicated[-1])
-        names.append(" ".join(dims))
-    n = len(operand_types)
-    rule = ", ".join(names[:n]) + " -> " + ", ".join(names[n:])
-    return rule, {"need_replication_factors": tuple(replicated)}
-
-
-def _partition(kind, options, backend, mesh, arg_shapes, result_shape):
-    results = result_shape if isinstance(result_shape, (tuple, list)) else (result_shape,)
-    shapes = [a.shape for a in (*arg_shapes, *results)]
-    spec = arg_shapes[0].sharding.spec
-    axes = spec[0] if len(spec) and _batch_splits(kind, options, shapes) else None
-    shardings = [NamedSharding(mesh, P(axes) if batch else P())
-                 for batch in _batch_dims(shapes, axes is not None)]
-    n = len(arg_shapes)
-    lower = functools.partial(_kernel_call, kind, options, backend)
-    return mesh, lower, tuple(shardings[n:]), tuple(shardings[:n])
-
-
-def _infer_sharding(kind, options, backend, mesh, arg_shapes, result_shape):
-    return _partition(kind, options, backend, mesh, arg_shapes, result_shape)[2]
-
-
-# On several devices the kernels run per batch shard (custom partitioning);
-# on one device this is just the FFI call.
-_partitioned_call = custom_partitioning(_kernel_call, static_argnums=(0, 1, 2))
-_partitioned_call.def_partition(partition=_partition, infer_sharding_from_operands=_infer_sharding,
-                                sharding_rule=_sharding_rule)
+# On several devices the kernels run per shard (custom partitioning, see
+# jax_mfa/_sharding.py); on one device this is just the FFI call.
+_partitioned_call = _sharding.partitioned(_kernel_call)
 
 
 def _ffi_lowering(kind: str):

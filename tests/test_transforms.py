@@ -1,15 +1,11 @@
 """jax_mfa.attention under JAX transformations: numerical gradient checks, jit,
-grad, vmap (against Python loops, forward and gradients), sharded inputs (in a
-subprocess with 4 host devices), and agreement with the "xla" implementation
-and with jax.nn.dot_product_attention."""
+grad, vmap (against Python loops, forward and gradients), and agreement with
+the "xla" implementation and with jax.nn.dot_product_attention. Sharded inputs
+are tested in test_sharding.py."""
 
 from __future__ import annotations
 
 import functools
-import os
-import subprocess
-import sys
-import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -21,8 +17,6 @@ import jax_mfa
 import reference
 from support import (FLOAT64_IMPLEMENTATIONS, IMPLEMENTATIONS, dtype_for, random_array,
                       relative_error, same_impl_tolerance, to64)
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _inputs(rng, B, T, S, N, K, H, dtype=jnp.float64):
@@ -361,84 +355,6 @@ def test_vmap_of_vjp_function(impl, rng):
         assert_close(got[1][i], want[1], same_impl_tolerance(impl), "dk")
 
 
-# ----------------------------------------------------------------------------
-# Sharded inputs, in a subprocess with 4 host devices.
-
-SHARDING_SCRIPT = textwrap.dedent("""
-    import jax
-    jax.config.update("jax_enable_x64", True)
-    import jax.numpy as jnp
-    import numpy as np
-    from jax.sharding import NamedSharding, PartitionSpec as P
-    import jax_mfa
-
-    IMPL = {impl!r}
-    assert len(jax.devices()) == 4, jax.devices()
-    mesh = jax.make_mesh((4,), ("b",))
-    rng = np.random.default_rng(0)
-    B, T, S, N, K, H = 8, 37, 65, 4, 2, 16
-    q = jnp.asarray(rng.standard_normal((B, T, N, H)), jnp.float32)
-    k = jnp.asarray(rng.standard_normal((B, S, K, H)), jnp.float32)
-    v = jnp.asarray(rng.standard_normal((B, S, K, H)), jnp.float32)
-    bias = jnp.asarray(rng.standard_normal((B, N, T, S)), jnp.float32)
-    kl = jnp.asarray(rng.integers(1, S + 1, (B,)), jnp.int32)
-    w = jnp.asarray(rng.standard_normal((B, T, N, H)), jnp.float32)
-
-    def f(q, k, v, bias, kl):
-        return jax_mfa.attention(q, k, v, bias, key_value_seq_lengths=kl, is_causal=True,
-                                 implementation=IMPL)
-
-    def loss(q, k, v, bias, kl):
-        return jnp.sum(f(q, k, v, bias, kl) * w)
-
-    grad = jax.grad(loss, argnums=(0, 1, 2, 3))
-    want_out = f(q, k, v, bias, kl)
-    want_grads = grad(q, k, v, bias, kl)
-
-    sh = NamedSharding(mesh, P("b"))
-    qs, ks, vs, bs, kls = (jax.device_put(x, sh) for x in (q, k, v, bias, kl))
-    assert len(qs.sharding.device_set) == 4
-
-    def check(got, want, what):
-        got, want = np.asarray(got), np.asarray(want)
-        err = np.max(np.abs(got - want)) / np.max(np.abs(want))
-        assert err < 1e-6, (what, err)
-
-    out = jax.jit(f)(qs, ks, vs, bs, kls)
-    check(out, want_out, "jit out")
-    for i, g in enumerate(jax.jit(grad)(qs, ks, vs, bs, kls)):
-        check(g, want_grads[i], f"jit grad {{i}}")
-
-    # shard_map over the batch: each device runs the kernel on its 2 examples.
-    smap = jax.shard_map(f, mesh=mesh, in_specs=(P("b"),) * 5, out_specs=P("b"))
-    out = jax.jit(smap)(qs, ks, vs, bs, kls)
-    assert out.sharding.spec == P("b") or len(out.sharding.device_set) == 4
-    check(out, want_out, "shard_map out")
-
-    def smap_loss(q, k, v, bias, kl):
-        return jnp.sum(smap(q, k, v, bias, kl) * w)
-
-    for i, g in enumerate(jax.jit(jax.grad(smap_loss, argnums=(0, 1, 2, 3)))(
-            qs, ks, vs, bs, kls)):
-        check(g, want_grads[i], f"shard_map grad {{i}}")
-    print("SHARDING OK")
-""")
-
-
-@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
-def test_sharded_inputs(impl):
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
-                        " --xla_force_host_platform_device_count=4").strip()
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-    result = subprocess.run([sys.executable, "-c", SHARDING_SCRIPT.format(impl=impl)],
-                            capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
-    assert result.returncode == 0 and "SHARDING OK" in result.stdout, (
-        result.stdout[-3000:] + result.stderr[-3000:])
-
-
-# ----------------------------------------------------------------------------
 # Agreement with the "xla" implementation and with jax.nn.
 
 
