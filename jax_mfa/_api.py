@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 
-from jax_mfa import _native, _primitives, _xla
-from jax_mfa._arguments import prepare
+from jax_mfa import _blockwise, _jax_nn, _native, _primitives, _xla
+from jax_mfa._arguments import as_array, describe, prepare
 
 # Largest head dim each implementation accepts (None: no limit).
-MAX_HEAD_DIM = {"cpu": 512, "xla": None, "metal": 256, "metal-emulated": 256}
+MAX_HEAD_DIM = {"cpu": 512, "xla": None, "xla-blockwise": None, "metal": 256,
+                "metal-emulated": 256}
+
+# Plain-JAX implementations (every platform); the others are fused kernels.
+JAX_IMPLEMENTATIONS = ("xla", "xla-blockwise")
+
+# Which path the last call traced under a non-CPU platform took (diagnostics
+# for tests and benchmarks/bench_gpu.py): "jax.nn (cudnn)", "jax.nn (xla)",
+# "xla" or "xla-blockwise".
+last_route: str | None = None
 
 # Storage dtypes each implementation cannot run (Metal has no float64).
 UNSUPPORTED_DTYPES = {"metal": ("float64",), "metal-emulated": ("float64",)}
@@ -28,7 +39,7 @@ def available_implementations() -> tuple[str, ...]:
         names.append("metal")
     if "cpu" in registered:
         names.append("cpu")
-    names.append("xla")
+    names.extend(JAX_IMPLEMENTATIONS)
     # A slow verification path (the Metal kernels on the emulator): never the default.
     if "metal-emulated" in registered:
         names.append("metal-emulated")
@@ -42,7 +53,7 @@ def _resolve(implementation: str | None, work: int | None = None) -> str:
             return available[1]
         return available[0]
     if not isinstance(implementation, str):
-        raise TypeError(f"implementation must be a string or None, got {implementation!r}")
+        raise TypeError(f"implementation must be a string or None, got {describe(implementation)}")
     if implementation not in available:
         known = sorted(set(MAX_HEAD_DIM) | {"metal", "metal-emulated"})
         if implementation not in known:
@@ -63,6 +74,39 @@ def _work(query, key) -> int | None:
     except (AttributeError, TypeError, ValueError, IndexError):
         return None
     return (lead_q[0] if lead_q else 1) * N * T * S
+
+
+@contextlib.contextmanager
+def _forward_mode_errors(impl: str):
+    """JAX's error for jax.jvp of a custom-VJP function, naming jax_mfa instead."""
+    try:
+        yield
+    except TypeError as e:
+        if "forward-mode" not in str(e) or "custom_vjp" not in str(e):
+            raise
+        raise NotImplementedError(_primitives.FORWARD_MODE_MESSAGE.format(impl=impl)) from None
+
+
+def default_platform() -> str:
+    """The JAX platform calls run on by default ("cpu", "gpu", "tpu", ...)."""
+    return jax.default_backend()
+
+
+def _non_cpu_attention(ops, options, return_residual: bool):
+    """implementation=None under a GPU/TPU platform: jax.nn (cuDNN where it
+    applies) when it computes the same thing, else the materialising "xla" path
+    for small problems and the blockwise one for the rest."""
+    global last_route
+    if _jax_nn.agrees(options, return_residual):
+        routed = _jax_nn.attention(ops, options)
+        if routed is not None:
+            last_route = routed[1]
+            return routed[0], None
+    if _jax_nn.scores_bytes(ops) <= _jax_nn.XLA_SCORES_MAX_BYTES:
+        last_route = "xla"
+        return _xla.attention(ops, options)
+    last_route = "xla-blockwise"
+    return _blockwise.attention(ops, options)
 
 
 def attention(query, key, value, bias=None, mask=None, *, scale=None, is_causal=False,
@@ -94,7 +138,13 @@ def attention(query, key, value, bias=None, mask=None, *, scale=None, is_causal=
       The output, with query's shape and dtype; ``(out, lse)`` with
       ``return_residual=True``.
     """
-    impl = _resolve(implementation, _work(query, key))
+    query, key, value, bias, mask, query_seq_lengths, key_value_seq_lengths = (
+        as_array(x, name) for x, name in (
+            (query, "query"), (key, "key"), (value, "value"), (bias, "bias"), (mask, "mask"),
+            (query_seq_lengths, "query_seq_lengths"),
+            (key_value_seq_lengths, "key_value_seq_lengths")))
+    routed = implementation is None and default_platform() != "cpu"
+    impl = "xla-blockwise" if routed else _resolve(implementation, _work(query, key))
     dtype_name = getattr(getattr(query, "dtype", None), "name", None)
     if dtype_name in UNSUPPORTED_DTYPES.get(impl, ()):
         raise ValueError(f"implementation {impl!r} does not support {dtype_name} inputs; "
@@ -104,10 +154,16 @@ def attention(query, key, value, bias=None, mask=None, *, scale=None, is_causal=
         query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
         local_window_size=local_window_size, softcap=softcap,
         max_head_dim=MAX_HEAD_DIM.get(impl))
-    if impl == "xla" or (implementation is None and jax.default_backend() != "cpu"):
-        out, lse = _xla.attention(ops, options)
-    else:
-        out, lse = _primitives.attention(ops, options, impl)
+    with _forward_mode_errors(impl):
+        if routed:
+            out, lse = _non_cpu_attention(ops, options, return_residual)
+        elif impl == "xla":
+            out, lse = _xla.attention(ops, options)
+        elif impl == "xla-blockwise":
+            out, lse = _blockwise.attention(ops, options)
+        else:
+            out, lse = _primitives.attention(ops, options, impl)
     if was_3d:
-        out, lse = out[0], lse[0]
+        out = out[0]
+        lse = None if lse is None else lse[0]
     return (out, lse) if return_residual else out

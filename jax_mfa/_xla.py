@@ -2,7 +2,8 @@
 
 It materialises the (B, N, T, S) scores like ``jax.nn.dot_product_attention``
 and is differentiated by JAX itself. It serves as the comparison path and as the
-fallback on platforms the fused kernels do not run on (cuda, rocm, tpu).
+path for small problems on platforms the fused kernels do not run on (cuda,
+rocm, tpu) when jax.nn cannot express the call (see jax_mfa._api).
 """
 
 from __future__ import annotations
@@ -43,7 +44,10 @@ def attention(ops: Operands, opt: Options) -> tuple[jax.Array, jax.Array]:
     acc = accumulation_dtype(q.dtype)
     group = N // K
     qg = q.astype(acc).reshape(B, T, K, group, H)
-    logits = jnp.einsum("btkgh,bskh->bkgts", qg, k.astype(acc)).reshape(B, N, T, S)
+    # Full precision (GPUs would otherwise multiply float32 in TF32).
+    highest = jax.lax.Precision.HIGHEST
+    logits = jnp.einsum("btkgh,bskh->bkgts", qg, k.astype(acc),
+                        precision=highest).reshape(B, N, T, S)
     logits = logits * jnp.asarray(opt.scale, acc)
     if opt.softcap > 0:
         logits = opt.softcap * jnp.tanh(logits / opt.softcap)
@@ -61,6 +65,6 @@ def attention(ops: Operands, opt: Options) -> tuple[jax.Array, jax.Array]:
     has_key = denom != 0
     safe_denom = jnp.where(has_key, denom, 1)
     out = jnp.einsum("bkgts,bskh->btkgh", (p / safe_denom).reshape(B, K, group, T, S),
-                     v.astype(acc)).reshape(B, T, N, H)
+                     v.astype(acc), precision=highest).reshape(B, T, N, H)
     lse = jnp.where(has_key, row_max + jnp.log(safe_denom), -jnp.inf)[..., 0]  # (B, N, T)
     return out.astype(q.dtype), jnp.transpose(lse, (0, 2, 1))

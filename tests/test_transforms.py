@@ -19,7 +19,7 @@ from jax.test_util import check_grads
 
 import jax_mfa
 import reference
-from support import (FLOAT64_IMPLEMENTATIONS, IMPLEMENTATIONS, dtype_for, random_array,
+from support import (FLOAT64_IMPLEMENTATIONS, FUSED, IMPLEMENTATIONS, dtype_for, random_array,
                       relative_error, same_impl_tolerance, to64)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -179,8 +179,11 @@ def _vmap_setup(rng, case, dtype):
     return [q, k, v, bias, mask, ql, kl]
 
 
-@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
-@pytest.mark.parametrize("name", list(VMAP_CASES))
+# The batching rules are the fused primitives'; the blockwise implementation
+# (batched by JAX itself) runs two cases.
+@pytest.mark.parametrize("name, impl", [(n, i) for n in VMAP_CASES for i in FUSED] + [
+    (n, i) for n in ("q_only", "all_batched_axis_last") for i in IMPLEMENTATIONS
+    if i not in FUSED])
 def test_vmap(name, impl, rng):
     case = VMAP_CASES[name]
     axes = list(case["axes"])
@@ -310,8 +313,9 @@ def _vjp_everything(impl, mask, kl):
     return run
 
 
-@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
-@pytest.mark.parametrize("primal, cotangent", BATCHING_COMBINATIONS)
+@pytest.mark.parametrize("primal, cotangent, impl", [
+    (p, c, i) for p, c in BATCHING_COMBINATIONS for i in FUSED] + [
+    ("none", "both", i) for i in IMPLEMENTATIONS if i not in FUSED])
 def test_vmap_of_vjp(primal, cotangent, impl, rng):
     dtype = dtype_for(impl)
     batched = PRIMAL_BATCHING[primal] + COTANGENT_BATCHING[cotangent]
