@@ -131,8 +131,14 @@ def attention(query, key, value, bias=None, mask=None, *, scale=None, is_causal=
     Args:
       return_residual: also return the logsumexp, float32 ``(B, T, N)``
         (``(T, N)`` for 3-D inputs; float64 for float64 inputs), natural log.
-      implementation: None (best available), "cpu", "xla", or once available
-        "metal" / "metal-emulated"; see :func:`available_implementations`.
+      implementation: None (best available; on GPUs and TPUs jax.nn /
+        cuDNN where its semantics agree, see the README), "cpu", "xla",
+        "xla-blockwise" (FlashAttention in plain JAX, any platform), or where
+        available "metal" / "metal-emulated"; see :func:`available_implementations`.
+
+    Forward-mode autodiff and second derivatives are not supported except with
+    implementation="xla". NaN propagates as in jax.nn (an allowed NaN logit
+    makes its row NaN).
 
     Returns:
       The output, with query's shape and dtype; ``(out, lse)`` with

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jax_mfa import _xla
 from jax_mfa._arguments import Operands, Options, accumulation_dtype
 
 # Block sizes (upper bounds). A query block is further limited so that one
@@ -109,31 +110,23 @@ def _logits(ops: Operands, opt: Options, q_blk, i0, row_from, j0, key_from, keys
         s = s + _slice_broadcast(ops.bias, i0, rows, j0, keys, K, G)
     i = (i0 + jnp.arange(rows))[:, None]
     j = (j0 + jnp.arange(keys))[None, :]
-    allowed = (i >= row_from) & (j >= key_from)
-    if opt.is_causal:
-        allowed &= j <= i
-    if opt.window_left >= 0:
-        allowed &= j >= i - opt.window_left
-    if opt.window_right >= 0:
-        allowed &= j <= i + opt.window_right
-    allowed = allowed[None, None, None]
-    if opt.has_q_lengths:
-        allowed = allowed & (i < ops.q_lengths[:, None, None, None, None])
-    if opt.has_kv_lengths:
-        allowed = allowed & (j < ops.kv_lengths[:, None, None, None, None])
-    if opt.has_mask:
-        allowed = allowed & _slice_broadcast(ops.mask, i0, rows, j0, keys, K, G)
-    return lax.optimization_barrier(jnp.where(allowed, s, -jnp.inf)), t
+    mask = _slice_broadcast(ops.mask, i0, rows, j0, keys, K, G) if opt.has_mask else None
+    allowed = _xla.allowed_at(opt, i, j, ops.q_lengths, ops.kv_lengths, mask, ndim=5)
+    allowed = allowed & (i >= row_from) & (j >= key_from)
+    return jnp.where(allowed, s, -jnp.inf), t
+
+
+def _sizes(ops: Operands):
+    """(B, T, N, H, S, K, G, acc, blocks) of a call."""
+    B, T, N, H = ops.query.shape
+    S, K = ops.key.shape[1], ops.key.shape[2]
+    return B, T, N, H, S, K, N // K, accumulation_dtype(ops.query.dtype), _blocks(B, N, T, S)
 
 
 def forward(ops: Operands, opt: Options) -> tuple[jax.Array, jax.Array]:
     """(out (B, T, N, H), lse (B, T, N)) without the T x S scores."""
     q, v = ops.query, ops.value
-    B, T, N, H = q.shape
-    S, K = v.shape[1], v.shape[2]
-    G = N // K
-    acc = accumulation_dtype(q.dtype)
-    blocks = _blocks(B, N, T, S)
+    B, T, N, H, S, K, G, acc, blocks = _sizes(ops)
     R, C = blocks.rows, blocks.keys
     qg = q.reshape(B, T, K, G, H)
 
@@ -184,11 +177,7 @@ def backward(ops: Operands, opt: Options, lse, dout, delta):
     """(dq, dk, dv, dbias) from the residuals; delta = rowsum(dO * O) - dlse.
     dbias has the bias operand's (broadcast) shape, zeros without a bias."""
     q, k, v, bias = ops.query, ops.key, ops.value, ops.bias
-    B, T, N, H = q.shape
-    S, K = k.shape[1], k.shape[2]
-    G = N // K
-    acc = accumulation_dtype(q.dtype)
-    blocks = _blocks(B, N, T, S)
+    B, T, N, H, S, K, G, acc, blocks = _sizes(ops)
     R, C = blocks.rows, blocks.keys
     qg, dog = q.reshape(B, T, K, G, H), dout.reshape(B, T, K, G, H)
     # Per row (B, K, G, T): an empty row's lse (-inf) becomes +inf so P = 0.

@@ -14,26 +14,34 @@ import jax.numpy as jnp
 from jax_mfa._arguments import Operands, Options, accumulation_dtype
 
 
-def allowed_keys(ops: Operands, opt: Options, shape) -> jax.Array:
-    """Boolean (B, N|1, T, S) array: which keys each query row may attend to."""
-    B, T, N, S = shape
-    i = jnp.arange(T)[:, None]
-    j = jnp.arange(S)[None, :]
-    allowed = jnp.ones((T, S), bool)
+def allowed_at(opt: Options, i, j, q_lengths, kv_lengths, mask, ndim: int) -> jax.Array:
+    """Which keys each query row may attend to (the masking rules, in one place):
+    query positions i of shape (rows, 1), key positions j (1, keys), lengths
+    (B,), mask None or broadcastable to the result. A bool array of `ndim`
+    dims, the last two (rows, keys), the first the batch (or 1)."""
+    allowed = jnp.ones(jnp.broadcast_shapes(jnp.shape(i), jnp.shape(j)), bool)
     if opt.is_causal:
         allowed &= j <= i
     if opt.window_left >= 0:
         allowed &= j >= i - opt.window_left
     if opt.window_right >= 0:
         allowed &= j <= i + opt.window_right
-    allowed = allowed[None, None]
+    allowed = allowed.reshape((1,) * (ndim - 2) + allowed.shape)
+    per_batch = lambda x: x.reshape((-1,) + (1,) * (ndim - 1))  # noqa: E731
     if opt.has_q_lengths:
-        allowed = allowed & (i < ops.q_lengths[:, None, None, None])
+        allowed = allowed & (i < per_batch(q_lengths))
     if opt.has_kv_lengths:
-        allowed = allowed & (j < ops.kv_lengths[:, None, None, None])
+        allowed = allowed & (j < per_batch(kv_lengths))
     if opt.has_mask:
-        allowed = allowed & ops.mask
+        allowed = allowed & mask
     return allowed
+
+
+def allowed_keys(ops: Operands, opt: Options, shape) -> jax.Array:
+    """Boolean (B, N|1, T, S) array: which keys each query row may attend to."""
+    _, T, _, S = shape
+    return allowed_at(opt, jnp.arange(T)[:, None], jnp.arange(S)[None, :], ops.q_lengths,
+                      ops.kv_lengths, ops.mask, ndim=4)
 
 
 def attention(ops: Operands, opt: Options) -> tuple[jax.Array, jax.Array]:

@@ -13,6 +13,9 @@ from jax import export
 
 import jax_mfa
 from jax_mfa import _native
+
+# jax.export's serialization needs flatbuffers (in the project's test extra).
+pytest.importorskip("flatbuffers", reason="flatbuffers (pip install '.[test]') is not installed")
 from support import IMPLEMENTATIONS, FUSED, dtype_for, random_array, relative_error
 
 

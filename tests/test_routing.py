@@ -99,3 +99,15 @@ def test_explicit_implementation_is_kept(gpu_platform, rng):
     _api.last_route = None
     jax_mfa.attention(q, k, v, implementation="xla-blockwise")
     assert _api.last_route is None
+
+
+def test_bfloat16_route(gpu_platform, rng):
+    """Half precision takes the same route (cuDNN is tried first on NVIDIA GPUs)."""
+    (q, k, v), kw = _problem(rng, dict(mask=True, is_causal=True))
+    q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
+    got = jax_mfa.attention(q, k, v, **kw)
+    assert _api.last_route == "jax.nn (xla)" and got.dtype == jnp.bfloat16
+    want = jax_mfa.attention(*(x.astype(jnp.float32) for x in (q, k, v)), implementation="xla",
+                             **kw)
+    assert relative_error(got, want) <= 2e-2
+    assert np.all(np.asarray(got, np.float32)[0, 3] == 0)
