@@ -521,3 +521,26 @@ def test_jax_nn_agreement(name, impl, rng):
     g2, o2 = run(jax.nn.dot_product_attention)
     assert_close(np.asarray(o1)[valid], np.asarray(o2)[valid], 1e-5, "out")
     assert_tree_close(g1, g2, 2e-5, "grads")
+
+
+# ----------------------------------------------------------------------------
+# Forward mode and second derivatives: a clear error naming jax_mfa.
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_forward_mode_error_names_jax_mfa(impl, rng):
+    q, k, v = _inputs(rng, 1, 5, 4, 2, 1, 4, dtype_for(impl))
+
+    def f(q):
+        return jnp.sum(jax_mfa.attention(q, k, v, is_causal=True, implementation=impl))
+
+    transforms = {"jvp": lambda: jax.jvp(f, (q,), (q,)), "jacfwd": lambda: jax.jacfwd(f)(q)}
+    if impl in FUSED:  # the blockwise backward is plain JAX: JAX may differentiate it
+        transforms["hessian"] = lambda: jax.hessian(f)(q)
+        transforms["grad_of_grad"] = lambda: jax.grad(lambda a: jnp.sum(jax.grad(f)(a)))(q)
+    for name, run in transforms.items():
+        with pytest.raises(NotImplementedError,
+                           match=r"jax_mfa\.attention.*implementation=\"xla\""):
+            run()
+    # The suggested implementation does support them.
+    jax.hessian(lambda a: jnp.sum(jax_mfa.attention(a, k, v, implementation="xla")))(q)
