@@ -2,7 +2,8 @@
 
 It materialises the (B, N, T, S) scores like ``jax.nn.dot_product_attention``
 and is differentiated by JAX itself. It serves as the comparison path and as the
-fallback on platforms the fused kernels do not run on (cuda, rocm, tpu).
+path for small problems on platforms the fused kernels do not run on (cuda,
+rocm, tpu) when jax.nn cannot express the call (see jax_mfa._api).
 """
 
 from __future__ import annotations
@@ -13,28 +14,36 @@ import jax.numpy as jnp
 from jax_mfa._arguments import Operands, Options, accumulation_dtype
 
 
-def allowed_keys(ops: Operands, opt: Options, shape, q_start=0, k_start=0) -> jax.Array:
-    """Boolean (B, N|1, T, S) array: which keys each query row may attend to.
-    Rows and keys are at absolute positions q_start + i and k_start + j (a
-    block of a longer sequence, e.g. in ring attention)."""
-    B, T, N, S = shape
-    i = q_start + jnp.arange(T)[:, None]
-    j = k_start + jnp.arange(S)[None, :]
-    allowed = jnp.ones((T, S), bool)
+def allowed_at(opt: Options, i, j, q_lengths, kv_lengths, mask, ndim: int) -> jax.Array:
+    """Which keys each query row may attend to (the masking rules, in one place):
+    query positions i of shape (rows, 1), key positions j (1, keys), lengths
+    (B,), mask None or broadcastable to the result. A bool array of `ndim`
+    dims, the last two (rows, keys), the first the batch (or 1)."""
+    allowed = jnp.ones(jnp.broadcast_shapes(jnp.shape(i), jnp.shape(j)), bool)
     if opt.is_causal:
         allowed &= j <= i
     if opt.window_left >= 0:
         allowed &= j >= i - opt.window_left
     if opt.window_right >= 0:
         allowed &= j <= i + opt.window_right
-    allowed = allowed[None, None]
+    allowed = allowed.reshape((1,) * (ndim - 2) + allowed.shape)
+    per_batch = lambda x: x.reshape((-1,) + (1,) * (ndim - 1))  # noqa: E731
     if opt.has_q_lengths:
-        allowed = allowed & (i < ops.q_lengths[:, None, None, None])
+        allowed = allowed & (i < per_batch(q_lengths))
     if opt.has_kv_lengths:
-        allowed = allowed & (j < ops.kv_lengths[:, None, None, None])
+        allowed = allowed & (j < per_batch(kv_lengths))
     if opt.has_mask:
-        allowed = allowed & ops.mask
+        allowed = allowed & mask
     return allowed
+
+
+def allowed_keys(ops: Operands, opt: Options, shape, q_start=0, k_start=0) -> jax.Array:
+    """Boolean (B, N|1, T, S) array: which keys each query row may attend to.
+    Rows and keys are at absolute positions q_start + i and k_start + j (a
+    block of a longer sequence, e.g. in ring attention)."""
+    _, T, _, S = shape
+    return allowed_at(opt, q_start + jnp.arange(T)[:, None], k_start + jnp.arange(S)[None, :],
+                      ops.q_lengths, ops.kv_lengths, ops.mask, ndim=4)
 
 
 def _masked_logits(ops: Operands, opt: Options) -> jax.Array:
@@ -44,7 +53,9 @@ def _masked_logits(ops: Operands, opt: Options) -> jax.Array:
     S, K = k.shape[1], k.shape[2]
     acc = accumulation_dtype(q.dtype)
     qg = q.astype(acc).reshape(B, T, K, N // K, H)
-    logits = jnp.einsum("btkgh,bskh->bkgts", qg, k.astype(acc)).reshape(B, N, T, S)
+    # Full precision (GPUs would otherwise multiply float32 in TF32).
+    logits = jnp.einsum("btkgh,bskh->bkgts", qg, k.astype(acc),
+                        precision=jax.lax.Precision.HIGHEST).reshape(B, N, T, S)
     logits = logits * jnp.asarray(opt.scale, acc)
     if opt.softcap > 0:
         logits = opt.softcap * jnp.tanh(logits / opt.softcap)
@@ -57,7 +68,8 @@ def _weighted_values(p, v) -> jax.Array:
     """(B, T, N, H) = sum over keys of p (B, N, T, S) times v (B, S, K, H)."""
     B, N, T, S = p.shape
     K, H = v.shape[2], v.shape[3]
-    out = jnp.einsum("bkgts,bskh->btkgh", p.reshape(B, K, N // K, T, S), v.astype(p.dtype))
+    out = jnp.einsum("bkgts,bskh->btkgh", p.reshape(B, K, N // K, T, S), v.astype(p.dtype),
+                     precision=jax.lax.Precision.HIGHEST)
     return out.reshape(B, T, N, H)
 
 

@@ -15,7 +15,7 @@ from jax.test_util import check_grads
 
 import jax_mfa
 import reference
-from support import (FLOAT64_IMPLEMENTATIONS, IMPLEMENTATIONS, dtype_for, random_array,
+from support import (FLOAT64_IMPLEMENTATIONS, FUSED, IMPLEMENTATIONS, dtype_for, random_array,
                       relative_error, same_impl_tolerance, to64)
 
 
@@ -173,8 +173,11 @@ def _vmap_setup(rng, case, dtype):
     return [q, k, v, bias, mask, ql, kl]
 
 
-@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
-@pytest.mark.parametrize("name", list(VMAP_CASES))
+# The batching rules are the fused primitives'; the blockwise implementation
+# (batched by JAX itself) runs two cases.
+@pytest.mark.parametrize("name, impl", [(n, i) for n in VMAP_CASES for i in FUSED] + [
+    (n, i) for n in ("q_only", "all_batched_axis_last") for i in IMPLEMENTATIONS
+    if i not in FUSED])
 def test_vmap(name, impl, rng):
     case = VMAP_CASES[name]
     axes = list(case["axes"])
@@ -304,8 +307,9 @@ def _vjp_everything(impl, mask, kl):
     return run
 
 
-@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
-@pytest.mark.parametrize("primal, cotangent", BATCHING_COMBINATIONS)
+@pytest.mark.parametrize("primal, cotangent, impl", [
+    (p, c, i) for p, c in BATCHING_COMBINATIONS for i in FUSED] + [
+    ("none", "both", i) for i in IMPLEMENTATIONS if i not in FUSED])
 def test_vmap_of_vjp(primal, cotangent, impl, rng):
     dtype = dtype_for(impl)
     batched = PRIMAL_BATCHING[primal] + COTANGENT_BATCHING[cotangent]
@@ -433,3 +437,26 @@ def test_jax_nn_agreement(name, impl, rng):
     g2, o2 = run(jax.nn.dot_product_attention)
     assert_close(np.asarray(o1)[valid], np.asarray(o2)[valid], 1e-5, "out")
     assert_tree_close(g1, g2, 2e-5, "grads")
+
+
+# ----------------------------------------------------------------------------
+# Forward mode and second derivatives: a clear error naming jax_mfa.
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_forward_mode_error_names_jax_mfa(impl, rng):
+    q, k, v = _inputs(rng, 1, 5, 4, 2, 1, 4, dtype_for(impl))
+
+    def f(q):
+        return jnp.sum(jax_mfa.attention(q, k, v, is_causal=True, implementation=impl))
+
+    transforms = {"jvp": lambda: jax.jvp(f, (q,), (q,)), "jacfwd": lambda: jax.jacfwd(f)(q)}
+    if impl in FUSED:  # the blockwise backward is plain JAX: JAX may differentiate it
+        transforms["hessian"] = lambda: jax.hessian(f)(q)
+        transforms["grad_of_grad"] = lambda: jax.grad(lambda a: jnp.sum(jax.grad(f)(a)))(q)
+    for name, run in transforms.items():
+        with pytest.raises(NotImplementedError,
+                           match=r"jax_mfa\.attention.*implementation=\"xla\""):
+            run()
+    # The suggested implementation does support them.
+    jax.hessian(lambda a: jnp.sum(jax_mfa.attention(a, k, v, implementation="xla")))(q)
