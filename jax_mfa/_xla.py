@@ -42,8 +42,11 @@ def allowed_keys(ops: Operands, opt: Options, shape, q_start=0, k_start=0) -> ja
     Rows and keys are at absolute positions q_start + i and k_start + j (a
     block of a longer sequence, e.g. in ring attention)."""
     _, T, _, S = shape
+    # ops may be None when only the structural rules (causal, window) are on.
+    q_lengths, kv_lengths, mask = (None, None, None) if ops is None else (
+        ops.q_lengths, ops.kv_lengths, ops.mask)
     return allowed_at(opt, q_start + jnp.arange(T)[:, None], k_start + jnp.arange(S)[None, :],
-                      ops.q_lengths, ops.kv_lengths, ops.mask, ndim=4)
+                      q_lengths, kv_lengths, mask, ndim=4)
 
 
 def _masked_logits(ops: Operands, opt: Options) -> jax.Array:
