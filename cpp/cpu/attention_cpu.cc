@@ -17,8 +17,12 @@
 // float accumulator; the accumulators are summed at the end of each chunk of
 // heads. No atomics, no races: every output element has one writer.
 //
-// float16/bfloat16 inputs are converted to float once per call (per chunk of
-// heads), float64 runs in float64 throughout.
+// bfloat16 forward on CPUs with AVX512-BF16: keys and values are repacked
+// (not converted) once per chunk of heads and the tile products run on the
+// bfloat16 dot-product instruction (cpu_bf16.h), P rounded to bfloat16 for
+// P V, accumulation and softmax in float. Otherwise float16/bfloat16 inputs
+// are converted to float once per call (per chunk of heads); float64 runs in
+// float64 throughout.
 #include "cpu/attention_cpu.h"
 
 #include <algorithm>
@@ -39,6 +43,7 @@
 #endif
 
 #include "common/half_types.h"
+#include "cpu/cpu_bf16.h"
 #include "cpu/cpu_blas.h"
 #include "cpu/cpu_simd.h"
 
@@ -158,15 +163,22 @@ inline int64_t now_ns() {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(
              std::chrono::steady_clock::now().time_since_epoch()).count();
 }
-// A GEMM call, timed per call site when profiling.
+// A tile product (M x N x K) run by `product`, timed per call site when
+// profiling.
+template <typename Product>
+inline void timed(Profile* prof, int site, int64_t M, int64_t N, int64_t K,
+                  const Product& product) {
+  if (!prof) return product();
+  const int64_t t0 = now_ns();
+  product();
+  prof->gemm_ns[site] += now_ns() - t0;
+  prof->gemm_flops[site] += 2 * M * N * K;
+}
+// A BLAS GEMM call, timed per call site when profiling.
 template <typename... Rest>
 inline void timed_gemm(Profile* prof, int site, bool ta, bool tb, int64_t M, int64_t N,
                        int64_t K, Rest... rest) {
-  if (!prof) return gemm(ta, tb, M, N, K, rest...);
-  const int64_t t0 = now_ns();
-  gemm(ta, tb, M, N, K, rest...);
-  prof->gemm_ns[site] += now_ns() - t0;
-  prof->gemm_flops[site] += 2 * M * N * K;
+  timed(prof, site, M, N, K, [&] { gemm(ta, tb, M, N, K, rest...); });
 }
 
 // ---------------------------------------------------------------------------
@@ -328,8 +340,13 @@ void forward_typed(const AttentionProblem& p, const ForwardBuffers& buf, TaskRun
   // edge cuts through are split into row sub-tiles (see `ragged` below).
   const TileShape tile = tile_shape(false, H, {256, H <= 128 ? 256 : 128});
   const int64_t Tq = std::max<int64_t>(1, tile.rows / G), rows_max = Tq * G;
-  const int64_t Bk = tile.cols;
+  // bfloat16 dot products (see the top of this file) pair up keys: key
+  // blocks then start at even keys.
+  const bool dot = std::is_same_v<T, BFloat> && cpu::bf16_dot_available();
+  const int64_t Bk = dot ? (tile.cols + 1) / 2 * 2 : tile.cols;
   const int64_t QB = ceil_div(T_, Tq), pairs = B * K;
+  const int64_t hpairs = (H + 1) / 2, kpairs_max = Bk / 2;  // words per row of Q, of P
+  const int64_t Sld = (S_ + 15) / 16 * 16, Vpairs = (S_ + 1) / 2;  // packed K^T row, V rows
 
   // Too few tasks for the cores (decoding): also split the key range.
   const int64_t threads = helpers_for(runner, std::numeric_limits<int64_t>::max()) + 1;
@@ -343,14 +360,29 @@ void forward_typed(const AttentionProblem& p, const ForwardBuffers& buf, TaskRun
   const int64_t per_pair = 2 * S_ * H * int64_t(sizeof(Acc));
   const int64_t chunk = direct ? pairs : std::clamp<int64_t>((64 << 20) / per_pair, 1, pairs);
   std::vector<Acc> kbuf, vbuf, part;
+  std::vector<uint32_t> kpack, vpack;  // pair layouts (cpu_bf16.h) of K^T and V, per pair
   if (SP > 1) part.resize(size_t(std::min(chunk, pairs) * QB * SP * rows_max * (H + 2)));
 
   for (int64_t p0 = 0; p0 < pairs; p0 += chunk) {
     const int64_t p1 = std::min(pairs, p0 + chunk), cp = p1 - p0;
-    const Rows<Acc> kv = stage<T, Acc>(static_cast<const T*>(buf.k), S_, K, 1, H, p0, p1, kbuf,
-                                       runner, ops);
-    const Rows<Acc> vv = stage<T, Acc>(static_cast<const T*>(buf.v), S_, K, 1, H, p0, p1, vbuf,
-                                       runner, ops);
+    Rows<Acc> kv, vv;
+    if (dot) {
+      kpack.resize(size_t(cp * hpairs * Sld));
+      vpack.resize(size_t(cp * Vpairs * H));
+      const int64_t block = 512, blocks = ceil_div(S_, block);
+      parallel_for_slots(runner, cp * blocks, helpers_for(runner, cp * blocks),
+                         [&](int64_t, int64_t task) {
+        const int64_t pl = task / blocks, s0 = (task % blocks) * block;
+        const int64_t n = std::min(block, S_ - s0), b = (p0 + pl) / K, kvh = (p0 + pl) % K;
+        const uint16_t* ks = reinterpret_cast<const uint16_t*>(buf.k) + ((b * S_ + s0) * K + kvh) * H;
+        const uint16_t* vs = reinterpret_cast<const uint16_t*>(buf.v) + ((b * S_ + s0) * K + kvh) * H;
+        cpu::pack_pairs_transposed(ks, K * H, n, H, kpack.data() + pl * hpairs * Sld + s0, Sld);
+        cpu::pack_pairs(vs, K * H, n, H, vpack.data() + (pl * Vpairs + s0 / 2) * H, H);
+      });
+    } else {
+      kv = stage<T, Acc>(static_cast<const T*>(buf.k), S_, K, 1, H, p0, p1, kbuf, runner, ops);
+      vv = stage<T, Acc>(static_cast<const T*>(buf.v), S_, K, 1, H, p0, p1, vbuf, runner, ops);
+    }
     const int64_t ntasks = cp * QB * SP;
     parallel_for_slots(runner, ntasks, helpers_for(runner, ntasks), [&](int64_t, int64_t task) {
       const int64_t task_start = prof ? now_ns() : 0;
@@ -362,6 +394,7 @@ void forward_typed(const AttentionProblem& p, const ForwardBuffers& buf, TaskRun
       const Rules<Acc> rules{p, static_cast<const Acc*>(buf.bias), buf.mask,
                              p.q_valid(buf.q_lengths, b), p.kv_valid(buf.kv_lengths, b), G};
       Span span = key_span_clamped(p, t0, tq, rules.q_valid, rules.kv_valid);
+      if (dot) span.begin &= ~int64_t(1);  // the extra key is masked by `rules`
       if (SP > 1) {
         const int64_t per = ceil_div(ceil_div(span.end - span.begin, Bk), SP) * Bk;
         const int64_t cb = std::min(span.end, span.begin + sp * per);
@@ -376,17 +409,39 @@ void forward_typed(const AttentionProblem& p, const ForwardBuffers& buf, TaskRun
       std::fill(acc, acc + rows * H, Acc(0));
       std::fill(m, m + rows, neg_inf);
       std::fill(l, l + rows, Acc(0));
-      if (!span.empty())  // G heads of a position are contiguous: one run of G*H
+      uint32_t* Qw = dot ? scratch<uint32_t>(7, rows_max * hpairs) : nullptr;
+      uint32_t* Pw = dot ? scratch<uint32_t>(8, rows_max * kpairs_max) : nullptr;
+      if (span.empty()) {
+      } else if (dot) {  // bfloat16 rows, padded to an even length with 0
+        for (int64_t r = 0; r < rows; ++r) {
+          const uint16_t* src = reinterpret_cast<const uint16_t*>(
+              q + ((b * T_ + t0 + r / G) * N + kvh * G + r % G) * H);
+          uint16_t* dst = reinterpret_cast<uint16_t*>(Qw + r * hpairs);
+          std::memcpy(dst, src, size_t(H) * 2);
+          if (H % 2) dst[H] = 0;
+        }
+      } else {  // G heads of a position are contiguous: one run of G*H
         for (int64_t t = 0; t < tq; ++t)
           convert(q + ((b * T_ + t0 + t) * N + kvh * G) * H, Qs + t * G * H, G * H, ops);
+      }
+      const uint32_t* Kw = dot ? kpack.data() + pl * hpairs * Sld : nullptr;
+      const uint32_t* Vw = dot ? vpack.data() + pl * Vpairs * H : nullptr;
 
       // One tile: query positions [u0, u0 + uq) (stacked rows from
       // (u0 - t0) * G), keys [j0, j0 + cols).
       auto tile = [&](int64_t u0, int64_t uq, int64_t j0, int64_t cols) {
         const int64_t r0 = (u0 - t0) * G, nr = uq * G;
         Acc* a = acc + r0 * H;
-        timed_gemm(prof, 0, false, true, nr, cols, H, scale, Qs + r0 * H, H, kv.at(b, kvh, j0),
-                   kv.sp, Acc(0), Sb, Bk);
+        if constexpr (std::is_same_v<Acc, float>) {
+          if (dot)
+            timed(prof, 0, nr, cols, H, [&] {
+              cpu::bf16_gemm(nr, cols, hpairs, scale, Qw + r0 * hpairs, hpairs, Kw + j0, Sld,
+                             false, Sb, Bk);
+            });
+        }
+        if (!dot)
+          timed_gemm(prof, 0, false, true, nr, cols, H, scale, Qs + r0 * H, H, kv.at(b, kvh, j0),
+                     kv.sp, Acc(0), Sb, Bk);
         if (!rules.plain(u0, uq, j0, cols)) rules.apply(b, kvh, u0, uq, j0, cols, Sb, Bk, th);
         for (int64_t r = 0; r < nr; ++r) {  // online softmax
           Acc* s = Sb + r * Bk;
@@ -401,8 +456,22 @@ void forward_typed(const AttentionProblem& p, const ForwardBuffers& buf, TaskRun
           mr = row_m;
           if (alpha != Acc(1)) row_scale(a + r * H, H, alpha, ops);
         }
-        timed_gemm(prof, 1, false, false, nr, H, cols, Acc(1), Sb, Bk, vv.at(b, kvh, j0), vv.sp,
-                   Acc(1), a, H);
+        if constexpr (std::is_same_v<Acc, float>) {
+          if (dot) {  // P to bfloat16 pairs (a 0 pads an odd count), then P V
+            const int64_t kp = (cols + 1) / 2;
+            for (int64_t r = 0; r < nr; ++r) {
+              uint16_t* pr = reinterpret_cast<uint16_t*>(Pw + r * kpairs_max);
+              ops.float_to_bfloat(Sb + r * Bk, pr, cols, 1.0f);
+              if (cols % 2) pr[cols] = 0;
+            }
+            timed(prof, 1, nr, H, cols, [&] {
+              cpu::bf16_gemm(nr, H, kp, 1.0f, Pw, kpairs_max, Vw + (j0 / 2) * H, H, true, a, H);
+            });
+          }
+        }
+        if (!dot)
+          timed_gemm(prof, 1, false, false, nr, H, cols, Acc(1), Sb, Bk, vv.at(b, kvh, j0),
+                     vv.sp, Acc(1), a, H);
       };
       const int64_t sub = std::max<int64_t>(1, 64 / G);  // positions per sub-tile
       for (int64_t j0 = span.begin; j0 < span.end; j0 += Bk) {
@@ -420,7 +489,9 @@ void forward_typed(const AttentionProblem& p, const ForwardBuffers& buf, TaskRun
         for (int64_t u0 = t0; u0 < t0 + tq; u0 += sub) {
           const int64_t uq = std::min(sub, t0 + tq - u0);
           const Span us = key_span_clamped(p, u0, uq, rules.q_valid, rules.kv_valid);
-          const int64_t lo = std::max(j0, us.begin), hi = std::min(j0 + cols, us.end);
+          int64_t lo = std::max(j0, us.begin);
+          const int64_t hi = std::min(j0 + cols, us.end);
+          if (dot) lo &= ~int64_t(1);  // j0 is even: lo stays in the tile
           if (lo < hi) tile(u0, uq, lo, hi - lo);
         }
       }

@@ -1,0 +1,129 @@
+#include "cpu/cpu_bf16.h"
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+#define JAX_MFA_X86 1
+#include <immintrin.h>
+#endif
+
+namespace jax_mfa {
+namespace cpu {
+
+bool bf16_dot_available() {
+#ifdef JAX_MFA_X86
+  static const bool cpu_has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512bf16");
+  }();
+  if (!cpu_has) return false;
+  const char* off = std::getenv("JAX_MFA_BF16_DOT");
+  if (off && std::strcmp(off, "0") == 0) return false;
+  // Forcing the row operations below AVX-512 forces this off too.
+  const char* simd = std::getenv("JAX_MFA_SIMD");
+  return !(simd && (std::strcmp(simd, "scalar") == 0 || std::strcmp(simd, "avx2") == 0));
+#else
+  return false;
+#endif
+}
+
+void pack_pairs_transposed(const uint16_t* src, int64_t src_stride, int64_t N, int64_t K,
+                           uint32_t* dst, int64_t ld) {
+  const int64_t pairs = (K + 1) / 2;
+  for (int64_t n = 0; n < N; ++n) {
+    const uint16_t* row = src + n * src_stride;
+    for (int64_t kp = 0; kp < pairs; ++kp) {
+      const uint32_t hi = 2 * kp + 1 < K ? row[2 * kp + 1] : 0;
+      dst[kp * ld + n] = uint32_t(row[2 * kp]) | (hi << 16);
+    }
+  }
+}
+
+void pack_pairs(const uint16_t* src, int64_t src_stride, int64_t K, int64_t N, uint32_t* dst,
+                int64_t ld) {
+  for (int64_t k = 0; k < K; k += 2) {
+    const uint16_t* lo = src + k * src_stride;
+    const uint16_t* hi = k + 1 < K ? lo + src_stride : nullptr;
+    uint32_t* d = dst + (k / 2) * ld;
+    if (hi)
+      for (int64_t n = 0; n < N; ++n) d[n] = uint32_t(lo[n]) | (uint32_t(hi[n]) << 16);
+    else
+      for (int64_t n = 0; n < N; ++n) d[n] = lo[n];
+  }
+}
+
+#ifdef JAX_MFA_X86
+namespace {
+
+#define BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+
+// One register block: MR rows x NV vectors of 16 columns (the last one masked
+// by `last`). MR * NV accumulators stay in registers across the whole K loop;
+// each B vector is loaded once per pair and reused by the MR rows.
+template <int MR, int NV>
+BF16_TARGET void block(int64_t pairs, float alpha, const uint32_t* A, int64_t lda,
+                       const uint32_t* B, int64_t ldb, bool accumulate, float* C, int64_t ldc,
+                       __mmask16 last) {
+  __m512 c[MR][NV];
+  for (int m = 0; m < MR; ++m)
+    for (int v = 0; v < NV; ++v) c[m][v] = _mm512_setzero_ps();
+  for (int64_t kp = 0; kp < pairs; ++kp) {
+    const uint32_t* b = B + kp * ldb;
+    __m512i bv[NV];
+    for (int v = 0; v < NV; ++v)
+      bv[v] = v == NV - 1 ? _mm512_maskz_loadu_epi32(last, b + 16 * v)
+                          : _mm512_loadu_si512(reinterpret_cast<const void*>(b + 16 * v));
+    for (int m = 0; m < MR; ++m) {
+      const __m512i a = _mm512_set1_epi32(int(A[m * lda + kp]));
+      for (int v = 0; v < NV; ++v)
+        c[m][v] = _mm512_dpbf16_ps(c[m][v], (__m512bh)a, (__m512bh)bv[v]);
+    }
+  }
+  const __m512 al = _mm512_set1_ps(alpha);
+  for (int m = 0; m < MR; ++m)
+    for (int v = 0; v < NV; ++v) {
+      const __mmask16 k = v == NV - 1 ? last : __mmask16(0xffff);
+      float* out = C + m * ldc + 16 * v;
+      __m512 r = _mm512_mul_ps(c[m][v], al);
+      if (accumulate) r = _mm512_add_ps(r, _mm512_maskz_loadu_ps(k, out));
+      _mm512_mask_storeu_ps(out, k, r);
+    }
+}
+
+constexpr int kMaxRows = 6, kMaxVectors = 4;  // 24 accumulators of 32 registers
+using BlockFn = void (*)(int64_t, float, const uint32_t*, int64_t, const uint32_t*, int64_t,
+                         bool, float*, int64_t, __mmask16);
+
+template <int MR>
+constexpr BlockFn row_of[kMaxVectors] = {block<MR, 1>, block<MR, 2>, block<MR, 3>, block<MR, 4>};
+constexpr const BlockFn* kBlocks[kMaxRows] = {row_of<1>, row_of<2>, row_of<3>,
+                                              row_of<4>, row_of<5>, row_of<6>};
+
+}  // namespace
+
+void bf16_gemm(int64_t M, int64_t N, int64_t pairs, float alpha, const uint32_t* A, int64_t lda,
+               const uint32_t* B, int64_t ldb, bool accumulate, float* C, int64_t ldc) {
+  // Column panels of B (pairs x 64 words) stay in L1 while all rows pass.
+  for (int64_t n0 = 0; n0 < N; n0 += 16 * kMaxVectors) {
+    const int64_t width = std::min<int64_t>(16 * kMaxVectors, N - n0);
+    const int64_t nv = (width + 15) / 16, tail = width - 16 * (nv - 1);
+    const __mmask16 last = __mmask16((1u << tail) - 1);
+    for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
+      const int64_t mr = std::min<int64_t>(kMaxRows, M - m0);
+      kBlocks[mr - 1][nv - 1](pairs, alpha, A + m0 * lda, lda, B + n0, ldb, accumulate,
+                              C + m0 * ldc + n0, ldc, last);
+    }
+  }
+}
+#else
+void bf16_gemm(int64_t, int64_t, int64_t, float, const uint32_t*, int64_t, const uint32_t*,
+               int64_t, bool, float*, int64_t) {
+  std::abort();  // bf16_dot_available() is false here
+}
+#endif
+
+}  // namespace cpu
+}  // namespace jax_mfa
