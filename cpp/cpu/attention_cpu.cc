@@ -342,7 +342,7 @@ void forward_typed(const AttentionProblem& p, const ForwardBuffers& buf, TaskRun
   const int64_t Tq = std::max<int64_t>(1, tile.rows / G), rows_max = Tq * G;
   // bfloat16 dot products (see the top of this file) pair up keys: key
   // blocks then start at even keys.
-  const bool dot = std::is_same_v<T, BFloat> && cpu::bf16_dot_available();
+  const bool dot = std::is_same_v<T, BFloat> && ops.exp_sum_to_bfloat && cpu::bf16_dot_available();
   const int64_t Bk = dot ? (tile.cols + 1) / 2 * 2 : tile.cols;
   const int64_t QB = ceil_div(T_, Tq), pairs = B * K;
   const int64_t hpairs = (H + 1) / 2, kpairs_max = Bk / 2;  // words per row of Q, of P
@@ -449,21 +449,26 @@ void forward_typed(const AttentionProblem& p, const ForwardBuffers& buf, TaskRun
           const Acc row_m = std::max(mr, row_max(s, cols, ops));
           if (row_m == neg_inf) {  // nothing allowed yet in this row
             std::fill(s, s + cols, Acc(0));
+            if (dot) std::fill_n(Pw + r * kpairs_max, (cols + 1) / 2, 0u);
             continue;
           }
           const Acc alpha = std::exp(mr - row_m);  // 0 when m was -inf
-          l[r0 + r] = l[r0 + r] * alpha + row_exp_sum(s, cols, row_m, ops);
+          Acc sum;
+          if constexpr (std::is_same_v<Acc, float>) {
+            if (dot) {  // P straight to bfloat16 for P V (an odd count padded with 0)
+              uint16_t* pr = reinterpret_cast<uint16_t*>(Pw + r * kpairs_max);
+              sum = ops.exp_sum_to_bfloat(s, pr, cols, row_m);
+              if (cols % 2) pr[cols] = 0;
+            }
+          }
+          if (!dot) sum = row_exp_sum(s, cols, row_m, ops);
+          l[r0 + r] = l[r0 + r] * alpha + sum;
           mr = row_m;
           if (alpha != Acc(1)) row_scale(a + r * H, H, alpha, ops);
         }
         if constexpr (std::is_same_v<Acc, float>) {
-          if (dot) {  // P to bfloat16 pairs (a 0 pads an odd count), then P V
+          if (dot) {
             const int64_t kp = (cols + 1) / 2;
-            for (int64_t r = 0; r < nr; ++r) {
-              uint16_t* pr = reinterpret_cast<uint16_t*>(Pw + r * kpairs_max);
-              ops.float_to_bfloat(Sb + r * Bk, pr, cols, 1.0f);
-              if (cols % 2) pr[cols] = 0;
-            }
             timed(prof, 1, nr, H, cols, [&] {
               cpu::bf16_gemm(nr, H, kp, 1.0f, Pw, kpairs_max, Vw + (j0 / 2) * H, H, true, a, H);
             });

@@ -21,10 +21,7 @@ bool bf16_dot_available() {
   }();
   if (!cpu_has) return false;
   const char* off = std::getenv("JAX_MFA_BF16_DOT");
-  if (off && std::strcmp(off, "0") == 0) return false;
-  // Forcing the row operations below AVX-512 forces this off too.
-  const char* simd = std::getenv("JAX_MFA_SIMD");
-  return !(simd && (std::strcmp(simd, "scalar") == 0 || std::strcmp(simd, "avx2") == 0));
+  return !(off && std::strcmp(off, "0") == 0);
 #else
   return false;
 #endif
@@ -59,6 +56,9 @@ void pack_pairs(const uint16_t* src, int64_t src_stride, int64_t K, int64_t N, u
 namespace {
 
 #define BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+// The register block's loops must be unrolled for the accumulators to live in
+// registers (GCC -O2 keeps them in memory otherwise).
+#define UNROLL _Pragma("GCC unroll 8")
 
 // One register block: MR rows x NV vectors of 16 columns (the last one masked
 // by `last`). MR * NV accumulators stay in registers across the whole K loop;
@@ -68,23 +68,23 @@ BF16_TARGET void block(int64_t pairs, float alpha, const uint32_t* A, int64_t ld
                        const uint32_t* B, int64_t ldb, bool accumulate, float* C, int64_t ldc,
                        __mmask16 last) {
   __m512 c[MR][NV];
-  for (int m = 0; m < MR; ++m)
-    for (int v = 0; v < NV; ++v) c[m][v] = _mm512_setzero_ps();
+  UNROLL for (int m = 0; m < MR; ++m)
+    UNROLL for (int v = 0; v < NV; ++v) c[m][v] = _mm512_setzero_ps();
   for (int64_t kp = 0; kp < pairs; ++kp) {
     const uint32_t* b = B + kp * ldb;
     __m512i bv[NV];
-    for (int v = 0; v < NV; ++v)
+    UNROLL for (int v = 0; v < NV; ++v)
       bv[v] = v == NV - 1 ? _mm512_maskz_loadu_epi32(last, b + 16 * v)
                           : _mm512_loadu_si512(reinterpret_cast<const void*>(b + 16 * v));
-    for (int m = 0; m < MR; ++m) {
+    UNROLL for (int m = 0; m < MR; ++m) {
       const __m512i a = _mm512_set1_epi32(int(A[m * lda + kp]));
-      for (int v = 0; v < NV; ++v)
+      UNROLL for (int v = 0; v < NV; ++v)
         c[m][v] = _mm512_dpbf16_ps(c[m][v], (__m512bh)a, (__m512bh)bv[v]);
     }
   }
   const __m512 al = _mm512_set1_ps(alpha);
-  for (int m = 0; m < MR; ++m)
-    for (int v = 0; v < NV; ++v) {
+  UNROLL for (int m = 0; m < MR; ++m)
+    UNROLL for (int v = 0; v < NV; ++v) {
       const __mmask16 k = v == NV - 1 ? last : __mmask16(0xffff);
       float* out = C + m * ldc + 16 * v;
       __m512 r = _mm512_mul_ps(c[m][v], al);
