@@ -32,6 +32,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <ctime>
 #include <limits>
 #include <memory>
 #include <thread>
@@ -131,8 +132,22 @@ TileShape tile_shape(bool backward, int64_t H, TileShape dflt) {
 }
 
 // ---------------------------------------------------------------------------
-// Optional timing breakdown (JAX_MFA_PROFILE=1): thread-summed time in the
-// tile GEMMs, per pass, printed to stderr after each call.
+// The calling thread's CPU time where the OS reports it (Linux), else wall
+// time: on a shared machine, CPU time keeps the rates independent of how
+// long other processes hold the cores.
+inline int64_t now_cpu_ns() {
+#if defined(__linux__)
+  timespec ts;
+  if (clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts) == 0)
+    return int64_t(ts.tv_sec) * 1000000000 + ts.tv_nsec;
+#endif
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+// Optional timing breakdown (JAX_MFA_PROFILE=1): thread-summed CPU time of
+// the tasks and of the tile products, per pass, printed to stderr after each
+// call.
 struct Profile {
   static constexpr int kSites = 8;
   static bool enabled() {
@@ -142,36 +157,44 @@ struct Profile {
     }();
     return on;
   }
+  static constexpr int kSlots = 8;
   std::atomic<int64_t> gemm_ns[kSites] = {}, gemm_flops[kSites] = {}, total_ns{0};
+  // Tasks run by each participating thread: a helper that XLA's pool starts
+  // late shows up as a lopsided split.
+  std::atomic<int64_t> tasks_by_slot[kSlots] = {};
+  void task_done(int64_t slot, int64_t start_ns) {
+    total_ns += now_cpu_ns() - start_ns;
+    tasks_by_slot[std::min<int64_t>(slot, kSlots - 1)] += 1;
+  }
   std::chrono::steady_clock::time_point start = std::chrono::steady_clock::now();
   void report(const char* what, int64_t threads, const char* const* names) {
     const double wall =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     int64_t g = 0;
     for (auto& x : gemm_ns) g += x.load();
-    std::fprintf(stderr, "jax_mfa %s: wall %.1f ms, %lld threads, task time %.1f ms, GEMM %.0f%%:",
+    std::fprintf(stderr, "jax_mfa %s: wall %.1f ms, %lld threads, task CPU time %.1f ms, GEMM %.0f%%:",
                  what, wall * 1e3, (long long)threads, total_ns.load() * 1e-6,
                  100.0 * g / std::max<int64_t>(1, total_ns.load()));
     for (int i = 0; i < kSites && names[i]; ++i)
       std::fprintf(stderr, " %s %.0f%% %.1f GF/s;", names[i],
                    100.0 * gemm_ns[i].load() / std::max<int64_t>(1, total_ns.load()),
                    double(gemm_flops[i].load()) / std::max<int64_t>(1, gemm_ns[i].load()));
+    std::fprintf(stderr, " tasks per thread:");
+    for (auto& n : tasks_by_slot)
+      if (n.load()) std::fprintf(stderr, " %lld", (long long)n.load());
     std::fprintf(stderr, "\n");
   }
 };
-inline int64_t now_ns() {
-  return std::chrono::duration_cast<std::chrono::nanoseconds>(
-             std::chrono::steady_clock::now().time_since_epoch()).count();
-}
+
 // A tile product (M x N x K) run by `product`, timed per call site when
 // profiling.
 template <typename Product>
 inline void timed(Profile* prof, int site, int64_t M, int64_t N, int64_t K,
                   const Product& product) {
   if (!prof) return product();
-  const int64_t t0 = now_ns();
+  const int64_t t0 = now_cpu_ns();
   product();
-  prof->gemm_ns[site] += now_ns() - t0;
+  prof->gemm_ns[site] += now_cpu_ns() - t0;
   prof->gemm_flops[site] += 2 * M * N * K;
 }
 // A BLAS GEMM call, timed per call site when profiling.
@@ -384,8 +407,8 @@ void forward_typed(const AttentionProblem& p, const ForwardBuffers& buf, TaskRun
       vv = stage<T, Acc>(static_cast<const T*>(buf.v), S_, K, 1, H, p0, p1, vbuf, runner, ops);
     }
     const int64_t ntasks = cp * QB * SP;
-    parallel_for_slots(runner, ntasks, helpers_for(runner, ntasks), [&](int64_t, int64_t task) {
-      const int64_t task_start = prof ? now_ns() : 0;
+    parallel_for_slots(runner, ntasks, helpers_for(runner, ntasks), [&](int64_t slot, int64_t task) {
+      const int64_t task_start = prof ? now_cpu_ns() : 0;
       // Last query blocks first: under a causal mask they are the longest.
       const int64_t sp = task % SP, rest = task / SP;
       const int64_t pl = rest % cp, qb = QB - 1 - rest / cp;
@@ -515,7 +538,7 @@ void forward_typed(const AttentionProblem& p, const ForwardBuffers& buf, TaskRun
         std::copy(m, m + rows, dst + rows_max * H);
         std::copy(l, l + rows, dst + rows_max * (H + 1));
       }
-      if (prof) prof->total_ns += now_ns() - task_start;
+      if (prof) prof->task_done(slot, task_start);
     });
 
     if (SP > 1) {  // merge the key slices of each query block through their lse
@@ -639,7 +662,7 @@ void backward_typed(const AttentionProblem& p, const BackwardBuffers& buf, TaskR
     const int64_t slot_stride = cp * slot_pair;
 
     parallel_for_slots(runner, ntasks, helpers, [&](int64_t slot, int64_t task) {
-      const int64_t task_start = prof ? now_ns() : 0;
+      const int64_t task_start = prof ? now_cpu_ns() : 0;
       Acc* my = slot_acc.get() + slot * slot_stride;
       if (!used[slot]) {  // first task of this thread in this chunk
         std::fill(my, my + slot_stride, Acc(0));
@@ -728,7 +751,7 @@ void backward_typed(const AttentionProblem& p, const BackwardBuffers& buf, TaskR
           store<T, Acc>(dV + c * H, dv + ((b * S_ + j0 + c) * K + kvh) * H, H, Acc(1));
         }
       }
-      if (prof) prof->total_ns += now_ns() - task_start;
+      if (prof) prof->task_done(slot, task_start);
     });
 
     // Sum the threads' dQ (and dbias row) accumulators into the outputs.
