@@ -56,7 +56,9 @@ def attention(ops: Operands, opt: Options) -> tuple[jax.Array, jax.Array]:
     row_max = jnp.where(jnp.isfinite(row_max), row_max, 0)
     p = jnp.exp(logits - row_max)
     denom = jnp.sum(p, axis=-1, keepdims=True)
-    has_key = denom > 0
+    # No allowed key: denom is 0. An allowed NaN logit makes denom NaN, and
+    # the row's out and lse NaN (as in jax.nn), so test `!= 0`, not `> 0`.
+    has_key = denom != 0
     safe_denom = jnp.where(has_key, denom, 1)
     out = jnp.einsum("bkgts,bskh->btkgh", (p / safe_denom).reshape(B, K, group, T, S),
                      v.astype(acc)).reshape(B, T, N, H)

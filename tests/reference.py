@@ -12,6 +12,7 @@ Semantics:
   allowed = mask & causal (j <= i) & window (i-left <= j <= i+right)
             & (i < q_len[b]) & (j < kv_len[b])
   p = softmax over allowed keys; a row with no allowed key: out 0, lse -inf.
+  An allowed NaN logit makes its row's out and lse NaN; masked entries never matter.
   query head n uses key/value head n // (N // K).
 """
 
@@ -80,7 +81,7 @@ def attention(xp, query, key, value, bias=None, mask=None, *, scale=None, is_cau
     # Masked entries are exactly 0 (exp(-inf)); the where keeps their gradient 0.
     p = xp.where(allowed, xp.exp(masked - row_max), 0.0)
     denom = xp.sum(p, axis=-1, keepdims=True)
-    nonempty = denom > 0
+    nonempty = denom != 0  # NaN (an allowed NaN logit) propagates to out and lse
     safe = xp.where(nonempty, denom, 1.0)
     probs = p / safe
     out = xp.einsum("bnts,bsnh->btnh", probs, v_rep)
