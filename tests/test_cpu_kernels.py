@@ -94,3 +94,27 @@ def test_bf16_dot_path_is_taken(rng, monkeypatch):
         outs[flag] = np.asarray(jax_mfa.attention(q, k, v, implementation="cpu", **kwargs)
                                 .astype(jnp.float32))
     assert not np.array_equal(outs["1"], outs["0"])
+
+
+@pytest.mark.parametrize("path", ["bf16-dot", "portable"])
+def test_bf16_nan_propagates(path, rng, monkeypatch):
+    """As in jax.nn (tests/test_nan.py, float32): an allowed NaN logit makes its
+    row NaN; a NaN key that the causal mask hides is invisible."""
+    if path == "bf16-dot" and not HAS_BF16_DOT:
+        pytest.skip("this CPU has no AVX512-BF16")
+    monkeypatch.setenv("JAX_MFA_BF16_DOT", "1" if path == "bf16-dot" else "0")
+    T, N, H = 300, 2, 33
+    q = np.asarray(rng.standard_normal((1, T, N, H)), np.float32)
+    k = np.asarray(rng.standard_normal((1, T, N, H)), np.float32)
+    v = np.asarray(rng.standard_normal((1, T, N, H)), np.float32)
+    q[0, 5, 1, 3] = np.nan    # query row 5 of head 1
+    k[0, 260, 0, 7] = np.nan  # key 260 of head 0: seen by rows >= 260 only
+    out, lse = jax_mfa.attention(*(jnp.asarray(a, jnp.bfloat16) for a in (q, k, v)),
+                                 is_causal=True, return_residual=True, implementation="cpu")
+    out = np.asarray(out.astype(jnp.float32))[0]
+    expected = np.zeros((T, N), bool)
+    expected[5, 1] = True
+    expected[260:, 0] = True
+    np.testing.assert_array_equal(np.isnan(out).all(-1), expected)
+    np.testing.assert_array_equal(np.isnan(out).any(-1), expected)
+    np.testing.assert_array_equal(np.isnan(np.asarray(lse)[0]), expected)
