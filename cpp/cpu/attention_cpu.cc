@@ -399,8 +399,9 @@ void forward_typed(const AttentionProblem& p, const ForwardBuffers& buf, TaskRun
         const int64_t n = std::min(block, S_ - s0), b = (p0 + pl) / K, kvh = (p0 + pl) % K;
         const uint16_t* ks = reinterpret_cast<const uint16_t*>(buf.k) + ((b * S_ + s0) * K + kvh) * H;
         const uint16_t* vs = reinterpret_cast<const uint16_t*>(buf.v) + ((b * S_ + s0) * K + kvh) * H;
-        cpu::pack_pairs_transposed(ks, K * H, n, H, kpack.data() + pl * hpairs * Sld + s0, Sld);
-        cpu::pack_pairs(vs, K * H, n, H, vpack.data() + (pl * Vpairs + s0 / 2) * H, H);
+        cpu::pack_pairs_in_rows(ks, K * H, n, H, kpack.data() + pl * hpairs * Sld + s0, Sld, 1);
+        cpu::pack_pairs_across_rows(vs, K * H, n, H, vpack.data() + (pl * Vpairs + s0 / 2) * H,
+                                    H, 1);
       });
     } else {
       kv = stage<T, Acc>(static_cast<const T*>(buf.k), S_, K, 1, H, p0, p1, kbuf, runner, ops);
@@ -435,14 +436,11 @@ void forward_typed(const AttentionProblem& p, const ForwardBuffers& buf, TaskRun
       uint32_t* Qw = dot ? scratch<uint32_t>(7, rows_max * hpairs) : nullptr;
       uint32_t* Pw = dot ? scratch<uint32_t>(8, rows_max * kpairs_max) : nullptr;
       if (span.empty()) {
-      } else if (dot) {  // bfloat16 rows, padded to an even length with 0
-        for (int64_t r = 0; r < rows; ++r) {
-          const uint16_t* src = reinterpret_cast<const uint16_t*>(
-              q + ((b * T_ + t0 + r / G) * N + kvh * G + r % G) * H);
-          uint16_t* dst = reinterpret_cast<uint16_t*>(Qw + r * hpairs);
-          std::memcpy(dst, src, size_t(H) * 2);
-          if (H % 2) dst[H] = 0;
-        }
+      } else if (dot) {  // the G heads of a position: G rows H apart
+        for (int64_t t = 0; t < tq; ++t)
+          cpu::pack_pairs_in_rows(
+              reinterpret_cast<const uint16_t*>(q + ((b * T_ + t0 + t) * N + kvh * G) * H), H, G,
+              H, Qw + t * G * hpairs, 1, hpairs);
       } else {  // G heads of a position are contiguous: one run of G*H
         for (int64_t t = 0; t < tq; ++t)
           convert(q + ((b * T_ + t0 + t) * N + kvh * G) * H, Qs + t * G * H, G * H, ops);

@@ -27,28 +27,29 @@ bool bf16_dot_available() {
 #endif
 }
 
-void pack_pairs_transposed(const uint16_t* src, int64_t src_stride, int64_t N, int64_t K,
-                           uint32_t* dst, int64_t ld) {
+void pack_pairs_in_rows(const uint16_t* src, int64_t src_stride, int64_t rows, int64_t K,
+                        uint32_t* dst, int64_t pair_stride, int64_t row_stride) {
   const int64_t pairs = (K + 1) / 2;
-  for (int64_t n = 0; n < N; ++n) {
-    const uint16_t* row = src + n * src_stride;
-    for (int64_t kp = 0; kp < pairs; ++kp) {
-      const uint32_t hi = 2 * kp + 1 < K ? row[2 * kp + 1] : 0;
-      dst[kp * ld + n] = uint32_t(row[2 * kp]) | (hi << 16);
-    }
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint16_t* row = src + r * src_stride;
+    uint32_t* d = dst + r * row_stride;
+    for (int64_t kp = 0; kp < K / 2; ++kp)
+      d[kp * pair_stride] = uint32_t(row[2 * kp]) | (uint32_t(row[2 * kp + 1]) << 16);
+    if (K % 2) d[(pairs - 1) * pair_stride] = row[K - 1];
   }
 }
 
-void pack_pairs(const uint16_t* src, int64_t src_stride, int64_t K, int64_t N, uint32_t* dst,
-                int64_t ld) {
+void pack_pairs_across_rows(const uint16_t* src, int64_t src_stride, int64_t K, int64_t cols,
+                            uint32_t* dst, int64_t pair_stride, int64_t col_stride) {
   for (int64_t k = 0; k < K; k += 2) {
     const uint16_t* lo = src + k * src_stride;
     const uint16_t* hi = k + 1 < K ? lo + src_stride : nullptr;
-    uint32_t* d = dst + (k / 2) * ld;
+    uint32_t* d = dst + (k / 2) * pair_stride;
     if (hi)
-      for (int64_t n = 0; n < N; ++n) d[n] = uint32_t(lo[n]) | (uint32_t(hi[n]) << 16);
+      for (int64_t c = 0; c < cols; ++c)
+        d[c * col_stride] = uint32_t(lo[c]) | (uint32_t(hi[c]) << 16);
     else
-      for (int64_t n = 0; n < N; ++n) d[n] = lo[n];
+      for (int64_t c = 0; c < cols; ++c) d[c * col_stride] = lo[c];
   }
 }
 
@@ -93,6 +94,15 @@ BF16_TARGET void block(int64_t pairs, float alpha, const uint32_t* A, int64_t ld
     }
 }
 
+inline __mmask16 tail_mask(int64_t left) {
+  return left >= 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1);
+}
+// 16 floats to bfloat16 (round to nearest even, subnormals to 0), widened to
+// the low halves of 16 words.
+BF16_TARGET inline __m512i bf16_words(__mmask16 k, const float* x) {
+  return _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(k, x)));
+}
+
 constexpr int kMaxRows = 6, kMaxVectors = 4;  // 24 accumulators of 32 registers
 using BlockFn = void (*)(int64_t, float, const uint32_t*, int64_t, const uint32_t*, int64_t,
                          bool, float*, int64_t, __mmask16);
@@ -118,7 +128,40 @@ void bf16_gemm(int64_t M, int64_t N, int64_t pairs, float alpha, const uint32_t*
     }
   }
 }
+
+BF16_TARGET void float_to_pairs_in_rows(const float* src, int64_t src_stride, int64_t rows,
+                                        int64_t K, uint32_t* dst, int64_t ld) {
+  for (int64_t r = 0; r < rows; ++r) {
+    uint16_t* d = reinterpret_cast<uint16_t*>(dst + r * ld);
+    for (int64_t i = 0; i < K; i += 16) {
+      const __mmask16 k = tail_mask(K - i);
+      _mm256_mask_storeu_epi16(d + i, k,
+                               (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(k, src + r * src_stride + i)));
+    }
+    if (K % 2) d[K] = 0;
+  }
+}
+
+BF16_TARGET void float_to_pairs_across_rows(const float* src, int64_t src_stride, int64_t K,
+                                            int64_t cols, uint32_t* dst, int64_t ld) {
+  for (int64_t k = 0; k < K; k += 2) {
+    const float* lo = src + k * src_stride;
+    uint32_t* d = dst + (k / 2) * ld;
+    for (int64_t c = 0; c < cols; c += 16) {
+      const __mmask16 m = tail_mask(cols - c);
+      __m512i w = bf16_words(m, lo + c);
+      if (k + 1 < K) w = _mm512_or_si512(w, _mm512_slli_epi32(bf16_words(m, lo + src_stride + c), 16));
+      _mm512_mask_storeu_epi32(d + c, m, w);
+    }
+  }
+}
 #else
+void float_to_pairs_in_rows(const float*, int64_t, int64_t, int64_t, uint32_t*, int64_t) {
+  std::abort();
+}
+void float_to_pairs_across_rows(const float*, int64_t, int64_t, int64_t, uint32_t*, int64_t) {
+  std::abort();
+}
 void bf16_gemm(int64_t, int64_t, int64_t, float, const uint32_t*, int64_t, const uint32_t*,
                int64_t, bool, float*, int64_t) {
   std::abort();  // bf16_dot_available() is false here

@@ -23,13 +23,27 @@ bool bf16_dot_available();
 // high halves are 0. Operand A is plain row-major bfloat16 with rows padded to
 // an even length with zeros, read as `pairs` = ceil(K / 2) words per row.
 
-// Packs B = src^T where src has N rows of K bfloat16 (row stride in elements),
-// e.g. the keys of a tile for Q K^T.
-void pack_pairs_transposed(const uint16_t* src, int64_t src_stride, int64_t N, int64_t K,
-                           uint32_t* dst, int64_t ld);
-// Packs B = src, K rows of N bfloat16 (row stride in elements), e.g. values.
-void pack_pairs(const uint16_t* src, int64_t src_stride, int64_t K, int64_t N, uint32_t* dst,
-                int64_t ld);
+// Packing: a word holds a pair of bfloat16 (the even index in the low half,
+// a missing odd one as 0). Pairs taken along each row of src (rows x K):
+// word (row, kp) = (src[row][2kp], src[row][2kp+1]) goes to
+// dst[kp * pair_stride + row * row_stride]: an A operand with
+// (pair_stride, row_stride) = (1, ld), a B operand src^T (keys as rows, for
+// Q K^T) with (ld, 1).
+void pack_pairs_in_rows(const uint16_t* src, int64_t src_stride, int64_t rows, int64_t K,
+                        uint32_t* dst, int64_t pair_stride, int64_t row_stride);
+// Pairs taken across rows of src (K x cols): word (kp, col) = (src[2kp][col],
+// src[2kp+1][col]) goes to dst[kp * pair_stride + col * col_stride]: a B
+// operand (values for P V) with (ld, 1), an A operand src^T with (1, ld).
+void pack_pairs_across_rows(const uint16_t* src, int64_t src_stride, int64_t K, int64_t cols,
+                            uint32_t* dst, int64_t pair_stride, int64_t col_stride);
+
+// The same from float rows, rounded to nearest even (only where
+// bf16_dot_available()): an A operand (pairs in rows, dst row stride ld) and
+// a B operand (pairs across rows, dst pair stride ld).
+void float_to_pairs_in_rows(const float* src, int64_t src_stride, int64_t rows, int64_t K,
+                            uint32_t* dst, int64_t ld);
+void float_to_pairs_across_rows(const float* src, int64_t src_stride, int64_t K, int64_t cols,
+                                uint32_t* dst, int64_t ld);
 
 // C[M x N] = alpha * A B (+ C when accumulate). A: M rows of `pairs` words,
 // row stride lda words; B in pair layout, row stride ldb words; C float, row
