@@ -230,7 +230,7 @@ int64_t helpers_for(TaskRunner& runner, int64_t n) {
 // the hot loops once warm).
 template <typename Acc>
 Acc* scratch(int id, size_t n) {
-  thread_local std::vector<Acc> buffers[12];
+  thread_local std::vector<Acc> buffers[16];
   std::vector<Acc>& v = buffers[id];
   if (v.size() < n) v.resize(n);
   return v.data();
@@ -602,9 +602,19 @@ void backward_typed(const AttentionProblem& p, const BackwardBuffers& buf, TaskR
   Profile* prof = profile.get();
 
   const TileShape tile = tile_shape(true, H, {256, 256});
-  const int64_t Tq = std::max<int64_t>(1, tile.rows / G), rows_max = Tq * G;
-  const int64_t Bk = tile.cols;
+  // bfloat16 dot products (see the top of this file) pair up keys, and for
+  // dK and dV query rows: blocks of both then start at even indices.
+  const bool dot = std::is_same_v<T, BFloat> && ops.exp_sum_to_bfloat && cpu::bf16_dot_available();
+  const int64_t even = dot ? 2 : 1;
+  const int64_t Tq = ceil_div(std::max<int64_t>(1, tile.rows / G), even) * even;
+  const int64_t rows_max = Tq * G;
+  const int64_t Bk = ceil_div(tile.cols, even) * even;
   const int64_t KB = ceil_div(S_, Bk), pairs = B * K;
+  // Pair layouts per (batch, kv head) on the dot-product path: Q and dO rows
+  // (A of Q K^T, dO V^T), Q^T and dO^T pairs across rows (A of dK^T, dV^T),
+  // K^T and V^T (B of Q K^T, dO V^T), K pairs across keys (B of dS K).
+  const int64_t TG = T_ * G, hpairs = (H + 1) / 2, rpairs = (TG + 1) / 2;
+  const int64_t Sld = ceil_div(S_, 16) * 16, Spairs = (S_ + 1) / 2;
 
   // The bias gradient sums dS over the dims the bias is broadcast along. When
   // the bias varies along keys, the key-block tasks own its columns (tasks
@@ -630,17 +640,48 @@ void backward_typed(const AttentionProblem& p, const BackwardBuffers& buf, TaskR
   // Uninitialised: each thread zeroes its own accumulator on first use.
   std::unique_ptr<Acc[]> slot_acc(new Acc[size_t(slots * chunk * slot_pair)]);
   std::vector<Acc> qbuf, dobuf, kbuf, vbuf;
+  std::vector<uint32_t> qw, dow, qt, dot_, kt, vt, kw;
 
   for (int64_t p0 = 0; p0 < pairs; p0 += chunk) {
     const int64_t p1 = std::min(pairs, p0 + chunk), cp = p1 - p0;
-    const Rows<Acc> qv = stage<T, Acc>(static_cast<const T*>(buf.q), T_, K, G, H, p0, p1, qbuf,
-                                       runner, ops);
-    const Rows<Acc> dov = stage<T, Acc>(static_cast<const T*>(buf.dout), T_, K, G, H, p0, p1,
-                                        dobuf, runner, ops);
-    const Rows<Acc> kv = stage<T, Acc>(static_cast<const T*>(buf.k), S_, K, 1, H, p0, p1, kbuf,
-                                       runner, ops);
-    const Rows<Acc> vv = stage<T, Acc>(static_cast<const T*>(buf.v), S_, K, 1, H, p0, p1, vbuf,
-                                       runner, ops);
+    Rows<Acc> qv, dov, kv, vv;
+    if (dot) {
+      qw.resize(size_t(cp * TG * hpairs));
+      dow.resize(qw.size());
+      qt.resize(size_t(cp * H * rpairs));
+      dot_.resize(qt.size());
+      kt.resize(size_t(cp * hpairs * Sld));
+      vt.resize(kt.size());
+      kw.resize(size_t(cp * Spairs * H));
+      parallel_for_slots(runner, cp, helpers_for(runner, cp), [&](int64_t, int64_t pl) {
+        const int64_t b = (p0 + pl) / K, kvh = (p0 + pl) % K;
+        const auto* q16 = reinterpret_cast<const uint16_t*>(buf.q);
+        const auto* do16 = reinterpret_cast<const uint16_t*>(buf.dout);
+        uint32_t* qr = qw.data() + pl * TG * hpairs;
+        uint32_t* dor = dow.data() + pl * TG * hpairs;
+        for (int64_t t = 0; t < T_; ++t) {  // the G heads of a position: G rows H apart
+          const int64_t at = ((b * T_ + t) * N + kvh * G) * H;
+          cpu::pack_pairs_in_rows(q16 + at, H, G, H, qr + t * G * hpairs, 1, hpairs);
+          cpu::pack_pairs_in_rows(do16 + at, H, G, H, dor + t * G * hpairs, 1, hpairs);
+        }
+        cpu::pack_pairs_across_rows(reinterpret_cast<const uint16_t*>(qr), 2 * hpairs, TG, H,
+                                    qt.data() + pl * H * rpairs, 1, rpairs);
+        cpu::pack_pairs_across_rows(reinterpret_cast<const uint16_t*>(dor), 2 * hpairs, TG, H,
+                                    dot_.data() + pl * H * rpairs, 1, rpairs);
+        const int64_t at = (b * S_ * K + kvh) * H;
+        const auto* k16 = reinterpret_cast<const uint16_t*>(buf.k) + at;
+        const auto* v16 = reinterpret_cast<const uint16_t*>(buf.v) + at;
+        cpu::pack_pairs_in_rows(k16, K * H, S_, H, kt.data() + pl * hpairs * Sld, Sld, 1);
+        cpu::pack_pairs_in_rows(v16, K * H, S_, H, vt.data() + pl * hpairs * Sld, Sld, 1);
+        cpu::pack_pairs_across_rows(k16, K * H, S_, H, kw.data() + pl * Spairs * H, H, 1);
+      });
+    } else {
+      qv = stage<T, Acc>(static_cast<const T*>(buf.q), T_, K, G, H, p0, p1, qbuf, runner, ops);
+      dov = stage<T, Acc>(static_cast<const T*>(buf.dout), T_, K, G, H, p0, p1, dobuf, runner,
+                          ops);
+      kv = stage<T, Acc>(static_cast<const T*>(buf.k), S_, K, 1, H, p0, p1, kbuf, runner, ops);
+      vv = stage<T, Acc>(static_cast<const T*>(buf.v), S_, K, 1, H, p0, p1, vbuf, runner, ops);
+    }
     // Groups of pairs one task covers: single pairs, or the pairs sharing a
     // broadcast dbias slice.
     std::vector<std::vector<int64_t>> groups;
@@ -689,11 +730,16 @@ void backward_typed(const AttentionProblem& p, const BackwardBuffers& buf, TaskR
         const int64_t b = pr / K, kvh = pr % K, pl = pr - p0;
         const Rules<Acc> rules{p, bias, buf.mask, p.q_valid(buf.q_lengths, b),
                                p.kv_valid(buf.kv_lengths, b), G};
-        const Span rspan = p.query_span_of_keys(j0, j0 + cols, rules.q_valid, rules.kv_valid);
-        std::fill(dK, dK + cols * H, Acc(0));
-        std::fill(dV, dV + cols * H, Acc(0));
-        const Acc* Kp = kv.at(b, kvh, j0);
-        const Acc* Vp = vv.at(b, kvh, j0);
+        Span rspan = p.query_span_of_keys(j0, j0 + cols, rules.q_valid, rules.kv_valid);
+        if (dot && !rspan.empty()) {  // even row blocks; the extra rows are masked by `rules`
+          rspan.begin &= ~int64_t(1);
+          rspan.end = std::min(T_, ceil_div(rspan.end, 2) * 2);
+        }
+        // dK, dV: cols x H, or transposed (H x Bk) on the dot-product path.
+        std::fill(dK, dK + Bk * H, Acc(0));
+        std::fill(dV, dV + Bk * H, Acc(0));
+        const Acc* Kp = dot ? nullptr : kv.at(b, kvh, j0);
+        const Acc* Vp = dot ? nullptr : vv.at(b, kvh, j0);
         Acc* dq_acc = my + pl * slot_pair;
         Acc* rs_acc = dq_acc + T_ * G * H;
         for (int64_t t0 = rspan.begin; t0 < rspan.end; t0 += Tq) {
@@ -701,10 +747,10 @@ void backward_typed(const AttentionProblem& p, const BackwardBuffers& buf, TaskR
           // Used in place when the stacked rows are evenly spaced in memory
           // (one head per group: stride sp; or G heads whose positions are
           // G*H apart: stride H); packed otherwise.
-          const Acc* Qp = qv.at(b, kvh, t0);
-          const Acc* dOp = dov.at(b, kvh, t0);
+          const Acc* Qp = dot ? nullptr : qv.at(b, kvh, t0);
+          const Acc* dOp = dot ? nullptr : dov.at(b, kvh, t0);
           int64_t ldq = G == 1 ? qv.sp : H, lddo = G == 1 ? dov.sp : H;
-          if (G > 1 && qv.sp != G * H) {
+          if (!dot && G > 1 && qv.sp != G * H) {
             for (int64_t t = 0; t < tq; ++t) {
               std::copy(qv.at(b, kvh, t0 + t), qv.at(b, kvh, t0 + t) + G * H, Qs + t * G * H);
               std::copy(dov.at(b, kvh, t0 + t), dov.at(b, kvh, t0 + t) + G * H, dOs + t * G * H);
@@ -720,10 +766,29 @@ void backward_typed(const AttentionProblem& p, const BackwardBuffers& buf, TaskR
               lse[t * G + g] = lse_all[idx] == -inf ? inf : lse_all[idx];
               delta[t * G + g] = delta_all[idx];
             }
-          timed_gemm(prof, 0, false, true, rows, cols, H, scale, Qp, ldq, Kp, kv.sp, Acc(0), Pb, Bk);
+          // Operands of this tile on the dot-product path.
+          const int64_t r0 = t0 * G, ro = (pl * TG + r0) * hpairs, rt = pl * H * rpairs + r0 / 2;
+          const int64_t kto = pl * hpairs * Sld + j0, kwo = (pl * Spairs + j0 / 2) * H;
+          if constexpr (std::is_same_v<Acc, float>) {
+            if (dot)
+              timed(prof, 0, rows, cols, H, [&] {
+                cpu::bf16_gemm(rows, cols, hpairs, scale, qw.data() + ro, hpairs, kt.data() + kto,
+                               Sld, false, Pb, Bk);
+              });
+          }
+          if (!dot)
+            timed_gemm(prof, 0, false, true, rows, cols, H, scale, Qp, ldq, Kp, kv.sp, Acc(0), Pb, Bk);
           if (!rules.plain(t0, tq, j0, cols)) rules.apply(b, kvh, t0, tq, j0, cols, Pb, Bk, th);
           for (int64_t r = 0; r < rows; ++r) row_exp(Pb + r * Bk, cols, lse[r], ops);
-          timed_gemm(prof, 1, false, true, rows, cols, H, Acc(1), dOp, lddo, Vp, vv.sp, Acc(0), dPb, Bk);
+          if constexpr (std::is_same_v<Acc, float>) {
+            if (dot)
+              timed(prof, 1, rows, cols, H, [&] {
+                cpu::bf16_gemm(rows, cols, hpairs, 1.0f, dow.data() + ro, hpairs, vt.data() + kto,
+                               Sld, false, dPb, Bk);
+              });
+          }
+          if (!dot)
+            timed_gemm(prof, 1, false, true, rows, cols, H, Acc(1), dOp, lddo, Vp, vv.sp, Acc(0), dPb, Bk);
           for (int64_t r = 0; r < rows; ++r) row_ds(Pb + r * Bk, dPb + r * Bk, cols, delta[r], ops);
           // dPb now holds dS, the gradient of the post-bias logits.
           if (dbias_cols)
@@ -745,14 +810,48 @@ void backward_typed(const AttentionProblem& p, const BackwardBuffers& buf, TaskR
                 const Acc tt = th[r * Bk + c];
                 dPb[r * Bk + c] *= Acc(1) - tt * tt;
               }
-          timed_gemm(prof, 2, true, false, cols, H, rows, Acc(1), Pb, Bk, dOp, lddo, Acc(1), dV, H);
-          timed_gemm(prof, 3, true, false, cols, H, rows, scale, dPb, Bk, Qp, ldq, Acc(1), dK, H);
-          timed_gemm(prof, 4, false, false, rows, H, cols, scale, dPb, Bk, Kp, kv.sp, Acc(1),
-               dq_acc + t0 * G * H, H);
+          if constexpr (std::is_same_v<Acc, float>) {
+            if (dot) {  // dV^T += dO^T P, dK^T += scale Q^T dS, dQ += scale dS K
+              uint32_t* Pp = scratch<uint32_t>(10, (rows_max / 2 + 1) * Bk);
+              uint32_t* dSp = scratch<uint32_t>(11, (rows_max / 2 + 1) * Bk);
+              uint32_t* dSw = scratch<uint32_t>(9, rows_max * (Bk / 2));
+              cpu::float_to_pairs_across_rows(Pb, Bk, rows, cols, Pp, Bk);
+              cpu::float_to_pairs_across_rows(dPb, Bk, rows, cols, dSp, Bk);
+              cpu::float_to_pairs_in_rows(dPb, Bk, rows, cols, dSw, Bk / 2);
+              const int64_t rp = (rows + 1) / 2, cpairs = (cols + 1) / 2;
+              timed(prof, 2, cols, H, rows, [&] {
+                cpu::bf16_gemm(H, cols, rp, 1.0f, dot_.data() + rt, rpairs, Pp, Bk, true, dV, Bk);
+              });
+              timed(prof, 3, cols, H, rows, [&] {
+                cpu::bf16_gemm(H, cols, rp, scale, qt.data() + rt, rpairs, dSp, Bk, true, dK, Bk);
+              });
+              timed(prof, 4, rows, H, cols, [&] {
+                cpu::bf16_gemm(rows, H, cpairs, scale, dSw, Bk / 2, kw.data() + kwo, H, true,
+                               dq_acc + r0 * H, H);
+              });
+            }
+          }
+          if (!dot) {
+            timed_gemm(prof, 2, true, false, cols, H, rows, Acc(1), Pb, Bk, dOp, lddo, Acc(1), dV, H);
+            timed_gemm(prof, 3, true, false, cols, H, rows, scale, dPb, Bk, Qp, ldq, Acc(1), dK, H);
+            timed_gemm(prof, 4, false, false, rows, H, cols, scale, dPb, Bk, Kp, kv.sp, Acc(1),
+                       dq_acc + t0 * G * H, H);
+          }
         }
+        Acc* column = scratch<Acc>(12, H);
         for (int64_t c = 0; c < cols; ++c) {
-          store<T, Acc>(dK + c * H, dk + ((b * S_ + j0 + c) * K + kvh) * H, H, Acc(1));
-          store<T, Acc>(dV + c * H, dv + ((b * S_ + j0 + c) * K + kvh) * H, H, Acc(1));
+          const Acc* dk_row = dK + c * H;
+          const Acc* dv_row = dV + c * H;
+          if (dot) {  // transposed accumulators: gather column c
+            for (int64_t h = 0; h < H; ++h) column[h] = dK[h * Bk + c];
+            dk_row = column;
+          }
+          store<T, Acc>(dk_row, dk + ((b * S_ + j0 + c) * K + kvh) * H, H, Acc(1));
+          if (dot) {
+            for (int64_t h = 0; h < H; ++h) column[h] = dV[h * Bk + c];
+            dv_row = column;
+          }
+          store<T, Acc>(dv_row, dv + ((b * S_ + j0 + c) * K + kvh) * H, H, Acc(1));
         }
       }
       if (prof) prof->task_done(slot, task_start);
