@@ -6,8 +6,9 @@ JAX_MFA_BF16_DOT=0 so that CI on a machine with AVX512-BF16 runs both.
 The sizes are chosen to hit the dot-product path's edges: odd head dims (rows
 of Q padded to a whole pair), odd key counts (P and V padded), key spans that
 start at odd keys (windows, causal sub-tiles), tile shapes that are not
-multiples of anything (JAX_MFA_TILES), and decoding with the key range split
-over threads. The environment variables are read by the kernels on every
+multiples of anything (JAX_MFA_TILES), and short query blocks with the key
+range split over threads (decoding itself, with fewer than 64 stacked query
+rows per head, keeps the float path). The environment variables are read by the kernels on every
 call, so both paths run in one process.
 """
 
@@ -47,6 +48,8 @@ CASES = [
     Case("window_odd_edges", T=300, S=283, N=2, K=1, H=33, window=(37, 5), batch=1),
     Case("causal_sub_tiles", T=300, S=290, N=2, K=1, H=64, causal=True, batch=1),
     Case("decode_split_keys", T=1, S=1301, N=8, K=1, H=64, batch=1),
+    # 8 positions x 8 heads: enough stacked rows for the dot-product path.
+    Case("short_prefill_split_keys", T=8, S=1301, N=8, K=1, H=64, batch=1),
     Case("transforms", T=70, S=129, N=2, K=2, H=40, bias="BNTS", softcap=3.0, mask="B11S",
          mask_empty_rows=True, q_lens=("T", 33), kv_lens=(5, "S")),
     Case("head_dim_128_gqa", T=65, S=200, N=4, K=1, H=128, batch=1, causal=True),

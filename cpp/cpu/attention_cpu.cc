@@ -117,6 +117,15 @@ inline void row_scale(double* y, int64_t n, double a, const RowOps&) {
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// The bfloat16 dot-product path: for bfloat16 where the CPU has it, and only
+// with enough stacked query rows per head (T * G) to pay for repacking keys
+// and values (decoding keeps the float path, whose cost is the same pass).
+template <typename T>
+bool use_bf16_dot(int64_t stacked_rows, const RowOps& ops) {
+  return std::is_same_v<T, BFloat> && stacked_rows >= 64 && ops.exp_sum_to_bfloat &&
+         cpu::bf16_dot_available();
+}
+
 // Tile shape: stacked query rows x key columns per tile. Overridable for
 // tuning with JAX_MFA_TILES="fwd_rows,fwd_cols,bwd_rows,bwd_cols".
 struct TileShape {
@@ -365,7 +374,7 @@ void forward_typed(const AttentionProblem& p, const ForwardBuffers& buf, TaskRun
   const int64_t Tq = std::max<int64_t>(1, tile.rows / G), rows_max = Tq * G;
   // bfloat16 dot products (see the top of this file) pair up keys: key
   // blocks then start at even keys.
-  const bool dot = std::is_same_v<T, BFloat> && ops.exp_sum_to_bfloat && cpu::bf16_dot_available();
+  const bool dot = use_bf16_dot<T>(T_ * G, ops);
   const int64_t Bk = dot ? (tile.cols + 1) / 2 * 2 : tile.cols;
   const int64_t QB = ceil_div(T_, Tq), pairs = B * K;
   const int64_t hpairs = (H + 1) / 2, kpairs_max = Bk / 2;  // words per row of Q, of P
@@ -604,7 +613,7 @@ void backward_typed(const AttentionProblem& p, const BackwardBuffers& buf, TaskR
   const TileShape tile = tile_shape(true, H, {256, 256});
   // bfloat16 dot products (see the top of this file) pair up keys, and for
   // dK and dV query rows: blocks of both then start at even indices.
-  const bool dot = std::is_same_v<T, BFloat> && ops.exp_sum_to_bfloat && cpu::bf16_dot_available();
+  const bool dot = use_bf16_dot<T>(T_ * G, ops);
   const int64_t even = dot ? 2 : 1;
   const int64_t Tq = ceil_div(std::max<int64_t>(1, tile.rows / G), even) * even;
   const int64_t rows_max = Tq * G;
