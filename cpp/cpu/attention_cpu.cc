@@ -487,7 +487,7 @@ void forward_typed(const AttentionProblem& p, const ForwardBuffers& buf, TaskRun
             continue;
           }
           const Acc alpha = std::exp(mr - row_m);  // 0 when m was -inf
-          Acc sum;
+          Acc sum = 0;
           if constexpr (std::is_same_v<Acc, float>) {
             if (dot) {  // P straight to bfloat16 for P V (an odd count padded with 0)
               uint16_t* pr = reinterpret_cast<uint16_t*>(Pw + r * kpairs_max);

@@ -6,20 +6,32 @@
 
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
 #define JAX_MFA_X86 1
+#include <cpuid.h>
 #include <immintrin.h>
 #endif
 
 namespace jax_mfa {
 namespace cpu {
 
+bool cpu_has_avx512_bf16() {
+#ifdef JAX_MFA_X86
+  static const bool has = [] {
+    // AVX-512 usable (CPU and OS state) from the compiler's check; BF16 from
+    // cpuid leaf 7 subleaf 1, EAX bit 5 (not every compiler names it).
+    __builtin_cpu_init();
+    if (!__builtin_cpu_supports("avx512f") || !__builtin_cpu_supports("avx512bw")) return false;
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    return __get_cpuid_count(7, 1, &a, &b, &c, &d) && (a & (1u << 5));
+  }();
+  return has;
+#else
+  return false;
+#endif
+}
+
 bool bf16_dot_available() {
 #ifdef JAX_MFA_X86
-  static const bool cpu_has = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512bf16");
-  }();
-  if (!cpu_has) return false;
+  if (!cpu_has_avx512_bf16()) return false;
   const char* off = std::getenv("JAX_MFA_BF16_DOT");
   return !(off && std::strcmp(off, "0") == 0);
 #else

@@ -14,7 +14,9 @@
 namespace jax_mfa {
 namespace cpu {
 
-// True when the CPU has AVX512-BF16 and JAX_MFA_BF16_DOT is not "0" (read on
+// True when the CPU (and OS) can run AVX512-BF16 code.
+bool cpu_has_avx512_bf16();
+// True when cpu_has_avx512_bf16() and JAX_MFA_BF16_DOT is not "0" (read on
 // every call, so tests can exercise both paths in one process).
 bool bf16_dot_available();
 

@@ -8,9 +8,11 @@
 #include <string>
 
 #include "common/half_types.h"
+#include "cpu/cpu_bf16.h"
 
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
 #define JAX_MFA_X86 1
+#include <cpuid.h>
 #include <immintrin.h>
 #endif
 
@@ -305,11 +307,12 @@ const RowOps& select() {
   if (w == "scalar") return kScalar;
 #ifdef JAX_MFA_X86
   __builtin_cpu_init();
-  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                    __builtin_cpu_supports("f16c");
+  // F16C from cpuid leaf 1, ECX bit 29 (clang 14 does not name it).
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  const bool f16c = __get_cpuid(1, &a, &b, &c, &d) && (c & (1u << 29));
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && f16c;
   const bool avx512 = avx2 && __builtin_cpu_supports("avx512f");
-  const bool bf16 = avx512 && __builtin_cpu_supports("avx512bw") &&
-                    __builtin_cpu_supports("avx512bf16");
+  const bool bf16 = avx512 && cpu_has_avx512_bf16();
   if (bf16 && w != "avx2" && w != "avx512") return kAvx512Bf16;
   if (avx512 && w != "avx2") return kAvx512;
   if (avx2) return kAvx2;
