@@ -17,11 +17,12 @@
 // float accumulator; the accumulators are summed at the end of each chunk of
 // heads. No atomics, no races: every output element has one writer.
 //
-// bfloat16 forward on CPUs with AVX512-BF16: keys and values are repacked
-// (not converted) once per chunk of heads and the tile products run on the
-// bfloat16 dot-product instruction (cpu_bf16.h), P rounded to bfloat16 for
-// P V, accumulation and softmax in float. Otherwise float16/bfloat16 inputs
-// are converted to float once per call (per chunk of heads); float64 runs in
+// bfloat16 on CPUs with AVX512-BF16 (use_bf16_dot): the operands are
+// repacked (not converted) into bfloat16 pairs once per chunk of heads and all
+// tile products run on the bfloat16 dot-product instruction (cpu_bf16.h); P
+// and dS are rounded to bfloat16 for the products that take them, softmax
+// and accumulation stay in float. Otherwise float16/bfloat16 inputs are
+// converted to float once per call (per chunk of heads); float64 runs in
 // float64 throughout.
 #include "cpu/attention_cpu.h"
 
