@@ -28,6 +28,8 @@ struct bf16_t {
   ushort bits;
 };
 
+// Callers pass T(element): in the Metal emulator a device half element also
+// converts to float, so an overload set on float and half needs its type.
 inline float mfa_to_float(float x) { return x; }
 inline float mfa_to_float(half x) { return float(x); }
 inline float mfa_to_float(bf16_t x) { return as_type<float>(uint(x.bits) << 16); }
@@ -82,8 +84,8 @@ inline float mfa_row_sum(float x) {
 template <typename T>
 inline void mfa_load_rows(thread mfa_mat& m, device const T* row, bool row_ok, int col, int H) {
   float a = 0.0f, b = 0.0f;
-  if (row_ok && col < H) a = mfa_to_float(row[col]);
-  if (row_ok && col + 1 < H) b = mfa_to_float(row[col + 1]);
+  if (row_ok && col < H) a = mfa_to_float(T(row[col]));
+  if (row_ok && col + 1 < H) b = mfa_to_float(T(row[col + 1]));
   m.thread_elements()[0] = a;
   m.thread_elements()[1] = b;
 }
@@ -104,7 +106,7 @@ inline void mfa_stage(threadgroup float* tile, device const T* base, mfa_long st
   for (int idx = int(tid); idx < R * DB; idx += NT) {
     const int r = idx / DB, c = idx % DB;
     float x = 0.0f;
-    if (r < rows_valid && d0 + c < H) x = mfa_to_float(base[mfa_long(r) * stride + d0 + c]);
+    if (r < rows_valid && d0 + c < H) x = mfa_to_float(T(base[mfa_long(r) * stride + d0 + c]));
     tile[idx] = x;
   }
 }
