@@ -190,6 +190,21 @@ def test_chunked_dispatch(rng, monkeypatch):
     compare(rng, B=2, T=40, S=50, N=2, K=1, H=16, bias_shape=(1, 2, 40, 50), is_causal=True)
 
 
+@pytest.mark.parametrize("shape,family", [
+    ((1, 1, 23, 31), "apple9"),  # merged over batches and kv heads: 6 pairs, 6 slices
+    ((1, 4, 1, 31), "apple7"),   # merged over batches only (query-broadcast dbias)
+    ((3, 1, 23, 31), "apple9"),  # merged over kv heads only
+], ids=["merge-both", "merge-batches", "merge-heads"])
+def test_split_dkdv_threadgroups(rng, monkeypatch, shape, family):
+    # A tiny per-threadgroup bound splits every merged dK/dV threadgroup into
+    # one slice per (batch, kv head) pair, each with its own dbias slot that
+    # the host sums (a slot shared by two threadgroups would be reported as a
+    # write conflict by the emulator).
+    monkeypatch.setenv("JAX_MFA_METAL_MAX_GROUP_WORK", "1")
+    monkeypatch.setenv("JAX_MFA_EMULATED_FAMILY", family)
+    compare(rng, B=3, T=23, S=31, N=4, K=2, H=16, bias_shape=shape, is_causal=True)
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16, jnp.bfloat16],
                          ids=["f32", "f16", "bf16"])
 @pytest.mark.parametrize("H", [8, 32, 64, 96, 128, 192, 256])
