@@ -19,8 +19,12 @@ difference is the per-block cost, the rest the fixed cost. The grid of the real
 shape is then walked in Python: every threadgroup costs fixed + blocks x
 per-block, with its block count from the masks (causal: up to the diagonal,
 top-left for ours as in jax.nn, bottom-right for MLX, the same when T = S).
-The two-pass vector kernel is profiled on its own grid with the real keys per
-threadgroup (see `mlx_decode`).
+Our kernels skip the 8-row chunks of a partial last block (the causal
+diagonal), which a full block's profile cannot show: their matrix pipe is
+charged for the rows' worth of such a block (8-row granularity); MLX's steel
+kernel computes whole tiles and is charged whole blocks. The two-pass vector
+kernel is profiled on its own grid with the real keys per threadgroup (see
+`mlx_decode`).
 
 The cost model (per GPU core; "pipe" = a resource the counts use):
   matrix       simdgroup multiply-accumulates x 512 FMAs / (matrix FMAs per core-cycle)
@@ -158,9 +162,13 @@ class KernelCost:
 
 @dataclasses.dataclass
 class Dispatch:
-    """A kernel over a grid: the traversal block count of every threadgroup."""
+    """A kernel over a grid: the traversal block count of every threadgroup.
+
+    matrix_blocks (optional): the blocks' worth of matrix work, when a kernel skips the 8-row
+    chunks of a partial last block (ours do; the profile of a full block cannot show it)."""
     kernel: KernelCost
     blocks: np.ndarray  # one entry per threadgroup
+    matrix_blocks: np.ndarray | None = None
 
 
 def dispatch_cycles(dispatches: list[Dispatch], family: str, unique_bytes: float) -> tuple[float, dict]:
@@ -174,7 +182,8 @@ def dispatch_cycles(dispatches: list[Dispatch], family: str, unique_bytes: float
         # Per threadgroup: the largest pipe of fixed + blocks * per_block.
         tg = np.zeros(len(d.blocks))
         for p in fixed:
-            cost = fixed[p] + d.blocks * per[p]
+            n = d.matrix_blocks if (p == "matrix" and d.matrix_blocks is not None) else d.blocks
+            cost = fixed[p] + n * per[p]
             tg = np.maximum(tg, cost)
             pipes[p] = pipes.get(p, 0.0) + float(cost.sum())
         alone = tg.max(initial=0.0) * sched / min(d.kernel.simdgroups, sched)
@@ -213,7 +222,9 @@ def params_dtype() -> np.dtype:
     return np.dtype(fields, align=True)
 
 
-NP_DTYPES = {"float32": np.float32, "float16": np.float16}
+# The plan's decode choice (cpp/metal_host/attention_plan.h: kDecodeMaxQueries, kDecodeMinKeys,
+# kDecodeTargetGroups, kDecodeMinKeysPerSplit).
+DECODE_MAX_QUERIES, DECODE_MIN_KEYS, DECODE_TARGET_GROUPS, DECODE_MIN_KEYS_PER_SPLIT = 8, 1024, 1024, 128
 TAGS = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
 FILES = {"float32": "attention_f32.metal", "float16": "attention_f16.metal", "bfloat16": "attention_bf16.metal"}
 BUCKET_BITS = {16: 0, 32: 1, 64: 2, 96: 3, 128: 4, 192: 5, 256: 6}
@@ -237,14 +248,19 @@ class OurKernels:
         return self.libs[head_pad]
 
     def kernel(self, kind: str, head_dim: int):
-        """(name, P, C, DB, HP) of the instantiation the family's table picks for head_dim."""
+        """(name, HP, P, C, head parts) of the instantiation the family's table picks for head_dim
+        (head parts: threadgroups per block that split dK/dV's head columns, else 1)."""
         for hp in sorted(BUCKET_BITS):
             if hp >= head_dim:
                 break
         for name in self.lib(hp).kernels:
-            m = re.fullmatch(rf"mfa_{kind}_{TAGS[self.dtype]}_h(\d+)_p(\d+)_c(\d+)_d(\d+)", name)
+            m = re.fullmatch(rf"mfa_{kind}_{TAGS[self.dtype]}_h(\d+)_p(\d+)_c(\d+)_d(\d+)(?:_o(\d+))?", name)
             if m:
-                return name, *(int(x) for x in m.groups())
+                hp, rows, cols = (int(x) for x in m.groups()[:3])
+                return name, hp, rows, cols, hp // int(m.group(5) or hp)
+            m = re.fullmatch(rf"mfa_decode_{TAGS[self.dtype]}_h(\d+)_c(\d+)", name)
+            if m and kind == "decode":
+                return name, int(m.group(1)), 8, int(m.group(2)), 1
         raise LookupError(f"no {kind} kernel for head dim {head_dim}")
 
     def _params(self, **values) -> bytes:
@@ -256,6 +272,23 @@ class OurKernels:
                 p[k] = v
         return p.tobytes()
 
+    def decode_merge_cost(self, head_dim: int, splits: int, group: int) -> KernelCost:
+        """The merge kernel for one output row (its cost depends on the split count, not on S)."""
+        _, hp, _, _, _ = self.kernel("decode", head_dim)
+        rows = group
+        part_o = np.zeros((rows * splits, head_dim), np.float32)
+        part_m = np.zeros(rows * splits, np.float32)
+        part_l = np.ones(rows * splits, np.float32)
+        dt = np.float16 if self.dtype != "float32" else np.float32
+        prof = self.lib(hp).dispatch(
+            f"mfa_decode_merge_{TAGS[self.dtype]}", grid=rows, threads=32,
+            buffers=[self._params(batch=1, q_len=1, kv_len=1, q_heads=group, kv_heads=1, head_dim=head_dim,
+                                  group_size=group, decode_splits=splits),
+                     part_o, part_m, part_l, np.zeros((rows, head_dim), dt), np.zeros(rows, np.float32)],
+            profile=True, check=False)
+        return KernelCost("mfa_decode_merge", {c: x / rows for c, x in prof.total.items()}, {},
+                          prof.simdgroups_per_threadgroup)
+
     def cost(self, kind: str, head_dim: int) -> KernelCost:
         name, hp, rows, cols, _ = self.kernel(kind, head_dim)
         lib = self.lib(hp)
@@ -265,6 +298,19 @@ class OurKernels:
 
         def arr(*shape):
             return rng.standard_normal(shape).astype(dt)
+
+        def run_decode(n):
+            G, S = 8, n * cols
+            q, k, v = arr(1, 1, G, head_dim), arr(1, S, 1, head_dim), arr(1, S, 1, head_dim)
+            params = self._params(batch=1, q_len=1, kv_len=S, q_heads=G, kv_heads=1, head_dim=head_dim,
+                                  group_size=G, scale=scale, scale_log2=scale * math.log2(math.e),
+                                  decode_splits=1, decode_keys_per_split=S)
+            return lib.dispatch(name, grid=1, threads=32, profile=True, check=False,
+                                buffers=[params, q, k, v, None, None, None, None, np.zeros((G, head_dim), np.float32),
+                                         np.zeros(G, np.float32), np.zeros(G, np.float32)])
+
+        if kind == "decode":
+            return linear_cost(name, run_decode)
 
         def run(n):
             T, S = (rows, n * cols) if kind in ("fwd", "dq") else (n * cols, rows)
@@ -339,9 +385,15 @@ class MlxKernels:
 # ---------------------------------------------------------------------------
 # Shapes -> dispatches.
 def _causal_blocks(row_starts, rows, cols, length, causal):
-    """Traversal blocks of each threadgroup of `rows` rows at `row_starts` (top-left causal, T = S)."""
+    """Traversal blocks of each threadgroup of `rows` rows at `row_starts` (top-left causal, T = S),
+    and the blocks' worth of matrix work when the last block's 8-row chunks past its end are skipped."""
     ends = np.minimum(row_starts + rows, length) if causal else np.full(len(row_starts), length)
-    return -(-ends // cols)
+    return -(-ends // cols), _chunked(ends, cols)
+
+
+def _chunked(span, cols):
+    """Blocks' worth of matrix work over `span` rows traversed `cols` at a time, 8-row chunks."""
+    return (span // cols) + (-(-(span % cols) // 8) * 8) / cols
 
 
 def mfa_instructions(kind: str, D: int, T: int, S: int, causal: bool, heads: int, batch: int) -> float:
@@ -376,19 +428,37 @@ def model_ours(kernels: OurKernels, costs: dict, case: str, D: int, T: int, caus
     unique = (2 * B * T * N * D + 2 * B * S * K * D) * itemsize
     dispatches, instr = [], 0.0
     passes = ["fwd"] if case in ("fwd", "decode") else ["fwd", "dq", "dkdv"]
+    if T <= DECODE_MAX_QUERIES and S >= DECODE_MIN_KEYS:
+        # The plan's split-key decode (mirrors plan_decode in cpp/metal_host/attention_plan.cc).
+        G = N // K
+        tiles = -(-T * G // 8)
+        per_split = B * K * tiles
+        splits = max(1, min(-(-DECODE_TARGET_GROUPS // per_split), -(-S // DECODE_MIN_KEYS_PER_SPLIT)))
+        keys = -(-(-(-S // splits)) // 32) * 32
+        splits = -(-S // keys)
+        if ("decode", D) not in costs:
+            costs[("decode", D)] = kernels.cost("decode", D)
+        steps = np.array([-(-min(keys, S - s * keys) // 32) for s in range(splits)] * per_split, float)
+        dispatches.append(Dispatch(costs[("decode", D)], steps))
+        merge = kernels.decode_merge_cost(D, splits, G)
+        dispatches.append(Dispatch(merge, np.zeros(B * T * N)))
+        instr = mfa_instructions("fwd", D, T, S, False, N, B)
+        cycles, pipes = dispatch_cycles(dispatches, fam, unique)
+        return Row(fam, case, D, T, S, causal, cycles, instr, pipes)
     for kind in passes:
         key = (kind, D)
         if key not in costs:
             costs[key] = kernels.cost(kind, D)
-        _, hp, P, C, _ = kernels.kernel(kind, D)
+        _, hp, P, C, parts = kernels.kernel(kind, D)
         if kind in ("fwd", "dq"):
             starts = np.arange(0, T, P)
-            blocks = np.tile(_causal_blocks(starts, P, C, S, causal), B * N)
+            full, matrix = (np.tile(x, B * N) for x in _causal_blocks(starts, P, C, S, causal))
         else:
             starts = np.arange(0, S, P)
             q_rows = (T - starts) if causal else np.full(len(starts), T)
-            blocks = np.tile(-(-q_rows // C) * (N // K), B * K)
-        dispatches.append(Dispatch(costs[key], blocks))
+            full = np.tile(-(-q_rows // C) * (N // K), B * K * parts)
+            matrix = np.tile(_chunked(q_rows, C) * (N // K), B * K * parts)
+        dispatches.append(Dispatch(costs[key], full, matrix))
         instr += mfa_instructions(kind, D, T, S, causal and T == S, N, B)
     cycles, pipes = dispatch_cycles(dispatches, fam, unique)
     return Row(fam, case, D, T, S, causal, cycles, instr, pipes)
@@ -400,7 +470,7 @@ def model_mlx_forward(mlx: MlxKernels, costs: dict, family: str, D: int, T: int,
         costs[key] = mlx.steel_cost(D)
     bk = 32 if D < 128 else 16
     starts = np.arange(0, T, 32)
-    blocks = np.tile(_causal_blocks(starts, 32, bk, T, causal), B * N)
+    blocks = np.tile(_causal_blocks(starts, 32, bk, T, causal)[0], B * N)  # MLX computes whole tiles
     itemsize = 4 if mlx.dtype == "float32" else 2
     return dispatch_cycles([Dispatch(costs[key], blocks)], family, 4 * B * T * N * D * itemsize)[0]
 
@@ -471,7 +541,7 @@ def main(argv=None) -> int:
 
     print("MODELLED figures (Metal emulator's instruction profile x published Apple GPU throughputs; "
           "not measurements; measure on a Mac with benchmarks/bench_metal.py)")
-    print(f"storage {args.dtype}, B = 1, 8 heads (decode: 32 query heads, 8 kv heads)")
+    print(f"storage {args.dtype}, B = 1, 8 heads (decode: 32 query heads, 4 kv heads: GQA 8:1)")
     mlx = None
     if not args.no_mlx:
         mlx = MlxKernels(args.dtype)
@@ -491,9 +561,9 @@ def main(argv=None) -> int:
                         rows.append(r)
         if "decode" in passes:
             for D in [d for d in heads if d in (64, 128)] or heads[:1]:
-                r = model_ours(ours, costs, "decode", D, 1, False, N=32, K=8, S=args.decode_keys)
+                r = model_ours(ours, costs, "decode", D, 1, False, N=32, K=4, S=args.decode_keys)
                 if mlx is not None:
-                    r.mlx_cycles = mlx_decode(mlx, fam, D, args.decode_keys, 32, 8)
+                    r.mlx_cycles = mlx_decode(mlx, fam, D, args.decode_keys, 32, 4)
                 rows.append(r)
         for r in rows:
             vs = f"{r.cycles / r.mlx_cycles:.2f}x" if r.mlx_cycles else "-"

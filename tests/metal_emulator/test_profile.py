@@ -89,15 +89,16 @@ def test_mlx_gemm_counts():
 
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-PARAMS = np.dtype([("bias_strides", "<i8", 4), ("mask_strides", "<i8", 4)]
+PARAMS = np.dtype([("bias_strides", "<i8", 4), ("mask_strides", "<i8", 4), ("dbias_slot", "<i8")]
                   + [(n, "<i4") for n in ("batch", "q_len", "kv_len", "q_heads", "kv_heads", "head_dim",
                                           "group_size")]
                   + [(n, "<f4") for n in ("scale", "scale_log2", "softcap", "softcap_log2")]
                   + [(n, "<i4") for n in ("has_softcap", "causal", "window_left", "window_right", "has_q_lengths",
                                           "has_kv_lengths", "has_bias", "has_mask", "dbias_mode", "bias_batch_dim",
                                           "bias_head_dim", "bias_query_broadcast", "num_row_blocks", "block_rows",
-                                          "merge_batches", "merge_heads", "group_offset", "total_groups")],
-                  align=True)
+                                          "merge_batches", "merge_heads", "group_offset", "total_groups",
+                                          "kv_splits", "pairs_per_split", "decode_splits", "decode_keys_per_split")],
+                  align=True)  # metal/attention_params.h's AttentionParams
 
 
 def test_own_forward_kernel_counts():
