@@ -146,9 +146,6 @@ KernelLaunch base_launch(Pass pass, const AttentionProblem& p, DType dtype, GpuF
   return l;
 }
 
-}  // namespace
-
-namespace {
 int64_t positive_env(const char* name, int64_t fallback) {
   if (const char* s = std::getenv(name)) {
     const long long v = std::atoll(s);
@@ -156,6 +153,7 @@ int64_t positive_env(const char* name, int64_t fallback) {
   }
   return fallback;
 }
+
 }  // namespace
 
 int64_t max_work_per_command_buffer() {

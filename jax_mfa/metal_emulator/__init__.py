@@ -4,6 +4,7 @@
     lib.dispatch("kernel_name", grid=(gx, gy, gz), threads=(tx, ty, tz),
                  buffers=[a, b, np.uint32(n)], threadgroup_memory=[4096],
                  seed=None, check=True)
+    prof = lib.dispatch(..., function_constants={"align_M": True}, profile=True)
 
 The MSL source is compiled as C++ by the system compiler (env CXX, else c++,
 g++ or clang++) against the emulator's Metal compatibility headers, and the

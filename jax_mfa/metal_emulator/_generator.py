@@ -10,13 +10,25 @@ Turns one MSL translation unit into C++ for the host compiler:
   ``::metal::threadgroup_ptr<T>``, ``constant T*`` -> ``::metal::constant_ptr<const T>``;
   ``constant T&`` -> ``const T&``; ``device``/``threadgroup``/``thread T&`` -> ``T&``;
   ``thread T*`` -> ``T*``; other ``constant`` declarations -> ``const``;
+* an address space qualifying a member function or constructor is dropped,
+  and overloads that then coincide (they differed only in address space) are
+  reduced to one, the ``thread`` one where there is one;
+* ``#define`` bodies get the same rewriting (a body that is just an address
+  space word becomes ``const`` or nothing);
+* ``constant T name [[function_constant(i)]];`` becomes a per-dispatch
+  ``::metal::detail::function_constant<T, i>``;
+* ``template [[host_name(N)]] [[kernel]] decltype(F<A>) F<A>;`` (also in a
+  ``#define``, as in MLX's ``instantiate_kernel``) becomes a registration;
+* ``1.5h`` / ``2.0bf`` literals become constexpr half/bfloat conversions;
 * kernel-scope ``threadgroup T name[N];`` becomes one allocation per
   threadgroup (``::metal::detail::tg_array``);
-* the ``kernel`` keyword is dropped and, for every kernel, the parameter
-  bindings read from its signature (``[[buffer(n)]]``, ``[[threadgroup(n)]]``,
-  built-ins) are emitted after its body, with a registration under the
-  function's name for non-template kernels (templates are registered by
-  ``JAX_MFA_INSTANTIATE_KERNEL``).
+* the ``kernel`` keyword is dropped and, for every kernel (``kernel``,
+  ``[[kernel]]`` or an attribute list with ``kernel``), the parameter bindings
+  read from its signature (``[[buffer(n)]]`` with an optional
+  ``function_constant(c)``, ``[[threadgroup(n)]]``, built-ins, and whether the
+  body names each parameter) are emitted after its body, with a registration
+  under the function's name for non-template kernels (templates are
+  registered by ``JAX_MFA_INSTANTIATE_KERNEL`` or a host_name instantiation).
 
 This module is the single implementation of the signature parser, used both at
 run time (``compile_source``) and at build time (CMake:

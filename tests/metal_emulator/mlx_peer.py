@@ -57,6 +57,7 @@ def mlx_include_dir() -> str:
             if proc.returncode != 0 or not wheels:
                 pytest.skip("cannot download the mlx-metal wheel (MLX's kernel sources; offline?): "
                             + (proc.stderr.strip().splitlines() or ["no wheel"])[-1])
+            _cache_root().mkdir(parents=True, exist_ok=True)
             staging = pathlib.Path(tempfile.mkdtemp(dir=_cache_root()))
             with zipfile.ZipFile(wheels[0]) as z:
                 z.extractall(staging, [n for n in z.namelist() if n.startswith(KERNELS_PREFIX)])

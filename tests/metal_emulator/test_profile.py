@@ -89,6 +89,7 @@ def test_mlx_gemm_counts():
 
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
+# metal/attention_params.h's AttentionParams (64-bit members first, then 32-bit ones).
 PARAMS = np.dtype([("bias_strides", "<i8", 4), ("mask_strides", "<i8", 4), ("dbias_slot", "<i8")]
                   + [(n, "<i4") for n in ("batch", "q_len", "kv_len", "q_heads", "kv_heads", "head_dim",
                                           "group_size")]
@@ -98,7 +99,8 @@ PARAMS = np.dtype([("bias_strides", "<i8", 4), ("mask_strides", "<i8", 4), ("dbi
                                           "bias_head_dim", "bias_query_broadcast", "num_row_blocks", "block_rows",
                                           "merge_batches", "merge_heads", "group_offset", "total_groups",
                                           "kv_splits", "pairs_per_split", "decode_splits", "decode_keys_per_split")],
-                  align=True)  # metal/attention_params.h's AttentionParams
+                  align=True)
+assert PARAMS.itemsize == 208  # sizeof(AttentionParams), as cpp/metal_host/attention_plan.cc asserts
 
 
 def test_own_forward_kernel_counts():
@@ -106,7 +108,7 @@ def test_own_forward_kernel_counts():
     and key block, S = Q K^T takes (64 / 8) x (128 / 8) and O += P V (64 / 8) x (128 / 8)
     multiply-accumulates; the online softmax calls exp2 once per lane for the rescale and once per
     score element (2 x 16 per lane)."""
-    lib = me.load(str(ROOT / "metal" / "attention_f32.metal"), defines={"JAX_MFA_METAL_FAMILIES": 2},
+    lib = me.load(str(pathlib.Path(__file__).parent / "kernels" / "own_forward.metal"),
                   include_paths=[str(ROOT / "metal")])
     rng = np.random.default_rng(1)
     B, T, S, N, H = 1, 32, 256, 2, 64
@@ -121,7 +123,7 @@ def test_own_forward_kernel_counts():
     for name, val in dict(batch=B, q_len=T, kv_len=S, q_heads=N, kv_heads=N, head_dim=H, group_size=1,
                           scale=scale, scale_log2=scale * np.log2(np.e), window_left=-1, window_right=-1,
                           num_row_blocks=blocks, block_rows=16, merge_batches=1, merge_heads=1,
-                          total_groups=blocks * N * B).items():
+                          total_groups=blocks * N * B, kv_splits=1).items():
         p[name] = val
     prof = lib.dispatch("mfa_fwd_f32_h64_p16_c128_d32", grid=blocks * N * B, threads=64,
                         buffers=[p.tobytes(), q, k, v, None, None, None, None, out, lse], profile=True)
@@ -132,3 +134,21 @@ def test_own_forward_kernel_counts():
     key_blocks = S // 128
     assert prof.total["simdgroup_matrix_multiply_accumulate"] == simdgroups * key_blocks * 2 * 8 * 16
     assert prof.total["exp2"] == simdgroups * 32 * key_blocks * (1 + 2 * 16)
+
+
+def test_mlx_attention_counts():
+    """steel attention, head dim 64 (bq 32, bk 32, 4 simdgroups of 8 query rows): per simdgroup and
+    key block, S = Q K^T takes 1 x (32 / 8) x (64 / 8) and O += P V 1 x (64 / 8) x (32 / 8)
+    multiply-accumulates; each lane calls exp2 once per score element it holds (8 x 32 / 32) and
+    once for the running-max rescale."""
+    lib = mlx_peer.load("steel_attention.metal")
+    rng = np.random.default_rng(2)
+    D, T, S = 64, 256, 256
+    q, k, v = (mlx_peer.random(rng, (1, 1, n, D), "float16") for n in (T, S, S))
+    o, prof = mlx_peer.attention(lib, "float16", q, k, v, D ** -0.5, profile=True)
+    ref, err = mlx_peer.attention_reference(q, k, v, D ** -0.5)
+    mlx_peer.assert_close(o, ref, "float16", err)
+    simdgroups, key_blocks = (T // 32) * 4, S // 32
+    assert prof.total["simdgroup_matrix_multiply_accumulate"] == simdgroups * key_blocks * (32 + 32)
+    assert prof.total["exp2"] == simdgroups * key_blocks * 32 * (8 + 1)
+    assert prof.max_simdgroup["exp2"] == key_blocks * 32 * 9
