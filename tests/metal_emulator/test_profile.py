@@ -98,9 +98,9 @@ PARAMS = np.dtype([("bias_strides", "<i8", 4), ("mask_strides", "<i8", 4), ("dbi
                                           "has_kv_lengths", "has_bias", "has_mask", "dbias_mode", "bias_batch_dim",
                                           "bias_head_dim", "bias_query_broadcast", "num_row_blocks", "block_rows",
                                           "merge_batches", "merge_heads", "group_offset", "total_groups",
-                                          "kv_splits", "pairs_per_split")],
+                                          "kv_splits", "pairs_per_split", "decode_splits", "decode_keys_per_split")],
                   align=True)
-assert PARAMS.itemsize == 200  # sizeof(AttentionParams), as cpp/metal_host/attention_plan.cc asserts
+assert PARAMS.itemsize == 208  # sizeof(AttentionParams), as cpp/metal_host/attention_plan.cc asserts
 
 
 def test_own_forward_kernel_counts():
