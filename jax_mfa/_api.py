@@ -67,7 +67,9 @@ def _work(query, key) -> int | None:
 
 def attention(query, key, value, bias=None, mask=None, *, scale=None, is_causal=False,
               query_seq_lengths=None, key_value_seq_lengths=None, local_window_size=None,
-              softcap=None, return_residual=False, implementation=None):
+              softcap=None, query_segment_ids=None, key_value_segment_ids=None, sinks=None,
+              dropout_rate=0.0, dropout_rng=None, return_residual=False, implementation=None,
+              _dropout_broadcast_heads=False):
     """Exact scaled dot-product attention through fused kernels.
 
     Follows ``jax.nn.dot_product_attention``'s layout: query ``(B, T, N, H)`` or
@@ -84,9 +86,31 @@ def attention(query, key, value, bias=None, mask=None, *, scale=None, is_causal=
     (float64 for float64 inputs). A query row with no allowed key gives output
     0, logsumexp -inf and zero gradients (``jax.nn`` instead averages all values).
 
+    Features ``jax.nn`` does not have:
+
+    * ``query_segment_ids`` int32 ``(B, T)`` / ``key_value_segment_ids`` int32
+      ``(B, S)`` (``(T,)``/``(S,)`` for 3-D inputs), both or neither: packed
+      sequences. Key j is allowed for query i only if their ids are equal (ANDed
+      with every mask above). Any values; sorted ids (the usual packing) let the
+      kernels skip tiles whose id ranges cannot match. No gradient.
+    * ``sinks`` float ``(N,)``: one extra logit per query head in every row's
+      softmax, taking probability mass but adding no value:
+      ``p_j = exp(l_j) / (exp(sinks[n]) + sum_allowed exp(l_k))``. The lse
+      includes it; a row with no allowed key gives output 0 and lse ``sinks[n]``.
+      Differentiable (summed over batch and queries).
+    * ``dropout_rate`` in ``[0, 1)`` with ``dropout_rng`` (a JAX PRNG key,
+      required when the rate is positive): dropout on the probabilities after
+      the softmax, kept entries scaled by ``1 / (1 - rate)``. Entry (b, n, i, j)
+      is kept iff Philox4x32-10 (keyed by the key's bits, counter
+      ``(j // 4, i, n, b)``, word ``j % 4``) gives a word >= ``round(rate * 2**32)``:
+      every implementation draws the same mask for the same key. The backward
+      recomputes it; nothing is stored.
+
     Args:
       return_residual: also return the logsumexp, float32 ``(B, T, N)``
         (``(T, N)`` for 3-D inputs; float64 for float64 inputs), natural log.
+      _dropout_broadcast_heads: private (the Flax adapter's broadcast_dropout):
+        one dropout mask shared by all heads.
       implementation: None (best available), "cpu", "xla", or once available
         "metal" / "metal-emulated"; see :func:`available_implementations`.
 
@@ -103,7 +127,9 @@ def attention(query, key, value, bias=None, mask=None, *, scale=None, is_causal=
         query, key, value, bias, mask, scale=scale, is_causal=is_causal,
         query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
         local_window_size=local_window_size, softcap=softcap,
-        max_head_dim=MAX_HEAD_DIM.get(impl))
+        max_head_dim=MAX_HEAD_DIM.get(impl), query_segment_ids=query_segment_ids,
+        key_value_segment_ids=key_value_segment_ids, sinks=sinks, dropout_rate=dropout_rate,
+        dropout_rng=dropout_rng, dropout_broadcast_heads=_dropout_broadcast_heads)
     if impl == "xla" or (implementation is None and jax.default_backend() != "cpu"):
         out, lse = _xla.attention(ops, options)
     else:

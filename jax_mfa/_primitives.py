@@ -3,7 +3,8 @@ FFI targets, batching (vmap) rules, and the custom VJP that ties forward and
 backward together.
 
 Two primitives, one per kernel pass:
-  attention_fwd: (q, k, v, bias, mask, q_lengths, kv_lengths) -> (out, lse)
+  attention_fwd: (q, k, v, bias, mask, q_lengths, kv_lengths, q_segments,
+                  kv_segments, sinks, dropout_seed) -> (out, lse)
   attention_bwd: (..., lse, dout, delta) -> (dq, dk, dv, dbias)
 Their static parameters are ``options`` (an :class:`Options`) and ``backend``
 (the FFI target suffix, e.g. "cpu"). On platforms without the fused kernels
@@ -49,13 +50,16 @@ def _like(ref, shape, dtype):
                                 manual_axis_type=mat)
 
 
-def _fwd_abstract(q, k, v, bias, mask, q_lengths, kv_lengths, *, options, backend):
+# Operands of attention_fwd (Operands.as_tuple()); attention_bwd adds lse, dout, delta.
+NUM_OPERANDS = 11
+
+
+def _fwd_abstract(q, *operands, options, backend):
     B, T, N, _ = q.shape
     return (_like(q, q.shape, q.dtype), _like(q, (B, T, N), accumulation_dtype(q.dtype)))
 
 
-def _bwd_abstract(q, k, v, bias, mask, q_lengths, kv_lengths, lse, dout, delta, *, options,
-                  backend):
+def _bwd_abstract(q, k, v, bias, *operands, options, backend):
     return tuple(_like(q, a.shape, a.dtype) for a in (q, k, v, bias))
 
 
@@ -154,16 +158,18 @@ _bwd_lowering = _ffi_lowering("bwd")
 dispatch.prim_requires_devices_during_lowering.update({attention_fwd_p, attention_bwd_p})
 
 
-def _xla_fwd(q, k, v, bias, mask, q_lengths, kv_lengths, *, options, backend):
+def _xla_fwd(*operands, options, backend):
     del backend
-    return _xla.attention(Operands(q, k, v, bias, mask, q_lengths, kv_lengths), options)
+    return _xla.attention(Operands(*operands), options)
 
 
-def _xla_bwd(q, k, v, bias, mask, q_lengths, kv_lengths, lse, dout, delta, *, options, backend):
-    del backend, lse
+def _xla_bwd(*args, options, backend):
+    del backend
+    q, k, v, bias, *rest = args[:NUM_OPERANDS]
+    _, dout, delta = args[NUM_OPERANDS:]
     # delta = rowsum(dout * out) - dlse; recover the lse cotangent from it.
     def f(q, k, v, bias):
-        return _xla.attention(Operands(q, k, v, bias, mask, q_lengths, kv_lengths), options)
+        return _xla.attention(Operands(q, k, v, bias, *rest), options)
 
     (out, _), vjp = jax.vjp(f, q, k, v, bias)
     acc = accumulation_dtype(q.dtype)
@@ -219,7 +225,7 @@ def _leading_dim(x, dim) -> int:
 
 
 def _fold_operands(args, dims, options: Options, *, bias_per_example: bool):
-    q, k, v, bias, mask, q_lengths, kv_lengths = args
+    q, k, v, bias, mask, q_lengths, kv_lengths, q_segments, kv_segments, sinks, seed = args
     size = _batch_size(args, dims)
     B = _leading_dim(q, dims[0])
     fold = functools.partial(_fold, size=size, batch=B)
@@ -231,6 +237,10 @@ def _fold_operands(args, dims, options: Options, *, bias_per_example: bool):
         fold(mask, dims[4], keep_broadcast=True),
         fold(q_lengths, dims[5], keep_broadcast=not options.has_q_lengths),
         fold(kv_lengths, dims[6], keep_broadcast=not options.has_kv_lengths),
+        fold(q_segments, dims[7], keep_broadcast=not options.has_segment_ids),
+        fold(kv_segments, dims[8], keep_broadcast=not options.has_segment_ids),
+        fold(sinks, dims[9], keep_broadcast=True),  # (1, N) is shared by every row
+        fold(seed, dims[10], keep_broadcast=options.dropout_rate == 0),
     ]
     return folded, size, B
 
@@ -242,8 +252,9 @@ def _fwd_batch(args, dims, *, options, backend):
 
 
 def _bwd_batch(args, dims, *, options, backend):
-    folded, size, B = _fold_operands(args[:7], dims[:7], options, bias_per_example=True)
-    extra = [_fold(a, d, size, B, keep_broadcast=False) for a, d in zip(args[7:], dims[7:])]
+    n = NUM_OPERANDS
+    folded, size, B = _fold_operands(args[:n], dims[:n], options, bias_per_example=True)
+    extra = [_fold(a, d, size, B, keep_broadcast=False) for a, d in zip(args[n:], dims[n:])]
     dq, dk, dv, dbias = attention_bwd_p.bind(*folded, *extra, options=options, backend=backend)
     if not options.has_bias:
         dbias_dim = NOT_MAPPED  # placeholder output
@@ -284,32 +295,49 @@ def attention(operands: Operands, options: Options, backend: str):
     return fused_attention(*args, options, backend)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
-def fused_attention(q, k, v, bias, mask, q_lengths, kv_lengths, options: Options, backend: str):
-    """(out, lse) from the fused kernels of `backend`."""
-    return tuple(attention_fwd_p.bind(q, k, v, bias, mask, q_lengths, kv_lengths,
-                                      options=options, backend=backend))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(NUM_OPERANDS, NUM_OPERANDS + 1))
+def fused_attention(*args):
+    """(out, lse) from the fused kernels: args are the operands (Operands.as_tuple()),
+    then options and backend."""
+    *operands, options, backend = args
+    return tuple(attention_fwd_p.bind(*operands, options=options, backend=backend))
 
 
-def _vjp_fwd(q, k, v, bias, mask, q_lengths, kv_lengths, options, backend):
-    out, lse = attention_fwd_p.bind(q, k, v, bias, mask, q_lengths, kv_lengths, options=options,
-                                    backend=backend)
-    return (out, lse), (q, k, v, bias, mask, q_lengths, kv_lengths, out, lse)
+def _vjp_fwd(*args):
+    *operands, options, backend = args
+    out, lse = attention_fwd_p.bind(*operands, options=options, backend=backend)
+    return (out, lse), (*operands, out, lse)
+
+
+def sinks_gradient(sinks, lse, delta):
+    """d sinks from the backward's delta = rowsum(dO * O) - dlse.
+
+    The sink's probability in row (b, i, n) is p = exp(sinks[n] - lse); since
+    it carries no value, d out / d sink = -p * out and d lse / d sink = p, so
+    d sinks[n] = -sum_{b,i} p * delta (with or without dropout, which only
+    rescales the value terms that make up out). Summed over rows the sinks
+    operand broadcasts over ((1, N): all batch rows)."""
+    p = jnp.where(jnp.isneginf(lse), 0, jnp.exp(sinks[:, None, :] - lse))  # (B, T, N)
+    d = -jnp.sum(p * delta, axis=1)  # (B, N)
+    return jnp.sum(d, axis=0, keepdims=True) if sinks.shape[0] == 1 else d
 
 
 def _vjp_bwd(options, backend, residuals, cotangents):
-    q, k, v, bias, mask, q_lengths, kv_lengths, out, lse = residuals
+    operands, (out, lse) = residuals[:NUM_OPERANDS], residuals[NUM_OPERANDS:]
+    q, k, v, bias, mask, q_lengths, kv_lengths, q_segments, kv_segments, sinks, seed = operands
     dout, dlse = cotangents
     acc = accumulation_dtype(q.dtype)
     # The lse cotangent enters only through delta = rowsum(dO * O) - dlse.
     delta = jnp.sum(dout.astype(acc) * out.astype(acc), axis=-1) - dlse.astype(acc)
-    dq, dk, dv, dbias = attention_bwd_p.bind(q, k, v, bias, mask, q_lengths, kv_lengths, lse,
-                                             dout.astype(q.dtype), delta, options=options,
-                                             backend=backend)
+    dq, dk, dv, dbias = attention_bwd_p.bind(*operands, lse, dout.astype(q.dtype), delta,
+                                             options=options, backend=backend)
     if not options.has_bias:
         dbias = jnp.zeros_like(bias)
+    dsinks = sinks_gradient(sinks, lse, delta) if options.has_sinks else jnp.zeros_like(sinks)
     zero_int = lambda x: np.zeros(x.shape, jax.dtypes.float0)  # noqa: E731
-    return dq, dk, dv, dbias, zero_int(mask), zero_int(q_lengths), zero_int(kv_lengths)
+    return (dq, dk, dv, dbias, zero_int(mask), zero_int(q_lengths), zero_int(kv_lengths),
+            zero_int(q_segments), zero_int(kv_segments), dsinks.astype(sinks.dtype),
+            zero_int(seed))
 
 
 fused_attention.defvjp(_vjp_fwd, _vjp_bwd)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jax_mfa import _philox
 from jax_mfa._arguments import Operands, Options, accumulation_dtype
 
 
@@ -32,7 +33,17 @@ def allowed_keys(ops: Operands, opt: Options, shape) -> jax.Array:
         allowed = allowed & (j < ops.kv_lengths[:, None, None, None])
     if opt.has_mask:
         allowed = allowed & ops.mask
+    if opt.has_segment_ids:
+        allowed = allowed & (ops.q_segments[:, None, :, None] == ops.kv_segments[:, None, None, :])
     return allowed
+
+
+def dropout_factors(ops: Operands, opt: Options, shape, dtype) -> jax.Array:
+    """(B, N, T, S) factors the probabilities are multiplied by: 0 where the
+    generator drops an entry, 1 / (1 - rate) where it keeps it."""
+    keep = _philox.keep_mask(ops.dropout_seed, opt.dropout_rate, shape,
+                             broadcast=opt.dropout_broadcast_heads)
+    return jnp.where(keep, jnp.asarray(1.0 / (1.0 - opt.dropout_rate), dtype), 0)
 
 
 def attention(ops: Operands, opt: Options) -> tuple[jax.Array, jax.Array]:
@@ -52,13 +63,22 @@ def attention(ops: Operands, opt: Options) -> tuple[jax.Array, jax.Array]:
     allowed = allowed_keys(ops, opt, (B, T, N, S))
     logits = jnp.where(allowed, logits, -jnp.inf)
     # Softmax is shift-invariant: the max needs no gradient.
-    row_max = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    row_max = jnp.max(logits, axis=-1, keepdims=True)
+    if opt.has_sinks:  # one extra logit per head, without a value
+        sink = ops.sinks[:, :, None, None]
+        row_max = jnp.maximum(row_max, sink)
+    row_max = jax.lax.stop_gradient(row_max)
     row_max = jnp.where(jnp.isfinite(row_max), row_max, 0)
     p = jnp.exp(logits - row_max)
     denom = jnp.sum(p, axis=-1, keepdims=True)
+    if opt.has_sinks:
+        denom = denom + jnp.exp(sink - row_max)
     has_key = denom > 0
     safe_denom = jnp.where(has_key, denom, 1)
-    out = jnp.einsum("bkgts,bskh->btkgh", (p / safe_denom).reshape(B, K, group, T, S),
+    probs = p / safe_denom
+    if opt.dropout_rate > 0:
+        probs = probs * dropout_factors(ops, opt, (B, N, T, S), acc)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs.reshape(B, K, group, T, S),
                      v.astype(acc)).reshape(B, T, N, H)
     lse = jnp.where(has_key, row_max + jnp.log(safe_denom), -jnp.inf)[..., 0]  # (B, N, T)
     return out.astype(q.dtype), jnp.transpose(lse, (0, 2, 1))

@@ -38,6 +38,7 @@
 #include <sched.h>
 #endif
 
+#include "../../metal/dropout_philox.h"
 #include "common/half_types.h"
 #include "cpu/cpu_blas.h"
 #include "cpu/cpu_simd.h"
@@ -249,8 +250,48 @@ struct Rules {
   const Acc* bias;
   const bool* mask;
   int64_t q_valid, kv_valid, G;
+  // Segment ids of this batch row (nullptr without them).
+  const int32_t* q_ids = nullptr;
+  const int32_t* kv_ids = nullptr;
+  // Dropout: Philox key words and the counter's batch index of this row.
+  const uint32_t* seed = nullptr;
 
-  bool transforms() const { return p.softcap > 0 || bias || mask; }
+  bool transforms() const { return p.softcap > 0 || bias || mask || q_ids; }
+
+  // Keys of [j0, j0 + cols) that queries [t0, t0 + tq) may share a segment
+  // with (all of them without segment ids); an empty span skips the tile.
+  Span segment_keys(int64_t t0, int64_t tq, int64_t j0, int64_t cols) const {
+    if (!q_ids) return {j0, j0 + cols};
+    return narrow_to_ids(kv_ids, j0, j0 + cols, id_range(q_ids, t0, t0 + tq));
+  }
+  // The same from the keys' side: queries of [t0, t0 + tq) that may match
+  // a key of [j0, j0 + cols).
+  Span segment_queries(int64_t t0, int64_t tq, int64_t j0, int64_t cols) const {
+    if (!q_ids) return {t0, t0 + tq};
+    return narrow_to_ids(q_ids, t0, t0 + tq, id_range(kv_ids, j0, j0 + cols));
+  }
+
+  // Multiplies a stacked tile X (rows t * G + g, keys j0 + c) by the dropout
+  // factors: 0 for dropped entries, 1 / (1 - rate) for kept ones. One Philox
+  // evaluation serves four neighbouring keys (metal/dropout_philox.h).
+  void dropout(int64_t kvh, int64_t t0, int64_t tq, int64_t j0, int64_t cols, Acc* X,
+               int64_t ldx) const {
+    if (!seed) return;
+    const Acc keep = Acc(p.dropout_keep_scale());
+    const uint32_t thr = p.dropout_threshold;
+    for (int64_t t = 0; t < tq; ++t)
+      for (int64_t g = 0; g < G; ++g) {
+        const uint32_t head = p.dropout_broadcast_heads ? 0u : uint32_t(kvh * G + g);
+        Acc* x = X + (t * G + g) * ldx - j0;
+        for (int64_t jj = j0 & ~int64_t(3); jj < j0 + cols; jj += 4) {
+          MfaPhilox4 c{uint32_t(jj) >> 2, uint32_t(t0 + t), head, seed[2]};
+          const MfaPhilox4 r = mfa_philox4x32_10(c, seed[0], seed[1]);
+          const uint32_t words[4] = {r.x, r.y, r.z, r.w};
+          for (int64_t e = std::max<int64_t>(0, j0 - jj); e < 4 && jj + e < j0 + cols; ++e)
+            x[jj + e] *= words[e] >= thr ? keep : Acc(0);
+        }
+      }
+  }
 
   // True when every entry of the tile is allowed and the logits need nothing
   // beyond the scale (applied by the GEMM): the common case, skipped cheaply.
@@ -293,10 +334,37 @@ struct Rules {
           for (int64_t c = lo; c < hi; ++c)
             if (!mrow[(j0 + c) * ms]) s[c] = neg_inf;
         }
+        if (q_ids)
+          for (int64_t c = lo; c < hi; ++c)
+            if (kv_ids[j0 + c] != q_ids[i]) s[c] = neg_inf;
       }
     }
   }
 };
+
+template <typename Acc, typename Buffers>
+Rules<Acc> make_rules(const AttentionProblem& p, const Buffers& buf, int64_t b, int64_t G) {
+  Rules<Acc> r{p, static_cast<const Acc*>(buf.bias), buf.mask, p.q_valid(buf.q_lengths, b),
+               p.kv_valid(buf.kv_lengths, b), G};
+  if (p.has_segment_ids) {
+    r.q_ids = buf.q_segments + b * p.q_len;
+    r.kv_ids = buf.kv_segments + b * p.kv_len;
+  }
+  if (p.has_dropout()) r.seed = buf.dropout_seed + 3 * b;
+  return r;
+}
+
+// Starts the online softmax of a row block: running max -inf and sum 0, or
+// with sinks the sink's logit and its exp(sink - sink) = 1.
+template <typename Acc>
+void init_softmax(const AttentionProblem& p, const Acc* sinks, int64_t b, int64_t kvh,
+                  int64_t rows, int64_t G, bool with_sinks, Acc* m, Acc* l) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const bool sink = with_sinks && sinks;
+    m[r] = sink ? p.sink(sinks, b, kvh * G + r % G) : -std::numeric_limits<Acc>::infinity();
+    l[r] = sink ? Acc(1) : Acc(0);
+  }
+}
 
 // Keys any row of positions [t0, t0 + tq) may attend to, within [0, kv_valid).
 Span key_span_clamped(const AttentionProblem& p, int64_t t0, int64_t tq, int64_t qv,
@@ -359,8 +427,7 @@ void forward_typed(const AttentionProblem& p, const ForwardBuffers& buf, TaskRun
       const int64_t pl = rest % cp, qb = QB - 1 - rest / cp;
       const int64_t pr = p0 + pl, b = pr / K, kvh = pr % K;
       const int64_t t0 = qb * Tq, tq = std::min(Tq, T_ - t0), rows = tq * G;
-      const Rules<Acc> rules{p, static_cast<const Acc*>(buf.bias), buf.mask,
-                             p.q_valid(buf.q_lengths, b), p.kv_valid(buf.kv_lengths, b), G};
+      const Rules<Acc> rules = make_rules<Acc>(p, buf, b, G);
       Span span = key_span_clamped(p, t0, tq, rules.q_valid, rules.kv_valid);
       if (SP > 1) {
         const int64_t per = ceil_div(ceil_div(span.end - span.begin, Bk), SP) * Bk;
@@ -374,8 +441,8 @@ void forward_typed(const AttentionProblem& p, const ForwardBuffers& buf, TaskRun
       Acc* l = scratch<Acc>(4, rows_max);
       Acc* th = p.softcap > 0 ? scratch<Acc>(5, rows_max * Bk) : nullptr;
       std::fill(acc, acc + rows * H, Acc(0));
-      std::fill(m, m + rows, neg_inf);
-      std::fill(l, l + rows, Acc(0));
+      // The sink term belongs to the first key slice only.
+      init_softmax(p, static_cast<const Acc*>(buf.sinks), b, kvh, rows, G, sp == 0, m, l);
       if (!span.empty())  // G heads of a position are contiguous: one run of G*H
         for (int64_t t = 0; t < tq; ++t)
           convert(q + ((b * T_ + t0 + t) * N + kvh * G) * H, Qs + t * G * H, G * H, ops);
@@ -401,26 +468,33 @@ void forward_typed(const AttentionProblem& p, const ForwardBuffers& buf, TaskRun
           mr = row_m;
           if (alpha != Acc(1)) row_scale(a + r * H, H, alpha, ops);
         }
+        rules.dropout(kvh, u0, uq, j0, cols, Sb, Bk);  // after the sums: l is not dropped
         timed_gemm(prof, 1, false, false, nr, H, cols, Acc(1), Sb, Bk, vv.at(b, kvh, j0), vv.sp,
                    Acc(1), a, H);
       };
       const int64_t sub = std::max<int64_t>(1, 64 / G);  // positions per sub-tile
       for (int64_t j0 = span.begin; j0 < span.end; j0 += Bk) {
         const int64_t cols = std::min(Bk, span.end - j0);
+        const Span seg = rules.segment_keys(t0, tq, j0, cols);
+        if (seg.empty()) continue;  // no segment of these queries among these keys
         const bool ragged =
             t0 + tq > rules.q_valid ||
             p.key_span(t0 + tq - 1, rules.q_valid, rules.kv_valid).begin > j0 ||
-            p.key_span(t0, rules.q_valid, rules.kv_valid).end < j0 + cols;
+            p.key_span(t0, rules.q_valid, rules.kv_valid).end < j0 + cols ||
+            (rules.q_ids && rules.q_ids[t0] != rules.q_ids[t0 + tq - 1]);
         if (!ragged || tq <= sub) {
-          tile(t0, tq, j0, cols);
+          tile(t0, tq, seg.begin, seg.end - seg.begin);
           continue;
         }
         // Rows see different parts of this tile (causal diagonal, window
-        // edges): sub-tiles of rows only compute the columns they may see.
+        // edges, segment boundaries): sub-tiles of rows only compute the
+        // columns they may see.
         for (int64_t u0 = t0; u0 < t0 + tq; u0 += sub) {
           const int64_t uq = std::min(sub, t0 + tq - u0);
           const Span us = key_span_clamped(p, u0, uq, rules.q_valid, rules.kv_valid);
-          const int64_t lo = std::max(j0, us.begin), hi = std::min(j0 + cols, us.end);
+          const Span ss = rules.segment_keys(u0, uq, seg.begin, seg.end - seg.begin);
+          const int64_t lo = std::max({j0, us.begin, ss.begin});
+          const int64_t hi = std::min({j0 + cols, us.end, ss.end});
           if (lo < hi) tile(u0, uq, lo, hi - lo);
         }
       }
@@ -584,8 +658,7 @@ void backward_typed(const AttentionProblem& p, const BackwardBuffers& buf, TaskR
       Acc* delta = scratch<Acc>(8, rows_max);
       for (const int64_t pr : group) {
         const int64_t b = pr / K, kvh = pr % K, pl = pr - p0;
-        const Rules<Acc> rules{p, bias, buf.mask, p.q_valid(buf.q_lengths, b),
-                               p.kv_valid(buf.kv_lengths, b), G};
+        const Rules<Acc> rules = make_rules<Acc>(p, buf, b, G);
         const Span rspan = p.query_span_of_keys(j0, j0 + cols, rules.q_valid, rules.kv_valid);
         std::fill(dK, dK + cols * H, Acc(0));
         std::fill(dV, dV + cols * H, Acc(0));
@@ -593,8 +666,11 @@ void backward_typed(const AttentionProblem& p, const BackwardBuffers& buf, TaskR
         const Acc* Vp = vv.at(b, kvh, j0);
         Acc* dq_acc = my + pl * slot_pair;
         Acc* rs_acc = dq_acc + T_ * G * H;
-        for (int64_t t0 = rspan.begin; t0 < rspan.end; t0 += Tq) {
-          const int64_t tq = std::min(Tq, rspan.end - t0), rows = tq * G;
+        for (int64_t tb = rspan.begin; tb < rspan.end; tb += Tq) {
+          // Only the queries that may share a segment with these keys.
+          const Span seg = rules.segment_queries(tb, std::min(Tq, rspan.end - tb), j0, cols);
+          if (seg.empty()) continue;
+          const int64_t t0 = seg.begin, tq = seg.end - seg.begin, rows = tq * G;
           // Used in place when the stacked rows are evenly spaced in memory
           // (one head per group: stride sp; or G heads whose positions are
           // G*H apart: stride H); packed otherwise.
@@ -621,7 +697,10 @@ void backward_typed(const AttentionProblem& p, const BackwardBuffers& buf, TaskR
           if (!rules.plain(t0, tq, j0, cols)) rules.apply(b, kvh, t0, tq, j0, cols, Pb, Bk, th);
           for (int64_t r = 0; r < rows; ++r) row_exp(Pb + r * Bk, cols, lse[r], ops);
           timed_gemm(prof, 1, false, true, rows, cols, H, Acc(1), dOp, lddo, Vp, vv.sp, Acc(0), dPb, Bk);
+          // Dropout: dS = P (dP Z - delta), and dV takes (P Z)^T dO.
+          rules.dropout(kvh, t0, tq, j0, cols, dPb, Bk);
           for (int64_t r = 0; r < rows; ++r) row_ds(Pb + r * Bk, dPb + r * Bk, cols, delta[r], ops);
+          rules.dropout(kvh, t0, tq, j0, cols, Pb, Bk);
           // dPb now holds dS, the gradient of the post-bias logits.
           if (dbias_cols)
             for (int64_t r = 0; r < rows; ++r) {
