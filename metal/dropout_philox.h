@@ -66,4 +66,25 @@ inline float mfa_dropout_factor(mfa_u32 k0, mfa_u32 k1, mfa_u32 batch, mfa_u32 h
   return mfa_dropout_word(k0, k1, batch, head, query, key) >= threshold ? keep_scale : 0.0f;
 }
 
+// The factors of two neighbouring keys (key_even, key_even + 1), key_even
+// even: both words come from one Philox evaluation.
+struct MfaFactorPair {
+  float first, second;
+};
+inline MfaFactorPair mfa_dropout_factor_pair(mfa_u32 k0, mfa_u32 k1, mfa_u32 batch, mfa_u32 head,
+                                             mfa_u32 query, mfa_u32 key_even, mfa_u32 threshold,
+                                             float keep_scale) {
+  MfaPhilox4 c;
+  c.x = key_even >> 2;
+  c.y = query;
+  c.z = head;
+  c.w = batch;
+  const MfaPhilox4 r = mfa_philox4x32_10(c, k0, k1);
+  const bool low = (key_even & 2u) == 0u;
+  MfaFactorPair f;
+  f.first = (low ? r.x : r.z) >= threshold ? keep_scale : 0.0f;
+  f.second = (low ? r.y : r.w) >= threshold ? keep_scale : 0.0f;
+  return f;
+}
+
 #endif  // JAX_MFA_METAL_DROPOUT_PHILOX_H

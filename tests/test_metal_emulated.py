@@ -226,7 +226,8 @@ def embedded_source() -> str:
     """The text CMake embeds for Apple builds (cpp/metal_host/CMakeLists.txt):
     same files, same order, JAX_MFA_EMBEDDED on, `#pragma once` dropped."""
     files = [ROOT / "cpp/metal_emulator/msl/jax_mfa_instantiate.h",
-             ROOT / "metal/attention_params.h", ROOT / "metal/attention_kernels.h",
+             ROOT / "metal/dropout_philox.h", ROOT / "metal/attention_params.h",
+             ROOT / "metal/attention_kernels.h",
              ROOT / "metal/attention.metal"]
     text = "#define JAX_MFA_EMBEDDED 1\n"
     for f in files:
@@ -262,8 +263,11 @@ def _params_bytes(B, T, S, N, K, H, *, P, scale):
     rest = dict(has_softcap=0, causal=0, window_left=-1, window_right=-1, has_q_lengths=0,
                 has_kv_lengths=0, has_bias=0, has_mask=0, dbias_mode=0, bias_batch_dim=1,
                 bias_head_dim=1, bias_query_broadcast=0, num_row_blocks=-(-T // P), block_rows=P,
-                merge_batches=0, merge_heads=0, group_offset=0, total_groups=0)
+                merge_batches=0, merge_heads=0, group_offset=0, total_groups=0,
+                has_segment_ids=0, segments_sorted=0, has_sinks=0, sinks_batched=0,
+                has_dropout=0, dropout_broadcast_heads=0, dropout_threshold=0)
     body += np.array(list(rest.values()), np.int32).tobytes()
+    body += np.array([1.0], np.float32).tobytes()  # dropout_keep_scale
     data = head + body
     return data + bytes(-len(data) % 8)
 
@@ -277,9 +281,9 @@ def _forward_with(lib, rng):
     lse = np.zeros((B, T, N), np.float32)
     empty = np.zeros(0, np.float32)
     params = _params_bytes(B, T, S, N, K, H, P=P, scale=0.25)
-    assert len(params) == 184
+    assert len(params) == 216
     lib.dispatch("mfa_fwd_f16_h16_p16_c128_d16", grid=(1,), threads=(P * 4,),
-                 buffers=[params, q, k, v, empty, empty, empty, empty, out, lse])
+                 buffers=[params, q, k, v, empty, empty, empty, empty, out, lse] + [empty] * 4)
     s = 0.25 * np.einsum("bthd,bshd->bts", q.astype(np.float64), k.astype(np.float64))
     p = np.exp(s - s.max(-1, keepdims=True))
     ref = np.einsum("bts,bshd->bthd", p / p.sum(-1, keepdims=True), v.astype(np.float64))

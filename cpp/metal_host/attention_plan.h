@@ -56,6 +56,8 @@ size_t threadgroup_memory_bytes(Pass pass, const BlockConfig& config);
 enum class Arg {
   Q, K, V, Bias, Mask, QLengths, KvLengths, Out, Lse, DOut, Delta, DQ, DK, DV, DBias,
   DBiasRows,  // float (B, N, T) scratch: per-row sums of dS
+  // Packed sequences, sinks and dropout: bound after every other operand.
+  QSegments, KvSegments, Sinks, DropoutSeed,
 };
 enum class Access { Read, Write, ReadWrite };
 const char* arg_name(Arg a);
@@ -91,7 +93,7 @@ std::vector<KernelLaunch> plan_backward(const AttentionProblem& p, DType dtype, 
 
 // Host pointers of every Arg (nullptr when absent).
 struct HostBuffers {
-  const void* ptr[int(Arg::DBiasRows) + 1] = {};
+  const void* ptr[int(Arg::DropoutSeed) + 1] = {};
   const void* get(Arg a) const { return ptr[int(a)]; }
   void set(Arg a, const void* p) { ptr[int(a)] = p; }
 };
