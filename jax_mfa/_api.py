@@ -69,7 +69,7 @@ def attention(query, key, value, bias=None, mask=None, *, scale=None, is_causal=
               query_seq_lengths=None, key_value_seq_lengths=None, local_window_size=None,
               softcap=None, query_segment_ids=None, key_value_segment_ids=None, sinks=None,
               dropout_rate=0.0, dropout_rng=None, return_residual=False, implementation=None,
-              _dropout_broadcast_heads=False):
+              _dropout_broadcast=False):
     """Exact scaled dot-product attention through fused kernels.
 
     Follows ``jax.nn.dot_product_attention``'s layout: query ``(B, T, N, H)`` or
@@ -109,8 +109,8 @@ def attention(query, key, value, bias=None, mask=None, *, scale=None, is_causal=
     Args:
       return_residual: also return the logsumexp, float32 ``(B, T, N)``
         (``(T, N)`` for 3-D inputs; float64 for float64 inputs), natural log.
-      _dropout_broadcast_heads: private (the Flax adapter's broadcast_dropout):
-        one dropout mask shared by all heads.
+      _dropout_broadcast: private (the Flax adapter's broadcast_dropout): one
+        dropout mask shared by every batch row and head (drawn as for b = n = 0).
       implementation: None (best available), "cpu", "xla", or once available
         "metal" / "metal-emulated"; see :func:`available_implementations`.
 
@@ -129,7 +129,7 @@ def attention(query, key, value, bias=None, mask=None, *, scale=None, is_causal=
         local_window_size=local_window_size, softcap=softcap,
         max_head_dim=MAX_HEAD_DIM.get(impl), query_segment_ids=query_segment_ids,
         key_value_segment_ids=key_value_segment_ids, sinks=sinks, dropout_rate=dropout_rate,
-        dropout_rng=dropout_rng, dropout_broadcast_heads=_dropout_broadcast_heads)
+        dropout_rng=dropout_rng, dropout_broadcast=_dropout_broadcast)
     if impl == "xla" or (implementation is None and jax.default_backend() != "cpu"):
         out, lse = _xla.attention(ops, options)
     else:

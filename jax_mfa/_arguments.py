@@ -38,7 +38,7 @@ class Options:
     has_segment_ids: bool = False
     has_sinks: bool = False
     dropout_rate: float = 0.0
-    dropout_broadcast_heads: bool = False  # one mask for all heads (Flax broadcast_dropout)
+    dropout_broadcast_heads: bool = False  # one mask for all heads (Flax's broadcast_dropout)
 
     def ffi_attributes(self) -> dict[str, Any]:
         return dict(
@@ -194,8 +194,9 @@ def _sinks(sinks, N: int, acc):
     return jnp.reshape(jnp.asarray(sinks).astype(acc), (1, N))
 
 
-def _dropout(rate, rng, B: int):
-    """(rate, seed (B, 3) uint32 or None) from dropout_rate and dropout_rng."""
+def _dropout(rate, rng, B: int, broadcast: bool):
+    """(rate, seed (B, 3) uint32 or None) from dropout_rate and dropout_rng.
+    With `broadcast`, every batch row draws the mask of batch index 0."""
     rate = _static_number(rate, "dropout_rate")
     if not 0.0 <= rate < 1.0:
         raise ValueError(f"dropout_rate must be in [0, 1), got {rate}")
@@ -214,8 +215,8 @@ def _dropout(rate, rng, B: int):
         raise ValueError("dropout_rng must be a single key, got shape "
                          f"{_shape(rng, 'dropout_rng')}")
     words = _philox.key_words(rng)
-    seed = jnp.concatenate([jnp.broadcast_to(words, (B, 2)),
-                            jnp.arange(B, dtype=jnp.uint32)[:, None]], axis=1)
+    rows = jnp.zeros((B, 1), jnp.uint32) if broadcast else jnp.arange(B, dtype=jnp.uint32)[:, None]
+    seed = jnp.concatenate([jnp.broadcast_to(words, (B, 2)), rows], axis=1)
     return rate, seed
 
 
@@ -223,7 +224,7 @@ def prepare(query, key, value, bias, mask, *, scale, is_causal, query_seq_length
             key_value_seq_lengths, local_window_size, softcap,
             max_head_dim: int | None, query_segment_ids=None, key_value_segment_ids=None,
             sinks=None, dropout_rate=0.0, dropout_rng=None,
-            dropout_broadcast_heads: bool = False) -> tuple[Operands, Options, bool]:
+            dropout_broadcast: bool = False) -> tuple[Operands, Options, bool]:
     """Returns (operands, options, was_3d) or raises a clear error."""
     q_shape, k_shape, v_shape = (_shape(a, n) for a, n in
                                  ((query, "query"), (key, "key"), (value, "value")))
@@ -292,7 +293,7 @@ def prepare(query, key, value, bias, mask, *, scale, is_causal, query_seq_length
     q_segments, kv_segments, has_segments = _segment_ids(
         query_segment_ids, key_value_segment_ids, B, T, S, not was_3d)
     sinks2 = _sinks(sinks, N, acc)
-    rate, seed = _dropout(dropout_rate, dropout_rng, B)
+    rate, seed = _dropout(dropout_rate, dropout_rng, B, dropout_broadcast)
 
     if was_3d:
         query, key, value = (jnp.expand_dims(a, 0) for a in (query, key, value))
@@ -303,5 +304,5 @@ def prepare(query, key, value, bias, mask, *, scale, is_causal, query_seq_length
                       has_bias=bias is not None, has_mask=mask is not None,
                       has_q_lengths=has_q, has_kv_lengths=has_kv,
                       has_segment_ids=has_segments, has_sinks=sinks2 is not None,
-                      dropout_rate=rate, dropout_broadcast_heads=bool(dropout_broadcast_heads))
+                      dropout_rate=rate, dropout_broadcast_heads=bool(dropout_broadcast))
     return operands, options, was_3d

@@ -55,12 +55,12 @@ def numpy_philox(counter, key):
     return x, y, z, w
 
 
-def reference_keep(rng_key, rate, B, N, T, S, *, broadcast_heads=False):
+def reference_keep(rng_key, rate, B, N, T, S, *, broadcast=False):
     """The documented keep mask (B, N, T, S): Philox keyed by the key's two data
     words, counter (j // 4, i, n, b), word j % 4, kept iff >= round(rate 2^32)."""
     k0, k1 = (int(w) for w in np.asarray(jax.random.key_data(rng_key)).reshape(-1)[:2])
-    b, n, i, j = np.meshgrid(np.arange(B), np.zeros(N, int) if broadcast_heads else np.arange(N),
-                             np.arange(T), np.arange(S), indexing="ij")
+    index = (lambda n: np.zeros(n, int)) if broadcast else np.arange
+    b, n, i, j = np.meshgrid(index(B), index(N), np.arange(T), np.arange(S), indexing="ij")
     words = numpy_philox((j // 4, i, n, b), (k0, k1))
     word = np.choose(j % 4, words)
     return word >= min(round(rate * 2.0**32), 2**32 - 1)
@@ -359,17 +359,17 @@ def test_vmap_over_new_arguments(impl, rng):
 
 
 @pytest.mark.parametrize("impl", ALL_IMPLEMENTATIONS)
-def test_broadcast_heads_dropout(impl, rng):
-    """The Flax adapter's broadcast_dropout: one mask for every head."""
-    B, T, S, N, H = 1, 9, seq_len(impl, 37), 3, 8
+def test_broadcast_dropout(impl, rng):
+    """The Flax adapter's broadcast_dropout: one mask for every batch row and head."""
+    B, T, S, N, H = 2, 9, seq_len(impl, 37), 3, 8
     q = random_array(rng, (B, T, N, H), jnp.float32)
     k = random_array(rng, (B, S, 1, H), jnp.float32)
     v = jnp.asarray(np.broadcast_to(np.eye(S, H, dtype=np.float32)[None, :, None, :],
                                     (B, S, 1, H)))
     key = jax.random.key(9)
     out = to64(jax_mfa.attention(q, k, v, dropout_rate=0.5, dropout_rng=key,
-                                 implementation=impl, _dropout_broadcast_heads=True))
-    keep = reference_keep(key, 0.5, B, N, T, S, broadcast_heads=True)
+                                 implementation=impl, _dropout_broadcast=True))
+    keep = reference_keep(key, 0.5, B, N, T, S, broadcast=True)
     ref, _ = reference.attention(np, to64(q), to64(k), to64(v), dropout_keep=keep,
                                  dropout_rate=0.5)
     np.testing.assert_allclose(out, ref, atol=1e-5)
