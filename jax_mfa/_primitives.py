@@ -213,6 +213,8 @@ def _unfold(x, size: int):
 
 
 def _batch_size(args, dims) -> int:
+    """The vmap size, from any mapped operand (for the backward this may be the
+    cotangent alone: jax.jacrev, or vmap over a vjp function)."""
     return next(a.shape[d] for a, d in zip(args, dims) if d is not NOT_MAPPED)
 
 
@@ -224,9 +226,8 @@ def _leading_dim(x, dim) -> int:
     return shape[0]
 
 
-def _fold_operands(args, dims, options: Options, *, bias_per_example: bool):
+def _fold_operands(args, dims, size: int, options: Options, *, bias_per_example: bool):
     q, k, v, bias, mask, q_lengths, kv_lengths, q_segments, kv_segments, sinks, seed = args
-    size = _batch_size(args, dims)
     B = _leading_dim(q, dims[0])
     fold = functools.partial(_fold, size=size, batch=B)
     folded = [
@@ -242,18 +243,20 @@ def _fold_operands(args, dims, options: Options, *, bias_per_example: bool):
         fold(sinks, dims[9], keep_broadcast=True),  # (1, N) is shared by every row
         fold(seed, dims[10], keep_broadcast=options.dropout_rate == 0),
     ]
-    return folded, size, B
+    return folded, B
 
 
 def _fwd_batch(args, dims, *, options, backend):
-    folded, size, _ = _fold_operands(args, dims, options, bias_per_example=False)
+    size = _batch_size(args, dims)
+    folded, _ = _fold_operands(args, dims, size, options, bias_per_example=False)
     out, lse = attention_fwd_p.bind(*folded, options=options, backend=backend)
     return (_unfold(out, size), _unfold(lse, size)), (0, 0)
 
 
 def _bwd_batch(args, dims, *, options, backend):
     n = NUM_OPERANDS
-    folded, size, B = _fold_operands(args[:n], dims[:n], options, bias_per_example=True)
+    size = _batch_size(args, dims)
+    folded, B = _fold_operands(args[:n], dims[:n], size, options, bias_per_example=True)
     extra = [_fold(a, d, size, B, keep_broadcast=False) for a, d in zip(args[n:], dims[n:])]
     dq, dk, dv, dbias = attention_bwd_p.bind(*folded, *extra, options=options, backend=backend)
     if not options.has_bias:

@@ -73,7 +73,9 @@ def attention(ops: Operands, opt: Options) -> tuple[jax.Array, jax.Array]:
     denom = jnp.sum(p, axis=-1, keepdims=True)
     if opt.has_sinks:
         denom = denom + jnp.exp(sink - row_max)
-    has_key = denom > 0
+    # No allowed key (and no sink): denom is 0. An allowed NaN logit makes
+    # denom NaN, and the row's out and lse NaN (as in jax.nn), so test `!= 0`.
+    has_key = denom != 0
     safe_denom = jnp.where(has_key, denom, 1)
     probs = p / safe_denom
     if opt.dropout_rate > 0:

@@ -181,8 +181,9 @@ inline float mfa_logit(constant AttentionParams& p, device const float* bias,
   }
   if (valid && p.has_bias) x += bias[mfa_bias_offset(p, b, n, i, j)] * kLog2e;
   if (valid && p.has_mask) valid = mask[mfa_mask_offset(p, b, n, i, j)] != 0;
-  // A -inf bias masks the entry, as it would in the reference.
-  valid = valid && x > kMaskedLogit;
+  // A -inf bias masks the entry, as it would in the reference; a NaN logit
+  // stays allowed so that it makes its row NaN, as in jax.nn.
+  valid = valid && !(x <= kMaskedLogit);
   return x;
 }
 
@@ -223,7 +224,7 @@ inline void mfa_softmax_start(constant AttentionParams& p, device const float* s
   l = 0.0f;
   if (p.has_sinks) {
     const float s2 = sinks[mfa_long(p.sinks_batched ? b : 0) * p.q_heads + n] * kLog2e;
-    if (s2 > kMaskedLogit) {  // a -inf sink is no sink
+    if (!(s2 <= kMaskedLogit)) {  // a -inf sink is no sink; a NaN one makes rows NaN
       m = s2;
       l = 1.0f;
     }
@@ -357,8 +358,10 @@ kernel void attention_forward(constant AttentionParams& p [[buffer(0)]],
     mfa_accumulate_pb<T, HP, C, DB, NT>(O, S, v_base, kv_stride, cols, H, tile, tid);
   }
 
-  // Normalize; a row with no allowed key gets zeros and lse = -inf.
-  const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+  // Normalize; a row with no allowed key gets zeros and lse = -inf (a NaN
+  // logit made l NaN: out and lse stay NaN).
+  const bool empty = l == 0.0f;
+  const float inv = empty ? 0.0f : 1.0f / l;
   device T* out_row = out + ((mfa_long(b) * p.q_len + (row_ok ? i : 0)) * N + n) * H;
   for (int h = 0; h < HB; ++h) {
     O[h].thread_elements()[0] *= inv;
@@ -367,7 +370,7 @@ kernel void attention_forward(constant AttentionParams& p [[buffer(0)]],
   }
   if (row_ok && (lane & 9u) == 0u) {
     lse[(mfa_long(b) * p.q_len + i) * N + n] =
-        l > 0.0f ? (m + log2(l)) * kLn2 : as_type<float>(0xff800000u);
+        empty ? as_type<float>(0xff800000u) : (m + log2(l)) * kLn2;
   }
 }
 
@@ -423,7 +426,7 @@ kernel void attention_backward_query(constant AttentionParams& p [[buffer(0)]],
   device const T* q_row = q + row_index * H;
   device const T* do_row = dout + row_index * H;
   const float row_lse = row_ok ? lse[row_index] : 0.0f;
-  const bool row_empty = !(row_lse > kMaskedLogit);
+  const bool row_empty = row_lse <= kMaskedLogit;  // NaN: not empty, gradients NaN
   const float row_lse2 = row_empty ? 0.0f : row_lse * kLog2e;
   const float row_delta = row_ok ? delta[row_index] : 0.0f;
   const mfa_long kv_stride = mfa_long(K) * H;
@@ -578,7 +581,7 @@ kernel void attention_backward_key_value(constant AttentionParams& p [[buffer(0)
             if (r < cnt) {
               const mfa_long idx = (mfa_long(b) * p.q_len + i0 + r) * N + n;
               const float x = lse[idx];
-              empty = !(x > kMaskedLogit);
+              empty = x <= kMaskedLogit;  // NaN: not empty, gradients NaN
               l2 = x * kLog2e;
               dl = delta[idx];
             }
@@ -612,7 +615,7 @@ kernel void attention_backward_key_value(constant AttentionParams& p [[buffer(0)
                                         ST[c].thread_elements()[e], valid, t);
               valid = valid && mfa_same_segment(p, q_segments, kv_segments, b, i, j);
               const float l2 = lse_t[col];
-              const bool live = valid && l2 > kMaskedLogit;
+              const bool live = valid && !(l2 <= kMaskedLogit);
               const float pr = live ? exp2(x - l2) : 0.0f;
               // Dropout: dV takes (P Z)^T dO and dS = P (dP Z - delta).
               const float z = (p.has_dropout && live) ? mfa_dropout_entry(p, dropout_seed, b, n, i, j)

@@ -12,6 +12,7 @@ Semantics:
   allowed = mask & causal (j <= i) & window (i-left <= j <= i+right)
             & (i < q_len[b]) & (j < kv_len[b])
   p = softmax over allowed keys; a row with no allowed key: out 0, lse -inf.
+  An allowed NaN logit makes its row's out and lse NaN; masked entries never matter.
   query head n uses key/value head n // (N // K).
   segment ids: allowed &= (q_ids[b, i] == kv_ids[b, j]).
   sinks: one extra term exp(sinks[n]) in each row's denominator (and in lse);
@@ -100,7 +101,7 @@ def attention(xp, query, key, value, bias=None, mask=None, *, scale=None, is_cau
     denom = xp.sum(p, axis=-1, keepdims=True)
     if sinks is not None:
         denom = denom + xp.exp(sink - row_max)
-    nonempty = denom > 0
+    nonempty = denom != 0  # NaN (an allowed NaN logit) propagates to out and lse
     safe = xp.where(nonempty, denom, 1.0)
     probs = p / safe
     if dropout_keep is not None:

@@ -31,6 +31,11 @@ if os.environ.get("JAX_MFA_TEST_IMPLEMENTATIONS"):
     _wanted = os.environ["JAX_MFA_TEST_IMPLEMENTATIONS"].split(",")
     IMPLEMENTATIONS = [i for i in IMPLEMENTATIONS if i in _wanted]
 
+# Every implementation available here, fused or not (for tests of semantics
+# that all of them must share, e.g. NaN propagation and option validation).
+ALL_IMPLEMENTATIONS = IMPLEMENTATIONS + [i for i in jax_mfa.available_implementations()
+                                         if i not in FUSED_IMPLEMENTATIONS]
+
 # float64 runs only on the CPU path (Metal has no float64); float64-only tests
 # (numerical gradient checks) use this list, the rest pick dtype_for(impl).
 FLOAT64_IMPLEMENTATIONS = [i for i in IMPLEMENTATIONS if i not in ("metal", "metal-emulated")]
@@ -113,6 +118,19 @@ def relative_error(actual, expected) -> float:
         return float("inf")
     scale = max(float(np.max(np.abs(e[fin]))), 1e-30)
     return float(np.max(np.abs(a[fin] - e[fin]))) / scale
+
+
+def assert_nan_pattern_and_close(actual, expected, tol: float, what=""):
+    """NaN exactly where `expected` has NaN; elsewhere as relative_error <= tol."""
+    a, e = to64(actual), to64(expected)
+    assert a.shape == e.shape, (what, a.shape, e.shape)
+    nan_a, nan_e = np.isnan(a), np.isnan(e)
+    if not np.array_equal(nan_a, nan_e):
+        diff = np.argwhere(nan_a != nan_e)
+        raise AssertionError(f"{what}: NaN at {int(nan_a.sum())} entries, expected "
+                             f"{int(nan_e.sum())}; first difference at {tuple(diff[0])}")
+    err = relative_error(np.where(nan_e, 0, a), np.where(nan_e, 0, e))
+    assert err <= tol, f"{what}: relative error {err:.3g} > {tol:.3g}"
 
 
 # Relative (to max magnitude) tolerances against the float64 reference for the

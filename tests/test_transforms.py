@@ -5,6 +5,7 @@ and with jax.nn.dot_product_attention."""
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -281,6 +282,83 @@ def test_nested_vmap(impl, rng):
     assert_tree_close(jax.grad(loss, argnums=(0, 1, 2, 3))(q, k, v, bias),
                       jax.grad(loop_loss, argnums=(0, 1, 2, 3))(q, k, v, bias),
                       same_impl_tolerance(impl), "grad(nested vmap)")
+
+
+# ----------------------------------------------------------------------------
+# Batching of the backward pass when only some inputs of the vjp are batched:
+# any subset of the primals (q, k, v, bias) and of the cotangents (dout, dlse),
+# including the cotangents alone (jax.jacrev, vmap over a vjp function).
+
+PRIMAL_BATCHING = {"none": (), "q": (0,), "kv": (1, 2), "bias": (3,), "all": (0, 1, 2, 3)}
+COTANGENT_BATCHING = {"none": (), "dout": (4,), "dlse": (5,), "both": (4, 5)}
+BATCHING_COMBINATIONS = [(p, c) for p in PRIMAL_BATCHING for c in COTANGENT_BATCHING
+                         if PRIMAL_BATCHING[p] + COTANGENT_BATCHING[c]]
+
+
+def _vjp_everything(impl, mask, kl):
+    """(q, k, v, bias, dout, dlse) -> (out, lse, dq, dk, dv, dbias)."""
+
+    def run(q, k, v, bias, dout, dlse):
+        def f(q, k, v, bias):
+            return jax_mfa.attention(q, k, v, bias, mask, key_value_seq_lengths=kl,
+                                     is_causal=True, return_residual=True,
+                                     implementation=impl)
+
+        (out, lse), pull = jax.vjp(f, q, k, v, bias)
+        return (out, lse, *pull((dout, dlse)))
+
+    return run
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("primal, cotangent", BATCHING_COMBINATIONS)
+def test_vmap_of_vjp(primal, cotangent, impl, rng):
+    dtype = dtype_for(impl)
+    batched = PRIMAL_BATCHING[primal] + COTANGENT_BATCHING[cotangent]
+    axes = tuple(0 if i in batched else None for i in range(6))
+    shapes = [(B0, T0, N0, H0), (B0, S0, K0, H0), (B0, S0, K0, H0), (1, N0, T0, S0),
+              (B0, T0, N0, H0), (B0, T0, N0)]
+    args = [random_array(rng, ((V,) if ax == 0 else ()) + shape, dtype)
+            for shape, ax in zip(shapes, axes)]
+    mask = jnp.asarray(rng.random((B0, 1, T0, S0)) < 0.8)
+    kl = jnp.asarray([S0, 0], jnp.int32)  # batch row 1: no key, lse -inf, zero gradients
+    run = _vjp_everything(impl, mask, kl)
+    got = jax.vmap(run, in_axes=axes)(*args)
+    loop = [run(*[a[i] if ax == 0 else a for a, ax in zip(args, axes)]) for i in range(V)]
+    want = [jnp.stack([r[j] for r in loop]) for j in range(6)]
+    for name, g, w in zip(("out", "lse", "dq", "dk", "dv", "dbias"), got, want):
+        assert_close(g, w, same_impl_tolerance(impl), f"vmap(vjp) {name}")
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_jacrev(impl, rng):
+    """The issue's repro (jacrev batches the cotangent only), against the
+    Jacobian of the xla implementation."""
+    dtype = dtype_for(impl)
+    q, k, v = _inputs(rng, 1, 3, 5, 2, 1, 4, dtype)
+    bias = random_array(rng, (2, 3, 5), dtype)
+
+    def f(impl, q, k, v, bias):
+        return jax_mfa.attention(q, k, v, bias, is_causal=True, return_residual=True,
+                                 implementation=impl)
+
+    got = jax.jacrev(functools.partial(f, impl), argnums=(0, 1, 2, 3))(q, k, v, bias)
+    want = jax.jacrev(functools.partial(f, "xla"), argnums=(0, 1, 2, 3))(q, k, v, bias)
+    assert_tree_close(got, want, 1e-10 if dtype == jnp.float64 else 2e-5, "jacrev")
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_vmap_of_vjp_function(impl, rng):
+    """The issue's other repro: the vjp function itself, vmapped over cotangents."""
+    dtype = dtype_for(impl)
+    q, k, v = _inputs(rng, 1, 3, 4, 1, 1, 4, dtype)
+    out, pull = jax.vjp(lambda a, b: jax_mfa.attention(a, b, v, implementation=impl), q, k)
+    cts = random_array(rng, (2,) + out.shape, dtype)
+    got = jax.vmap(pull)(cts)
+    for i in range(2):
+        want = pull(cts[i])
+        assert_close(got[0][i], want[0], same_impl_tolerance(impl), "dq")
+        assert_close(got[1][i], want[1], same_impl_tolerance(impl), "dk")
 
 
 # ----------------------------------------------------------------------------

@@ -459,7 +459,11 @@ void forward_typed(const AttentionProblem& p, const ForwardBuffers& buf, TaskRun
           Acc* s = Sb + r * Bk;
           Acc& mr = m[r0 + r];
           const Acc row_m = std::max(mr, row_max(s, cols, ops));
-          if (row_m == neg_inf) {  // nothing allowed yet in this row
+          if (row_m == neg_inf) {  // nothing allowed yet in this row, or NaN logits only
+            // The max may skip NaN; an allowed NaN logit must make the row NaN
+            // (out and lse), as in jax.nn. Masked entries are -inf, never NaN.
+            if (std::any_of(s, s + cols, [](Acc x) { return std::isnan(x); }))
+              mr = l[r0 + r] = std::numeric_limits<Acc>::quiet_NaN();
             std::fill(s, s + cols, Acc(0));
             continue;
           }
@@ -524,9 +528,11 @@ void forward_typed(const AttentionProblem& p, const ForwardBuffers& buf, TaskRun
         const Acc* base = part.data() + (pl * QB + qb) * SP * rows_max * (H + 2);
         Acc* o = scratch<Acc>(6, H);
         for (int64_t r = 0; r < rows; ++r) {
-          Acc mx = neg_inf;
-          for (int64_t s = 0; s < SP; ++s)
-            mx = std::max(mx, base[s * rows_max * (H + 2) + rows_max * H + r]);
+          Acc mx = neg_inf;  // a NaN slice maximum (NaN logit) wins: the row is NaN
+          for (int64_t s = 0; s < SP; ++s) {
+            const Acc ms = base[s * rows_max * (H + 2) + rows_max * H + r];
+            if (std::isnan(ms) || ms > mx) mx = ms;
+          }
           Acc sum = 0;
           std::fill(o, o + H, Acc(0));
           if (mx != neg_inf)
@@ -538,7 +544,7 @@ void forward_typed(const AttentionProblem& p, const ForwardBuffers& buf, TaskRun
               for (int64_t h = 0; h < H; ++h) o[h] += w * ps[r * H + h];
             }
           const int64_t t = r / G, g = r % G;
-          const bool empty = !(sum > Acc(0));
+          const bool empty = sum == Acc(0);  // NaN (a NaN logit) is not empty
           store<T, Acc>(o, out + ((b * T_ + t0 + t) * N + kvh * G + g) * H, H,
                         empty ? Acc(0) : Acc(1) / sum);
           lse[(b * T_ + t0 + t) * N + kvh * G + g] = empty ? neg_inf : mx + std::log(sum);
