@@ -47,15 +47,21 @@ inline MfaPhilox4 mfa_philox4x32_10(MfaPhilox4 c, mfa_u32 k0, mfa_u32 k1) {
   return c;
 }
 
-// The random word of attention entry (batch, head, query, key).
-inline mfa_u32 mfa_dropout_word(mfa_u32 k0, mfa_u32 k1, mfa_u32 batch, mfa_u32 head,
-                                mfa_u32 query, mfa_u32 key) {
+// The four words of keys 4 * (key / 4) ... + 3 of (batch, head, query).
+inline MfaPhilox4 mfa_dropout_words(mfa_u32 k0, mfa_u32 k1, mfa_u32 batch, mfa_u32 head,
+                                    mfa_u32 query, mfa_u32 key) {
   MfaPhilox4 c;
   c.x = key >> 2;
   c.y = query;
   c.z = head;
   c.w = batch;
-  const MfaPhilox4 r = mfa_philox4x32_10(c, k0, k1);
+  return mfa_philox4x32_10(c, k0, k1);
+}
+
+// The random word of attention entry (batch, head, query, key).
+inline mfa_u32 mfa_dropout_word(mfa_u32 k0, mfa_u32 k1, mfa_u32 batch, mfa_u32 head,
+                                mfa_u32 query, mfa_u32 key) {
+  const MfaPhilox4 r = mfa_dropout_words(k0, k1, batch, head, query, key);
   const mfa_u32 sel = key & 3u;
   return sel == 0u ? r.x : sel == 1u ? r.y : sel == 2u ? r.z : r.w;
 }
@@ -74,12 +80,7 @@ struct MfaFactorPair {
 inline MfaFactorPair mfa_dropout_factor_pair(mfa_u32 k0, mfa_u32 k1, mfa_u32 batch, mfa_u32 head,
                                              mfa_u32 query, mfa_u32 key_even, mfa_u32 threshold,
                                              float keep_scale) {
-  MfaPhilox4 c;
-  c.x = key_even >> 2;
-  c.y = query;
-  c.z = head;
-  c.w = batch;
-  const MfaPhilox4 r = mfa_philox4x32_10(c, k0, k1);
+  const MfaPhilox4 r = mfa_dropout_words(k0, k1, batch, head, query, key_even);
   const bool low = (key_even & 2u) == 0u;
   MfaFactorPair f;
   f.first = (low ? r.x : r.z) >= threshold ? keep_scale : 0.0f;

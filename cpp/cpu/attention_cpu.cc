@@ -284,8 +284,8 @@ struct Rules {
         const uint32_t head = p.dropout_broadcast_heads ? 0u : uint32_t(kvh * G + g);
         Acc* x = X + (t * G + g) * ldx - j0;
         for (int64_t jj = j0 & ~int64_t(3); jj < j0 + cols; jj += 4) {
-          MfaPhilox4 c{uint32_t(jj) >> 2, uint32_t(t0 + t), head, seed[2]};
-          const MfaPhilox4 r = mfa_philox4x32_10(c, seed[0], seed[1]);
+          const MfaPhilox4 r =
+              mfa_dropout_words(seed[0], seed[1], seed[2], head, uint32_t(t0 + t), uint32_t(jj));
           const uint32_t words[4] = {r.x, r.y, r.z, r.w};
           for (int64_t e = std::max<int64_t>(0, j0 - jj); e < 4 && jj + e < j0 + cols; ++e)
             x[jj + e] *= words[e] >= thr ? keep : Acc(0);
