@@ -11,10 +11,6 @@ so a kernel that drew a different mask fails the comparison.
 from __future__ import annotations
 
 import dataclasses
-import os
-import pathlib
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -26,8 +22,8 @@ import jax_mfa
 import reference
 from jax_mfa._benchmark import median_times
 from support import (FLOAT64_IMPLEMENTATIONS, IMPLEMENTATIONS, accumulation_dtype,
-                     assert_no_nan, batch_size, check_close, random_array, same_impl_tolerance,
-                     seq_len, to64)
+                     assert_no_nan, batch_size, check_close, random_array, run_with_host_devices,
+                     same_impl_tolerance, seq_len, to64)
 
 ALL_IMPLEMENTATIONS = IMPLEMENTATIONS + ["xla"]
 FLOAT64_ALL = FLOAT64_IMPLEMENTATIONS + ["xla"]
@@ -502,13 +498,4 @@ def test_sharded_batch(impl):
     """Batch-sharded inputs: every shard draws its rows' dropout masks (the
     seed operand carries the batch index) and the sinks gradient is summed
     over all shards."""
-    repo = str(pathlib.Path(__file__).resolve().parents[1])
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
-                        " --xla_force_host_platform_device_count=4").strip()
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "")
-    result = subprocess.run([sys.executable, "-c", SHARDING_SCRIPT.format(impl=impl)],
-                            capture_output=True, text=True, env=env, cwd=repo, timeout=600)
-    assert result.returncode == 0 and "SHARDING OK" in result.stdout, (
-        result.stdout[-3000:] + result.stderr[-3000:])
+    assert "SHARDING OK" in run_with_host_devices(SHARDING_SCRIPT.format(impl=impl))

@@ -6,9 +6,6 @@ and with jax.nn.dot_product_attention."""
 from __future__ import annotations
 
 import functools
-import os
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -20,9 +17,7 @@ from jax.test_util import check_grads
 import jax_mfa
 import reference
 from support import (FLOAT64_IMPLEMENTATIONS, IMPLEMENTATIONS, dtype_for, random_array,
-                      relative_error, same_impl_tolerance, to64)
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+                      relative_error, run_with_host_devices, same_impl_tolerance, to64)
 
 
 def _inputs(rng, B, T, S, N, K, H, dtype=jnp.float64):
@@ -427,15 +422,7 @@ SHARDING_SCRIPT = textwrap.dedent("""
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 def test_sharded_inputs(impl):
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
-                        " --xla_force_host_platform_device_count=4").strip()
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-    result = subprocess.run([sys.executable, "-c", SHARDING_SCRIPT.format(impl=impl)],
-                            capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
-    assert result.returncode == 0 and "SHARDING OK" in result.stdout, (
-        result.stdout[-3000:] + result.stderr[-3000:])
+    assert "SHARDING OK" in run_with_host_devices(SHARDING_SCRIPT.format(impl=impl), timeout=300)
 
 
 # ----------------------------------------------------------------------------
