@@ -662,6 +662,7 @@ void backward_typed(const AttentionProblem& p, const BackwardBuffers& buf, TaskR
       Acc* dV = scratch<Acc>(6, Bk * H);
       Acc* lse = scratch<Acc>(7, rows_max);
       Acc* delta = scratch<Acc>(8, rows_max);
+      Acc* Zb = p.has_dropout() ? scratch<Acc>(10, rows_max * Bk) : nullptr;  // dropout factors
       for (const int64_t pr : group) {
         const int64_t b = pr / K, kvh = pr % K, pl = pr - p0;
         const Rules<Acc> rules = make_rules<Acc>(p, buf, b, G);
@@ -703,10 +704,18 @@ void backward_typed(const AttentionProblem& p, const BackwardBuffers& buf, TaskR
           if (!rules.plain(t0, tq, j0, cols)) rules.apply(b, kvh, t0, tq, j0, cols, Pb, Bk, th);
           for (int64_t r = 0; r < rows; ++r) row_exp(Pb + r * Bk, cols, lse[r], ops);
           timed_gemm(prof, 1, false, true, rows, cols, H, Acc(1), dOp, lddo, Vp, vv.sp, Acc(0), dPb, Bk);
-          // Dropout: dS = P (dP Z - delta), and dV takes (P Z)^T dO.
-          rules.dropout(kvh, t0, tq, j0, cols, dPb, Bk);
+          // Dropout: dS = P (dP Z - delta), and dV takes (P Z)^T dO. The
+          // factors Z are drawn once into a tile and used twice.
+          if (rules.seed) {
+            for (int64_t r = 0; r < rows; ++r) std::fill(Zb + r * Bk, Zb + r * Bk + cols, Acc(1));
+            rules.dropout(kvh, t0, tq, j0, cols, Zb, Bk);
+            for (int64_t r = 0; r < rows; ++r)
+              for (int64_t c = 0; c < cols; ++c) dPb[r * Bk + c] *= Zb[r * Bk + c];
+          }
           for (int64_t r = 0; r < rows; ++r) row_ds(Pb + r * Bk, dPb + r * Bk, cols, delta[r], ops);
-          rules.dropout(kvh, t0, tq, j0, cols, Pb, Bk);
+          if (rules.seed)
+            for (int64_t r = 0; r < rows; ++r)
+              for (int64_t c = 0; c < cols; ++c) Pb[r * Bk + c] *= Zb[r * Bk + c];
           // dPb now holds dS, the gradient of the post-bias logits.
           if (dbias_cols)
             for (int64_t r = 0; r < rows; ++r) {
