@@ -205,15 +205,13 @@ def _dropout(rate, rng, B: int, broadcast: bool):
     if rng is None:
         raise ValueError(f"dropout_rng (a JAX PRNG key) is required when dropout_rate > 0 "
                          f"(got dropout_rate={rate})")
-    rng_dtype = jnp.result_type(rng)
-    if not (jnp.issubdtype(rng_dtype, jax.dtypes.prng_key)
-            or (rng_dtype == np.uint32 and _shape(rng, "dropout_rng") in ((2,), (4,)))):
+    rng_dtype, rng_shape = jnp.result_type(rng), _shape(rng, "dropout_rng")
+    typed = jnp.issubdtype(rng_dtype, jax.dtypes.prng_key)
+    if not (typed or (rng_dtype == np.uint32 and rng_shape in ((2,), (4,)))):
         raise TypeError("dropout_rng must be a JAX PRNG key (jax.random.key or "
-                        f"jax.random.PRNGKey), got dtype {rng_dtype} and shape "
-                        f"{_shape(rng, 'dropout_rng')}")
-    if _shape(rng, "dropout_rng")[:-1 if rng_dtype == np.uint32 else None] != ():
-        raise ValueError("dropout_rng must be a single key, got shape "
-                         f"{_shape(rng, 'dropout_rng')}")
+                        f"jax.random.PRNGKey), got dtype {rng_dtype} and shape {rng_shape}")
+    if typed and rng_shape != ():
+        raise ValueError(f"dropout_rng must be a single key, got shape {rng_shape}")
     words = _philox.key_words(rng)
     rows = jnp.zeros((B, 1), jnp.uint32) if broadcast else jnp.arange(B, dtype=jnp.uint32)[:, None]
     seed = jnp.concatenate([jnp.broadcast_to(words, (B, 2)), rows], axis=1)

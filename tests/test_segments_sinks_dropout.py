@@ -436,6 +436,8 @@ def test_packed_batch_skips_tiles(impl, rng):
     (dict(dropout_rate=-0.1, dropout_rng=jax.random.key(0)), ValueError, r"\[0, 1\)"),
     (dict(dropout_rate=0.1), ValueError, "dropout_rng"),
     (dict(dropout_rate=0.1, dropout_rng=np.zeros(3, np.float32)), TypeError, "PRNG key"),
+    (dict(dropout_rate=0.1, dropout_rng=jax.random.split(jax.random.key(0), 2)), ValueError,
+     "single key"),
 ])
 @pytest.mark.parametrize("impl", ALL_IMPLEMENTATIONS)
 def test_bad_input_raises(impl, kwargs, error, match):
