@@ -75,6 +75,12 @@ def main(argv=None) -> int:
 
     if _native.load_error():
         print(f"warning: fused kernels unavailable: {_native.load_error()}")
+    metal_ok, _, metal_device = _native.metal_diagnostics()
+    if metal_ok:
+        print(f"metal: {metal_device}")
+    for name, reason in jax_mfa.implementation_diagnostics().items():
+        if reason is not None:
+            print(f"not available: {name}: {reason}")
     print()
 
     failed = False

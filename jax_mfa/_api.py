@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import warnings
+
 import jax
 import jax.numpy as jnp
 
@@ -23,8 +26,7 @@ def available_implementations() -> tuple[str, ...]:
     """Names of the implementations usable on this machine, best first."""
     names = []
     registered = _native.registered_backends()
-    ext = _native.extension()
-    if "metal" in registered and ext is not None and ext.metal_available():
+    if "metal" in registered and _native.metal_diagnostics()[0]:
         names.append("metal")
     if "cpu" in registered:
         names.append("cpu")
@@ -35,9 +37,37 @@ def available_implementations() -> tuple[str, ...]:
     return tuple(names)
 
 
+def implementation_diagnostics() -> dict[str, str | None]:
+    """Why each implementation is unavailable on this machine (None: available).
+
+    The companion of :func:`available_implementations`; for "metal" the reason
+    names the step that failed (no backend in this build, no Apple7+ GPU, or
+    the Metal compiler rejected the kernels, with its message).
+    """
+    registered = _native.registered_backends()
+    load_error = _native.load_error()
+    reasons: dict[str, str | None] = {}
+    metal_ok, metal_reason, _ = _native.metal_diagnostics()
+    reasons["metal"] = None if metal_ok else (metal_reason or "unavailable")
+    for name in ("cpu", "metal-emulated"):
+        reasons[name] = (None if name in registered else
+                         load_error or f"this build of the extension has no {name!r} backend")
+    reasons["xla"] = None
+    return reasons
+
+
+@functools.cache
+def _warn_metal_fallback(reason: str) -> None:
+    # Once per process (and reason): a Mac build whose GPU path is unusable.
+    warnings.warn(f"jax_mfa: the Metal backend is unavailable ({reason}); "
+                  f"implementation=None uses 'cpu' instead", RuntimeWarning, stacklevel=4)
+
+
 def _resolve(implementation: str | None, work: int | None = None) -> str:
     available = available_implementations()
     if implementation is None:
+        if "metal" in _native.registered_backends() and available[0] != "metal":
+            _warn_metal_fallback(implementation_diagnostics()["metal"])
         if available[0] == "metal" and work is not None and work < METAL_MIN_WORK:
             return available[1]
         return available[0]
@@ -47,8 +77,9 @@ def _resolve(implementation: str | None, work: int | None = None) -> str:
         known = sorted(set(MAX_HEAD_DIM) | {"metal", "metal-emulated"})
         if implementation not in known:
             raise ValueError(f"unknown implementation {implementation!r}; expected one of {known}")
-        raise ValueError(f"implementation {implementation!r} is not available on this machine; "
-                         f"available: {available}")
+        reason = implementation_diagnostics().get(implementation)
+        raise ValueError(f"implementation {implementation!r} is not available on this machine "
+                         f"({reason}); available: {available}")
     return implementation
 
 

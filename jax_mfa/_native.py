@@ -87,3 +87,18 @@ def registered_backends() -> frozenset[str]:
     prefix = "jax_mfa_attention_fwd_"
     return frozenset(n[len(prefix):].replace("_", "-")
                      for n in ext.registrations() if n.startswith(prefix))
+
+
+@functools.cache
+def metal_diagnostics() -> tuple[bool, str, str]:
+    """(available, reason, device) of the "metal" backend, checked once.
+
+    Available means usable: this build has the backend, an Apple-silicon GPU
+    (Apple7 family, M1 or later) was found, and Apple's Metal compiler built
+    the kernels. Otherwise `reason` says which of these failed.
+    """
+    ext = extension()
+    if ext is None:
+        return False, str(load_error()), ""
+    available, reason, device = ext.metal_diagnostics()
+    return bool(available), str(reason), str(device)

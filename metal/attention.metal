@@ -7,6 +7,9 @@
 // (Apple7) tables, bit 1 the M3+ (Apple9) tables; default both.
 // JAX_MFA_METAL_DTYPES selects storage types: bit 0 float, 1 half, 2 bfloat16
 // (the emulated build compiles one translation unit per type, in parallel).
+// JAX_MFA_METAL_HEADS selects head-dim buckets: bit 0 16, 1 32, 2 64, 3 96,
+// 4 128, 5 192, 6 256 (the Metal launcher compiles one (type, bucket) library
+// at a time, on first use; see library_macros() in host_policy.h).
 #include <metal_stdlib>
 #ifndef JAX_MFA_EMBEDDED
 #include "jax_mfa_instantiate.h"
@@ -20,17 +23,59 @@
 #ifndef JAX_MFA_METAL_DTYPES
 #define JAX_MFA_METAL_DTYPES 7
 #endif
+#ifndef JAX_MFA_METAL_HEADS
+#define JAX_MFA_METAL_HEADS 127
+#endif
+
+// MFA_IF_H<HP>(x): x if bucket HP is selected, else nothing.
+#if JAX_MFA_METAL_HEADS & 1
+#define MFA_IF_H16(x) x
+#else
+#define MFA_IF_H16(x)
+#endif
+#if JAX_MFA_METAL_HEADS & 2
+#define MFA_IF_H32(x) x
+#else
+#define MFA_IF_H32(x)
+#endif
+#if JAX_MFA_METAL_HEADS & 4
+#define MFA_IF_H64(x) x
+#else
+#define MFA_IF_H64(x)
+#endif
+#if JAX_MFA_METAL_HEADS & 8
+#define MFA_IF_H96(x) x
+#else
+#define MFA_IF_H96(x)
+#endif
+#if JAX_MFA_METAL_HEADS & 16
+#define MFA_IF_H128(x) x
+#else
+#define MFA_IF_H128(x)
+#endif
+#if JAX_MFA_METAL_HEADS & 32
+#define MFA_IF_H192(x) x
+#else
+#define MFA_IF_H192(x)
+#endif
+#if JAX_MFA_METAL_HEADS & 64
+#define MFA_IF_H256(x) x
+#else
+#define MFA_IF_H256(x)
+#endif
 
 #define MFA_NAME(KIND, TAG, HP, P, C, DB) \
   "mfa_" #KIND "_" #TAG "_h" #HP "_p" #P "_c" #C "_d" #DB
 
-#define MFA_FWD(T, TAG, HP, P, C, DB) \
-  JAX_MFA_INSTANTIATE_KERNEL(MFA_NAME(fwd, TAG, HP, P, C, DB), attention_forward, T, HP, P, C, DB)
-#define MFA_DQ(T, TAG, HP, P, C, DB) \
-  JAX_MFA_INSTANTIATE_KERNEL(MFA_NAME(dq, TAG, HP, P, C, DB), attention_backward_query, T, HP, P, C, DB)
-#define MFA_DKDV(T, TAG, HP, P, C, DB)                                                    \
-  JAX_MFA_INSTANTIATE_KERNEL(MFA_NAME(dkdv, TAG, HP, P, C, DB), attention_backward_key_value, \
-                             T, HP, P, C, DB)
+#define MFA_FWD(T, TAG, HP, P, C, DB)                                          \
+  MFA_IF_H##HP(JAX_MFA_INSTANTIATE_KERNEL(MFA_NAME(fwd, TAG, HP, P, C, DB), attention_forward, \
+                                          T, HP, P, C, DB))
+#define MFA_DQ(T, TAG, HP, P, C, DB)                                                       \
+  MFA_IF_H##HP(JAX_MFA_INSTANTIATE_KERNEL(MFA_NAME(dq, TAG, HP, P, C, DB),                  \
+                                          attention_backward_query, T, HP, P, C, DB))
+#define MFA_DKDV(T, TAG, HP, P, C, DB)                                                     \
+  MFA_IF_H##HP(JAX_MFA_INSTANTIATE_KERNEL(MFA_NAME(dkdv, TAG, HP, P, C, DB),                \
+                                          attention_backward_key_value, T, HP, P, C, DB))
 
 // M3 and later (Apple9): metal-flash-attention's mixed-precision tables.
 #define MFA_APPLE9(T, TAG)                                                                  \

@@ -28,6 +28,8 @@ struct bf16_t {
   ushort bits;
 };
 
+// Callers pass T(element): in the Metal emulator a device half element also
+// converts to float, so an overload set on float and half needs its type.
 inline float mfa_to_float(float x) { return x; }
 inline float mfa_to_float(half x) { return float(x); }
 inline float mfa_to_float(bf16_t x) { return as_type<float>(uint(x.bits) << 16); }
@@ -52,8 +54,9 @@ inline bf16_t mfa_from_float<bf16_t>(float x) {
 }
 
 // A logit at or below this (base-2 units) counts as masked; also the initial
-// running maximum. Finite on purpose: Metal compiles with fast math, so the
-// kernels never rely on infinities in arithmetic.
+// running maximum. Finite on purpose: the kernels never rely on infinities in
+// arithmetic, so they do not depend on the math mode (the launcher asks for
+// IEEE math, but fast math -- the default before macOS 15 -- assumes none).
 constant constexpr float kMaskedLogit = -1.0e30f;
 constant constexpr float kLog2e = 1.4426950408889634f;
 constant constexpr float kLn2 = 0.6931471805599453f;
@@ -82,8 +85,8 @@ inline float mfa_row_sum(float x) {
 template <typename T>
 inline void mfa_load_rows(thread mfa_mat& m, device const T* row, bool row_ok, int col, int H) {
   float a = 0.0f, b = 0.0f;
-  if (row_ok && col < H) a = mfa_to_float(row[col]);
-  if (row_ok && col + 1 < H) b = mfa_to_float(row[col + 1]);
+  if (row_ok && col < H) a = mfa_to_float(T(row[col]));
+  if (row_ok && col + 1 < H) b = mfa_to_float(T(row[col + 1]));
   m.thread_elements()[0] = a;
   m.thread_elements()[1] = b;
 }
@@ -104,7 +107,7 @@ inline void mfa_stage(threadgroup float* tile, device const T* base, mfa_long st
   for (int idx = int(tid); idx < R * DB; idx += NT) {
     const int r = idx / DB, c = idx % DB;
     float x = 0.0f;
-    if (r < rows_valid && d0 + c < H) x = mfa_to_float(base[mfa_long(r) * stride + d0 + c]);
+    if (r < rows_valid && d0 + c < H) x = mfa_to_float(T(base[mfa_long(r) * stride + d0 + c]));
     tile[idx] = x;
   }
 }
@@ -496,7 +499,9 @@ kernel void attention_backward_query(constant AttentionParams& p [[buffer(0)]],
 // Backward, key/value side: one threadgroup per block of P keys of one (batch,
 // kv head) computes dK and dV, looping over the query heads of its GQA group
 // (and over the batches / kv heads a broadcast bias merges), so every output
-// element -- dbias included -- has exactly one writer and no atomics are needed.
+// element has exactly one writer and no atomics are needed. When the merged
+// pairs are too much serial work for one threadgroup, they are split into
+// slices (kv_splits); each slice owns its own dbias slot, summed by the host.
 template <typename T, int HP, int P, int C, int DB>
 kernel void attention_backward_key_value(constant AttentionParams& p [[buffer(0)]],
                                          device const T* q [[buffer(1)]],
@@ -530,10 +535,14 @@ kernel void attention_backward_key_value(constant AttentionParams& p [[buffer(0)
   const int h_tasks = p.merge_heads ? 1 : p.kv_heads;
   const int linear = p.group_offset + int(group);
   const int kb = linear % p.num_row_blocks;
-  const int ht = (linear / p.num_row_blocks) % h_tasks;
-  const int bt = linear / (p.num_row_blocks * h_tasks);
-  const int b_begin = p.merge_batches ? 0 : bt, b_end = p.merge_batches ? p.batch : bt + 1;
-  const int h_begin = p.merge_heads ? 0 : ht, h_end = p.merge_heads ? p.kv_heads : ht + 1;
+  const int split = (linear / p.num_row_blocks) % p.kv_splits;
+  const int ht = (linear / (p.num_row_blocks * p.kv_splits)) % h_tasks;
+  const int bt = linear / (p.num_row_blocks * p.kv_splits * h_tasks);
+  const int b_begin = p.merge_batches ? 0 : bt;
+  const int h_begin = p.merge_heads ? 0 : ht, h_count = p.merge_heads ? p.kv_heads : 1;
+  const int pairs = (p.merge_batches ? p.batch : 1) * h_count;
+  const int pair_begin = split * p.pairs_per_split;
+  const int pair_end = min(pairs, pair_begin + p.pairs_per_split);
   const int H = p.head_dim, N = p.q_heads, K = p.kv_heads, G = p.group_size;
   const int j0 = kb * P;
 
@@ -542,13 +551,17 @@ kernel void attention_backward_key_value(constant AttentionParams& p [[buffer(0)
   const bool key_ok = j < p.kv_len;
   const mfa_long q_stride = mfa_long(N) * H;
   const bool dbias_keys = p.dbias_mode == MFA_DBIAS_KEYS;
+  device float* dbias_out = dbias + mfa_long(split) * p.dbias_slot;  // this slice's slot
 
-  for (int b = b_begin; b < b_end; ++b) {
+  // The (batch, kv head) pairs of this threadgroup's slice, in order.
+  for (int pair = pair_begin; pair < pair_end; ++pair) {
+    const int b = b_begin + pair / h_count;
+    const int kvh = h_begin + pair % h_count;
     const int q_valid = mfa_valid_len(q_lengths, p.has_q_lengths, b, p.q_len);
     const int kv_valid = mfa_valid_len(kv_lengths, p.has_kv_lengths, b, p.kv_len);
     const MfaSpan rows = mfa_query_span_of_keys(j0, j0 + P, q_valid, kv_valid, p.causal,
                                                 p.window_left, p.window_right);
-    for (int kvh = h_begin; kvh < h_end; ++kvh) {
+    {
       const mfa_long key_index = (mfa_long(b) * p.kv_len + (key_ok ? j : 0)) * K + kvh;
       device const T* k_row = k + key_index * H;
       device const T* v_row = v + key_index * H;
@@ -628,7 +641,7 @@ kernel void attention_backward_key_value(constant AttentionParams& p [[buffer(0)
                 if (p.bias_query_broadcast) {
                   ds_row += ds;
                 } else if (live && key_ok) {
-                  dbias[mfa_bias_offset(p, b, n, i, j)] += ds;
+                  dbias_out[mfa_bias_offset(p, b, n, i, j)] += ds;
                 }
               }
             }
@@ -637,7 +650,7 @@ kernel void attention_backward_key_value(constant AttentionParams& p [[buffer(0)
             // Every query of the block maps to the same dbias element: reduce
             // across the row's lanes first, then one lane per key writes.
             ds_row = mfa_row_sum(ds_row);
-            if (key_ok && (lane & 9u) == 0u) dbias[mfa_bias_offset(p, b, n, 0, j)] += ds_row;
+            if (key_ok && (lane & 9u) == 0u) dbias_out[mfa_bias_offset(p, b, n, 0, j)] += ds_row;
           }
 
           // dV += P^T dO and dK += dS^T Q, restaging dO and Q by head block.

@@ -36,6 +36,9 @@ struct AttentionParams {
   // Element strides of the (B, N, T, S) bias and mask views; 0 where broadcast.
   mfa_long bias_strides[4];
   mfa_long mask_strides[4];
+  // dK/dV kernel with kv_splits > 1: elements of one partial-dbias slot (the
+  // host binds kv_splits slots as dbias and sums them); 0 otherwise.
+  mfa_long dbias_slot;
 
   // Shapes: query (B, T, N, H); key/value (B, S, K, H).
   mfa_int batch, q_len, kv_len, q_heads, kv_heads, head_dim, group_size;
@@ -57,6 +60,11 @@ struct AttentionParams {
   // A long dispatch is split into chunks; threadgroup g of a chunk works on
   // linear block index group_offset + g.
   mfa_int group_offset, total_groups;
+  // dK/dV kernel: the (batch, kv head) pairs a merged threadgroup would loop
+  // over are split into kv_splits slices of pairs_per_split pairs, one
+  // threadgroup each, bounding one threadgroup's serial work (the GPU
+  // watchdog); each slice accumulates dbias into its own slot.
+  mfa_int kv_splits, pairs_per_split;
 
   // Packed sequences: q_segments (B, T) and kv_segments (B, S) int32; with
   // segments_sorted (every row non-decreasing, checked by the host) a tile

@@ -190,6 +190,21 @@ def test_chunked_dispatch(rng, monkeypatch):
     compare(rng, B=2, T=40, S=50, N=2, K=1, H=16, bias_shape=(1, 2, 40, 50), is_causal=True)
 
 
+@pytest.mark.parametrize("shape,family", [
+    ((1, 1, 23, 31), "apple9"),  # merged over batches and kv heads: 6 pairs, 6 slices
+    ((1, 4, 1, 31), "apple7"),   # merged over batches only (query-broadcast dbias)
+    ((3, 1, 23, 31), "apple9"),  # merged over kv heads only
+], ids=["merge-both", "merge-batches", "merge-heads"])
+def test_split_dkdv_threadgroups(rng, monkeypatch, shape, family):
+    # A tiny per-threadgroup bound splits every merged dK/dV threadgroup into
+    # one slice per (batch, kv head) pair, each with its own dbias slot that
+    # the host sums (a slot shared by two threadgroups would be reported as a
+    # write conflict by the emulator).
+    monkeypatch.setenv("JAX_MFA_METAL_MAX_GROUP_WORK", "1")
+    monkeypatch.setenv("JAX_MFA_EMULATED_FAMILY", family)
+    compare(rng, B=3, T=23, S=31, N=4, K=2, H=16, bias_shape=shape, is_causal=True)
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16, jnp.bfloat16],
                          ids=["f32", "f16", "bf16"])
 @pytest.mark.parametrize("H", [8, 32, 64, 96, 128, 192, 256])
@@ -257,15 +272,15 @@ def test_embedded_source_is_self_contained(tmp_path):
 def _params_bytes(B, T, S, N, K, H, *, P, scale):
     """AttentionParams (metal/attention_params.h) for a plain forward."""
     ints = dict(batch=B, q_len=T, kv_len=S, q_heads=N, kv_heads=K, head_dim=H, group_size=N // K)
-    head = np.zeros(8, np.int64).tobytes()  # bias and mask strides
+    head = np.zeros(9, np.int64).tobytes()  # bias and mask strides, dbias_slot
     body = np.array(list(ints.values()), np.int32).tobytes()
     body += np.array([scale, scale * np.log2(np.e), 1.0, np.log2(np.e)], np.float32).tobytes()
     rest = dict(has_softcap=0, causal=0, window_left=-1, window_right=-1, has_q_lengths=0,
                 has_kv_lengths=0, has_bias=0, has_mask=0, dbias_mode=0, bias_batch_dim=1,
                 bias_head_dim=1, bias_query_broadcast=0, num_row_blocks=-(-T // P), block_rows=P,
-                merge_batches=0, merge_heads=0, group_offset=0, total_groups=0,
-                has_segment_ids=0, segments_sorted=0, has_sinks=0, sinks_batched=0,
-                has_dropout=0, dropout_broadcast_heads=0, dropout_threshold=0)
+                merge_batches=0, merge_heads=0, group_offset=0, total_groups=0, kv_splits=1,
+                pairs_per_split=1, has_segment_ids=0, segments_sorted=0, has_sinks=0,
+                sinks_batched=0, has_dropout=0, dropout_broadcast_heads=0, dropout_threshold=0)
     body += np.array(list(rest.values()), np.int32).tobytes()
     body += np.array([1.0], np.float32).tobytes()  # dropout_keep_scale
     data = head + body
@@ -281,7 +296,7 @@ def _forward_with(lib, rng):
     lse = np.zeros((B, T, N), np.float32)
     empty = np.zeros(0, np.float32)
     params = _params_bytes(B, T, S, N, K, H, P=P, scale=0.25)
-    assert len(params) == 216
+    assert len(params) == 232
     lib.dispatch("mfa_fwd_f16_h16_p16_c128_d16", grid=(1,), threads=(P * 4,),
                  buffers=[params, q, k, v, empty, empty, empty, empty, out, lse] + [empty] * 4)
     s = 0.25 * np.einsum("bthd,bshd->bts", q.astype(np.float64), k.astype(np.float64))

@@ -9,28 +9,22 @@
 
 namespace jax_mfa {
 
-inline uint32_t float_bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof(u));
-  return u;
-}
+// constexpr (through __builtin_bit_cast, gcc >= 11 / clang >= 9) so that the
+// Metal emulator's half/bfloat constants can be evaluated at compile time.
+constexpr uint32_t float_bits(float f) { return __builtin_bit_cast(uint32_t, f); }
 
-inline float bits_float(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, sizeof(f));
-  return f;
-}
+constexpr float bits_float(uint32_t u) { return __builtin_bit_cast(float, u); }
 
-inline float bfloat_bits_to_float(uint16_t b) { return bits_float(uint32_t(b) << 16); }
+constexpr float bfloat_bits_to_float(uint16_t b) { return bits_float(uint32_t(b) << 16); }
 
-inline uint16_t float_to_bfloat_bits(float f) {
+constexpr uint16_t float_to_bfloat_bits(float f) {
   uint32_t u = float_bits(f);
   if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40);  // quiet NaN
   u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest, ties to even
   return uint16_t(u >> 16);
 }
 
-inline float half_bits_to_float(uint16_t h) {
+constexpr float half_bits_to_float(uint16_t h) {
   const uint32_t sign = uint32_t(h & 0x8000u) << 16;
   const uint32_t exp = (h >> 10) & 0x1fu;
   const uint32_t man = h & 0x3ffu;
@@ -41,7 +35,7 @@ inline float half_bits_to_float(uint16_t h) {
   return sign ? -mag : mag;
 }
 
-inline uint16_t float_to_half_bits(float f) {
+constexpr uint16_t float_to_half_bits(float f) {
   const uint32_t u = float_bits(f);
   const uint16_t sign = uint16_t((u >> 16) & 0x8000u);
   const uint32_t abs = u & 0x7fffffffu;

@@ -48,13 +48,16 @@ NB_MODULE(_jax_mfa, m) {
     const MfaPhilox4 r = mfa_philox4x32_10(MfaPhilox4{c0, c1, c2, c3}, k0, k1);
     return std::make_tuple(r.x, r.y, r.z, r.w);
   });
-  // True when this build has the Metal backend and the machine a usable
-  // Apple-silicon GPU (checked at run time).
-  m.def("metal_available", [] {
+  // (available, reason, device): available when this build has the Metal
+  // backend, the machine an Apple-silicon GPU, and Apple's compiler accepted
+  // the kernels (checked at run time, once); otherwise the reason.
+  m.def("metal_diagnostics", [] {
 #if JAX_MFA_HAS_METAL
-    return jax_mfa::metal_available();
+    const jax_mfa::MetalDiagnostics d = jax_mfa::metal_diagnostics();
+    return nb::make_tuple(d.available, d.reason, d.device);
 #else
-    return false;
+    return nb::make_tuple(false, "this build has no Metal backend (it is built on macOS only)",
+                          "");
 #endif
   });
 }

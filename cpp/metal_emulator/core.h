@@ -12,6 +12,7 @@
 #include <cstring>
 #include <cstdlib>
 #include <algorithm>
+#include <array>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -69,9 +70,50 @@ struct Region {
   // Device buffers written by the kernel: per byte, the last write as
   // (threadgroup + 1) << 32 | thread << 21 | device-barrier epoch (0: none).
   std::atomic<uint64_t>* owner = nullptr;
+  bool checked = true;   // false: attached only for the profile (check=False)
+  bool profile = false;  // count the bytes of accesses (dispatch(..., profile=True))
+  // Set for an argument that does not exist in this dispatch (its function
+  // constant is false): `size` zero bytes that read as 0 and cannot be written.
+  const char* absent = nullptr;
 };
 
+// The instruction profile's counters (see docs/metal_emulator.md). Per
+// simdgroup: collectives count once per simdgroup; byte counts and
+// special-function calls are summed over the simdgroup's lanes.
+#define JAX_MFA_EMU_COUNTERS(X)                                                        \
+  X(simdgroup_matrix_multiply_accumulate) X(simdgroup_matrix_load_device)              \
+  X(simdgroup_matrix_load_constant) X(simdgroup_matrix_load_threadgroup)               \
+  X(simdgroup_matrix_store_device) X(simdgroup_matrix_store_threadgroup)               \
+  X(device_bytes_read) X(device_bytes_written) X(constant_bytes_read)                  \
+  X(threadgroup_bytes_read) X(threadgroup_bytes_written) X(threadgroup_barriers)       \
+  X(simdgroup_barriers) X(simd_shuffles) X(simd_reductions)                            \
+  X(exp) X(exp2) X(exp10) X(log) X(log2) X(log10) X(sqrt) X(rsqrt) X(sin) X(cos)       \
+  X(tan) X(sinh) X(cosh) X(tanh) X(asin) X(acos) X(atan) X(atan2) X(pow) X(powr) X(erf)
+enum Counter : int {
+#define JAX_MFA_EMU_ENUM(name) kCount_##name,
+  JAX_MFA_EMU_COUNTERS(JAX_MFA_EMU_ENUM)
+#undef JAX_MFA_EMU_ENUM
+  kNumCounters
+};
+inline const char* counter_name(int c) {
+  static const char* const names[] = {
+#define JAX_MFA_EMU_NAME(name) #name,
+      JAX_MFA_EMU_COUNTERS(JAX_MFA_EMU_NAME)
+#undef JAX_MFA_EMU_NAME
+  };
+  return c >= 0 && c < kNumCounters ? names[c] : nullptr;
+}
+// Number of dispatches with profile=True running in this binary (a fast
+// "is anyone profiling" test before the thread-local lookup).
+inline std::atomic<int>& profiling_dispatches() {
+  static std::atomic<int> n{0};
+  return n;
+}
+inline void count(int counter, uint64_t v = 1, int tid = -1);
+inline void count_access(int space, size_t n, bool write, int tid);
+
 inline void access(const void* p, size_t n, const Region* r, bool write, int tid = -1);
+inline void check_access(const void* p, size_t n, const Region* r, bool write, int tid = -1);
 inline void access_atomic(const void* p, size_t n, const Region* r);
 
 }  // namespace detail
@@ -84,20 +126,32 @@ inline void access_atomic(const void* p, size_t n, const Region* r);
 template <class T, int S>
 struct as_ptr;
 
+// A half/bfloat element converts implicitly to float, as in Metal (a
+// non-template conversion, so that built-in operators such as `float += p[i]`
+// find it; mixed arithmetic on such a proxy goes through the operators below).
+template <class Ref, class V, bool = is_emu_float16<V>::value>
+struct float16_ref_conversion {};
+template <class Ref, class V>
+struct float16_ref_conversion<Ref, V, true> {
+  operator float() const { return float(static_cast<const Ref&>(*this).get()); }
+};
+
 template <class T, int S>
-struct as_ref {
+struct as_ref : float16_ref_conversion<as_ref<T, S>, std::remove_cv_t<T>> {
   using V = std::remove_cv_t<T>;
   T* p;
   const detail::Region* r;
+  as_ref(T* p_, const detail::Region* r_) : p(p_), r(r_) {}
+  as_ref(const as_ref&) = default;
   operator V() const {
     detail::access(p, sizeof(T), r, false);
     return *p;
   }
   V get() const { return *this; }
-  // float(p[i]) for half/bfloat/other element types (explicit, to keep mixed
-  // arithmetic on the proxy unambiguous).
+  // Other conversions of non-arithmetic elements are explicit: double(p[i]).
   template <class X, std::enable_if_t<std::is_arithmetic<X>::value && !std::is_same<X, V>::value &&
-                                          !std::is_arithmetic<V>::value, int> = 0>
+                                          !std::is_arithmetic<V>::value &&
+                                          !(std::is_same<X, float>::value && is_emu_float16<V>::value), int> = 0>
   explicit operator X() const {
     return X(V(*this));
   }
@@ -134,9 +188,9 @@ template <class T, int S>
 struct as_ptr {
   T* p = nullptr;
   const detail::Region* r = nullptr;
-  as_ptr() = default;
-  as_ptr(std::nullptr_t) {}
-  as_ptr(T* p_, const detail::Region* r_) : p(p_), r(r_) {}
+  constexpr as_ptr() = default;
+  constexpr as_ptr(std::nullptr_t) {}
+  constexpr as_ptr(T* p_, const detail::Region* r_) : p(p_), r(r_) {}
   template <class U, std::enable_if_t<!std::is_same<U, T>::value && std::is_convertible<U*, T*>::value, int> = 0>
   as_ptr(const as_ptr<U, S>& o) : p(o.p), r(o.r) {}
   template <class U, std::enable_if_t<!std::is_convertible<U*, T*>::value, int> = 0>
@@ -144,9 +198,10 @@ struct as_ptr {
 
   as_ref<T, S> operator[](ptrdiff_t i) const { return {p + i, r}; }
   as_ref<T, S> operator*() const { return {p, r}; }
-  // Member access through -> is bounds-checked (counted as a read).
+  // Member access through -> is bounds-checked as a read of the whole
+  // element (not counted in the profile).
   T* operator->() const {
-    detail::access(p, sizeof(T), r, false);
+    detail::check_access(p, sizeof(T), r, false);
     return p;
   }
   as_ptr operator+(ptrdiff_t i) const { return {p + i, r}; }
@@ -167,6 +222,30 @@ struct as_ptr {
 
 template <class T, int S>
 struct is_scalar_proxy<as_ref<T, S>> : is_emu_scalar<std::remove_cv_t<T>> {};
+
+// Arithmetic and comparisons with a half/bfloat element proxy: the element's
+// value takes part (as the operators of types.h define for half/bfloat).
+template <class A, class B>
+struct has_float16_ref : std::false_type {};
+template <class T, int S, class B>
+struct has_float16_ref<as_ref<T, S>, B> : is_emu_float16<std::remove_cv_t<T>> {};
+template <class A, class T, int S>
+struct has_float16_ref<A, as_ref<T, S>> : is_emu_float16<std::remove_cv_t<T>> {};
+template <class T, int S, class U, int S2>
+struct has_float16_ref<as_ref<T, S>, as_ref<U, S2>>
+    : std::integral_constant<bool, is_emu_float16<std::remove_cv_t<T>>::value ||
+                                       is_emu_float16<std::remove_cv_t<U>>::value> {};
+template <class X>
+inline auto ref_value(const X& x) { return x; }
+template <class T, int S>
+inline std::remove_cv_t<T> ref_value(const as_ref<T, S>& x) { return x.get(); }
+#define JAX_MFA_EMU_REF16_OP(OP)                                                                  \
+  template <class A, class B, std::enable_if_t<has_float16_ref<A, B>::value, int> = 0>             \
+  inline auto operator OP(const A& a, const B& b) { return ref_value(a) OP ref_value(b); }
+JAX_MFA_EMU_REF16_OP(+) JAX_MFA_EMU_REF16_OP(-) JAX_MFA_EMU_REF16_OP(*) JAX_MFA_EMU_REF16_OP(/)
+JAX_MFA_EMU_REF16_OP(==) JAX_MFA_EMU_REF16_OP(!=) JAX_MFA_EMU_REF16_OP(<) JAX_MFA_EMU_REF16_OP(>)
+JAX_MFA_EMU_REF16_OP(<=) JAX_MFA_EMU_REF16_OP(>=)
+#undef JAX_MFA_EMU_REF16_OP
 
 template <class T>
 using device_ptr = as_ptr<T, detail::kDeviceSpace>;
@@ -197,6 +276,8 @@ enum BindKind : int {
 struct Binding {
   int kind;
   int index;
+  int function_constant;  // [[buffer(n), function_constant(c)]]: index of c, else -1
+  int used;               // 0: the parameter's name does not occur in the kernel's body
 };
 // Per parameter, derived from its C++ type at registration.
 struct ParamInfo {
@@ -206,14 +287,70 @@ struct ParamInfo {
   int is_pointer;  // 1: pointer, 0: reference (constant T&)
   int is_const;
   uint64_t size;   // sizeof the pointee / referenced object
+  int function_constant;
+  int used;
 };
+
+// ---------------------------------------------------------------------------
+// Function constants: `constant T name [[function_constant(i)]];` becomes a
+// function_constant<T, i>, whose value is looked up in the running dispatch
+// (Metal fixes it per pipeline through MTLFunctionConstantValues).
+enum FcType : int { kFcBool = 0, kFcInt = 1, kFcUint = 2, kFcFloat = 3, kFcHalf = 4, kFcBfloat = 5 };
+struct FunctionConstantInfo {
+  std::string name;
+  int index;
+  int type;
+  int size;
+};
+inline std::vector<FunctionConstantInfo>& function_constant_registry() {
+  static std::vector<FunctionConstantInfo> r;
+  return r;
+}
+struct FunctionConstantValue {
+  int index;
+  uint64_t bits;
+};
+template <class T>
+constexpr int fc_type() {
+  return std::is_same<T, bool>::value       ? kFcBool
+         : std::is_same<T, half>::value     ? kFcHalf
+         : std::is_same<T, bfloat>::value   ? kFcBfloat
+         : std::is_floating_point<T>::value ? kFcFloat
+         : std::is_signed<T>::value         ? kFcInt
+                                            : kFcUint;
+}
+// Defined after Worker: looks the index up in the running dispatch.
+inline const FunctionConstantValue* find_function_constant(int index, const char* name, bool required);
+
+template <class T, int I>
+struct function_constant {
+  static constexpr int kIndex = I;
+  const char* name;
+  explicit function_constant(const char* n) : name(n) {
+    auto& r = function_constant_registry();
+    for (auto& e : r)
+      if (e.index == I) return;
+    r.push_back({n, I, fc_type<T>(), int(sizeof(T))});
+  }
+  operator T() const {
+    const FunctionConstantValue* v = find_function_constant(I, name, true);
+    T t{};
+    if (v) std::memcpy(&t, &v->bits, sizeof(T));
+    return t;
+  }
+  bool defined() const { return find_function_constant(I, name, false) != nullptr; }
+};
+template <class T, int I>
+constexpr int function_constant_index(const function_constant<T, I>&) {
+  return I;
+}
 
 struct ThreadArgs {
   uint3 pos_grid, tg_pos, pos_tg, tptg, tgpg, tpg;
   uint index_tg, sg_index, lane, sgptg;
   const Region* bufs;
   const Region* tg;
-  bool check;
+  bool attach;  // pointers carry their region (checking or profiling)
 };
 
 struct KernelEntry {
@@ -261,16 +398,16 @@ struct Binder {  // built-in values
       return Q(v.x);
     }
   }
-  static constexpr ParamInfo info(const Binding& b) { return {b.kind, b.index, 0, 0, 0, 0}; }
+  static constexpr ParamInfo info(const Binding& b) { return {b.kind, b.index, 0, 0, 0, 0, -1, 1}; }
 };
 template <class T, int S>
 struct Binder<as_ptr<T, S>> {
   static as_ptr<T, S> get(ThreadArgs& a, const Binding& b) {
     const Region& r = b.kind == kBuffer ? a.bufs[b.index] : a.tg[b.index];
-    return as_ptr<T, S>(reinterpret_cast<T*>(r.base), a.check ? &r : nullptr);
+    return as_ptr<T, S>(reinterpret_cast<T*>(r.base), a.attach ? &r : nullptr);
   }
   static ParamInfo info(const Binding& b) {
-    return {b.kind, b.index, S, 1, std::is_const<T>::value ? 1 : 0, sizeof(T)};
+    return {b.kind, b.index, S, 1, std::is_const<T>::value ? 1 : 0, sizeof(T), b.function_constant, b.used};
   }
 };
 template <class T, int S>
@@ -280,7 +417,7 @@ struct Binder<T&> {
   static T& get(ThreadArgs& a, const Binding& b) { return *reinterpret_cast<T*>(a.bufs[b.index].base); }
   static ParamInfo info(const Binding& b) {
     return {b.kind, b.index, std::is_const<T>::value ? kConstantSpace : kDeviceSpace, 0,
-            std::is_const<T>::value ? 1 : 0, sizeof(T)};
+            std::is_const<T>::value ? 1 : 0, sizeof(T), b.function_constant, b.used};
   }
 };
 
@@ -440,10 +577,18 @@ struct Dispatch {
   bool check = true;
   bool has_seed = false;
   uint64_t seed = 0;
+  std::vector<FunctionConstantValue> function_constants;
   std::atomic<bool> failed{false};
   std::mutex mu;
   int kind = kOk;
   std::string msg;
+  // Profile (profile = true): per simdgroup index summed over threadgroups,
+  // the element-wise maximum over all simdgroups, and the largest
+  // threadgroup memory in use (dynamic regions + kernel-scope arrays).
+  bool profile = false;
+  std::vector<std::array<uint64_t, kNumCounters>> prof_per_sg;
+  std::array<uint64_t, kNumCounters> prof_max{};
+  size_t prof_tg_memory = 0;
 };
 
 struct Worker {
@@ -478,6 +623,8 @@ struct Worker {
   int kind = kOk;
   std::string msg;
   uint64_t rng = 0;
+  bool profile = false;
+  uint64_t prof[32][kNumCounters];
 
   Worker() : shadow(kMaxThreadgroupMemory) {
     for (auto& s : shadow) s = TgShadow{kNone, kNone, 0, 0, 0, 0, 0, 0};
@@ -649,9 +796,14 @@ inline void owner_check(Worker& w, const Region& r, const char* c, size_t n, boo
   if (tid < 0) tid = w.cur;
   char buf[400];
   const long long off = (long long)(c - r->base);
-  std::snprintf(buf, sizeof buf, "out-of-bounds %s of %zu bytes at byte offset %lld of %s (%zu bytes) by %s",
-                write ? "write" : "read", n, off, describe_region(*r).c_str(), r->size,
-                describe_thread(w, tid).c_str());
+  if (r->absent)
+    std::snprintf(buf, sizeof buf, "%s of %zu bytes at byte offset %lld of %s, which is absent (%s), by %s",
+                  write ? "write" : "read", n, off, describe_region(*r).c_str(), r->absent,
+                  describe_thread(w, tid).c_str());
+  else
+    std::snprintf(buf, sizeof buf, "out-of-bounds %s of %zu bytes at byte offset %lld of %s (%zu bytes) by %s",
+                  write ? "write" : "read", n, off, describe_region(*r).c_str(), r->size,
+                  describe_thread(w, tid).c_str());
   fail(r->space == kThreadgroupSpace ? kThreadgroupMemory : kOutOfBounds, buf);
 }
 
@@ -662,12 +814,50 @@ __attribute__((noinline)) inline void shadow_check(const char* c, size_t n, cons
   else owner_check(w, *r, c, n, write, tid);
 }
 
-// Every checked load/store goes through here; with checking off r is null.
+// Every load/store through a checked pointer goes through here; r is null
+// when neither checking nor profiling.
+inline void check_access(const void* p, size_t n, const Region* r, bool write, int tid) {
+  if (!r || !r->checked) return;
+  const char* c = static_cast<const char*>(p);
+  if (__builtin_expect(c < r->base || c + n > r->base + r->size || c + n < c || (write && r->absent), 0))
+    report_oob(c, n, r, write, tid);
+  if (r->space == kThreadgroupSpace || r->owner) shadow_check(c, n, r, write, tid);
+}
 inline void access(const void* p, size_t n, const Region* r, bool write, int tid) {
   if (!r) return;
-  const char* c = static_cast<const char*>(p);
-  if (__builtin_expect(c < r->base || c + n > r->base + r->size || c + n < c, 0)) report_oob(c, n, r, write, tid);
-  if (r->space == kThreadgroupSpace || r->owner) shadow_check(c, n, r, write, tid);
+  if (r->profile) count_access(r->space, n, write, tid);
+  check_access(p, n, r, write, tid);
+}
+inline void count(int counter, uint64_t v, int tid) {
+  Worker* w = tl_worker_ptr();
+  if (!w || !w->profile) return;
+  w->prof[(tid < 0 ? w->cur : tid) / 32][counter] += v;
+}
+inline void count_access(int space, size_t n, bool write, int tid) {
+  const int c = space == kThreadgroupSpace ? (write ? kCount_threadgroup_bytes_written : kCount_threadgroup_bytes_read)
+                : space == kConstantSpace  ? kCount_constant_bytes_read
+                : write                    ? kCount_device_bytes_written
+                                           : kCount_device_bytes_read;
+  count(c, n, tid);
+}
+// A special-function call by the running lane (math functions of metal_compat.h).
+inline void count_special(int counter) {
+  if (profiling_dispatches().load(std::memory_order_relaxed) != 0) count(counter, 1, -1);
+}
+inline const FunctionConstantValue* find_function_constant(int index, const char* name, bool required) {
+  Worker* w = tl_worker_ptr();
+  if (!w || !w->d) return nullptr;  // outside a dispatch
+  for (const auto& v : w->d->function_constants)
+    if (v.index == index) return &v;
+  if (required) {
+    char buf[300];
+    std::snprintf(buf, sizeof buf,
+                  "function constant '%s' [[function_constant(%d)]] is read but has no value in this dispatch "
+                  "(pass function_constants={...})",
+                  name, index);
+    fail(kInvalid, buf);
+  }
+  return nullptr;
 }
 inline void access_atomic(const void* p, size_t n, const Region* r) {
   if (!r) return;
@@ -710,6 +900,8 @@ inline void threadgroup_barrier_impl(int flags, Site site) {
   }
   if (++w.barrier_arrived == w.n) {
     w.barrier_arrived = 0;
+    if (w.profile)
+      for (int sgi = 0; sgi < (w.n + 31) / 32; ++sgi) ++w.prof[sgi][kCount_threadgroup_barriers];
     for (int i = 0; i < w.n; ++i)
       if (w.threads[i].state == kAtBarrier) w.threads[i].state = kReady;
     if (flags & kMemThreadgroup) ++w.tg_epoch;
@@ -784,7 +976,9 @@ inline threadgroup_ptr<T> tg_array(size_t count, const void* uid) {
   s.r.size = bytes;
   s.r.index = -1;
   s.r.space = kThreadgroupSpace;
-  return threadgroup_ptr<T>(reinterpret_cast<T*>(s.r.base), w.d->check ? &s.r : nullptr);
+  s.r.checked = w.d->check;
+  s.r.profile = w.d->profile;
+  return threadgroup_ptr<T>(reinterpret_cast<T*>(s.r.base), w.d->check || w.d->profile ? &s.r : nullptr);
 }
 
 // ---------------------------------------------------------------------------
@@ -853,6 +1047,17 @@ inline void deadlock_report(Worker& w) {
   }
 }
 
+inline void merge_profile(Worker& w, Dispatch& d, int nsg) {
+  std::lock_guard<std::mutex> l(d.mu);
+  if (int(d.prof_per_sg.size()) < nsg) d.prof_per_sg.resize(nsg, std::array<uint64_t, kNumCounters>{});
+  for (int s = 0; s < nsg; ++s)
+    for (int c = 0; c < kNumCounters; ++c) {
+      d.prof_per_sg[s][c] += w.prof[s][c];
+      d.prof_max[c] = std::max(d.prof_max[c], w.prof[s][c]);
+    }
+  d.prof_tg_memory = std::max(d.prof_tg_memory, w.arena_used);
+}
+
 inline void run_group(Worker& w, Dispatch& d, uint64_t gi) {
   w.d = &d;
   w.group_linear = gi;
@@ -874,6 +1079,8 @@ inline void run_group(Worker& w, Dispatch& d, uint64_t gi) {
   // Threadgroup memory: regions first, then kernel-scope arrays. Filled with
   // 0xFF bytes (NaN for floating-point types) as it is undefined in Metal.
   std::memset(w.arena, 0xFF, kMaxThreadgroupMemory);
+  w.profile = d.profile;
+  if (d.profile) std::memset(w.prof, 0, sizeof w.prof);
   w.tg = d.tg;
   size_t off = 0;
   for (auto& r : w.tg) {
@@ -916,7 +1123,7 @@ inline void run_group(Worker& w, Dispatch& d, uint64_t gi) {
     a.sgptg = uint(nsg);
     a.bufs = d.bufs.data();
     a.tg = w.tg.data();
-    a.check = d.check;
+    a.attach = d.check || d.profile;
 #if defined(JAX_MFA_EMU_UCONTEXT)
     getcontext(&t.uc);
     t.uc.uc_stack.ss_sp = t.stack + 4096;
@@ -948,7 +1155,10 @@ inline void run_group(Worker& w, Dispatch& d, uint64_t gi) {
       if (w.failed) return;
       progress = true;
     }
-    if (w.done == n) return;
+    if (w.done == n) {
+      if (d.profile) merge_profile(w, d, nsg);
+      return;
+    }
     if (!progress) {
       deadlock_report(w);
       return;

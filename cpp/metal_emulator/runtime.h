@@ -6,6 +6,7 @@
 // Error value; nothing is thrown across this API.
 #pragma once
 
+#include <algorithm>
 #include <array>
 #include <condition_variable>
 #include <cstdint>
@@ -51,14 +52,40 @@ struct BufferArg {
   size_t size = 0;  // bytes; accesses outside [data, data + size) are reported
 };
 
+// The value of one function constant for a dispatch (Metal: one entry of
+// MTLFunctionConstantValues): `bits` holds the value's bytes (bool, int, uint,
+// float, half or bfloat, as the constant is declared).
+struct FunctionConstantArg {
+  int index = 0;  // n of [[function_constant(n)]]
+  uint64_t bits = 0;
+};
+
 struct DispatchArgs {
   std::array<uint32_t, 3> grid{1, 1, 1};     // threadgroups per grid
   std::array<uint32_t, 3> threads{1, 1, 1};  // threads per threadgroup (product <= 1024)
   std::vector<BufferArg> buffers;            // index i binds [[buffer(i)]]
   std::vector<size_t> threadgroup_memory;    // index i binds [[threadgroup(i)]]; multiples of 16 bytes
+  std::vector<FunctionConstantArg> function_constants;  // values of [[function_constant(n)]] constants
   bool has_seed = false;                     // false: deterministic round-robin order of threads
   uint64_t seed = 0;                         // random order of threads between barriers
   bool check = true;                         // race / bounds / write-conflict checking
+  bool profile = false;                      // count instructions (Profile, see dispatch below)
+};
+
+// The instruction profile of one dispatch (docs/metal_emulator.md lists what
+// each counter counts). counters[c] is indexed by metal::detail::Counter;
+// counter_name(c) gives its name.
+struct Profile {
+  static constexpr int kNumCounters = metal::detail::kNumCounters;
+  using Counters = std::array<uint64_t, kNumCounters>;
+  uint32_t threads_per_threadgroup = 0;
+  uint32_t simdgroups_per_threadgroup = 0;
+  uint64_t threadgroups = 0;
+  uint64_t threadgroup_memory_bytes = 0;  // dynamic [[threadgroup(i)]] lengths + kernel-scope arrays (largest)
+  std::vector<Counters> per_simdgroup;    // [simdgroup index in threadgroup], summed over threadgroups
+  Counters total{};                       // over all simdgroups of the dispatch
+  Counters max_simdgroup{};               // element-wise maximum over all simdgroups of the dispatch
+  static const char* counter_name(int c) { return metal::detail::counter_name(c); }
 };
 
 // Description of one kernel parameter (as read from its signature).
@@ -69,6 +96,8 @@ struct ParamDesc {
   bool is_pointer;
   bool is_const;
   uint64_t size;  // sizeof the pointee / referenced type
+  int function_constant;  // [[buffer(n), function_constant(c)]]: index of c (absent when false), else -1
+  bool used;              // false: never named in the kernel's body, so it may stay unbound
 };
 
 // A TaskRunner backed by std::threads (hardware_concurrency - 1 workers; the
@@ -120,9 +149,26 @@ class ThreadPoolRunner final : public TaskRunner {
   bool stop_ = false;
 };
 
+// The pool used by dispatch() without a runner: JAX_MFA_EMU_WORKERS workers
+// if set, else hardware_concurrency() - 1 (the caller takes part as well).
 inline ThreadPoolRunner& default_runner() {
-  static ThreadPoolRunner* r = new ThreadPoolRunner();  // never destroyed (safe at exit)
+  static ThreadPoolRunner* r = [] {
+    const char* e = std::getenv("JAX_MFA_EMU_WORKERS");
+    return new ThreadPoolRunner(e && *e ? std::max(0, std::atoi(e)) : -1);
+  }();  // never destroyed (safe at exit)
   return *r;
+}
+
+// A pool of exactly `workers` std::threads (0: the calling thread alone),
+// created on first use and kept for the process's lifetime.
+inline ThreadPoolRunner& runner_with_workers(int workers) {
+  static std::mutex mu;
+  static std::vector<std::pair<int, ThreadPoolRunner*>> pools;
+  std::lock_guard<std::mutex> l(mu);
+  for (auto& p : pools)
+    if (p.first == workers) return *p.second;
+  pools.emplace_back(workers, new ThreadPoolRunner(workers));
+  return *pools.back().second;
 }
 
 inline std::vector<std::string> kernel_names() {
@@ -136,7 +182,8 @@ inline bool kernel_params(const std::string& name, std::vector<ParamDesc>* out) 
   if (!k) return false;
   out->clear();
   for (auto& p : k->params)
-    out->push_back({p.kind, p.index, p.space, p.is_pointer != 0, p.is_const != 0, p.size});
+    out->push_back({p.kind, p.index, p.space, p.is_pointer != 0, p.is_const != 0, p.size, p.function_constant,
+                    p.used != 0});
   return true;
 }
 
@@ -146,7 +193,14 @@ inline Error make_error(ErrorKind k, const std::string& kernel, const std::strin
 }
 }  // namespace detail_rt
 
-inline Error dispatch(const std::string& kernel, const DispatchArgs& args, TaskRunner& runner) {
+// Function constants declared in this binary: (name, index, type (metal::detail::FcType), size).
+inline std::vector<metal::detail::FunctionConstantInfo> function_constants() {
+  return metal::detail::function_constant_registry();
+}
+
+// Runs `kernel`; with args.profile and a non-null `profile`, fills it.
+inline Error dispatch(const std::string& kernel, const DispatchArgs& args, TaskRunner& runner,
+                      Profile* profile = nullptr) {
   namespace md = metal::detail;
   using detail_rt::make_error;
   const md::KernelEntry* k = md::find_kernel(kernel.c_str());
@@ -184,15 +238,37 @@ inline Error dispatch(const std::string& kernel, const DispatchArgs& args, TaskR
   d.threads = metal::uint3(args.threads[0], args.threads[1], args.threads[2]);
   d.nthreads = int(nthreads);
   d.check = args.check;
+  d.profile = args.profile;
   d.has_seed = args.has_seed;
   d.seed = args.seed;
-  d.bufs.resize(args.buffers.size());
-  for (size_t i = 0; i < args.buffers.size(); ++i) {
-    d.bufs[i].base = static_cast<char*>(args.buffers[i].data);
-    d.bufs[i].size = args.buffers[i].size;
+  for (const auto& f : args.function_constants) d.function_constants.push_back({f.index, f.bits});
+  size_t nbufs = args.buffers.size();
+  for (const auto& p : k->params)
+    if (p.kind == md::kBuffer && p.index >= 0) nbufs = std::max(nbufs, size_t(p.index) + 1);
+  d.bufs.resize(nbufs);
+  for (size_t i = 0; i < nbufs; ++i) {
+    d.bufs[i].base = i < args.buffers.size() ? static_cast<char*>(args.buffers[i].data) : nullptr;
+    d.bufs[i].size = i < args.buffers.size() ? args.buffers[i].size : 0;
     d.bufs[i].index = int(i);
     d.bufs[i].space = md::kDeviceSpace;
+    d.bufs[i].checked = args.check;
+    d.bufs[i].profile = args.profile;
   }
+  // Arguments that do not exist in this dispatch (function constant false) or
+  // that the kernel never names and the caller left unbound read as zeros
+  // from here; the checker reports any access past their one element and any write.
+  std::vector<std::unique_ptr<char[]>> dummies;
+  std::vector<std::string> absent_why;
+  absent_why.reserve(k->params.size());
+  auto constant_value = [&](int index, bool* defined) -> uint64_t {
+    for (const auto& f : d.function_constants)
+      if (f.index == index) {
+        *defined = true;
+        return f.bits;
+      }
+    *defined = false;
+    return 0;
+  };
   // Zero-filled lazily by the OS (calloc), so untouched pages cost nothing.
   struct FreeShadow {
     void operator()(std::atomic<uint64_t>* p) const { std::free(p); }
@@ -200,9 +276,33 @@ inline Error dispatch(const std::string& kernel, const DispatchArgs& args, TaskR
   std::vector<std::unique_ptr<std::atomic<uint64_t>, FreeShadow>> shadows;
   for (const auto& p : k->params) {
     if (p.kind == md::kBuffer) {
-      if (p.index < 0 || size_t(p.index) >= args.buffers.size())
-        return make_error(ErrorKind::kInvalidArgument, kernel, "[[buffer(" + std::to_string(p.index) + ")]] not provided");
+      if (p.index < 0)
+        return make_error(ErrorKind::kInvalidArgument, kernel, "negative [[buffer(" + std::to_string(p.index) + ")]]");
       md::Region& r = d.bufs[p.index];
+      bool absent = false;
+      if (p.function_constant >= 0) {
+        bool defined = false;
+        absent = (constant_value(p.function_constant, &defined) & 0xFF) == 0;
+        if (absent)
+          absent_why.push_back("its [[function_constant(" + std::to_string(p.function_constant) + ")]] is " +
+                               (defined ? "false" : "not defined"));
+      }
+      const bool unbound = size_t(p.index) >= args.buffers.size() || (!r.base && r.size == 0);
+      if (!absent && unbound && !p.used) {
+        absent = true;
+        absent_why.push_back("unbound and never named by the kernel");
+      }
+      if (absent) {
+        dummies.emplace_back(new char[std::max<uint64_t>(p.size, 16)]());
+        r.base = dummies.back().get();
+        r.size = p.size;
+        r.space = p.space;
+        r.owner = nullptr;
+        r.absent = absent_why.back().c_str();
+        continue;
+      }
+      if (size_t(p.index) >= args.buffers.size())
+        return make_error(ErrorKind::kInvalidArgument, kernel, "[[buffer(" + std::to_string(p.index) + ")]] not provided");
       if (!p.is_pointer && r.size < p.size)
         return make_error(ErrorKind::kInvalidArgument, kernel,
                           "[[buffer(" + std::to_string(p.index) + ")]] needs " + std::to_string(p.size) +
@@ -227,8 +327,19 @@ inline Error dispatch(const std::string& kernel, const DispatchArgs& args, TaskR
     d.tg[i].size = args.threadgroup_memory[i];
     d.tg[i].index = int(i);
     d.tg[i].space = md::kThreadgroupSpace;
+    d.tg[i].checked = args.check;
+    d.tg[i].profile = args.profile;
   }
   d.tg_dynamic = tg_total;
+  struct ProfilingScope {  // counts this dispatch in profiling_dispatches() while it runs
+    bool on;
+    explicit ProfilingScope(bool p) : on(p) {
+      if (on) md::profiling_dispatches().fetch_add(1);
+    }
+    ~ProfilingScope() {
+      if (on) md::profiling_dispatches().fetch_sub(1);
+    }
+  } profiling_scope(args.profile);
   parallel_for(runner, int64_t(ngroups), [&](int64_t gi) {
     if (d.failed.load(std::memory_order_relaxed)) return;
     static thread_local std::unique_ptr<md::Worker> tw;
@@ -247,11 +358,23 @@ inline Error dispatch(const std::string& kernel, const DispatchArgs& args, TaskR
     }
   });
   if (d.failed.load()) return Error{ErrorKind(d.kind), d.msg};
+  if (args.profile && profile) {
+    profile->threads_per_threadgroup = uint32_t(nthreads);
+    profile->simdgroups_per_threadgroup = uint32_t((nthreads + 31) / 32);
+    profile->threadgroups = ngroups;
+    profile->threadgroup_memory_bytes = std::max<uint64_t>(d.prof_tg_memory, tg_total);
+    profile->per_simdgroup.assign(d.prof_per_sg.begin(), d.prof_per_sg.end());
+    profile->per_simdgroup.resize(profile->simdgroups_per_threadgroup, Profile::Counters{});
+    profile->total = Profile::Counters{};
+    for (const auto& sg : profile->per_simdgroup)
+      for (int c = 0; c < Profile::kNumCounters; ++c) profile->total[c] += sg[c];
+    profile->max_simdgroup = d.prof_max;
+  }
   return Error{};
 }
 
-inline Error dispatch(const std::string& kernel, const DispatchArgs& args) {
-  return dispatch(kernel, args, default_runner());
+inline Error dispatch(const std::string& kernel, const DispatchArgs& args, Profile* profile = nullptr) {
+  return dispatch(kernel, args, default_runner(), profile);
 }
 
 }  // namespace metal_emulator

@@ -28,18 +28,18 @@ namespace detail {
 struct from_bits_t {};
 }  // namespace detail
 
-#define JAX_MFA_EMU_16BIT_FLOAT(NAME, TO_BITS, FROM_BITS)                                  \
-  struct NAME {                                                                             \
-    uint16_t bits;                                                                          \
-    NAME() = default;                                                                       \
-    NAME(float f) : bits(::jax_mfa::TO_BITS(f)) {}                                          \
-    NAME(double f) : bits(::jax_mfa::TO_BITS(float(f))) {}                                  \
-    template <class I, std::enable_if_t<std::is_integral<I>::value, int> = 0>               \
-    NAME(I i) : bits(::jax_mfa::TO_BITS(float(i))) {}                                       \
-    NAME(detail::from_bits_t, uint16_t b) : bits(b) {}                                      \
-    operator float() const { return ::jax_mfa::FROM_BITS(bits); }                           \
-    NAME operator-() const { return NAME(detail::from_bits_t{}, uint16_t(bits ^ 0x8000u)); } \
-    NAME operator+() const { return *this; }                                                \
+#define JAX_MFA_EMU_16BIT_FLOAT(NAME, TO_BITS, FROM_BITS)                                            \
+  struct NAME {                                                                                       \
+    uint16_t bits;                                                                                    \
+    NAME() = default;                                                                                 \
+    constexpr NAME(float f) : bits(::jax_mfa::TO_BITS(f)) {}                                          \
+    constexpr NAME(double f) : bits(::jax_mfa::TO_BITS(float(f))) {}                                  \
+    template <class I, std::enable_if_t<std::is_integral<I>::value, int> = 0>                         \
+    constexpr NAME(I i) : bits(::jax_mfa::TO_BITS(float(i))) {}                                       \
+    constexpr NAME(detail::from_bits_t, uint16_t b) : bits(b) {}                                      \
+    constexpr operator float() const { return ::jax_mfa::FROM_BITS(bits); }                           \
+    constexpr NAME operator-() const { return NAME(detail::from_bits_t{}, uint16_t(bits ^ 0x8000u)); } \
+    constexpr NAME operator+() const { return *this; }                                                \
   };
 
 JAX_MFA_EMU_16BIT_FLOAT(half, float_to_half_bits, half_bits_to_float)
@@ -57,27 +57,27 @@ struct is_emu_float16 : std::integral_constant<bool, std::is_same<T, half>::valu
   JAX_MFA_EMU_H_CMP(H, ==) JAX_MFA_EMU_H_CMP(H, !=) JAX_MFA_EMU_H_CMP(H, <) JAX_MFA_EMU_H_CMP(H, >)  \
   JAX_MFA_EMU_H_CMP(H, <=) JAX_MFA_EMU_H_CMP(H, >=)
 #define JAX_MFA_EMU_H_OP(H, OP)                                                                          \
-  inline H operator OP(H a, H b) { return H(float(a) OP float(b)); }                                     \
-  inline float operator OP(H a, float b) { return float(a) OP b; }                                       \
-  inline float operator OP(float a, H b) { return a OP float(b); }                                       \
-  inline float operator OP(H a, double b) { return float(a) OP float(b); }                               \
-  inline float operator OP(double a, H b) { return float(a) OP float(b); }                               \
+  constexpr H operator OP(H a, H b) { return H(float(a) OP float(b)); }                                  \
+  constexpr float operator OP(H a, float b) { return float(a) OP b; }                                    \
+  constexpr float operator OP(float a, H b) { return a OP float(b); }                                    \
+  constexpr float operator OP(H a, double b) { return float(a) OP float(b); }                            \
+  constexpr float operator OP(double a, H b) { return float(a) OP float(b); }                            \
   template <class I, std::enable_if_t<std::is_integral<I>::value, int> = 0>                              \
-  inline H operator OP(H a, I b) { return H(float(a) OP float(b)); }                                     \
+  constexpr H operator OP(H a, I b) { return H(float(a) OP float(b)); }                                  \
   template <class I, std::enable_if_t<std::is_integral<I>::value, int> = 0>                              \
-  inline H operator OP(I a, H b) { return H(float(a) OP float(b)); }                                     \
+  constexpr H operator OP(I a, H b) { return H(float(a) OP float(b)); }                                  \
   template <class X>                                                                                     \
-  inline H& operator OP##=(H& a, const X& b) { a = H(float(a) OP float(b)); return a; }
+  constexpr H& operator OP##=(H& a, const X& b) { a = H(float(a) OP float(b)); return a; }
 #define JAX_MFA_EMU_H_CMP(H, OP)                                                       \
-  inline bool operator OP(H a, H b) { return float(a) OP float(b); }                   \
-  inline bool operator OP(H a, float b) { return float(a) OP b; }                      \
-  inline bool operator OP(float a, H b) { return a OP float(b); }                      \
-  inline bool operator OP(H a, double b) { return float(a) OP float(b); }              \
-  inline bool operator OP(double a, H b) { return float(a) OP float(b); }              \
+  constexpr bool operator OP(H a, H b) { return float(a) OP float(b); }                \
+  constexpr bool operator OP(H a, float b) { return float(a) OP b; }                   \
+  constexpr bool operator OP(float a, H b) { return a OP float(b); }                   \
+  constexpr bool operator OP(H a, double b) { return float(a) OP float(b); }           \
+  constexpr bool operator OP(double a, H b) { return float(a) OP float(b); }           \
   template <class I, std::enable_if_t<std::is_integral<I>::value, int> = 0>            \
-  inline bool operator OP(H a, I b) { return float(a) OP float(b); }                   \
+  constexpr bool operator OP(H a, I b) { return float(a) OP float(b); }                \
   template <class I, std::enable_if_t<std::is_integral<I>::value, int> = 0>            \
-  inline bool operator OP(I a, H b) { return float(a) OP float(b); }
+  constexpr bool operator OP(I a, H b) { return float(a) OP float(b); }
 JAX_MFA_EMU_H_OPS(half)
 JAX_MFA_EMU_H_OPS(bfloat)
 #undef JAX_MFA_EMU_H_OPS

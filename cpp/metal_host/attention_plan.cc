@@ -9,7 +9,7 @@
 namespace jax_mfa {
 namespace metal_host {
 
-static_assert(sizeof(AttentionParams) == 8 * 8 + 4 * 37 + 4,
+static_assert(sizeof(AttentionParams) == 8 * 9 + 4 * 39 + 4,
               "AttentionParams must keep the same layout in C++ and MSL");
 
 namespace {
@@ -103,6 +103,8 @@ AttentionParams make_params(const AttentionProblem& p) {
   a.bias_batch_dim = int32_t(p.bias.dims[0]);
   a.bias_head_dim = int32_t(p.bias.dims[1]);
   a.bias_query_broadcast = p.bias.present && p.bias.strides[2] == 0;
+  a.kv_splits = 1;
+  a.pairs_per_split = 1;
   a.has_segment_ids = p.has_segment_ids;
   a.segments_sorted = 0;  // set by run_forward / run_backward, which see the ids
   a.has_sinks = p.has_sinks;
@@ -137,14 +139,14 @@ bool segments_sorted(const AttentionProblem& p, const OperandBuffers& b) {
   return true;
 }
 
-// Splits `total` threadgroups of `work_per_group` multiply-adds each into
-// chunks of at most max_work_per_command_buffer() work.
-std::vector<Chunk> make_chunks(int64_t total, int64_t work_per_group) {
+// Splits the launch's total_groups threadgroups of `work_per_group`
+// multiply-adds each into chunks of at most max_work_per_command_buffer() work.
+void set_chunks(KernelLaunch& l, int64_t work_per_group) {
+  l.work_per_group = work_per_group;
   const int64_t per = std::max<int64_t>(1, max_work_per_command_buffer() /
                                                std::max<int64_t>(1, work_per_group));
-  std::vector<Chunk> chunks;
-  for (int64_t g = 0; g < total; g += per) chunks.push_back({g, std::min(per, total - g)});
-  return chunks;
+  for (int64_t g = 0; g < l.total_groups; g += per)
+    l.chunks.push_back({g, std::min(per, l.total_groups - g)});
 }
 
 KernelLaunch base_launch(Pass pass, const AttentionProblem& p, DType dtype, GpuFamily family) {
@@ -159,14 +161,22 @@ KernelLaunch base_launch(Pass pass, const AttentionProblem& p, DType dtype, GpuF
   return l;
 }
 
-}  // namespace
-
-int64_t max_work_per_command_buffer() {
-  if (const char* s = std::getenv("JAX_MFA_METAL_MAX_WORK")) {
+int64_t positive_env(const char* name, int64_t fallback) {
+  if (const char* s = std::getenv(name)) {
     const long long v = std::atoll(s);
     if (v > 0) return v;
   }
-  return kMaxWorkPerCommandBuffer;
+  return fallback;
+}
+
+}  // namespace
+
+int64_t max_work_per_command_buffer() {
+  return positive_env("JAX_MFA_METAL_MAX_WORK", kMaxWorkPerCommandBuffer);
+}
+
+int64_t max_work_per_threadgroup() {
+  return positive_env("JAX_MFA_METAL_MAX_GROUP_WORK", kMaxWorkPerThreadgroup);
 }
 
 int head_bucket(int64_t head_dim) {
@@ -217,7 +227,8 @@ Status check_supported(const AttentionProblem& p, DType dtype) {
                          ", got " + std::to_string(p.head_dim));
   const int64_t lim = std::numeric_limits<int32_t>::max() / 2;
   if (p.batch > lim || p.q_len > lim || p.kv_len > lim || p.q_heads > lim ||
-      p.batch * p.q_heads * ceil_div(p.q_len, 16) > lim)
+      p.batch * p.q_heads * ceil_div(p.q_len, 16) > lim ||
+      p.batch * p.kv_heads * ceil_div(p.kv_len, 16) > lim)
     return Status::Error("problem too large for the Metal kernels' 32-bit grid");
   return Status::Ok();
 }
@@ -241,8 +252,7 @@ KernelLaunch plan_forward(const AttentionProblem& p, DType dtype, GpuFamily fami
   l.total_groups = int64_t(l.params.num_row_blocks) * p.q_heads * p.batch;
   l.params.total_groups = int32_t(l.total_groups);
   // Q K^T and P V: 2 * rows * S * HP multiply-adds per threadgroup at most.
-  l.chunks = make_chunks(l.total_groups, 2 * int64_t(l.config.rows) * std::max<int64_t>(p.kv_len, 1) *
-                                             l.config.head_pad);
+  set_chunks(l, 2 * int64_t(l.config.rows) * std::max<int64_t>(p.kv_len, 1) * l.config.head_pad);
   return l;
 }
 
@@ -280,8 +290,8 @@ std::vector<KernelLaunch> plan_backward(const AttentionProblem& p, DType dtype,
   dq.total_groups = int64_t(dq.params.num_row_blocks) * p.q_heads * p.batch;
   dq.params.total_groups = int32_t(dq.total_groups);
   // Q K^T, dO V^T, dS K.
-  dq.chunks = make_chunks(dq.total_groups, 3 * int64_t(dq.config.rows) *
-                                               std::max<int64_t>(p.kv_len, 1) * dq.config.head_pad);
+  set_chunks(dq, 3 * int64_t(dq.config.rows) * std::max<int64_t>(p.kv_len, 1) *
+                     dq.config.head_pad);
 
   KernelLaunch kv = base_launch(Pass::BackwardKeyValue, p, dtype, family);
   kv.params.dbias_mode = mode;
@@ -291,17 +301,33 @@ std::vector<KernelLaunch> plan_backward(const AttentionProblem& p, DType dtype,
   kv.args = common;
   kv.args.push_back({Arg::DK, Access::Write, kv_bytes});
   kv.args.push_back({Arg::DV, Access::Write, kv_bytes});
-  kv.args.push_back({Arg::DBias, Access::ReadWrite, dbias_keys ? size_t(p.bias.size()) * 4 : 0});
-  append(kv.args, feature_args(p));
   const int64_t b_tasks = kv.params.merge_batches ? 1 : p.batch;
   const int64_t h_tasks = kv.params.merge_heads ? 1 : p.kv_heads;
-  kv.total_groups = int64_t(kv.params.num_row_blocks) * h_tasks * b_tasks;
+  // K Q^T, V dO^T, P^T dO, dS^T Q over every query of the G query heads of
+  // one (batch, kv head) pair.
+  const int64_t pair_work = 4 * int64_t(kv.config.rows) * std::max<int64_t>(p.q_len, 1) *
+                            p.group_size() * kv.config.head_pad;
+  // A merged threadgroup loops over `pairs` pairs; split them into slices
+  // within the per-threadgroup bound (and the scratch budget).
+  const int64_t pairs = (p.batch / b_tasks) * (p.kv_heads / h_tasks);
+  int64_t splits = 1;
+  if (pairs > 1) {
+    const int64_t slot_bytes = std::max<int64_t>(1, p.bias.size() * 4);
+    splits = std::min({pairs, ceil_div(pairs * pair_work, max_work_per_threadgroup()),
+                       std::max<int64_t>(1, kMaxSplitScratchBytes / slot_bytes)});
+    splits = std::max<int64_t>(splits, 1);
+  }
+  const int64_t pairs_per_split = ceil_div(pairs, splits);
+  splits = ceil_div(pairs, pairs_per_split);  // no empty slice
+  kv.params.kv_splits = int32_t(splits);
+  kv.params.pairs_per_split = int32_t(pairs_per_split);
+  kv.params.dbias_slot = splits > 1 ? p.bias.size() : 0;
+  kv.args.push_back({Arg::DBias, Access::ReadWrite,
+                     dbias_keys ? size_t(splits * p.bias.size()) * 4 : 0});
+  append(kv.args, feature_args(p));
+  kv.total_groups = int64_t(kv.params.num_row_blocks) * splits * h_tasks * b_tasks;
   kv.params.total_groups = int32_t(kv.total_groups);
-  // K Q^T, V dO^T, P^T dO, dS^T Q over every query of the (merged) heads.
-  const int64_t merged = (p.batch / b_tasks) * (p.kv_heads / h_tasks) * p.group_size();
-  kv.chunks = make_chunks(kv.total_groups, 4 * int64_t(kv.config.rows) *
-                                               std::max<int64_t>(p.q_len, 1) * merged *
-                                               kv.config.head_pad);
+  set_chunks(kv, pair_work * pairs_per_split);
   return {dq, kv};
 }
 
@@ -376,11 +402,22 @@ Status run_backward(const AttentionProblem& p, DType dtype, GpuFamily family,
   hb.set(Arg::DQ, b.dq);
   hb.set(Arg::DK, b.dk);
   hb.set(Arg::DV, b.dv);
-  hb.set(Arg::DBias, plan[1].params.dbias_mode == MFA_DBIAS_KEYS ? b.dbias : nullptr);
+  // Split dK/dV threadgroups accumulate dbias into slots of a scratch buffer.
+  const KernelLaunch& kv = plan[1];
+  const int64_t slot = kv.params.dbias_slot;
+  std::vector<float> slots(size_t(slot * kv.params.kv_splits), 0.0f);
+  hb.set(Arg::DBias, kv.params.dbias_mode != MFA_DBIAS_KEYS ? nullptr
+                     : slot > 0                             ? slots.data()
+                                                            : b.dbias);
   hb.set(Arg::DBiasRows, row_sums ? rows.data() : nullptr);
   for (const KernelLaunch& l : plan)
     if (Status s = exec.run(l, hb); !s.ok()) return s;
 
+  if (slot > 0) {
+    float* dbias = static_cast<float*>(b.dbias);
+    for (int64_t s = 0; s < kv.params.kv_splits; ++s)
+      for (int64_t e = 0; e < slot; ++e) dbias[e] += slots[size_t(s * slot + e)];
+  }
   if (row_sums) {
     // Bias constant along keys: reduce the row sums over the broadcast dims
     // (B * N * T additions on the host; the GPU did the S-long sums).

@@ -36,6 +36,18 @@ constexpr int64_t kMaxHeadDim = 256;
 constexpr int64_t kMaxWorkPerCommandBuffer = int64_t(1) << 36;
 int64_t max_work_per_command_buffer();
 
+// Upper bound of the multiply-adds one threadgroup runs serially: a
+// threadgroup runs on one GPU core, so chunking the grid alone does not bound
+// it. 2^32 MACs is roughly 0.1 s for one threadgroup on an M1-class core
+// (assuming about a 32th of the GPU's rate), far below the watchdog. Merged
+// dK/dV threadgroups (bias broadcast over batch or heads) above it are split
+// into slices. Overridable (tests) with JAX_MFA_METAL_MAX_GROUP_WORK.
+constexpr int64_t kMaxWorkPerThreadgroup = int64_t(1) << 32;
+int64_t max_work_per_threadgroup();
+// Scratch for the partial dbias slots of split dK/dV threadgroups is capped
+// at this many bytes (fewer slices, longer threadgroups, beyond it).
+constexpr int64_t kMaxSplitScratchBytes = int64_t(1) << 30;
+
 struct BlockConfig {
   int head_pad = 0;    // HP: head dim bucket the kernel is compiled for
   int rows = 0;        // P: parallelization block (rows per threadgroup)
@@ -82,6 +94,7 @@ struct KernelLaunch {
   std::vector<ArgBinding> args;
   std::vector<Chunk> chunks;  // run in order; together they cover the grid
   int64_t total_groups = 0;
+  int64_t work_per_group = 0;  // upper bound of one threadgroup's multiply-adds
 };
 
 // Returns an error for what the Metal kernels cannot run (float64, head dim

@@ -10,11 +10,20 @@
 #include "attention/backend.h"
 #include "common/parallel.h"
 
+#include <string>
+
 namespace jax_mfa {
 
 #if JAX_MFA_HAS_METAL
-// True if a Metal device of the Apple7 family or later (M1+) is present.
-bool metal_available();
+// "Available" means usable: a Metal device of the Apple7 family or later (M1+)
+// was found AND Apple's compiler built the kernels (one library as the
+// probe). Otherwise `reason` says which step failed.
+struct MetalDiagnostics {
+  bool available = false;
+  std::string device;  // the chosen GPU's name, when one was found
+  std::string reason;  // empty when available
+};
+MetalDiagnostics metal_diagnostics();
 Status metal_attention_forward(const AttentionProblem& p, DType dtype, const ForwardBuffers& b);
 Status metal_attention_backward(const AttentionProblem& p, DType dtype, const BackwardBuffers& b);
 #endif

@@ -4,6 +4,7 @@
     lib.dispatch("kernel_name", grid=(gx, gy, gz), threads=(tx, ty, tz),
                  buffers=[a, b, np.uint32(n)], threadgroup_memory=[4096],
                  seed=None, check=True)
+    prof = lib.dispatch(..., function_constants={"align_M": True}, profile=True)
 
 The MSL source is compiled as C++ by the system compiler (env CXX, else c++,
 g++ or clang++) against the emulator's Metal compatibility headers, and the
@@ -16,6 +17,7 @@ This package is pure Python (ctypes) and does not need jax_mfa's extension.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import hashlib
 import os
 import shutil
@@ -34,6 +36,7 @@ __all__ = [
     "Library",
     "MetalEmulatorError",
     "OutOfBoundsError",
+    "Profile",
     "RaceError",
     "ThreadgroupMemoryError",
     "WriteConflictError",
@@ -216,6 +219,48 @@ def _as3(v) -> tuple[int, int, int]:
     return v + (1,) * (3 - len(v))
 
 
+@dataclasses.dataclass(frozen=True)
+class Profile:
+    """Instruction profile of one dispatch (``Library.dispatch(..., profile=True)``).
+
+    Counter names (keys of every dict below) and what they count are listed in
+    docs/metal_emulator.md ("Instruction profile"). In short: SIMD-group
+    collectives (matrix multiply-accumulates, matrix loads/stores, shuffles,
+    reductions, barriers) count once per simdgroup that executes them;
+    ``*_bytes_*`` and special-function calls (``exp``, ``exp2``, ``log``,
+    ``tanh``, ...) are summed over the simdgroup's lanes. Plain scalar
+    arithmetic is not counted.
+
+    Attributes:
+      threads_per_threadgroup, simdgroups_per_threadgroup, threadgroups: the launch.
+      threadgroup_memory_bytes: threadgroup memory declared per threadgroup
+        (dynamic ``[[threadgroup(i)]]`` lengths plus kernel-scope arrays).
+      total: counter -> count over the whole dispatch.
+      per_simdgroup: one dict per simdgroup index in the threadgroup, summed
+        over all threadgroups (``per_simdgroup[s][c]``).
+      max_simdgroup: counter -> the largest count of any single simdgroup.
+    """
+
+    threads_per_threadgroup: int
+    simdgroups_per_threadgroup: int
+    threadgroups: int
+    threadgroup_memory_bytes: int
+    total: dict
+    per_simdgroup: list
+    max_simdgroup: dict
+
+    @property
+    def simdgroups(self) -> int:
+        """Number of simdgroups launched."""
+        return self.threadgroups * self.simdgroups_per_threadgroup
+
+    def mean_per_simdgroup(self) -> dict:
+        """counter -> total / number of simdgroups launched."""
+        return {k: v / self.simdgroups for k, v in self.total.items()}
+
+
+_FC_TYPES = {0: np.bool_, 1: None, 2: None, 3: None, 4: np.float16, 5: "bfloat16"}
+
 _SCALAR_INT = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}
 _SCALAR_UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 _SCALAR_FLOAT = {2: np.float16, 4: np.float32, 8: np.float64}
@@ -231,12 +276,20 @@ class Library:
         L.jax_mfa_emu_kernel_name.restype = ctypes.c_char_p
         L.jax_mfa_emu_kernel_name.argtypes = [ctypes.c_int]
         L.jax_mfa_emu_kernel_params.argtypes = [ctypes.c_char_p, ctypes.POINTER(ctypes.c_int64), ctypes.c_int]
+        if L.jax_mfa_emu_abi_version() != 2:
+            raise MetalEmulatorError(f"{path}: built for another version of the emulator (delete the cache)")
         L.jax_mfa_emu_dispatch.argtypes = [
             ctypes.c_char_p, ctypes.POINTER(ctypes.c_uint32), ctypes.POINTER(ctypes.c_uint32), ctypes.c_int,
             ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_uint64), ctypes.c_int,
-            ctypes.POINTER(ctypes.c_uint64), ctypes.c_int, ctypes.c_uint64, ctypes.c_int, ctypes.c_char_p,
-            ctypes.c_int]
+            ctypes.POINTER(ctypes.c_uint64), ctypes.c_int, ctypes.POINTER(ctypes.c_int64),
+            ctypes.POINTER(ctypes.c_uint64), ctypes.c_int, ctypes.c_uint64, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+            ctypes.POINTER(ctypes.c_uint64), ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+        L.jax_mfa_emu_function_constant.restype = ctypes.c_char_p
+        L.jax_mfa_emu_function_constant.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_int64)]
+        L.jax_mfa_emu_counter_name.restype = ctypes.c_char_p
+        L.jax_mfa_emu_counter_name.argtypes = [ctypes.c_int]
         self._params: dict[str, list[tuple[int, ...]]] = {}
+        self._counters = [L.jax_mfa_emu_counter_name(i).decode() for i in range(L.jax_mfa_emu_num_counters())]
 
     @property
     def kernels(self) -> list[str]:
@@ -244,27 +297,80 @@ class Library:
         return [self._lib.jax_mfa_emu_kernel_name(i).decode() for i in range(n)]
 
     def params(self, kernel: str) -> list[tuple[int, ...]]:
-        """Per parameter: (binding, index, space, is_pointer, is_const, size)."""
+        """Per parameter: (binding, index, space, is_pointer, is_const, size, function_constant, used).
+
+        function_constant is the index of the constant that makes the argument
+        exist (-1: always present); used is 0 when the kernel never names it."""
         p = self._params.get(kernel)
         if p is None:
-            buf = (ctypes.c_int64 * (6 * 256))()
+            buf = (ctypes.c_int64 * (8 * 256))()
             n = self._lib.jax_mfa_emu_kernel_params(kernel.encode(), buf, 256)
             if n < 0:
                 raise MetalEmulatorError(f"no kernel named {kernel!r} (available: {', '.join(self.kernels)})")
-            p = [tuple(buf[6 * i : 6 * i + 6]) for i in range(n)]
+            p = [tuple(buf[8 * i : 8 * i + 8]) for i in range(n)]
             self._params[kernel] = p
         return p
 
+    @property
+    def function_constants(self) -> dict[str, tuple[int, str]]:
+        """name -> (index, type) of the `[[function_constant(i)]]` constants declared in the library."""
+        out = {}
+        its = (ctypes.c_int64 * 3)()
+        for i in range(self._lib.jax_mfa_emu_num_function_constants()):
+            name = self._lib.jax_mfa_emu_function_constant(i, its).decode()
+            kind = {0: "bool", 1: "int", 2: "uint", 3: "float", 4: "half", 5: "bfloat"}[its[1]]
+            out[name] = (int(its[0]), f"{kind}{8 * its[2] if kind in ('int', 'uint', 'float') else ''}")
+        return out
+
+    def _pack_function_constants(self, values: Mapping[Any, Any]) -> tuple[list[int], list[int]]:
+        declared = {}
+        its = (ctypes.c_int64 * 3)()
+        for i in range(self._lib.jax_mfa_emu_num_function_constants()):
+            name = self._lib.jax_mfa_emu_function_constant(i, its).decode()
+            declared[name] = declared[int(its[0])] = (int(its[0]), int(its[1]), int(its[2]))
+        idx, bits = [], []
+        for key, value in values.items():
+            if key not in declared:
+                raise ValueError(f"function_constants: {key!r} is not a function constant of this library "
+                                 f"(declared: {sorted(k for k in declared if isinstance(k, str))})")
+            index, kind, size = declared[key]
+            if kind == 0:
+                arr = np.array(bool(value), np.bool_)
+            elif kind in (1, 2):
+                arr = np.array(int(value), (_SCALAR_INT if kind == 1 else _SCALAR_UINT)[size])
+            elif kind == 3:
+                arr = np.array(float(value), _SCALAR_FLOAT[size])
+            elif kind == 4:
+                arr = np.array(float(value), np.float16)
+            else:
+                u = int(np.float32(value).view(np.uint32))
+                arr = np.array((u + 0x7FFF + ((u >> 16) & 1)) >> 16, np.uint16)  # round to nearest even
+            idx.append(index)
+            bits.append(int.from_bytes(arr.tobytes().ljust(8, b"\0"), "little"))
+        return idx, bits
+
     def dispatch(self, kernel: str, grid=(1, 1, 1), threads=(1, 1, 1), buffers: Sequence[Any] = (),
-                 threadgroup_memory: Sequence[int] = (), seed: int | None = None, check: bool = True) -> None:
+                 threadgroup_memory: Sequence[int] = (), seed: int | None = None, check: bool = True,
+                 function_constants: Mapping[Any, Any] | None = None, profile: bool = False,
+                 workers: int | None = None) -> Profile | None:
         """Run `kernel` over `grid` threadgroups of `threads` threads.
 
         buffers[i] binds [[buffer(i)]]: a C-contiguous NumPy array (updated in
         place), or for `constant T&` parameters a NumPy scalar, bytes, or a
         Python int/float (packed to the parameter's size).
         threadgroup_memory[i] is the byte length of [[threadgroup(i)]].
+        function_constants maps a `[[function_constant(i)]]` constant (its name
+        or index i) to its value for this dispatch, as MTLFunctionConstantValues
+        does per pipeline. An argument `[[buffer(n), function_constant(c)]]`
+        whose c is false does not exist: it needs no binding.
+        profile=True returns a Profile of the dispatch (else None).
+        workers: size of the worker pool (None: the default pool, see
+        JAX_MFA_EMU_WORKERS; 0: the calling thread alone).
         """
+        if workers is not None and (not isinstance(workers, (int, np.integer)) or workers < 0):
+            raise ValueError(f"workers must be None or an int >= 0, got {workers!r}")
         params = self.params(kernel)
+        fc_idx, fc_bits = self._pack_function_constants(function_constants or {})
         by_index = {p[1]: p for p in params if p[0] == 0}
         keep = []
         ptrs = (ctypes.c_void_p * max(1, len(buffers)))()
@@ -305,9 +411,27 @@ class Library:
         g = (ctypes.c_uint32 * 3)(*_as3(grid))
         t = (ctypes.c_uint32 * 3)(*_as3(threads))
         err = ctypes.create_string_buffer(4096)
+        nfc = len(fc_idx)
+        fci = (ctypes.c_int64 * max(1, nfc))(*fc_idx)
+        fcb = (ctypes.c_uint64 * max(1, nfc))(*fc_bits)
+        nsg = (int(np.prod(_as3(threads))) + 31) // 32
+        ncnt = len(self._counters)
+        prof = (ctypes.c_uint64 * (4 + ncnt * (2 + nsg)))() if profile else None
         kind = self._lib.jax_mfa_emu_dispatch(
-            kernel.encode(), g, t, len(buffers), ptrs, sizes, len(tg), tgl, 0 if seed is None else 1,
-            0 if seed is None else int(seed) & 0xFFFFFFFFFFFFFFFF, 1 if check else 0, err, len(err))
+            kernel.encode(), g, t, len(buffers), ptrs, sizes, len(tg), tgl, nfc, fci, fcb,
+            0 if seed is None else 1, 0 if seed is None else int(seed) & 0xFFFFFFFFFFFFFFFF, 1 if check else 0,
+            -1 if workers is None else int(workers), 1 if profile else 0, prof, nsg, err, len(err))
         del keep
         if kind != 0:
             raise _ERRORS.get(kind, MetalEmulatorError)(err.value.decode(errors="replace"))
+        if not profile:
+            return None
+        vals = list(prof)
+        names = self._counters
+
+        def counters(off):
+            return dict(zip(names, vals[off : off + ncnt]))
+
+        return Profile(threads_per_threadgroup=vals[0], simdgroups_per_threadgroup=vals[1], threadgroups=vals[2],
+                       threadgroup_memory_bytes=vals[3], total=counters(4), max_simdgroup=counters(4 + ncnt),
+                       per_simdgroup=[counters(4 + ncnt * (2 + s)) for s in range(nsg)])

@@ -10,13 +10,25 @@ Turns one MSL translation unit into C++ for the host compiler:
   ``::metal::threadgroup_ptr<T>``, ``constant T*`` -> ``::metal::constant_ptr<const T>``;
   ``constant T&`` -> ``const T&``; ``device``/``threadgroup``/``thread T&`` -> ``T&``;
   ``thread T*`` -> ``T*``; other ``constant`` declarations -> ``const``;
+* an address space qualifying a member function or constructor is dropped,
+  and overloads that then coincide (they differed only in address space) are
+  reduced to one, the ``thread`` one where there is one;
+* ``#define`` bodies get the same rewriting (a body that is just an address
+  space word becomes ``const`` or nothing);
+* ``constant T name [[function_constant(i)]];`` becomes a per-dispatch
+  ``::metal::detail::function_constant<T, i>``;
+* ``template [[host_name(N)]] [[kernel]] decltype(F<A>) F<A>;`` (also in a
+  ``#define``, as in MLX's ``instantiate_kernel``) becomes a registration;
+* ``1.5h`` / ``2.0bf`` literals become constexpr half/bfloat conversions;
 * kernel-scope ``threadgroup T name[N];`` becomes one allocation per
   threadgroup (``::metal::detail::tg_array``);
-* the ``kernel`` keyword is dropped and, for every kernel, the parameter
-  bindings read from its signature (``[[buffer(n)]]``, ``[[threadgroup(n)]]``,
-  built-ins) are emitted after its body, with a registration under the
-  function's name for non-template kernels (templates are registered by
-  ``JAX_MFA_INSTANTIATE_KERNEL``).
+* the ``kernel`` keyword is dropped and, for every kernel (``kernel``,
+  ``[[kernel]]`` or an attribute list with ``kernel``), the parameter bindings
+  read from its signature (``[[buffer(n)]]`` with an optional
+  ``function_constant(c)``, ``[[threadgroup(n)]]``, built-ins, and whether the
+  body names each parameter) are emitted after its body, with a registration
+  under the function's name for non-template kernels (templates are
+  registered by ``JAX_MFA_INSTANTIATE_KERNEL`` or a host_name instantiation).
 
 This module is the single implementation of the signature parser, used both at
 run time (``compile_source``) and at build time (CMake:
@@ -58,7 +70,8 @@ BUILTINS = {
 
 _TOKEN = re.compile(
     r"""
-    (?P<ws>\s+)
+    (?P<pp>(?m:^)[ \t]*\#(?:\\\r?\n|[^\n])*)
+  | (?P<ws>[^\S\n]+|\n)
   | (?P<comment>//[^\n]*|/\*.*?\*/)
   | (?P<str>"(?:\\.|[^"\\\n])*"|'(?:\\.|[^'\\\n])*')
   | (?P<id>[A-Za-z_]\w*)
@@ -84,6 +97,8 @@ class Param:
     text: str  # declaration without the attribute
     attribute: str  # e.g. "buffer", "threadgroup", "thread_position_in_grid"
     index: str | None  # argument of buffer(n) / threadgroup(n) (C++ expression)
+    function_constant: str | None = None  # [[buffer(n), function_constant(c)]]: absent when c is false
+    used: bool = True  # the name occurs in the kernel's body (else it may stay unbound)
 
 
 @dataclass
@@ -186,10 +201,125 @@ def _type_text(words: list[str]) -> str:
     return out
 
 
-def _rewrite(src: str, filename: str):
+_CONTROL = {"if", "for", "while", "switch", "catch", "return", "sizeof", "decltype", "alignof", "alignas",
+            "static_assert", "noexcept", "defined", "__attribute__", "_Pragma"}
+_QUALIFIERS = {"const", "volatile", "noexcept", "override", "final", "&", "&&", *_ADDRESS_SPACES}
+
+# `template [[host_name(N)]] [[kernel]] decltype(F<A>) F<A>;` (also inside a
+# #define, as in MLX's instantiate_kernel): Metal's explicit instantiation of a
+# kernel under a host name, registered in the emulator instead.
+_WS = r"(?:\s|\\\r?\n)*"
+_HOST_NAME_INSTANTIATION = re.compile(
+    r"template" + _WS + r"\[\[" + _WS + r"host_name" + _WS + r"\((?P<name>(?:[^()]|\([^()]*\))*)\)" + _WS
+    + r"\]\]" + _WS + r"\[\[" + _WS + r"kernel" + _WS + r"\]\]" + _WS + r"decltype" + _WS + r"\(" + _WS
+    + r"(?P<fn>[A-Za-z_]\w*)" + _WS + r"<(?P<args>[^;]*?)>" + _WS + r"\)" + _WS + r"(?P=fn)" + _WS
+    + r"<[^;]*?>" + _WS + r";")
+
+
+def _register_host_name_instantiations(src: str) -> str:
+    def repl(m):
+        breaks = re.findall(r"\\?\r?\n", m.group())  # keep the line structure (and macro continuations)
+        name, args = (re.sub(r"\\\r?\n", " ", m.group(g)).strip() for g in ("name", "args"))
+        return (f"JAX_MFA_EMU_REGISTER_KERNEL({name}, {m.group('fn')}, {args})"
+                + "".join(" " + b for b in breaks))
+    return _HOST_NAME_INSTANTIATION.sub(repl, src)
+
+
+_DEFINE = re.compile(r"(?P<head>[ \t]*#[ \t]*define[ \t]+[A-Za-z_]\w*(?:\([^)]*\))?)(?P<body>.*)", re.S)
+
+
+def _rewrite_directive(text: str, filename: str) -> str:
+    """A #define body gets the same address-space rewriting as code (other directives are left alone)."""
+    m = _DEFINE.match(text)
+    if not m or not any(re.search(rf"\b{w}\b", m.group("body")) for w in _ADDRESS_SPACES):
+        return text
+    body = m.group("body")
+    word = body.strip()
+    if word in _ADDRESS_SPACES:  # e.g. MLX's `#define MTL_CONST constant`
+        return m.group("head") + (" const" if word == "constant" else " ")
+    out, _, _ = _rewrite(body, filename, in_directive=True)
+    return m.group("head") + out
+
+
+def _half_literal(text: str) -> str | None:
+    """MSL's half (`1.0h`) and bfloat (`1.0bf`) literals as constexpr conversions."""
+    if text.lower().startswith("0x"):
+        return None
+    for suffix, ty in (("bf", "bfloat"), ("h", "half")):
+        num = text[: -len(suffix)]
+        if text.lower().endswith(suffix) and num and (num[-1].isdigit() or num[-1] == "."):
+            return f"::metal::{ty}({num}{'f' if ('.' in num or 'e' in num.lower()) else ''})"
+    return None
+
+
+def _scopes(toks: list[Tok]) -> list[int]:
+    """For each token, the index of the `{` of the innermost enclosing brace (-1: namespace scope of the file)."""
+    out, stack = [], [-1]
+    for i, t in enumerate(toks):
+        if t.text == "}" and len(stack) > 1:
+            stack.pop()
+        out.append(stack[-1])
+        if t.text == "{":
+            stack.append(i)
+    return out
+
+
+def _function_definitions(toks: list[Tok]):
+    """(declaration start, `(`, `)`, body `{`, body `}`) of function definitions, constructors included."""
+    n = len(toks)
+    i = 0
+    while i < n:
+        if toks[i].text != "(" or i == 0:
+            i += 1
+            continue
+        before = toks[i - 1]
+        if before.kind == "id" and before.text in _CONTROL or before.kind == "pp":
+            i += 1
+            continue
+        close = _match(toks, i, "(", ")")
+        j = close + 1
+        while j < n and toks[j].text in _QUALIFIERS:
+            j += 1
+        if j < n and toks[j].text == ":" and (j + 1 < n and toks[j + 1].text != ":"):
+            # constructor initializer list: name(...) / name{...}, separated by commas
+            j += 1
+            while j < n and toks[j].text != "{":
+                if toks[j].text == "(":
+                    j = _match(toks, j, "(", ")")
+                elif toks[j].text == "{" :
+                    break
+                j += 1
+                if j < n and toks[j].text == "{" and toks[j - 1].kind == "id":
+                    j = _match(toks, j, "{", "}") + 1  # member{init}
+            if j >= n:
+                break
+        if j < n and toks[j].text == "{":
+            end = _match(toks, j, "{", "}")
+            start = i - 1
+            depth = 0
+            while start > 0:
+                x = toks[start - 1]
+                if x.text in (")", "]", ">", ">>"):
+                    depth += 2 if x.text == ">>" else 1
+                elif x.text in ("(", "[", "<"):
+                    depth -= 1
+                if depth <= 0 and (x.text in (";", "{", "}") or x.kind == "pp"
+                                   or (x.text == ":" and start >= 2 and toks[start - 2].text in (
+                                       "public", "private", "protected"))):
+                    break
+                start -= 1
+            yield start, i, close, j, end
+            i = j + 1
+            continue
+        i = close + 1 if close > i else i + 1
+
+
+def _rewrite(src: str, filename: str, in_directive: bool = False):
     toks = _tokenize(src)
     reps: list[tuple[int, int, str]] = []
     kernels: list[tuple[KernelSignature, int]] = []  # signature, insertion offset
+    function_constants: list[str] = []
+    trailing_space: dict[int, str] = {}  # `)` index -> address space qualifying a member function
     uid = 0
     i = 0
     n = len(toks)
@@ -197,15 +327,38 @@ def _rewrite(src: str, filename: str):
         t = toks[i]
         prev = toks[i - 1].text if i > 0 else ""
         nxt = toks[i + 1].text if i + 1 < n else ""
-        # `kernel void f(...)` / `[[kernel]] void f(...)`
-        if t.text == "kernel" and prev not in ("::", ".", "->"):
-            is_attr = prev == "[[" and nxt == "]]"
-            k = i + 2 if is_attr else i + 1
+        if t.kind == "pp":
+            new = _rewrite_directive(t.text, filename)
+            if new != t.text:
+                reps.append((t.start, t.end, new))
+            i += 1
+            continue
+        if t.kind == "num":
+            lit = _half_literal(t.text)
+            if lit:
+                reps.append((t.start, t.end, lit))
+            i += 1
+            continue
+        # `kernel void f(...)`, `[[kernel]] void f(...)`, `[[kernel, max_total_threads_per_threadgroup(n)]] void f(...)`
+        if t.text == "kernel" and prev not in ("::", ".", "->") and not in_directive:
+            attr_open = attr_close = None
+            if prev in ("[[", ","):
+                q = i - 1
+                while q >= 0 and toks[q].text != "[[" and toks[q].text not in (";", "{", "}"):
+                    q -= 1
+                if q >= 0 and toks[q].text == "[[":
+                    attr_open = q
+                    q = i + 1
+                    while q < n and toks[q].text not in ("]]", ";", "{"):
+                        q = _match(toks, q, "(", ")") + 1 if toks[q].text == "(" else q + 1
+                    attr_close = q if q < n and toks[q].text == "]]" else None
+            is_attr = attr_open is not None and attr_close is not None
+            k = attr_close + 1 if is_attr else i + 1
             if k + 2 < n and toks[k].text == "void" and toks[k + 1].kind == "id" and toks[k + 2].text == "(":
                 if not is_attr:
                     reps.append((t.start, t.end, ""))
                 # Template? Walk back over an optional `template <...>` (and attributes).
-                b = i - 2 if is_attr else i - 1
+                b = attr_open - 1 if is_attr else i - 1
                 is_template = False
                 if b >= 0 and toks[b].text == ">":
                     depth = 0
@@ -219,7 +372,6 @@ def _rewrite(src: str, filename: str):
                                 break
                 name = toks[k + 1].text
                 close = _match(toks, k + 2, "(", ")")
-                sig = KernelSignature(name, is_template, _parse_params(toks, k + 2, close, src, name))
                 body = close + 1
                 while body < n and toks[body].text != "{":
                     if toks[body].text == ";":
@@ -227,10 +379,22 @@ def _rewrite(src: str, filename: str):
                     body += 1
                 if body < n and toks[body].text == "{":
                     end = _match(toks, body, "{", "}")
+                    used = {x.text for x in toks[body:end] if x.kind == "id"}
+                    sig = KernelSignature(name, is_template, _parse_params(toks, k + 2, close, src, name, used))
                     kernels.append((sig, toks[end].end))
                 i += 1
                 continue
         if t.text in _ADDRESS_SPACES and t.kind == "id" and prev not in ("::", ".", "->") and nxt != "(":
+            # `) const thread {`, `) thread : x(...)`: an address space qualifying a member function.
+            q = i - 1
+            while q >= 0 and toks[q].text in ("const", "volatile"):
+                q -= 1
+            if q >= 0 and toks[q].text == ")" and nxt in ("{", ":", ";", "noexcept", "=", "->", "override",
+                                                           "final", "const", "volatile"):
+                reps.append((t.start, t.end, ""))
+                trailing_space[q] = t.text
+                i += 1
+                continue
             start = t.start
             lead_const = prev == "const"
             if lead_const:
@@ -244,7 +408,9 @@ def _rewrite(src: str, filename: str):
             if after in ("*", "&"):
                 ty = _type_text(words)
                 cty = ("const " if is_const else "") + ty
-                if after == "*":
+                if words == ["auto"]:  # `const constant auto* p = ...`: deduce the checked pointer type
+                    new = "auto" if after == "*" else f"{cty}&"
+                elif after == "*":
                     if space == "device":
                         new = f"::metal::device_ptr<{cty}>"
                     elif space == "threadgroup":
@@ -266,6 +432,19 @@ def _rewrite(src: str, filename: str):
             if len(words) >= 2 and toks[j - 1].kind == "id":
                 ty = _type_text(words[:-1])
                 name = words[-1]
+                if space == "constant" and after == "[[" and j + 1 < n and toks[j + 1].text == "function_constant":
+                    # `constant T name [[function_constant(i)]];`: a value supplied per dispatch.
+                    close = _match(toks, j + 2, "(", ")")
+                    index = src[toks[j + 2].end : toks[close].start].strip()
+                    semi = close
+                    while semi < n and toks[semi].text != ";":
+                        semi += 1
+                    new = (f"static const ::metal::detail::function_constant<{ty}, ({index})> {name}"
+                           f"{{\"{name}\"}};")
+                    reps.append((start, toks[semi].end, new))
+                    function_constants.append(name)
+                    i = semi + 1
+                    continue
                 if space == "threadgroup":
                     cty = ("const " if is_const else "") + ty
                     tag = f"jax_mfa_emu_tg_uid_{uid}"
@@ -297,6 +476,7 @@ def _rewrite(src: str, filename: str):
         i += 1
     for sig, pos in kernels:
         reps.append((pos, pos, _glue(sig)))
+    reps = _drop_address_space_overloads(src, toks, reps, trailing_space)
     out = []
     last = 0
     for s, e, text in sorted(reps, key=lambda r: (r[0], r[1])):
@@ -304,10 +484,47 @@ def _rewrite(src: str, filename: str):
         out.append(text)
         last = e
     out.append(src[last:])
-    return "".join(out), [k for k, _ in kernels]
+    return "".join(out), [k for k, _ in kernels], function_constants
 
 
-def _parse_params(toks: list[Tok], open_i: int, close_i: int, src: str, kname: str) -> list[Param]:
+def _apply(src: str, lo: int, hi: int, reps) -> str:
+    out, last = [], lo
+    for s, e, text in sorted((r for r in reps if lo <= r[0] and r[1] <= hi), key=lambda r: (r[0], r[1])):
+        out.append(src[last:s])
+        out.append(text)
+        last = e
+    out.append(src[last:hi])
+    return "".join(out)
+
+
+def _drop_address_space_overloads(src, toks, reps, trailing_space):
+    """Overloads that differ only in address space (`f() thread` / `f() device`, `g(thread T&)` / `g(device T&)`)
+    become identical C++ declarations: keep one of each (the `thread` one where there is one)."""
+    scopes = _scopes(toks)
+    groups: dict[tuple, list[tuple[int, int, int, int]]] = {}
+    for start, open_, close, body, end in _function_definitions(toks):
+        if not any(toks[q].text in _ADDRESS_SPACES for q in range(start, body)):
+            continue
+        sig = re.sub(r"\s+", " ", _apply(src, toks[start].start, toks[body].start, reps)).strip()
+        # the initializer list is not part of the signature
+        rank = {None: 0, "thread": 0}.get(trailing_space.get(close), 1)
+        groups.setdefault((scopes[start], sig.split(" : ")[0] if ") :" in sig else sig), []).append(
+            (rank, toks[start].start, toks[end].end, start))
+    drop = []
+    for defs in groups.values():
+        if len(defs) > 1:
+            keep = min(defs, key=lambda d: (d[0], d[1]))
+            drop += [(s, e) for _, s, e, _ in defs if (s, e) != (keep[1], keep[2])]
+    if not drop:
+        return reps
+    kept = [r for r in reps if not any(s <= r[0] and r[1] <= e for s, e in drop)]
+    for s, e in drop:
+        kept.append((s, e, "\n" * src.count("\n", s, e)))
+    return kept
+
+
+def _parse_params(toks: list[Tok], open_i: int, close_i: int, src: str, kname: str,
+                  used: set[str] | None = None) -> list[Param]:
     params = []
     cur: list[int] = []
     depth = 0
@@ -330,7 +547,7 @@ def _parse_params(toks: list[Tok], open_i: int, close_i: int, src: str, kname: s
     for g in groups:
         if len(g) == 1 and toks[g[0]].text == "void":
             continue
-        # Attribute at the end: [[ name ( args ) ]]
+        # Attribute list at the end: [[ name ( args ) , function_constant ( c ) ]]
         attr_open = None
         for q, j in enumerate(g):
             if toks[j].text == "[[":
@@ -342,29 +559,47 @@ def _parse_params(toks: list[Tok], open_i: int, close_i: int, src: str, kname: s
         at = [toks[j] for j in g[attr_open + 1 :]]
         if not at or at[-1].text != "]]":
             raise GeneratorError(f"kernel '{kname}': cannot parse the attribute of parameter '{decl}'")
-        name = at[0].text
-        index = None
-        if len(at) > 2 and at[1].text == "(":
-            index = src[at[1].end : at[-2].start].strip()
+        items: list[list[Tok]] = [[]]
+        d = 0
+        for x in at[:-1]:
+            d += x.text == "("
+            d -= x.text == ")"
+            if x.text == "," and d == 0:
+                items.append([])
+            else:
+                items[-1].append(x)
+        name = index = fc = None
+        for item in items:
+            if not item:
+                continue
+            arg = src[item[1].end : item[-1].start].strip() if len(item) > 2 and item[1].text == "(" else None
+            if item[0].text == "function_constant":
+                fc = arg
+            elif name is None:
+                name, index = item[0].text, arg
+            else:
+                raise GeneratorError(f"kernel '{kname}': unsupported attribute [[{item[0].text}]] on '{decl}'")
         if name in ("buffer", "threadgroup"):
             if index is None:
                 raise GeneratorError(f"kernel '{kname}': [[{name}]] needs an index")
         elif name not in BUILTINS:
             raise GeneratorError(f"kernel '{kname}': unsupported parameter attribute [[{name}]] on '{decl}'")
-        params.append(Param(decl, name, index))
+        pname = next((toks[j].text for j in reversed(g[:attr_open]) if toks[j].kind == "id"), "")
+        params.append(Param(decl, name, index, fc, used is None or pname in used))
     return params
 
 
 def _glue(sig: KernelSignature) -> str:
     items = []
     for p in sig.params:
+        fc = f"::metal::detail::function_constant_index({p.function_constant})" if p.function_constant else "-1"
         if p.attribute == "buffer":
-            items.append(f"{{::metal::detail::kBuffer, int({p.index})}}")
+            items.append(f"{{::metal::detail::kBuffer, int({p.index}), {fc}, {int(p.used)}}}")
         elif p.attribute == "threadgroup":
-            items.append(f"{{::metal::detail::kThreadgroupArg, int({p.index})}}")
+            items.append(f"{{::metal::detail::kThreadgroupArg, int({p.index}), {fc}, {int(p.used)}}}")
         else:
-            items.append(f"{{::metal::detail::{BUILTINS[p.attribute]}, 0}}")
-    arr = ", ".join(items) if items else "{0, 0}"
+            items.append(f"{{::metal::detail::{BUILTINS[p.attribute]}, 0, -1, 1}}")
+    arr = ", ".join(items) if items else "{0, 0, -1, 1}"
     n = sig.name
     text = (f" static const ::metal::detail::Binding jax_mfa_emu_bind_{n}[] = {{{arr}}};"
             f" static const int jax_mfa_emu_nbind_{n} = {len(items)};")
@@ -385,7 +620,7 @@ def generate(source: str, filename: str = "<source>", include_dirs=(), capi: boo
     `seen` (a set) receives the paths of the inlined include files."""
     seen = set() if seen is None else seen
     text = _inline_includes(source, filename, list(include_dirs), seen)
-    body, kernels = _rewrite(text, filename)
+    body, kernels, _ = _rewrite(_register_host_name_instantiations(text), filename)
     fname = filename.replace("\\", "/").replace('"', "")
     head = f'#include "metal_emulator/metal_compat.h"\n#line 1 "{fname}"\n'
     tail = '\n#include "metal_emulator/capi.h"\n' if capi else "\n"

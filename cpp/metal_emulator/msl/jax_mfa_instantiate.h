@@ -12,10 +12,6 @@
 #define JAX_MFA_INSTANTIATE_KERNEL(name, function, ...) \
   template [[host_name(name)]] [[kernel]] decltype(function<__VA_ARGS__>) function<__VA_ARGS__>;
 #else
-#define JAX_MFA_EMU_CAT2(a, b) a##b
-#define JAX_MFA_EMU_CAT(a, b) JAX_MFA_EMU_CAT2(a, b)
-#define JAX_MFA_INSTANTIATE_KERNEL(name, function, ...)                                  \
-  static ::metal::detail::KernelRegistrar JAX_MFA_EMU_CAT(jax_mfa_emu_reg_, __COUNTER__)( \
-      name, &function<__VA_ARGS__>, JAX_MFA_EMU_CAT(jax_mfa_emu_bind_, function),          \
-      JAX_MFA_EMU_CAT(jax_mfa_emu_nbind_, function));
+// JAX_MFA_EMU_REGISTER_KERNEL comes from the emulator's metal_compat.h.
+#define JAX_MFA_INSTANTIATE_KERNEL(name, function, ...) JAX_MFA_EMU_REGISTER_KERNEL(name, function, __VA_ARGS__)
 #endif

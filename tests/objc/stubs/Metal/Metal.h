@@ -1,6 +1,9 @@
-// Declaration-only stand-in for Apple's <Metal/Metal.h>, written from Apple's
-// public Metal documentation, for the syntax check of cpp/metal_host/*.mm on
-// machines without the macOS SDK. Only the API jax_mfa uses; never linked.
+// Declaration-only stand-in for Apple's <Metal/Metal.h>, for compiling
+// cpp/metal_host/*.mm on machines without the macOS SDK. Only the API jax_mfa
+// uses, with the SDK's availability (macOS introduction versions), so a
+// compile at the declared deployment target rejects newer API used without an
+// @available check. Checked against Apple-authored data by
+// tests/objc/test_apple_data.py. Never linked.
 #pragma once
 
 #import <Foundation/Foundation.h>
@@ -8,15 +11,12 @@
 #pragma clang assume_nonnull begin
 
 typedef NS_ENUM(NSInteger, MTLGPUFamily){
-    MTLGPUFamilyApple1 = 1001, MTLGPUFamilyApple7 = 1007, MTLGPUFamilyApple8 = 1008,
-    MTLGPUFamilyApple9 = 1009, MTLGPUFamilyMac2 = 2002,
-};
+    MTLGPUFamilyApple7 API_AVAILABLE(macos(11.0)) = 1007,
+    MTLGPUFamilyApple9 API_AVAILABLE(macos(14.0)) = 1009,
+} API_AVAILABLE(macos(10.15));
 
 typedef NS_OPTIONS(NSUInteger, MTLResourceOptions){
-    MTLResourceCPUCacheModeDefaultCache = 0,
     MTLResourceStorageModeShared = 0 << 4,
-    MTLResourceStorageModeManaged = 1 << 4,
-    MTLResourceStorageModePrivate = 2 << 4,
 };
 
 typedef NS_ENUM(NSUInteger, MTLCommandBufferStatus){
@@ -24,6 +24,17 @@ typedef NS_ENUM(NSUInteger, MTLCommandBufferStatus){
     MTLCommandBufferStatusCommitted = 2,   MTLCommandBufferStatusScheduled = 3,
     MTLCommandBufferStatusCompleted = 4,   MTLCommandBufferStatusError = 5,
 };
+
+typedef NS_ENUM(NSUInteger, MTLLanguageVersion){
+    MTLLanguageVersion3_0 API_AVAILABLE(macos(13.0)) = (3 << 16) + 0,
+    MTLLanguageVersion3_1 API_AVAILABLE(macos(14.0)) = (3 << 16) + 1,
+} API_AVAILABLE(macos(10.11));
+
+typedef NS_ENUM(NSInteger, MTLMathMode){
+    MTLMathModeSafe = 0,
+    MTLMathModeRelaxed = 1,
+    MTLMathModeFast = 2,
+} API_AVAILABLE(macos(15.0));
 
 typedef struct {
   NSUInteger width, height, depth;
@@ -56,8 +67,6 @@ static inline MTLSize MTLSizeMake(NSUInteger width, NSUInteger height, NSUIntege
 
 @protocol MTLComputePipelineState <NSObject>
 @property(readonly) NSUInteger maxTotalThreadsPerThreadgroup;
-@property(readonly) NSUInteger threadExecutionWidth;
-@property(readonly) NSUInteger staticThreadgroupMemoryLength;
 @end
 
 @protocol MTLCommandEncoder <NSObject>
@@ -68,7 +77,6 @@ static inline MTLSize MTLSizeMake(NSUInteger width, NSUInteger height, NSUIntege
 - (void)setComputePipelineState:(id<MTLComputePipelineState>)state;
 - (void)setBytes:(const void*)bytes length:(NSUInteger)length atIndex:(NSUInteger)index;
 - (void)setBuffer:(nullable id<MTLBuffer>)buffer offset:(NSUInteger)offset atIndex:(NSUInteger)index;
-- (void)setThreadgroupMemoryLength:(NSUInteger)length atIndex:(NSUInteger)index;
 - (void)dispatchThreadgroups:(MTLSize)threadgroupsPerGrid
        threadsPerThreadgroup:(MTLSize)threadsPerThreadgroup;
 @end
@@ -85,14 +93,17 @@ static inline MTLSize MTLSizeMake(NSUInteger width, NSUInteger height, NSUIntege
 - (nullable id<MTLCommandBuffer>)commandBuffer;
 @end
 
+API_AVAILABLE(macos(10.11))
 @interface MTLCompileOptions : NSObject <NSCopying>
 @property(nullable, copy) NSDictionary<NSString*, NSObject*>* preprocessorMacros;
-@property BOOL fastMathEnabled;
+@property BOOL fastMathEnabled API_DEPRECATED_macos(10.11, 15.0);
+@property MTLMathMode mathMode API_AVAILABLE(macos(15.0));
+@property MTLLanguageVersion languageVersion API_AVAILABLE(macos(10.11));
 @end
 
 @protocol MTLDevice <NSObject>
 @property(readonly) NSString* name;
-- (BOOL)supportsFamily:(MTLGPUFamily)gpuFamily;
+- (BOOL)supportsFamily:(MTLGPUFamily)gpuFamily API_AVAILABLE(macos(10.15));
 - (nullable id<MTLCommandQueue>)newCommandQueue;
 - (nullable id<MTLLibrary>)newLibraryWithSource:(NSString*)source
                                         options:(nullable MTLCompileOptions*)options
@@ -107,6 +118,9 @@ static inline MTLSize MTLSizeMake(NSUInteger width, NSUInteger height, NSUIntege
                                                                       NSUInteger length))deallocator;
 @end
 
-extern "C" id<MTLDevice> _Nullable MTLCreateSystemDefaultDevice(void) __attribute__((ns_returns_retained));
+extern "C" id<MTLDevice> _Nullable MTLCreateSystemDefaultDevice(void)
+    __attribute__((ns_returns_retained)) API_AVAILABLE(macos(10.11));
+extern "C" NSArray<id<MTLDevice>>* MTLCopyAllDevices(void) __attribute__((ns_returns_retained))
+    API_AVAILABLE(macos(10.11));
 
 #pragma clang assume_nonnull end

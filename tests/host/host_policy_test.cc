@@ -1,0 +1,290 @@
+// Unit tests of the Metal launcher's shared logic (cpp/metal_host/host_policy.h
+// and the launch plan): built and run by tests/host/test_host_policy.py.
+// `host_policy_test` runs every test; `host_policy_test --libraries` prints
+// each library's macros and kernel names for the Python side to check against
+// metal/attention.metal.
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "metal_host/attention_plan.h"
+#include "metal_host/host_policy.h"
+
+using namespace jax_mfa;
+using namespace jax_mfa::metal_host;
+
+static int failures = 0;
+#define CHECK(cond)                                                              \
+  do {                                                                           \
+    if (!(cond)) {                                                               \
+      std::printf("FAILED %s:%d: %s\n", __FILE__, __LINE__, #cond);              \
+      ++failures;                                                                \
+    }                                                                            \
+  } while (0)
+
+constexpr size_t kPage = 16384;  // Apple silicon's page size
+
+const void* at(uintptr_t address) { return reinterpret_cast<const void*>(address); }
+
+// Every binding lands on its operand, inside a page-aligned region; regions
+// are disjoint in pages.
+void check_wrap_invariants(const std::vector<HostRange>& ops, const WrapPlan& plan, size_t page) {
+  CHECK(plan.bindings.size() == ops.size());
+  for (size_t i = 0; i < ops.size(); ++i) {
+    const RegionBinding& b = plan.bindings[i];
+    if (ops[i].bytes == 0 || ops[i].ptr == nullptr) {
+      CHECK(b.region == -1);
+      continue;
+    }
+    CHECK(b.region >= 0 && b.region < int(plan.regions.size()));
+    const WrappedRegion& r = plan.regions[size_t(b.region)];
+    CHECK(r.base % page == 0 && r.length % page == 0 && r.length > 0);
+    CHECK(r.base + b.offset == reinterpret_cast<uintptr_t>(ops[i].ptr));
+    CHECK(b.offset + ops[i].bytes <= r.length);
+  }
+  for (size_t a = 1; a < plan.regions.size(); ++a)
+    CHECK(plan.regions[a - 1].base + plan.regions[a - 1].length <= plan.regions[a].base);
+}
+
+void test_wrap_plan() {
+  const uintptr_t base = 1000 * kPage;
+  // An aligned operand of two pages and a bit: three pages, offset 0.
+  {
+    std::vector<HostRange> ops = {{at(base), 2 * kPage + 1}};
+    WrapPlan plan = plan_wrapped_regions(ops, kPage);
+    check_wrap_invariants(ops, plan, kPage);
+    CHECK(plan.regions.size() == 1 && plan.regions[0].base == base &&
+          plan.regions[0].length == 3 * kPage && plan.bindings[0].offset == 0);
+  }
+  // An operand at the end of a page (64-byte aligned, as XLA's) spills into
+  // the next page: both pages, bound at its offset.
+  {
+    std::vector<HostRange> ops = {{at(base + kPage - 64), 128}};
+    WrapPlan plan = plan_wrapped_regions(ops, kPage);
+    check_wrap_invariants(ops, plan, kPage);
+    CHECK(plan.regions.size() == 1 && plan.regions[0].length == 2 * kPage &&
+          plan.bindings[0].offset == kPage - 64);
+    // ... and one that ends exactly at the page end stays in one page.
+    ops = {{at(base + kPage - 64), 64}};
+    plan = plan_wrapped_regions(ops, kPage);
+    CHECK(plan.regions.size() == 1 && plan.regions[0].length == kPage);
+  }
+  // Zero-size and absent operands get no region.
+  {
+    std::vector<HostRange> ops = {{at(base), 0}, {nullptr, 64}, {at(base + 64), 64}};
+    WrapPlan plan = plan_wrapped_regions(ops, kPage);
+    check_wrap_invariants(ops, plan, kPage);
+    CHECK(plan.bindings[0].region == -1 && plan.bindings[1].region == -1);
+    CHECK(plan.regions.size() == 1);
+  }
+  // Overlapping operands (an alias, a partial overlap) and neighbours sharing
+  // a page are one region; a distant operand is another.
+  {
+    std::vector<HostRange> ops = {{at(base + 64), 4 * kPage},
+                                  {at(base + 64), 4 * kPage},
+                                  {at(base + 2 * kPage), 3 * kPage},
+                                  {at(base + 4 * kPage + 128), 64},
+                                  {at(base + 50 * kPage), 64}};
+    WrapPlan plan = plan_wrapped_regions(ops, kPage);
+    check_wrap_invariants(ops, plan, kPage);
+    CHECK(plan.regions.size() == 2);
+    CHECK(plan.bindings[0].region == plan.bindings[1].region);
+    CHECK(plan.bindings[0].region == plan.bindings[2].region);
+    CHECK(plan.bindings[0].region == plan.bindings[3].region);
+    CHECK(plan.bindings[4].region != plan.bindings[0].region);
+    CHECK(plan.regions[0].length == 5 * kPage);
+  }
+  // Random operand sets, in any order, on two page sizes.
+  std::mt19937_64 rng(7);
+  for (size_t page : {size_t(4096), kPage}) {
+    for (int trial = 0; trial < 2000; ++trial) {
+      std::vector<HostRange> ops(1 + rng() % 12);
+      for (HostRange& op : ops) {
+        op.ptr = at(base + (rng() % (64 * page)) / 64 * 64);
+        op.bytes = rng() % 5 == 0 ? 0 : 1 + rng() % (4 * page);
+      }
+      check_wrap_invariants(ops, plan_wrapped_regions(ops, page), page);
+    }
+  }
+}
+
+void test_buffer_pool() {
+  BufferPool<int> pool(1000);
+  CHECK(!pool.take(1));
+  CHECK(pool.give(1, 400).empty());
+  CHECK(pool.give(2, 300).empty());
+  CHECK(pool.pooled_bytes() == 700);
+  // Best fit: 250 bytes take the 300-byte buffer.
+  auto got = pool.take(250);
+  CHECK(got && *got == 2 && pool.pooled_bytes() == 400);
+  CHECK(!pool.take(500));
+  // Over budget: the oldest is evicted.
+  CHECK(pool.give(3, 500).empty());
+  auto dropped = pool.give(4, 300);
+  CHECK(dropped.size() == 1 && dropped[0] == 1);
+  CHECK(pool.pooled_bytes() == 800 && pool.size() == 2);
+  // Larger than the whole budget: never pooled.
+  dropped = pool.give(5, 1001);
+  CHECK(dropped.size() == 1 && dropped[0] == 5 && pool.pooled_bytes() == 800);
+  // The default budget bounds what a large call can pin.
+  BufferPool<int> big(kBufferPoolBudget);
+  for (int i = 0; i < 100; ++i) big.give(i, size_t(64) << 20);
+  CHECK(big.pooled_bytes() <= kBufferPoolBudget);
+}
+
+void test_in_flight_cap() {
+  for (int cap : {1, 4, kMaxCommandBuffersInFlight}) {
+    for (int64_t chunks : {int64_t(0), int64_t(1), int64_t(cap), int64_t(100)}) {
+      std::vector<bool> done(size_t(chunks), false);
+      int64_t in_flight = 0, max_in_flight = 0, oldest = 0;
+      for (int64_t c = 0; c < chunks; ++c) {
+        const int64_t w = chunk_to_wait_for(c, cap);
+        if (w >= 0) {
+          CHECK(w == oldest && !done[size_t(w)]);
+          done[size_t(w)] = true;
+          ++oldest;
+          --in_flight;
+        }
+        ++in_flight;
+        max_in_flight = std::max(max_in_flight, in_flight);
+      }
+      CHECK(max_in_flight <= cap);
+      CHECK(max_in_flight <= 64);  // MTLCommandQueue's default limit
+    }
+  }
+}
+
+void test_device_choice() {
+  int default_calls = 0;
+  auto no_default = [&]() -> std::optional<DeviceDescription> {
+    ++default_calls;
+    return std::nullopt;
+  };
+  // The first Apple7+ device of the enumeration; the default is not created.
+  DeviceChoice c = choose_device({{"AMD Radeon Pro", false, false}, {"Apple M3", true, true},
+                                  {"Apple M1", true, false}},
+                                 no_default);
+  CHECK(c.source == DeviceChoice::Enumerated && c.index == 1 && c.family == GpuFamily::Apple9);
+  CHECK(default_calls == 0);
+  c = choose_device({{"Apple M2", true, false}}, no_default);
+  CHECK(c.index == 0 && c.family == GpuFamily::Apple7);
+  // Nothing enumerated: the system default, if it is Apple7+.
+  c = choose_device({}, [&]() -> std::optional<DeviceDescription> {
+    ++default_calls;
+    return DeviceDescription{"Apple M1", true, false};
+  });
+  CHECK(c.source == DeviceChoice::SystemDefault && default_calls == 1);
+  // None usable: the reason names what was seen.
+  c = choose_device({{"Intel UHD Graphics 630", false, false}},
+                    [] { return std::optional<DeviceDescription>(DeviceDescription{"AMD", false, false}); });
+  CHECK(c.source == DeviceChoice::None && c.index == -1);
+  CHECK(c.reason.find("Intel UHD Graphics 630") != std::string::npos &&
+        c.reason.find("AMD (system default)") != std::string::npos);
+  c = choose_device({}, no_default);
+  CHECK(c.source == DeviceChoice::None && c.reason.find("no Metal device found") == 0);
+}
+
+void test_libraries() {
+  std::set<int> indices;
+  for (DType t : {DType::F32, DType::F16, DType::BF16}) {
+    for (int h : {1, 16, 17, 64, 80, 128, 200, 256}) {
+      const LibraryKey key = library_key(t, h);
+      CHECK(key.head_pad == head_bucket(h));
+      indices.insert(library_index(key));
+      for (GpuFamily f : {GpuFamily::Apple7, GpuFamily::Apple9}) {
+        // The library holds exactly the kernels the plans of that head dim name.
+        const std::vector<std::string> names = library_kernels(key, f);
+        AttentionProblem p;
+        p.batch = 1, p.q_len = 5, p.kv_len = 7, p.q_heads = 2, p.kv_heads = 1, p.head_dim = h;
+        const std::vector<KernelLaunch> bwd = plan_backward(p, t, f);
+        CHECK(names.size() == 3 && names[0] == plan_forward(p, t, f).kernel &&
+              names[1] == bwd[0].kernel && names[2] == bwd[1].kernel);
+        for (const auto& [macro, value] : library_macros(key, f))
+          CHECK(value > 0 && (macro == "JAX_MFA_METAL_FAMILIES" || (value & (value - 1)) == 0));
+      }
+    }
+  }
+  CHECK(indices.size() == 3 * 6);  // buckets hit above: 16, 32, 64, 96, 128, 256
+}
+
+AttentionProblem merged_bias_problem(int64_t B, int64_t N, int64_t K, int64_t T, int64_t S) {
+  AttentionProblem p;
+  p.batch = B, p.q_len = T, p.kv_len = S, p.q_heads = N, p.kv_heads = K, p.head_dim = 128;
+  p.bias.present = true;
+  p.bias.dims[0] = 1, p.bias.dims[1] = 1, p.bias.dims[2] = T, p.bias.dims[3] = S;
+  p.bias.strides[0] = 0, p.bias.strides[1] = 0, p.bias.strides[2] = S, p.bias.strides[3] = 1;
+  return p;
+}
+
+void test_serial_work_bound() {
+  for (GpuFamily f : {GpuFamily::Apple7, GpuFamily::Apple9}) {
+    // Bias (1, 1, T, S) merges all B * K pairs into one threadgroup per key
+    // block: 16 * 8 pairs of 8K queries is ~4x the bound unsplit.
+    const AttentionProblem p = merged_bias_problem(16, 8, 8, 8192, 8192);
+    const KernelLaunch kv = plan_backward(p, DType::F16, f)[1];
+    CHECK(kv.params.merge_batches && kv.params.merge_heads);
+    CHECK(kv.params.kv_splits > 1);
+    CHECK(kv.work_per_group <= max_work_per_threadgroup());
+    CHECK(int64_t(kv.params.kv_splits) * kv.params.pairs_per_split >= 16 * 8);
+    CHECK(int64_t(kv.params.kv_splits - 1) * kv.params.pairs_per_split < 16 * 8);
+    CHECK(kv.params.dbias_slot == p.bias.size());
+    CHECK(kv.total_groups == int64_t(kv.params.num_row_blocks) * kv.params.kv_splits);
+    for (const ArgBinding& a : kv.args)
+      if (a.arg == Arg::DBias) CHECK(a.bytes == size_t(kv.params.kv_splits * p.bias.size()) * 4);
+    // A small problem stays in one slice and writes dbias directly.
+    const KernelLaunch small = plan_backward(merged_bias_problem(2, 2, 2, 64, 64), DType::F32, f)[1];
+    CHECK(small.params.kv_splits == 1 && small.params.dbias_slot == 0);
+    // The forward and dQ threadgroups loop over keys only: 2 (3) * P * S * HP.
+    const KernelLaunch fwd = plan_forward(p, DType::F16, f);
+    CHECK(fwd.work_per_group <= max_work_per_threadgroup());
+  }
+}
+
+void test_chunks_cover_the_grid() {
+  for (int64_t S : {1, 100, 5000, 70000}) {
+    AttentionProblem p = merged_bias_problem(3, 4, 2, 333, S);
+    for (const KernelLaunch& l :
+         {plan_forward(p, DType::F32, GpuFamily::Apple9), plan_backward(p, DType::F32, GpuFamily::Apple9)[0],
+          plan_backward(p, DType::F32, GpuFamily::Apple9)[1]}) {
+      int64_t next = 0;
+      for (const Chunk& c : l.chunks) {
+        CHECK(c.group_offset == next && c.groups > 0);
+        CHECK(c.groups == 1 || c.groups * l.work_per_group <= max_work_per_command_buffer());
+        next += c.groups;
+      }
+      CHECK(next == l.total_groups);
+    }
+  }
+}
+
+void print_libraries() {
+  for (DType t : {DType::F32, DType::F16, DType::BF16})
+    for (int h : {16, 32, 64, 96, 128, 192, 256})
+      for (GpuFamily f : {GpuFamily::Apple7, GpuFamily::Apple9}) {
+        const LibraryKey key = library_key(t, h);
+        for (const auto& [macro, value] : library_macros(key, f))
+          std::printf("-D%s=%d ", macro.c_str(), value);
+        for (const std::string& name : library_kernels(key, f)) std::printf("%s ", name.c_str());
+        std::printf("\n");
+      }
+}
+
+int main(int argc, char** argv) {
+  if (argc > 1 && std::strcmp(argv[1], "--libraries") == 0) {
+    print_libraries();
+    return 0;
+  }
+  test_wrap_plan();
+  test_buffer_pool();
+  test_in_flight_cap();
+  test_device_choice();
+  test_libraries();
+  test_serial_work_bound();
+  test_chunks_cover_the_grid();
+  std::printf("%s\n", failures == 0 ? "all host policy tests passed" : "host policy tests FAILED");
+  return failures == 0 ? 0 : 1;
+}
