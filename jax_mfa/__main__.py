@@ -1,9 +1,14 @@
 """`python -m jax_mfa`: what runs here, is it right, and how fast is it.
 
-Prints the implementations available on this machine, checks each fused one
-against the XLA implementation in float64 (forward and gradients) on a few
-shapes, and prints a short timing table against jax.nn.dot_product_attention
-measured in the same run.
+Prints the implementations available on this machine and, for each one other
+than "xla", labelled checks (forward and gradients of q, k, v, on odd shapes
+with GQA and every masking feature):
+  * float64 against implementation="xla" (the same semantics in plain JAX):
+    exactness, to rounding (float32 for the Metal paths, which have no float64);
+  * float32 and bfloat16 against jax.nn.dot_product_attention, on the cases
+    whose semantics jax.nn shares (no softcap);
+then a short timing table against jax.nn.dot_product_attention measured in
+the same run.
 """
 
 from __future__ import annotations
@@ -30,36 +35,70 @@ CHECK_CASES = [
                                bias=True)),
 ]
 
+# Tolerances of the labelled checks (max error relative to the largest magnitude).
+TOLERANCE = {"float64": 1e-10, "float32": 2e-5, "bfloat16": 3e-2}
 
-def _check(implementation: str) -> float:
-    """Largest error (relative to the value's magnitude) over CHECK_CASES."""
-    rng = np.random.default_rng(0)
+
+def _inputs(case, implementation, rng):
+    B, T, S, N, K, H, opts = case
+    if implementation == "metal-emulated":  # the emulator is slow
+        T, S = min(T, 40), min(S, 40)
+    q, k, v = (jnp.asarray(rng.standard_normal(shape)) for shape in
+               ((B, T, N, H), (B, S, K, H), (B, S, K, H)))
+    kw = dict(opts)
+    if kw.pop("bias", False):
+        kw["bias"] = jnp.asarray(rng.standard_normal((B, 1, T, S)))
+    for name in ("query_seq_lengths", "key_value_seq_lengths"):
+        if name in kw:
+            kw[name] = jnp.minimum(jnp.asarray(kw[name], jnp.int32), T if name[0] == "q" else S)
+    return (q, k, v), kw
+
+
+def _value_and_grads(fn, q, k, v, dtype, kw):
+    def loss(q, k, v):
+        kw_cast = {n: (a.astype(dtype) if n == "bias" else a) for n, a in kw.items()}
+        out = fn(q.astype(dtype), k.astype(dtype), v.astype(dtype), **kw_cast)
+        return jnp.sum(jnp.sin(out.astype(jnp.float64)))
+
+    return jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+
+def _error(got, want) -> float:
     worst = 0.0
-    for B, T, S, N, K, H, opts in CHECK_CASES:
-        if implementation == "metal-emulated":
-            T, S = min(T, 40), min(S, 40)
-        q = jnp.asarray(rng.standard_normal((B, T, N, H)))
-        k = jnp.asarray(rng.standard_normal((B, S, K, H)))
-        v = jnp.asarray(rng.standard_normal((B, S, K, H)))
-        kw = dict(opts)
-        if kw.pop("bias", False):
-            kw["bias"] = jnp.asarray(rng.standard_normal((B, 1, T, S)))
-        for name in ("query_seq_lengths", "key_value_seq_lengths"):
-            if name in kw:
-                kw[name] = jnp.minimum(jnp.asarray(kw[name], jnp.int32), T if name[0] == "q" else S)
-        dtype = jnp.float32 if implementation.startswith("metal") else jnp.float64
-
-        def loss(q, k, v, impl):
-            out = jax_mfa.attention(q.astype(dtype), k.astype(dtype), v.astype(dtype),
-                                    implementation=impl, **kw)
-            return jnp.sum(jnp.sin(out.astype(jnp.float64)))
-
-        got = jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v, implementation)
-        want = jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v, "xla")
-        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-            scale = max(float(jnp.max(jnp.abs(b))), 1e-30)
-            worst = max(worst, float(jnp.max(jnp.abs(a - b))) / scale)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        a, b = jnp.asarray(a, jnp.float64), jnp.asarray(b, jnp.float64)
+        worst = max(worst, float(jnp.max(jnp.abs(a - b))) / max(float(jnp.max(jnp.abs(b))),
+                                                                   1e-30))
     return worst
+
+
+def _check(implementation: str, dtype, against: str) -> float:
+    """Largest error over CHECK_CASES of `implementation` in `dtype` against
+    implementation="xla" (against="xla") or jax.nn.dot_product_attention
+    (against="jax.nn", only the cases whose semantics it shares)."""
+    rng = np.random.default_rng(0)
+    impl = None if implementation == "default" else implementation
+    mine = lambda *a, **kw: jax_mfa.attention(*a, implementation=impl, **kw)  # noqa: E731
+    if against == "xla":
+        theirs = lambda *a, **kw: jax_mfa.attention(*a, implementation="xla", **kw)  # noqa: E731
+    else:
+        theirs = jax.nn.dot_product_attention
+    worst = 0.0
+    for case in CHECK_CASES:
+        if against == "jax.nn" and "softcap" in case[-1]:
+            continue  # jax.nn has no softcap
+        (q, k, v), kw = _inputs(case, implementation, rng)
+        worst = max(worst, _error(_value_and_grads(mine, q, k, v, dtype, kw),
+                                  _value_and_grads(theirs, q, k, v, dtype, kw)))
+    return worst
+
+
+def _checks(implementation: str):
+    """(label, dtype name, against) of the checks to run for an implementation."""
+    exact = "float32" if implementation.startswith("metal") else "float64"
+    return [(f"{exact} vs implementation='xla' (exactness)", exact, "xla"),
+            ("float32 vs jax.nn.dot_product_attention", "float32", "jax.nn"),
+            ("bfloat16 vs jax.nn.dot_product_attention", "bfloat16", "jax.nn")]
 
 
 def main(argv=None) -> int:
@@ -84,16 +123,19 @@ def main(argv=None) -> int:
     print()
 
     failed = False
-    print("check against the XLA implementation (forward + gradients of q, k, v):")
-    for impl in impls:
-        if impl == "xla":
-            continue
-        err = _check(impl)
-        tol = 1e-4 if impl.startswith("metal") else 1e-10
-        ok = err <= tol
-        failed |= not ok
-        print(f"  {impl:15s} max relative error {err:.2e} (tolerance {tol:.0e}) "
-              f"{'OK' if ok else 'FAILED'}")
+    print("checks (forward + gradients of q, k, v; max error relative to the largest value):")
+    names = [i for i in impls if i != "xla"]
+    if jax.default_backend() != "cpu":
+        names.insert(0, "default")  # implementation=None: routed (see README)
+    for impl in names:
+        for label, dtype, against in _checks(impl):
+            err = _check(impl, jnp.dtype(dtype), against)
+            metal_exact = impl.startswith("metal") and against == "xla"
+            tol = 1e-4 if metal_exact else TOLERANCE[dtype]
+            ok = err <= tol
+            failed |= not ok
+            print(f"  {impl:15s} {label:43s} {err:.1e} (tolerance {tol:.0e}) "
+                  f"{'OK' if ok else 'FAILED'}")
 
     if not args.no_bench:
         from jax_mfa import _benchmark

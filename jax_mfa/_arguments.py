@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from typing import Any
 
 import jax
@@ -83,7 +84,8 @@ class Operands:
         if self.kv_segments is None:
             self.kv_segments = jnp.zeros((1, 1), jnp.int32)
         if self.sinks is None:
-            self.sinks = jnp.zeros((1, 1), accumulation_dtype(self.query.dtype))
+            acc = np.float32 if self.query is None else accumulation_dtype(self.query.dtype)
+            self.sinks = jnp.zeros((1, 1), acc)
         if self.dropout_seed is None:
             self.dropout_seed = jnp.zeros((1, 3), jnp.uint32)
 
@@ -93,16 +95,50 @@ class Operands:
                 self.dropout_seed)
 
 
+# Operands of the forward kernel call (Operands.as_tuple()); the backward call adds lse, dout, delta.
+NUM_OPERANDS = len(dataclasses.fields(Operands))
+
+
 def accumulation_dtype(dtype) -> np.dtype:
     """float64 inputs accumulate (and keep bias, lse) in float64; others in float32."""
     return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
 
 
+def describe(x) -> str:
+    """A short description of a value for error messages: never a whole array."""
+    if x is None or isinstance(x, (bool, numbers.Number, np.generic)):
+        return repr(x)
+    if isinstance(x, str):
+        return repr(x if len(x) <= 40 else x[:37] + "...")
+    if hasattr(x, "shape") and hasattr(x, "dtype"):
+        return f"{type(x).__name__} of shape {tuple(x.shape)} and dtype {x.dtype}"
+    if isinstance(x, (list, tuple)):
+        if len(x) <= 4 and all(isinstance(e, (bool, numbers.Number)) for e in x):
+            return repr(x)
+        return f"{type(x).__name__} of length {len(x)}"
+    return type(x).__name__
+
+
+def as_array(x, name: str):
+    """x as jnp.asarray would give it (lists and other array-likes accepted, as
+    jax.nn does); arrays and tracers pass unchanged."""
+    if x is None or isinstance(x, (jax.Array, np.ndarray)):
+        return x
+    if not isinstance(x, (list, tuple, numbers.Number, np.generic)) and not hasattr(
+            x, "__array__"):
+        raise TypeError(f"{name} must be an array or array-like, got {describe(x)}")
+    try:
+        return jnp.asarray(x)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be an array or array-like (a rectangular nested list of "
+                        f"numbers), got {describe(x)}") from None
+
+
 def _shape(x, name: str):
     try:
         return tuple(jnp.shape(x))
-    except Exception as e:  # pragma: no cover - exotic inputs
-        raise TypeError(f"{name} must be an array, got {type(x).__name__}") from e
+    except Exception:  # pragma: no cover - exotic inputs
+        raise TypeError(f"{name} must be an array, got {describe(x)}") from None
 
 
 def _broadcast_4d(x, name: str, full: tuple[int, int, int, int], what: str):
@@ -132,14 +168,34 @@ def _seq_lengths(x, name: str, batch: int, batched_input: bool):
     return jnp.reshape(jnp.asarray(x, jnp.int32), (batch,)), True
 
 
-def _static_number(x, name: str) -> float:
+def _static_real(x, name: str) -> float:
+    """A static real number (Python or NumPy scalar, or a 0-d concrete array)."""
     if isinstance(x, jax.core.Tracer):
         raise TypeError(f"{name} must be a static Python number, not a traced value")
-    try:
-        value = float(x)
-    except (TypeError, ValueError) as e:
-        raise TypeError(f"{name} must be a number, got {type(x).__name__}") from e
-    return value
+    real_array = (hasattr(x, "dtype") and np.ndim(x) == 0
+                  and (jnp.issubdtype(x.dtype, jnp.floating)
+                       or jnp.issubdtype(x.dtype, jnp.integer)))
+    if isinstance(x, (bool, np.bool_)) or not (isinstance(x, numbers.Real) or real_array):
+        raise TypeError(f"{name} must be a real number, got {describe(x)}")
+    return float(x)
+
+
+def _options_in_range(scale: float, softcap: float | None, acc: np.dtype) -> None:
+    """scale finite and softcap positive, finite and normal in the accumulation
+    dtype (outside it they round to inf or flush to 0 and every implementation
+    would silently compute something else)."""
+    info = np.finfo(acc)
+    tiny, big = float(info.tiny), float(info.max)  # compared in Python floats
+    # A larger softcap makes logits / softcap subnormal for logits of order
+    # eps, which flush to zero on some paths and not on others.
+    max_softcap = float(info.eps) / tiny
+    if not (math.isfinite(scale) and abs(scale) <= big):
+        raise ValueError(f"scale must be finite in the accumulation dtype {acc} "
+                         f"(|scale| <= {big:.4g}), got {scale!r}")
+    if softcap is not None and not (tiny <= softcap <= max_softcap):
+        raise ValueError(f"softcap must be a positive number, normal in the accumulation "
+                         f"dtype {acc} and at most eps/tiny there ({tiny:.4g} to "
+                         f"{max_softcap:.4g}), got {softcap!r}")
 
 
 def _window(local_window_size) -> tuple[int, int]:
@@ -153,9 +209,9 @@ def _window(local_window_size) -> tuple[int, int]:
         left, right = (int(w) for w in local_window_size)
     else:
         raise TypeError("local_window_size must be an int or a (left, right) tuple of ints, "
-                        f"got {local_window_size!r}")
+                        f"got {describe(local_window_size)}")
     if left < 0 or right < 0:
-        raise ValueError(f"local_window_size must be non-negative, got {local_window_size!r}")
+        raise ValueError(f"local_window_size must be non-negative, got {(left, right)}")
     return left, right
 
 
@@ -197,7 +253,7 @@ def _sinks(sinks, N: int, acc):
 def _dropout(rate, rng, B: int, broadcast: bool):
     """(rate, seed (B, 3) uint32 or None) from dropout_rate and dropout_rng.
     With `broadcast`, every batch row draws the mask of batch index 0."""
-    rate = _static_number(rate, "dropout_rate")
+    rate = _static_real(rate, "dropout_rate")
     if not 0.0 <= rate < 1.0:
         raise ValueError(f"dropout_rate must be in [0, 1), got {rate}")
     if rate == 0.0:
@@ -221,9 +277,11 @@ def _dropout(rate, rng, B: int, broadcast: bool):
 def prepare(query, key, value, bias, mask, *, scale, is_causal, query_seq_lengths,
             key_value_seq_lengths, local_window_size, softcap,
             max_head_dim: int | None, query_segment_ids=None, key_value_segment_ids=None,
-            sinks=None, dropout_rate=0.0, dropout_rng=None,
-            dropout_broadcast: bool = False) -> tuple[Operands, Options, bool]:
-    """Returns (operands, options, was_3d) or raises a clear error."""
+            sinks=None, dropout_rate=0.0, dropout_rng=None, dropout_broadcast: bool = False,
+            key_columns: int | None = None) -> tuple[Operands, Options, bool]:
+    """Returns (operands, options, was_3d) or raises a clear error.
+    key_columns: the key dim of bias and mask when it differs from the key
+    block's length S (ring attention: every device has all keys' columns)."""
     q_shape, k_shape, v_shape = (_shape(a, n) for a, n in
                                  ((query, "query"), (key, "key"), (value, "value")))
     if len(q_shape) not in (3, 4):
@@ -260,17 +318,12 @@ def prepare(query, key, value, bias, mask, *, scale, is_causal, query_seq_length
 
     if isinstance(is_causal, jax.core.Tracer) or not isinstance(is_causal, (bool, np.bool_)):
         raise TypeError(f"is_causal must be a Python bool, got {type(is_causal).__name__}")
-    scale_value = 1.0 / math.sqrt(H) if scale is None else _static_number(scale, "scale")
-    if not math.isfinite(scale_value):
-        raise ValueError(f"scale must be finite, got {scale_value}")
-    softcap_value = 0.0
-    if softcap is not None:
-        softcap_value = _static_number(softcap, "softcap")
-        if not (softcap_value > 0 and math.isfinite(softcap_value)):
-            raise ValueError(f"softcap must be a positive number, got {softcap}")
+    scale_value = 1.0 / math.sqrt(H) if scale is None else _static_real(scale, "scale")
+    softcap_value = None if softcap is None else _static_real(softcap, "softcap")
+    _options_in_range(scale_value, softcap_value, acc)
     window_left, window_right = _window(local_window_size)
 
-    full = (B, N, T, S)
+    full = (B, N, T, S if key_columns is None else key_columns)
     if bias is not None:
         if not jnp.issubdtype(jnp.result_type(bias), jnp.floating):
             raise TypeError(f"bias must be a floating-point array, got {jnp.result_type(bias)}")
@@ -297,7 +350,7 @@ def prepare(query, key, value, bias, mask, *, scale, is_causal, query_seq_length
         query, key, value = (jnp.expand_dims(a, 0) for a in (query, key, value))
     operands = Operands(jnp.asarray(query), jnp.asarray(key), jnp.asarray(value), bias4, mask4,
                         q_lengths, kv_lengths, q_segments, kv_segments, sinks2, seed)
-    options = Options(scale=scale_value, softcap=softcap_value, is_causal=bool(is_causal),
+    options = Options(scale=scale_value, softcap=softcap_value or 0.0, is_causal=bool(is_causal),
                       window_left=window_left, window_right=window_right,
                       has_bias=bias is not None, has_mask=mask is not None,
                       has_q_lengths=has_q, has_kv_lengths=has_kv,

@@ -165,7 +165,7 @@ def short_table(implementations: Sequence[str] | None = None) -> str:
     if implementations is None:  # the fast fused ones (not the emulator)
         import jax_mfa
         implementations = [i for i in jax_mfa.available_implementations()
-                           if i not in ("xla", "metal-emulated")] or ["xla"]
+                           if i not in ("xla", "xla-blockwise", "metal-emulated")] or ["xla"]
     elif isinstance(implementations, str):
         implementations = [implementations]
     implementations = [i for i in implementations if i != REFERENCE]

@@ -77,17 +77,20 @@ def dropout_words(k0, k1, batch, head, query, key):
                                                    jnp.where(sel == 2, words[2], words[3])))
 
 
-def keep_mask(seed, rate: float, shape, *, broadcast: bool = False) -> jax.Array:
+def keep_mask(seed, rate: float, shape, *, broadcast: bool = False, q_start=0,
+              k_start=0) -> jax.Array:
     """Boolean (B, N, T, S) keep mask. `seed` is the kernels' (B, 3) uint32
     operand: per batch row the two key words and the batch index the counter
-    uses. With `broadcast`, the head index is 0 (one mask for all heads)."""
+    uses. With `broadcast`, the head index is 0 (one mask for all heads).
+    Queries and keys are at absolute positions q_start + i and k_start + j (a
+    block of the whole problem)."""
     B, N, T, S = shape
     seed = jnp.asarray(seed, jnp.uint32)
     k0 = seed[:, 0].reshape(B, 1, 1, 1)
     k1 = seed[:, 1].reshape(B, 1, 1, 1)
     b = seed[:, 2].reshape(B, 1, 1, 1)
     n = (jnp.zeros if broadcast else jnp.arange)(N, dtype=jnp.uint32).reshape(1, N, 1, 1)
-    i = jnp.arange(T, dtype=jnp.uint32).reshape(1, 1, T, 1)
-    j = jnp.arange(S, dtype=jnp.uint32).reshape(1, 1, 1, S)
+    i = (jnp.asarray(q_start, jnp.uint32) + jnp.arange(T, dtype=jnp.uint32)).reshape(1, 1, T, 1)
+    j = (jnp.asarray(k_start, jnp.uint32) + jnp.arange(S, dtype=jnp.uint32)).reshape(1, 1, 1, S)
     words = dropout_words(k0, k1, b, n, i, j)
     return words >= np.uint32(threshold(rate))

@@ -8,7 +8,7 @@ Two primitives, one per kernel pass:
   attention_bwd: (..., lse, dout, delta) -> (dq, dk, dv, dbias)
 Their static parameters are ``options`` (an :class:`Options`) and ``backend``
 (the FFI target suffix, e.g. "cpu"). On platforms without the fused kernels
-(cuda, rocm, tpu) both lower to the XLA implementation instead.
+(cuda, rocm, tpu) both lower to the blockwise JAX implementation instead.
 """
 
 from __future__ import annotations
@@ -18,17 +18,15 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax._src import core as _core  # mesh of the abstract values under shard_map
-from jax._src import dispatch  # apply_primitive (eager impl), devices during lowering
-from jax.experimental.custom_partitioning import custom_partitioning
 from jax.extend.core import Primitive
-from jax.interpreters import batching, mlir
+from jax.interpreters import ad, batching, mlir
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jax_mfa import _native, _xla
+from jax_mfa import _blockwise, _jax_compat, _native, _sharding
+from jax_mfa._xla import sinks_gradient
 
-from jax_mfa._arguments import Operands, Options, accumulation_dtype
+from jax_mfa._arguments import NUM_OPERANDS, Operands, Options, accumulation_dtype
 
 attention_fwd_p = Primitive("jax_mfa_attention_fwd")
 attention_fwd_p.multiple_results = True
@@ -46,12 +44,11 @@ def _like(ref, shape, dtype):
     mat = getattr(ref, "mat", None)
     if mat is None:
         return jax.core.ShapedArray(shape, dtype)
-    return jax.core.ShapedArray(shape, dtype, sharding=_core.get_cur_mesh_sharding(),
+    return jax.core.ShapedArray(shape, dtype,
+                                sharding=NamedSharding(jax.sharding.get_abstract_mesh(), P()),
                                 manual_axis_type=mat)
 
 
-# Operands of attention_fwd (Operands.as_tuple()); attention_bwd adds lse, dout, delta.
-NUM_OPERANDS = 11
 
 
 def _fwd_abstract(q, *operands, options, backend):
@@ -65,9 +62,37 @@ def _bwd_abstract(q, k, v, bias, *operands, options, backend):
 
 attention_fwd_p.def_abstract_eval(_fwd_abstract)
 attention_bwd_p.def_abstract_eval(_bwd_abstract)
+
+
+@functools.cache
+def _compiled(primitive, options: Options, backend: str):
+    return jax.jit(functools.partial(primitive.bind, options=options, backend=backend))
+
+
 # Eager calls compile the primitive alone, as JAX's own primitives do.
-attention_fwd_p.def_impl(functools.partial(dispatch.apply_primitive, attention_fwd_p))
-attention_bwd_p.def_impl(functools.partial(dispatch.apply_primitive, attention_bwd_p))
+for _p in (attention_fwd_p, attention_bwd_p):
+    _p.def_impl(functools.partial(lambda p, *args, options, backend:
+                                  _compiled(p, options, backend)(*args), _p))
+
+
+FORWARD_MODE_MESSAGE = (
+    "jax_mfa.attention with implementation={impl!r} supports reverse-mode "
+    "differentiation once (jax.grad, jax.vjp, jax.jacrev); forward mode (jax.jvp, "
+    "jax.jacfwd, jax.linearize) and second derivatives (jax.hessian, grad of grad) are "
+    "not supported. Use implementation=\"xla\" for those (plain JAX operations, "
+    "differentiable to any order).")
+
+
+def _no_forward_mode(primitive):
+    def jvp(primals, tangents, *, options, backend):
+        raise NotImplementedError(FORWARD_MODE_MESSAGE.format(impl=backend))
+    ad.primitive_jvps[primitive] = jvp
+
+
+# The custom VJP differentiates the forward; the primitives themselves are
+# only reached by forward mode or a second derivative: say so clearly.
+_no_forward_mode(attention_fwd_p)
+_no_forward_mode(attention_bwd_p)
 
 # ----------------------------------------------------------------------------
 # Lowering: FFI targets on the CPU platform (where jax_mfa's kernels run, also
@@ -83,61 +108,9 @@ def _kernel_call(kind: str, options: Options, backend: str, *args):
     return tuple(call(*args, **options.ffi_attributes()))
 
 
-def _batch_splits(kind: str, options: Options, shapes) -> bool:
-    """Whether the call may run on batch shards. Batch rows are independent,
-    except that a bias broadcast over the batch gets a gradient summed over all
-    rows (each shard would hold a partial sum)."""
-    B = shapes[0][0]
-    return not (kind == "bwd" and options.has_bias and shapes[3][0] == 1 and B > 1)
-
-
-def _batch_dims(shapes, splits: bool):
-    """Per array: True where its leading dim is the batch that may be split."""
-    B = shapes[0][0]
-    return [splits and len(s) > 0 and s[0] == B for s in shapes]
-
-
-def _sharding_rule(kind, options, backend, mesh, operand_types, result_types):
-    # Shardy rule: factor "b" for every leading batch dim; everything else must
-    # be replicated (keys are needed whole; masks use absolute positions).
-    shapes = [tuple(t.shape) for t in (*operand_types, *result_types)]
-    splits = _batch_splits(kind, options, shapes)
-    names, replicated = [], []
-    for shape, batch in zip(shapes, _batch_dims(shapes, splits)):
-        dims = []
-        for d in range(len(shape)):
-            if d == 0 and batch:
-                dims.append("b")
-            else:
-                replicated.append(f"f{len(replicated)}")
-                dims.append(replicated[-1])
-        names.append(" ".join(dims))
-    n = len(operand_types)
-    rule = ", ".join(names[:n]) + " -> " + ", ".join(names[n:])
-    return rule, {"need_replication_factors": tuple(replicated)}
-
-
-def _partition(kind, options, backend, mesh, arg_shapes, result_shape):
-    results = result_shape if isinstance(result_shape, (tuple, list)) else (result_shape,)
-    shapes = [a.shape for a in (*arg_shapes, *results)]
-    spec = arg_shapes[0].sharding.spec
-    axes = spec[0] if len(spec) and _batch_splits(kind, options, shapes) else None
-    shardings = [NamedSharding(mesh, P(axes) if batch else P())
-                 for batch in _batch_dims(shapes, axes is not None)]
-    n = len(arg_shapes)
-    lower = functools.partial(_kernel_call, kind, options, backend)
-    return mesh, lower, tuple(shardings[n:]), tuple(shardings[:n])
-
-
-def _infer_sharding(kind, options, backend, mesh, arg_shapes, result_shape):
-    return _partition(kind, options, backend, mesh, arg_shapes, result_shape)[2]
-
-
-# On several devices the kernels run per batch shard (custom partitioning);
-# on one device this is just the FFI call.
-_partitioned_call = custom_partitioning(_kernel_call, static_argnums=(0, 1, 2))
-_partitioned_call.def_partition(partition=_partition, infer_sharding_from_operands=_infer_sharding,
-                                sharding_rule=_sharding_rule)
+# On several devices the kernels run per shard (custom partitioning, see
+# jax_mfa/_sharding.py); on one device this is just the FFI call.
+_partitioned_call = _sharding.partitioned(_kernel_call)
 
 
 def _ffi_lowering(kind: str):
@@ -155,34 +128,28 @@ def _ffi_lowering(kind: str):
 _fwd_lowering = _ffi_lowering("fwd")
 _bwd_lowering = _ffi_lowering("bwd")
 # Custom partitioning needs to know the devices while lowering.
-dispatch.prim_requires_devices_during_lowering.update({attention_fwd_p, attention_bwd_p})
+_jax_compat.require_devices_during_lowering(attention_fwd_p, attention_bwd_p)
 
 
-def _xla_fwd(*operands, options, backend):
+def _blockwise_fwd(*operands, options, backend):
     del backend
-    return _xla.attention(Operands(*operands), options)
+    return _blockwise.forward(Operands(*operands), options)
 
 
-def _xla_bwd(*args, options, backend):
+def _blockwise_bwd(*args, options, backend):
     del backend
-    q, k, v, bias, *rest = args[:NUM_OPERANDS]
-    _, dout, delta = args[NUM_OPERANDS:]
-    # delta = rowsum(dout * out) - dlse; recover the lse cotangent from it.
-    def f(q, k, v, bias):
-        return _xla.attention(Operands(q, k, v, bias, *rest), options)
-
-    (out, _), vjp = jax.vjp(f, q, k, v, bias)
-    acc = accumulation_dtype(q.dtype)
-    dlse = jnp.sum(dout.astype(acc) * out.astype(acc), axis=-1) - delta
-    return vjp((dout, dlse))
+    lse, dout, delta = args[NUM_OPERANDS:]
+    return _blockwise.backward(Operands(*args[:NUM_OPERANDS]), options, lse, dout, delta)
 
 
 mlir.register_lowering(attention_fwd_p, _fwd_lowering, platform="cpu")
 mlir.register_lowering(attention_bwd_p, _bwd_lowering, platform="cpu")
 for _platform in ("cuda", "rocm", "tpu"):
-    mlir.register_lowering(attention_fwd_p, mlir.lower_fun(_xla_fwd, multiple_results=True),
+    mlir.register_lowering(attention_fwd_p,
+                           mlir.lower_fun(_blockwise_fwd, multiple_results=True),
                            platform=_platform)
-    mlir.register_lowering(attention_bwd_p, mlir.lower_fun(_xla_bwd, multiple_results=True),
+    mlir.register_lowering(attention_bwd_p,
+                           mlir.lower_fun(_blockwise_bwd, multiple_results=True),
                            platform=_platform)
 
 # ----------------------------------------------------------------------------
@@ -311,18 +278,6 @@ def _vjp_fwd(*args):
     out, lse = attention_fwd_p.bind(*operands, options=options, backend=backend)
     return (out, lse), (*operands, out, lse)
 
-
-def sinks_gradient(sinks, lse, delta):
-    """d sinks from the backward's delta = rowsum(dO * O) - dlse.
-
-    The sink's probability in row (b, i, n) is p = exp(sinks[n] - lse); since
-    it carries no value, d out / d sink = -p * out and d lse / d sink = p, so
-    d sinks[n] = -sum_{b,i} p * delta (with or without dropout, which only
-    rescales the value terms that make up out). Summed over rows the sinks
-    operand broadcasts over ((1, N): all batch rows)."""
-    p = jnp.where(jnp.isneginf(lse), 0, jnp.exp(sinks[:, None, :] - lse))  # (B, T, N)
-    d = -jnp.sum(p * delta, axis=1)  # (B, N)
-    return jnp.sum(d, axis=0, keepdims=True) if sinks.shape[0] == 1 else d
 
 
 def _vjp_bwd(options, backend, residuals, cotangents):

@@ -1,7 +1,8 @@
 // Host-named instantiations of the attention kernels (metal/attention_kernels.h):
 // one per storage type and per block configuration the descriptor tables in
 // cpp/metal_host/attention_plan.cc can choose. Names follow
-// mfa_<fwd|dq|dkdv>_<f32|f16|bf16>_h<HP>_p<P>_c<C>_d<DB>.
+// mfa_<fwd|dq|dkdv>_<f32|f16|bf16>_h<HP>_p<P>_c<C>_d<DB>[_o<HO>] (HO: a dK/dV head split),
+// mfa_decode_<type>_h<HP>_c<C> and mfa_decode_merge_<type>.
 //
 // JAX_MFA_METAL_FAMILIES selects the table sets compiled in: bit 0 the M1/M2
 // (Apple7) tables, bit 1 the M3+ (Apple9) tables; default both.
@@ -15,6 +16,7 @@
 #include "jax_mfa_instantiate.h"
 #include "attention_params.h"
 #include "attention_kernels.h"
+#include "attention_decode.h"
 #endif
 
 #ifndef JAX_MFA_METAL_FAMILIES
@@ -75,38 +77,43 @@
                                           attention_backward_query, T, HP, P, C, DB))
 #define MFA_DKDV(T, TAG, HP, P, C, DB)                                                     \
   MFA_IF_H##HP(JAX_MFA_INSTANTIATE_KERNEL(MFA_NAME(dkdv, TAG, HP, P, C, DB),                \
-                                          attention_backward_key_value, T, HP, P, C, DB))
+                                          attention_backward_key_value, T, HP, P, C, DB, HP))
+// dK/dV owning HO of the HP head columns of dK and dV (the plan's head split).
+#define MFA_DKDV_SPLIT(T, TAG, HP, P, C, DB, HO)                                            \
+  MFA_IF_H##HP(JAX_MFA_INSTANTIATE_KERNEL(MFA_NAME(dkdv, TAG, HP, P, C, DB) "_o" #HO,       \
+                                          attention_backward_key_value, T, HP, P, C, DB, HO))
 
-// M3 and later (Apple9): metal-flash-attention's mixed-precision tables.
+// M3 and later (Apple9): metal-flash-attention's mixed-precision tables,
+// with the register-budget changes listed in attention_plan.cc.
 #define MFA_APPLE9(T, TAG)                                                                  \
   MFA_FWD(T, TAG, 16, 16, 128, 16) MFA_FWD(T, TAG, 32, 16, 128, 16)                         \
   MFA_FWD(T, TAG, 64, 16, 128, 32) MFA_FWD(T, TAG, 96, 16, 128, 32)                         \
   MFA_FWD(T, TAG, 128, 16, 128, 32) MFA_FWD(T, TAG, 192, 16, 128, 32)                       \
-  MFA_FWD(T, TAG, 256, 16, 128, 32)                                                         \
+  MFA_FWD(T, TAG, 256, 16, 64, 32)                                                          \
   MFA_DQ(T, TAG, 16, 16, 64, 8) MFA_DQ(T, TAG, 32, 16, 64, 8) MFA_DQ(T, TAG, 64, 16, 64, 8) \
   MFA_DQ(T, TAG, 96, 16, 64, 32) MFA_DQ(T, TAG, 128, 16, 64, 32)                            \
-  MFA_DQ(T, TAG, 192, 16, 64, 32) MFA_DQ(T, TAG, 256, 16, 128, 32)                          \
+  MFA_DQ(T, TAG, 192, 16, 64, 32) MFA_DQ(T, TAG, 256, 16, 64, 32)                           \
   MFA_DKDV(T, TAG, 16, 16, 64, 8) MFA_DKDV(T, TAG, 32, 16, 64, 8)                           \
-  MFA_DKDV(T, TAG, 64, 16, 32, 16) MFA_DKDV(T, TAG, 96, 16, 128, 16)                        \
-  MFA_DKDV(T, TAG, 128, 16, 128, 16) MFA_DKDV(T, TAG, 192, 16, 128, 16)                     \
-  MFA_DKDV(T, TAG, 256, 16, 128, 32)
+  MFA_DKDV(T, TAG, 64, 16, 32, 16) MFA_DKDV(T, TAG, 96, 16, 32, 16)                         \
+  MFA_DKDV(T, TAG, 128, 16, 32, 16) MFA_DKDV_SPLIT(T, TAG, 192, 16, 32, 16, 96)             \
+  MFA_DKDV_SPLIT(T, TAG, 256, 16, 32, 32, 128)
 
 // M1 and M2 (Apple7/Apple8).
 #define MFA_APPLE7(T, TAG)                                                                  \
   MFA_FWD(T, TAG, 16, 32, 128, 16) MFA_FWD(T, TAG, 32, 32, 128, 32)                         \
   MFA_FWD(T, TAG, 64, 32, 128, 32) MFA_FWD(T, TAG, 96, 32, 128, 32)                         \
   MFA_FWD(T, TAG, 128, 32, 128, 32) MFA_FWD(T, TAG, 192, 32, 128, 32)                       \
-  MFA_FWD(T, TAG, 256, 32, 128, 32)                                                         \
+  MFA_FWD(T, TAG, 256, 32, 64, 32)                                                          \
   MFA_DQ(T, TAG, 16, 32, 64, 16) MFA_DQ(T, TAG, 32, 32, 64, 32)                             \
   MFA_DQ(T, TAG, 64, 32, 64, 32) MFA_DQ(T, TAG, 96, 32, 64, 32)                             \
   MFA_DQ(T, TAG, 128, 32, 64, 32) MFA_DQ(T, TAG, 192, 32, 64, 32)                           \
   MFA_DQ(T, TAG, 256, 32, 64, 32)                                                           \
   MFA_DKDV(T, TAG, 16, 32, 64, 16) MFA_DKDV(T, TAG, 32, 32, 64, 32)                         \
   MFA_DKDV(T, TAG, 64, 32, 64, 32) MFA_DKDV(T, TAG, 96, 32, 64, 32)                         \
-  MFA_DKDV(T, TAG, 128, 32, 64, 32) MFA_DKDV(T, TAG, 192, 32, 64, 32)                       \
-  MFA_DKDV(T, TAG, 256, 32, 64, 32)
+  MFA_DKDV(T, TAG, 128, 32, 64, 32) MFA_DKDV_SPLIT(T, TAG, 192, 32, 64, 32, 96)             \
+  MFA_DKDV_SPLIT(T, TAG, 256, 32, 64, 32, 128)
 
-#define MFA_FAMILIES(T, TAG) MFA_FAMILY9(T, TAG) MFA_FAMILY7(T, TAG)
+#define MFA_FAMILIES(T, TAG) MFA_FAMILY9(T, TAG) MFA_FAMILY7(T, TAG) MFA_DECODE_KERNELS(T, TAG)
 #if JAX_MFA_METAL_FAMILIES & 2
 #define MFA_FAMILY9(T, TAG) MFA_APPLE9(T, TAG)
 #else
@@ -117,6 +124,16 @@
 #else
 #define MFA_FAMILY7(T, TAG)
 #endif
+
+// Split-key decode (attention_decode.h): one partial kernel per head bucket
+// (C = 32 keys per step) and one merge kernel per storage type, for every family.
+#define MFA_DECODE(T, TAG, HP)                                                                \
+  MFA_IF_H##HP(JAX_MFA_INSTANTIATE_KERNEL("mfa_decode_" #TAG "_h" #HP "_c32",                  \
+                                          attention_decode_partial, T, HP, 32))
+#define MFA_DECODE_KERNELS(T, TAG)                                                            \
+  MFA_DECODE(T, TAG, 16) MFA_DECODE(T, TAG, 32) MFA_DECODE(T, TAG, 64) MFA_DECODE(T, TAG, 96) \
+  MFA_DECODE(T, TAG, 128) MFA_DECODE(T, TAG, 192) MFA_DECODE(T, TAG, 256)                     \
+  JAX_MFA_INSTANTIATE_KERNEL("mfa_decode_merge_" #TAG, attention_decode_merge, T)
 
 #if JAX_MFA_METAL_DTYPES & 1
 MFA_FAMILIES(float, f32)

@@ -22,6 +22,12 @@
 
 using namespace metal;
 
+// Always-inlined helpers, as in MLX (Apple's and the emulator's headers may
+// already define it).
+#ifndef METAL_FUNC
+#define METAL_FUNC inline __attribute__((__always_inline__))
+#endif
+
 // bfloat16 storage: its bits, widened to float by a shift (no bfloat type or
 // bfloat arithmetic required).
 struct bf16_t {
@@ -70,11 +76,11 @@ typedef simdgroup_matrix<float, 8, 8> mfa_mat;
 inline int mfa_lane_row(uint lane) { return int((lane / 16) * 4 + (lane / 2) % 4); }
 inline int mfa_lane_col(uint lane) { return int(((lane / 8) % 2) * 4 + (lane % 2) * 2); }
 
-inline float mfa_row_max(float x) {
+METAL_FUNC float mfa_row_max(float x) {
   x = max(x, simd_shuffle_xor(x, ushort(1)));
   return max(x, simd_shuffle_xor(x, ushort(8)));
 }
-inline float mfa_row_sum(float x) {
+METAL_FUNC float mfa_row_sum(float x) {
   x += simd_shuffle_xor(x, ushort(1));
   return x + simd_shuffle_xor(x, ushort(8));
 }
@@ -83,7 +89,7 @@ inline float mfa_row_sum(float x) {
 // converted to float; rows at or past `rows_valid` and columns at or past H
 // read as zero (the head dim is padded to HP inside the kernel).
 template <typename T>
-inline void mfa_load_rows(thread mfa_mat& m, device const T* row, bool row_ok, int col, int H) {
+METAL_FUNC void mfa_load_rows(thread mfa_mat& m, device const T* row, bool row_ok, int col, int H) {
   float a = 0.0f, b = 0.0f;
   if (row_ok && col < H) a = mfa_to_float(T(row[col]));
   if (row_ok && col + 1 < H) b = mfa_to_float(T(row[col + 1]));
@@ -92,46 +98,74 @@ inline void mfa_load_rows(thread mfa_mat& m, device const T* row, bool row_ok, i
 }
 
 template <typename T>
-inline void mfa_store_rows(thread mfa_mat& m, device T* row, bool row_ok, int col, int H) {
+METAL_FUNC void mfa_store_rows(thread mfa_mat& m, device T* row, bool row_ok, int col, int H) {
   if (row_ok && col < H) row[col] = mfa_from_float<T>(m.thread_elements()[0]);
   if (row_ok && col + 1 < H) row[col + 1] = mfa_from_float<T>(m.thread_elements()[1]);
 }
 
 // Cooperatively stages a (R x DB) tile of a head slice into threadgroup memory
-// as float: rows [0, rows_valid) from `base` (row stride `stride`), columns
-// [d0, d0 + DB) of the head dim; everything else is zero. Callers put the
-// barriers around it.
+// in the storage type (half the bytes of float for 16-bit storage): rows
+// [0, rows_valid) from `base` (row stride `stride`), columns [d0, d0 + DB) of
+// the head dim; everything else is zero. Callers put the barriers around it.
 template <typename T, int R, int DB, int NT>
-inline void mfa_stage(threadgroup float* tile, device const T* base, mfa_long stride,
-                      int rows_valid, int d0, int H, uint tid) {
-  for (int idx = int(tid); idx < R * DB; idx += NT) {
+METAL_FUNC void mfa_stage(threadgroup T* tile, device const T* base, mfa_long stride,
+                          int rows_valid, int d0, int H, uint tid) {
+  // A fixed trip count, so the loop unrolls (DB is a power of two: the
+  // division and modulo are shifts and masks).
+#pragma clang loop unroll(full)
+  for (int it = 0; it < (R * DB + NT - 1) / NT; ++it) {
+    const int idx = it * NT + int(tid);
+    if (R * DB % NT != 0 && idx >= R * DB) break;
     const int r = idx / DB, c = idx % DB;
-    float x = 0.0f;
-    if (r < rows_valid && d0 + c < H) x = mfa_to_float(T(base[mfa_long(r) * stride + d0 + c]));
-    tile[idx] = x;
+    tile[idx] = (r < rows_valid && d0 + c < H) ? T(base[mfa_long(r) * stride + d0 + c])
+                                               : mfa_from_float<T>(0.0f);
+  }
+}
+
+// An 8x8 block of a staged tile (row stride `stride`) into a float matrix,
+// transposed or not. Float tiles use simdgroup_load; 16-bit tiles are read
+// by each lane (its two elements, converted), as MLX's steel kernels do.
+METAL_FUNC void mfa_load_tile(thread mfa_mat& m, threadgroup float* block, int stride,
+                              bool transpose, uint lane) {
+  (void)lane;
+  simdgroup_load(m, block, stride, ulong2(0, 0), transpose);
+}
+template <typename T>
+METAL_FUNC void mfa_load_tile(thread mfa_mat& m, threadgroup T* block, int stride,
+                              bool transpose, uint lane) {
+  const int r = mfa_lane_row(lane), c = mfa_lane_col(lane);
+  #pragma clang loop unroll(full)
+  for (int e = 0; e < 2; ++e) {
+    m.thread_elements()[e] = transpose ? mfa_to_float(T(block[(c + e) * stride + r]))
+                                       : mfa_to_float(T(block[r * stride + c + e]));
   }
 }
 
 // acc[c] += A B^T over the (padded) head dim, for the C rows of B (keys, or
-// queries) at b_base: B is staged DB head columns at a time through `tile` and
+// queries) at b_base (only b_rows of them exist: the last block of a span,
+// e.g. on the causal diagonal, skips the 8-row chunks past them): B is staged DB head columns at a time through `tile` and
 // read back transposed; A, this simdgroup's 8 rows, comes from registers
 // (a_cached, HP / 8 matrices) when CACHED, else from a_row in device memory.
 template <typename T, int HP, int C, int DB, int NT, bool CACHED>
-inline void mfa_accumulate_abt(thread mfa_mat* acc, thread const mfa_mat* a_cached,
+METAL_FUNC void mfa_accumulate_abt(thread mfa_mat* acc, thread const mfa_mat* a_cached,
                                device const T* a_row, bool a_ok, device const T* b_base,
                                mfa_long b_stride, int b_rows, int H, int lc,
-                               threadgroup float* tile, uint tid) {
+                               threadgroup T* tile, uint tid) {
+  #pragma clang loop unroll(full)
   for (int d0 = 0; d0 < HP; d0 += DB) {
     threadgroup_barrier(mem_flags::mem_threadgroup);
     mfa_stage<T, C, DB, NT>(tile, b_base, b_stride, b_rows, d0, H, tid);
     threadgroup_barrier(mem_flags::mem_threadgroup);
+    #pragma clang loop unroll(full)
     for (int kk = 0; kk < DB / 8; ++kk) {
       mfa_mat am;
       if (CACHED) am = a_cached[CACHED ? d0 / 8 + kk : 0];
       else mfa_load_rows(am, a_row, a_ok, d0 + kk * 8 + lc, H);
+      #pragma clang loop unroll(full)
       for (int c = 0; c < C / 8; ++c) {
+        if (c * 8 >= b_rows) break;  // past the block's last row: zeros (uniform branch)
         mfa_mat bt;
-        simdgroup_load(bt, tile + c * 8 * DB + kk * 8, DB, ulong2(0, 0), true);
+        mfa_load_tile(bt, tile + c * 8 * DB + kk * 8, DB, true, tid % 32);
         simdgroup_multiply_accumulate(acc[c], am, bt, acc[c]);
       }
     }
@@ -141,28 +175,57 @@ inline void mfa_accumulate_abt(thread mfa_mat* acc, thread const mfa_mat* a_cach
 // acc[h] += P B: P is this simdgroup's 8 x C block (C / 8 matrices in
 // registers), B the C rows at b_base, staged DB head columns at a time.
 template <typename T, int HP, int C, int DB, int NT>
-inline void mfa_accumulate_pb(thread mfa_mat* acc, thread const mfa_mat* pm,
+METAL_FUNC void mfa_accumulate_pb(thread mfa_mat* acc, thread const mfa_mat* pm,
                               device const T* b_base, mfa_long b_stride, int b_rows, int H,
-                              threadgroup float* tile, uint tid) {
+                              threadgroup T* tile, uint tid) {
+  #pragma clang loop unroll(full)
   for (int d0 = 0; d0 < HP; d0 += DB) {
     threadgroup_barrier(mem_flags::mem_threadgroup);
     mfa_stage<T, C, DB, NT>(tile, b_base, b_stride, b_rows, d0, H, tid);
     threadgroup_barrier(mem_flags::mem_threadgroup);
+    #pragma clang loop unroll(full)
     for (int o = 0; o < DB / 8; ++o) {
+      #pragma clang loop unroll(full)
       for (int c = 0; c < C / 8; ++c) {
+        if (c * 8 >= b_rows) break;  // P's columns there are zero
         mfa_mat bm;
-        simdgroup_load(bm, tile + c * 8 * DB + o * 8, DB);
+        mfa_load_tile(bm, tile + c * 8 * DB + o * 8, DB, false, tid % 32);
         simdgroup_multiply_accumulate(acc[d0 / 8 + o], pm[c], bm, acc[d0 / 8 + o]);
       }
     }
   }
 }
 
-inline mfa_long mfa_bias_offset(constant AttentionParams& p, int b, int n, int i, int j) {
+// One step of the online softmax in base 2 over this simdgroup's 8 x (8 CB)
+// logits S (ok: 2 flags per matrix, true where allowed; block_max: this
+// lane's largest allowed logit): S becomes P = 2^(S - m_new) (0 where not
+// allowed), the row's running max m and sum l are updated, and the factor
+// 2^(m_old - m_new) that rescales the accumulator is returned.
+template <int CB>
+METAL_FUNC float mfa_softmax_step(thread mfa_mat* S, thread const bool* ok, float block_max,
+                                  thread float& m, thread float& l) {
+  const float m_new = max(m, mfa_row_max(block_max));
+  const float alpha = exp2(m - m_new);
+  float sum = 0.0f;
+#pragma clang loop unroll(full)
+  for (int c = 0; c < CB; ++c) {
+#pragma clang loop unroll(full)
+    for (int e = 0; e < 2; ++e) {
+      const float pr = ok[c * 2 + e] ? exp2(S[c].thread_elements()[e] - m_new) : 0.0f;
+      S[c].thread_elements()[e] = pr;
+      sum += pr;
+    }
+  }
+  l = l * alpha + mfa_row_sum(sum);
+  m = m_new;
+  return alpha;
+}
+
+METAL_FUNC mfa_long mfa_bias_offset(constant AttentionParams& p, int b, int n, int i, int j) {
   return mfa_long(b) * p.bias_strides[0] + mfa_long(n) * p.bias_strides[1] +
          mfa_long(i) * p.bias_strides[2] + mfa_long(j) * p.bias_strides[3];
 }
-inline mfa_long mfa_mask_offset(constant AttentionParams& p, int b, int n, int i, int j) {
+METAL_FUNC mfa_long mfa_mask_offset(constant AttentionParams& p, int b, int n, int i, int j) {
   return mfa_long(b) * p.mask_strides[0] + mfa_long(n) * p.mask_strides[1] +
          mfa_long(i) * p.mask_strides[2] + mfa_long(j) * p.mask_strides[3];
 }
@@ -170,7 +233,7 @@ inline mfa_long mfa_mask_offset(constant AttentionParams& p, int b, int n, int i
 // One logit: raw q.k product -> scaled, soft-capped, biased, in base-2 units.
 // `valid` comes back false for masked entries; `t` keeps the softcap's tanh for
 // the backward's chain rule.
-inline float mfa_logit(constant AttentionParams& p, device const float* bias,
+METAL_FUNC float mfa_logit(constant AttentionParams& p, device const float* bias,
                        device const uchar* mask, int b, int n, int i, int j, MfaSpan keys,
                        float s, thread bool& valid, thread float& t) {
   valid = j >= keys.begin && j < keys.end;
@@ -190,7 +253,7 @@ inline float mfa_logit(constant AttentionParams& p, device const float* bias,
   return x;
 }
 
-inline int mfa_valid_len(device const int* lengths, int has, int b, int full) {
+METAL_FUNC int mfa_valid_len(device const int* lengths, int has, int b, int full) {
   if (!has) return full;
   const int given = lengths[b];
   return clamp(given, 0, full);
@@ -255,7 +318,7 @@ inline float mfa_dropout_entry(constant AttentionParams& p, device const uint* s
 // stream by in blocks of C with an online softmax; Q (when HP <= 128) and the
 // output accumulator live in registers for the whole kernel.
 template <typename T, int HP, int P, int C, int DB>
-kernel void attention_forward(constant AttentionParams& p [[buffer(0)]],
+[[kernel, max_total_threads_per_threadgroup(P * 4)]] void attention_forward(constant AttentionParams& p [[buffer(0)]],
                               device const T* q [[buffer(1)]],
                               device const T* k [[buffer(2)]],
                               device const T* v [[buffer(3)]],
@@ -275,8 +338,8 @@ kernel void attention_forward(constant AttentionParams& p [[buffer(0)]],
                               uint tid [[thread_index_in_threadgroup]]) {
   constexpr int NT = P * 4;  // 32 threads per 8 rows
   constexpr int HB = HP / 8, CB = C / 8;
-  constexpr bool kCacheQ = HP <= 128;
-  threadgroup float tile[C * DB];
+  constexpr bool kCacheQ = mfa_forward_caches_q(HP);
+  threadgroup T tile[C * DB];
 
   const int linear = p.group_offset + int(group);
   const int qb = linear % p.num_row_blocks;
@@ -299,8 +362,10 @@ kernel void attention_forward(constant AttentionParams& p [[buffer(0)]],
 
   mfa_mat O[HB];
   mfa_mat Qc[kCacheQ ? HB : 1];
+  #pragma clang loop unroll(full)
   for (int h = 0; h < HB; ++h) O[h] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
   if (kCacheQ && !(span.begin >= span.end))
+    #pragma clang loop unroll(full)
     for (int h = 0; h < HB; ++h) mfa_load_rows(Qc[kCacheQ ? h : 0], q_row, row_ok, h * 8 + lc, H);
 
   float m, l;
@@ -314,6 +379,7 @@ kernel void attention_forward(constant AttentionParams& p [[buffer(0)]],
 
     // S = Q K^T over the head dim, one head block of K at a time.
     mfa_mat S[CB];
+    #pragma clang loop unroll(full)
     for (int c = 0; c < CB; ++c) S[c] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
     mfa_accumulate_abt<T, HP, C, DB, NT, kCacheQ>(S, Qc, q_row, row_ok, k_base, kv_stride, cols,
                                                   H, lc, tile, tid);
@@ -321,7 +387,9 @@ kernel void attention_forward(constant AttentionParams& p [[buffer(0)]],
     // Masks, then the online softmax in base 2.
     float block_max = kMaskedLogit;
     bool ok[CB][2];
+    #pragma clang loop unroll(full)
     for (int c = 0; c < CB; ++c) {
+      #pragma clang loop unroll(full)
       for (int e = 0; e < 2; ++e) {
         const int j = j0 + c * 8 + lc + e;
         float t;
@@ -334,24 +402,17 @@ kernel void attention_forward(constant AttentionParams& p [[buffer(0)]],
         if (valid) block_max = max(block_max, x);
       }
     }
-    const float m_new = max(m, mfa_row_max(block_max));
-    const float alpha = exp2(m - m_new);
-    float sum = 0.0f;
-    for (int c = 0; c < CB; ++c) {
-      for (int e = 0; e < 2; ++e) {
-        const float pr = ok[c][e] ? exp2(S[c].thread_elements()[e] - m_new) : 0.0f;
-        S[c].thread_elements()[e] = pr;
-        sum += pr;
-      }
-      // Dropout after the sum: the normaliser l is not dropped.
-      if (p.has_dropout) {
+    const float alpha = mfa_softmax_step<CB>(S, &ok[0][0], block_max, m, l);
+    // Dropout after the sum: the normaliser l is not dropped.
+    if (p.has_dropout) {
+      #pragma clang loop unroll(full)
+      for (int c = 0; c < CB; ++c) {
         const MfaFactorPair z = mfa_dropout_keys(p, dropout_seed, b, n, i, j0 + c * 8 + lc);
         S[c].thread_elements()[0] *= z.first;
         S[c].thread_elements()[1] *= z.second;
       }
     }
-    l = l * alpha + mfa_row_sum(sum);
-    m = m_new;
+    #pragma clang loop unroll(full)
     for (int h = 0; h < HB; ++h) {
       O[h].thread_elements()[0] *= alpha;
       O[h].thread_elements()[1] *= alpha;
@@ -366,6 +427,7 @@ kernel void attention_forward(constant AttentionParams& p [[buffer(0)]],
   const bool empty = l == 0.0f;
   const float inv = empty ? 0.0f : 1.0f / l;
   device T* out_row = out + ((mfa_long(b) * p.q_len + (row_ok ? i : 0)) * N + n) * H;
+  #pragma clang loop unroll(full)
   for (int h = 0; h < HB; ++h) {
     O[h].thread_elements()[0] *= inv;
     O[h].thread_elements()[1] *= inv;
@@ -383,7 +445,7 @@ kernel void attention_forward(constant AttentionParams& p [[buffer(0)]],
 // rowsum(dO * O) - dlse arrives precomputed. With a bias constant along keys
 // it also writes per-row sums of dS (the host reduces them into dbias).
 template <typename T, int HP, int P, int C, int DB>
-kernel void attention_backward_query(constant AttentionParams& p [[buffer(0)]],
+[[kernel, max_total_threads_per_threadgroup(P * 4)]] void attention_backward_query(constant AttentionParams& p [[buffer(0)]],
                                      device const T* q [[buffer(1)]],
                                      device const T* k [[buffer(2)]],
                                      device const T* v [[buffer(3)]],
@@ -406,8 +468,8 @@ kernel void attention_backward_query(constant AttentionParams& p [[buffer(0)]],
                                      uint tid [[thread_index_in_threadgroup]]) {
   constexpr int NT = P * 4;
   constexpr int HB = HP / 8, CB = C / 8;
-  constexpr bool kCache = HP <= 64;  // Q and dO in registers
-  threadgroup float tile[C * DB];
+  constexpr bool kCache = mfa_backward_caches_rows(HP);  // Q and dO in registers
+  threadgroup T tile[C * DB];
 
   const int linear = p.group_offset + int(group);
   const int qb = linear % p.num_row_blocks;
@@ -436,8 +498,10 @@ kernel void attention_backward_query(constant AttentionParams& p [[buffer(0)]],
 
   mfa_mat dQ[HB];
   mfa_mat Qc[kCache ? HB : 1], dOc[kCache ? HB : 1];
+  #pragma clang loop unroll(full)
   for (int h = 0; h < HB; ++h) dQ[h] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
   if (kCache && !(span.begin >= span.end)) {
+    #pragma clang loop unroll(full)
     for (int h = 0; h < HB; ++h) {
       mfa_load_rows(Qc[kCache ? h : 0], q_row, row_ok, h * 8 + lc, H);
       mfa_load_rows(dOc[kCache ? h : 0], do_row, row_ok, h * 8 + lc, H);
@@ -454,6 +518,7 @@ kernel void attention_backward_query(constant AttentionParams& p [[buffer(0)]],
 
     // S = Q K^T and dP = dO V^T.
     mfa_mat S[CB], dP[CB];
+    #pragma clang loop unroll(full)
     for (int c = 0; c < CB; ++c) {
       S[c] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
       dP[c] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
@@ -465,10 +530,12 @@ kernel void attention_backward_query(constant AttentionParams& p [[buffer(0)]],
 
     // P = exp2(logit - L), dS = P (dP Z - delta) with dropout factors Z;
     // S becomes dS * d(logit)/d(q.k).
+    #pragma clang loop unroll(full)
     for (int c = 0; c < CB; ++c) {
       MfaFactorPair z;
       z.first = z.second = 1.0f;
       if (p.has_dropout) z = mfa_dropout_keys(p, dropout_seed, b, n, i, j0 + c * 8 + lc);
+      #pragma clang loop unroll(full)
       for (int e = 0; e < 2; ++e) {
         const int j = j0 + c * 8 + lc + e;
         float t;
@@ -489,6 +556,7 @@ kernel void attention_backward_query(constant AttentionParams& p [[buffer(0)]],
   }
 
   device T* dq_row = dq + row_index * H;
+  #pragma clang loop unroll(full)
   for (int h = 0; h < HB; ++h) mfa_store_rows(dQ[h], dq_row, row_ok, h * 8 + lc, H);
   ds_sum = mfa_row_sum(ds_sum);
   if (p.dbias_mode == MFA_DBIAS_ROW_SUMS && row_ok && (lane & 9u) == 0u)
@@ -502,8 +570,11 @@ kernel void attention_backward_query(constant AttentionParams& p [[buffer(0)]],
 // element has exactly one writer and no atomics are needed. When the merged
 // pairs are too much serial work for one threadgroup, they are split into
 // slices (kv_splits); each slice owns its own dbias slot, summed by the host.
-template <typename T, int HP, int P, int C, int DB>
-kernel void attention_backward_key_value(constant AttentionParams& p [[buffer(0)]],
+// HO < HP splits the head columns of dK and dV over HP / HO threadgroups per
+// key block (each recomputes S^T and dP^T; the first one accumulates dbias),
+// so that both accumulators fit in registers at large head dims.
+template <typename T, int HP, int P, int C, int DB, int HO>
+[[kernel, max_total_threads_per_threadgroup(P * 4)]] void attention_backward_key_value(constant AttentionParams& p [[buffer(0)]],
                                          device const T* q [[buffer(1)]],
                                          device const T* k [[buffer(2)]],
                                          device const T* v [[buffer(3)]],
@@ -526,14 +597,16 @@ kernel void attention_backward_key_value(constant AttentionParams& p [[buffer(0)
                                          uint lane [[thread_index_in_simdgroup]],
                                          uint tid [[thread_index_in_threadgroup]]) {
   constexpr int NT = P * 4;
-  constexpr int HB = HP / 8, CB = C / 8;
-  constexpr bool kCache = HP <= 64;  // K and V in registers
-  threadgroup float tile[C * DB];
+  constexpr int HB = HP / 8, CB = C / 8, OB = HO / 8;
+  constexpr bool kCache = mfa_backward_caches_rows(HP);  // K and V in registers
+  threadgroup T tile[C * DB];
   threadgroup float lse_t[C];
   threadgroup float delta_t[C];
 
   const int h_tasks = p.merge_heads ? 1 : p.kv_heads;
-  const int linear = p.group_offset + int(group);
+  const int head_part = (p.group_offset + int(group)) % (HP / HO);
+  const int h_out = head_part * HO;  // first head column of dK and dV this threadgroup owns
+  const int linear = (p.group_offset + int(group)) / (HP / HO);
   const int kb = linear % p.num_row_blocks;
   const int split = (linear / p.num_row_blocks) % p.kv_splits;
   const int ht = (linear / (p.num_row_blocks * p.kv_splits)) % h_tasks;
@@ -550,7 +623,7 @@ kernel void attention_backward_key_value(constant AttentionParams& p [[buffer(0)
   const int j = j0 + int(sg) * 8 + lr;  // this lane's key row
   const bool key_ok = j < p.kv_len;
   const mfa_long q_stride = mfa_long(N) * H;
-  const bool dbias_keys = p.dbias_mode == MFA_DBIAS_KEYS;
+  const bool dbias_keys = p.dbias_mode == MFA_DBIAS_KEYS && head_part == 0;
   device float* dbias_out = dbias + mfa_long(split) * p.dbias_slot;  // this slice's slot
 
   // The (batch, kv head) pairs of this threadgroup's slice, in order.
@@ -565,13 +638,15 @@ kernel void attention_backward_key_value(constant AttentionParams& p [[buffer(0)
       const mfa_long key_index = (mfa_long(b) * p.kv_len + (key_ok ? j : 0)) * K + kvh;
       device const T* k_row = k + key_index * H;
       device const T* v_row = v + key_index * H;
-      mfa_mat dK[HB], dV[HB];
+      mfa_mat dK[OB], dV[OB];
       mfa_mat Kc[kCache ? HB : 1], Vc[kCache ? HB : 1];
-      for (int h = 0; h < HB; ++h) {
+      #pragma clang loop unroll(full)
+      for (int h = 0; h < OB; ++h) {
         dK[h] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
         dV[h] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
       }
       if (kCache && !(rows.begin >= rows.end)) {
+        #pragma clang loop unroll(full)
         for (int h = 0; h < HB; ++h) {
           mfa_load_rows(Kc[kCache ? h : 0], k_row, key_ok, h * 8 + lc, H);
           mfa_load_rows(Vc[kCache ? h : 0], v_row, key_ok, h * 8 + lc, H);
@@ -605,6 +680,7 @@ kernel void attention_backward_key_value(constant AttentionParams& p [[buffer(0)
 
           // S^T = K Q^T and dP^T = V dO^T: rows are keys, columns queries.
           mfa_mat ST[CB], dPT[CB];
+          #pragma clang loop unroll(full)
           for (int c = 0; c < CB; ++c) {
             ST[c] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
             dPT[c] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
@@ -616,7 +692,9 @@ kernel void attention_backward_key_value(constant AttentionParams& p [[buffer(0)
 
           // P^T and dS^T; ST becomes P^T, dPT becomes dS^T * d(logit)/d(q.k).
           float ds_row = 0.0f;
+          #pragma clang loop unroll(full)
           for (int c = 0; c < CB; ++c) {
+            #pragma clang loop unroll(full)
             for (int e = 0; e < 2; ++e) {
               const int col = c * 8 + lc + e;
               const int i = i0 + col;
@@ -653,17 +731,21 @@ kernel void attention_backward_key_value(constant AttentionParams& p [[buffer(0)
             if (key_ok && (lane & 9u) == 0u) dbias_out[mfa_bias_offset(p, b, n, 0, j)] += ds_row;
           }
 
-          // dV += P^T dO and dK += dS^T Q, restaging dO and Q by head block.
-          mfa_accumulate_pb<T, HP, C, DB, NT>(dV, ST, do_base, q_stride, cnt, H, tile, tid);
-          mfa_accumulate_pb<T, HP, C, DB, NT>(dK, dPT, q_base, q_stride, cnt, H, tile, tid);
+          // dV += P^T dO and dK += dS^T Q over this threadgroup's head
+          // columns, restaging dO and Q by head block.
+          mfa_accumulate_pb<T, HO, C, DB, NT>(dV, ST, do_base + h_out, q_stride, cnt, H - h_out,
+                                              tile, tid);
+          mfa_accumulate_pb<T, HO, C, DB, NT>(dK, dPT, q_base + h_out, q_stride, cnt, H - h_out,
+                                              tile, tid);
         }
       }
 
-      device T* dk_row = dk + key_index * H;
-      device T* dv_row = dv + key_index * H;
-      for (int h = 0; h < HB; ++h) {
-        mfa_store_rows(dK[h], dk_row, key_ok, h * 8 + lc, H);
-        mfa_store_rows(dV[h], dv_row, key_ok, h * 8 + lc, H);
+      device T* dk_row = dk + key_index * H + h_out;
+      device T* dv_row = dv + key_index * H + h_out;
+      #pragma clang loop unroll(full)
+      for (int h = 0; h < OB; ++h) {
+        mfa_store_rows(dK[h], dk_row, key_ok, h * 8 + lc, H - h_out);
+        mfa_store_rows(dV[h], dv_row, key_ok, h * 8 + lc, H - h_out);
       }
     }
   }

@@ -76,6 +76,10 @@ struct AttentionParams {
   mfa_int has_dropout, dropout_broadcast_heads;
   mfa_u32 dropout_threshold;
   float dropout_keep_scale;
+  // Split-key decode (metal/attention_decode.h): keys split into
+  // decode_splits ranges of decode_keys_per_split keys; num_row_blocks counts
+  // the 8-row tiles of a GQA group's T x G rows.
+  mfa_int decode_splits, decode_keys_per_split;
 };
 
 // Whether sorted segment ids of query rows [i0, i1) and keys [j0, j1) (both
@@ -84,6 +88,19 @@ inline bool mfa_sorted_segments_meet(mfa_int q_first, mfa_int q_last, mfa_int kv
                                      mfa_int kv_last) {
   return q_first <= kv_last && kv_first <= q_last;
 }
+
+// The most key splits of one decode row (the merge kernel keeps one weight
+// per split in threadgroup memory).
+#define MFA_MAX_DECODE_SPLITS 1024
+
+// Register-cache policy (one definition for the kernels and the launch
+// plan's register model): besides its accumulators, which a kernel always
+// keeps in registers, the forward kernel keeps Q in registers for the whole
+// run up to head bucket 96 (as MFA's M3 forward tables do), the dQ kernel Q
+// and dO and the dK/dV kernel K and V up to 64; larger buckets reload those
+// operands from device memory at every step.
+constexpr inline bool mfa_forward_caches_q(mfa_int head_pad) { return head_pad <= 96; }
+constexpr inline bool mfa_backward_caches_rows(mfa_int head_pad) { return head_pad <= 64; }
 
 // Half-open range of key (or query) positions.
 struct MfaSpan {

@@ -22,11 +22,20 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import jax_mfa  # noqa: E402
+from jax_mfa import _blockwise  # noqa: E402
 
-# Fused implementations the kernel test matrix runs on ("xla" is the
-# comparison path, tested against the fused ones separately).
+# Implementations the test matrix runs on: the fused kernels and the blockwise
+# JAX implementation ("xla" is the comparison path, tested against the others
+# separately).
 FUSED_IMPLEMENTATIONS = ("cpu", "metal-emulated", "metal")
-IMPLEMENTATIONS = [i for i in jax_mfa.available_implementations() if i in FUSED_IMPLEMENTATIONS]
+TESTED_IMPLEMENTATIONS = FUSED_IMPLEMENTATIONS + ("xla-blockwise",)
+IMPLEMENTATIONS = [i for i in jax_mfa.available_implementations()
+                   if i in TESTED_IMPLEMENTATIONS]
+FUSED = [i for i in IMPLEMENTATIONS if i in FUSED_IMPLEMENTATIONS]
+
+# Small blocks for the blockwise implementation, so that every test shape has
+# several blocks, and uneven last ones (defaults: hundreds of rows and keys).
+_blockwise.QUERY_BLOCK, _blockwise.KEY_BLOCK = 16, 24
 # JAX_MFA_TEST_IMPLEMENTATIONS=cpu,metal-emulated restricts the matrix (e.g. to
 # time one implementation); unavailable names are ignored.
 if os.environ.get("JAX_MFA_TEST_IMPLEMENTATIONS"):
@@ -36,7 +45,7 @@ if os.environ.get("JAX_MFA_TEST_IMPLEMENTATIONS"):
 # Every implementation available here, fused or not (for tests of semantics
 # that all of them must share, e.g. NaN propagation and option validation).
 ALL_IMPLEMENTATIONS = IMPLEMENTATIONS + [i for i in jax_mfa.available_implementations()
-                                         if i not in FUSED_IMPLEMENTATIONS]
+                                         if i not in IMPLEMENTATIONS]
 
 # float64 runs only on the CPU path (Metal has no float64); float64-only tests
 # (numerical gradient checks) use this list, the rest pick dtype_for(impl).
@@ -61,6 +70,8 @@ SIZE_PRESETS = {
     "metal-emulated": dict(length={1: 1, 17: 17, 37: 37, 65: 65, 130: 70}, batch=2,
                            memory_len=1024),
     "metal": dict(length={1: 1, 17: 17, 37: 37, 65: 65, 130: 130}, batch=3, memory_len=8192),
+    "xla-blockwise": dict(length={1: 1, 17: 17, 37: 37, 65: 65, 130: 130}, batch=3,
+                          memory_len=8192),
 }
 
 

@@ -21,8 +21,9 @@ import pytest
 
 import jax_mfa
 import reference
-from support import (FLOAT64_IMPLEMENTATIONS, IMPLEMENTATIONS, accumulation_dtype, assert_no_nan, batch_size,
-                      check_close, random_array, seq_len, to64)
+from support import (ALL_IMPLEMENTATIONS, FLOAT64_IMPLEMENTATIONS, FUSED, IMPLEMENTATIONS,
+                     accumulation_dtype, assert_no_nan, batch_size, check_close, random_array,
+                     seq_len, to64)
 
 DTYPES = [jnp.float32, jnp.float16, jnp.bfloat16, jnp.float64]
 
@@ -207,10 +208,22 @@ def check_empty_rows(out, lse, grads, ref_lse, has_bias_full, bias_grad):
         assert np.all(db[rows] == 0), "fully masked rows: dbias not exactly 0"
 
 
-@pytest.mark.parametrize("impl, dtype", [(i, d) for i in IMPLEMENTATIONS for d in DTYPES
-                                          if d != jnp.float64 or i in FLOAT64_IMPLEMENTATIONS],
-                         ids=lambda x: x if isinstance(x, str) else jnp.dtype(x).name)
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def _matrix():
+    """(case, impl, dtype): every case on every dtype for the fused kernels; the
+    blockwise JAX implementation (compiled per case, a few seconds each on
+    the CPU) takes one dtype per case, in turn."""
+    params = []
+    for index, case in enumerate(CASES):
+        for impl in IMPLEMENTATIONS:
+            dtypes = [d for d in DTYPES if d != jnp.float64 or impl in FLOAT64_IMPLEMENTATIONS]
+            if impl not in FUSED:
+                dtypes = [dtypes[index % len(dtypes)]]
+            params += [pytest.param(case, impl, d, id=f"{case.name}-{impl}-{jnp.dtype(d).name}")
+                       for d in dtypes]
+    return params
+
+
+@pytest.mark.parametrize("case, impl, dtype", _matrix())
 def test_against_reference(case, dtype, impl, rng):
     args, kwargs = build(case, dtype, impl, rng)
     q, bias = args[0], args[3]
@@ -299,3 +312,27 @@ def test_no_allowed_key_anywhere(impl, rng):
     assert np.all(to64(out) == 0) and np.all(np.isneginf(to64(lse)))
     for g in grads:
         assert np.all(to64(g) == 0)
+
+
+EXTREME_OPTIONS = [dict(softcap=float(np.finfo(np.float32).tiny)), dict(softcap=1e31),
+                   dict(scale=0.0), dict(scale=-0.7, softcap=3.0), dict(scale=1e-30),
+                   dict(scale=1e30, softcap=2.0), dict(scale=1e25), dict(scale=-1e25)]
+# (Logits beyond 1e30 in magnitude are out of scope: the Metal kernels use a
+# finite -1e30 as their masked-logit sentinel, see metal/attention_kernels.h.)
+
+
+@pytest.mark.parametrize("impl", ALL_IMPLEMENTATIONS)
+def test_extreme_options_agree(impl, rng):
+    """Every implementation computes the reference's result for the edges of
+    the accepted scale and softcap ranges (float32 inputs)."""
+    q = random_array(rng, (2, 13, 2, 8), jnp.float32)
+    k = random_array(rng, (2, 11, 2, 8), jnp.float32)
+    v = random_array(rng, (2, 11, 2, 8), jnp.float32)
+    for opts in EXTREME_OPTIONS:
+        out, lse = jax_mfa.attention(q, k, v, is_causal=True, return_residual=True,
+                                     implementation=impl, **opts)
+        ref_out, ref_lse = reference.attention(np, to64(q), to64(k), to64(v), is_causal=True,
+                                               **opts)
+        check_close(out, ref_out, jnp.float32, "out", what=f"{opts} out")
+        scale = max(1.0, float(np.max(np.abs(ref_lse))))
+        assert np.max(np.abs(to64(lse) - ref_lse)) <= 1e-5 * scale, opts

@@ -205,3 +205,98 @@ def test_errors_under_jit():
         jax.jit(lambda q, k, v, b: call(q, k, v, bias=b))(q, k, v, jnp.zeros((3, S), jnp.float32))
     with pytest.raises(TypeError, match="mask must be a bool"):
         jax.jit(lambda q, k, v, m: call(q, k, v, mask=m))(q, k, v, np.ones((T, S), np.int8))
+
+
+# ----------------------------------------------------------------------------
+# scale and softcap against the accumulation dtype; array-likes; short messages
+
+
+@pytest.mark.parametrize("dtype, softcap", [
+    (jnp.float32, 1e300), (jnp.float32, 1e39), (jnp.float32, 1e-40), (jnp.float32, 1e-45),
+    (jnp.float64, 1e-310), (jnp.float64, 1e309), (jnp.float32, 1e32), (jnp.float64, 1e293),
+])
+def test_softcap_out_of_range(dtype, softcap):
+    """softcap must be finite and normal in the accumulation dtype (the issue:
+    1e300 gave zeros and lse -inf on cpu, NaN on xla; 1e-40 was ignored)."""
+    q, k, v = qkv(dtype)
+    with pytest.raises(ValueError, match="softcap must be a positive number, normal"):
+        call(q, k, v, softcap=softcap)
+
+
+@pytest.mark.parametrize("dtype, scale", [(jnp.float32, 1e39), (jnp.float32, -1e300),
+                                          (jnp.float16, 1e300), (jnp.float64, 1e309)])
+def test_scale_out_of_range(dtype, scale):
+    q, k, v = qkv(dtype)
+    with pytest.raises(ValueError, match="scale must be finite"):
+        call(q, k, v, scale=scale)
+
+
+@pytest.mark.parametrize("name", ["scale", "softcap"])
+@pytest.mark.parametrize("value", ["0.5", True, np.bool_(True), 1 + 2j, [0.5], None.__class__,
+                                   np.ones(3, np.float32)])
+def test_scale_softcap_not_real(name, value):
+    q, k, v = qkv()
+    with pytest.raises(TypeError, match=f"{name} must be a real number"):
+        call(q, k, v, **{name: value})
+
+
+def test_scale_softcap_accepted_types():
+    """Python, NumPy and 0-d concrete JAX numbers; scale 0 and negative too (as jax.nn)."""
+    q, k, v = qkv()
+    for value in (0.5, 2, np.float32(0.5), np.int32(2), jnp.asarray(0.5), np.asarray(0.5)):
+        call(q, k, v, scale=value, softcap=value)
+    call(q, k, v, scale=0.0)
+    call(q, k, v, scale=-1.5)
+    # float64 inputs accumulate in float64: a softcap beyond float32 is fine there.
+    call(*qkv(jnp.float64), softcap=1e200, scale=1e300)
+
+
+def test_array_likes_are_accepted():
+    """Lists for q, k, v, bias, mask and lengths, as jnp.asarray would take them."""
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal(s).astype(np.float32)
+               for s in ((B, T, N, H), (B, S, K, H), (B, S, K, H)))
+    bias = rng.standard_normal((T, S)).astype(np.float32)
+    mask = rng.random((B, 1, T, S)) < 0.7
+    ql, kl = [T, 2], [S, 4]
+    want = call(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(bias),
+                jnp.asarray(mask), query_seq_lengths=jnp.asarray(ql, jnp.int32),
+                key_value_seq_lengths=jnp.asarray(kl, jnp.int32))
+    got = call(q.tolist(), k.tolist(), v.tolist(), bias.tolist(), mask.tolist(),
+               query_seq_lengths=ql, key_value_seq_lengths=kl)
+    np.testing.assert_allclose(np.asarray(got, np.float64), np.asarray(want, np.float64),
+                               rtol=1e-6, atol=1e-6)
+    # NumPy arrays too, and 3-D inputs with scalar lengths.
+    got3 = call(q[0], k[0], v[0], query_seq_lengths=3, key_value_seq_lengths=np.int32(5))
+    assert got3.shape == (T, N, H)
+
+
+BIG = list(range(10_000))
+
+
+@pytest.mark.parametrize("kwargs, exc", [
+    (dict(query=[BIG]), ValueError),                   # 2-D query
+    (dict(bias=[[0.5] * 10_000]), ValueError),         # not broadcastable
+    (dict(mask=[[1] * 10_000]), TypeError),            # not bool
+    (dict(query=[[1.0, 2.0], [3.0]] * 5_000), TypeError),  # ragged
+    (dict(query_seq_lengths=BIG), ValueError),
+    (dict(local_window_size=np.arange(10_000)), TypeError),
+    (dict(local_window_size=tuple(BIG)), TypeError),
+    (dict(scale=np.ones(10_000)), TypeError),
+    (dict(softcap=BIG), TypeError),
+    (dict(implementation=np.zeros(10_000)), TypeError),
+    (dict(query="a" * 10_000), TypeError),
+    (dict(query={"q": BIG}), TypeError),
+])
+def test_messages_never_print_whole_arrays(kwargs, exc):
+    q, k, v = qkv()
+    args = dict(query=q, key=k, value=v)
+    args.update(kwargs)
+    args.setdefault("implementation", "cpu" if "cpu" in jax_mfa.available_implementations()
+                    else "xla")
+    with pytest.raises(exc) as info:
+        jax_mfa.attention(args.pop("query"), args.pop("key"), args.pop("value"), **args)
+    message = str(info.value)
+    assert len(message) < 300, message[:500]
+    assert "9999" not in message and "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa" not in message
+    assert info.value.__cause__ is None or len(str(info.value.__cause__)) < 300

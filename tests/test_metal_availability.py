@@ -19,7 +19,7 @@ from jax_mfa import _api, _native
 
 def test_diagnostics_cover_every_implementation():
     reasons = jax_mfa.implementation_diagnostics()
-    assert set(reasons) == {"metal", "cpu", "xla", "metal-emulated"}
+    assert set(reasons) == {"metal", "cpu", "xla", "xla-blockwise", "metal-emulated"}
     available = jax_mfa.available_implementations()
     for name, reason in reasons.items():
         assert (reason is None) == (name in available), (name, reason)

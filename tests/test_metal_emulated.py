@@ -242,7 +242,7 @@ def embedded_source() -> str:
     same files, same order, JAX_MFA_EMBEDDED on, `#pragma once` dropped."""
     files = [ROOT / "cpp/metal_emulator/msl/jax_mfa_instantiate.h",
              ROOT / "metal/dropout_philox.h", ROOT / "metal/attention_params.h",
-             ROOT / "metal/attention_kernels.h",
+             ROOT / "metal/attention_kernels.h", ROOT / "metal/attention_decode.h",
              ROOT / "metal/attention.metal"]
     text = "#define JAX_MFA_EMBEDDED 1\n"
     for f in files:
@@ -262,9 +262,12 @@ def test_embedded_source_is_self_contained(tmp_path):
     names = set(lib.kernels)
     expected = {f"mfa_{kind}_f16_h{hp}_" for kind in ("fwd", "dq", "dkdv")
                 for hp in (16, 32, 64, 96, 128, 192, 256)}
+    decode = {f"mfa_decode_f16_h{hp}_c32" for hp in (16, 32, 64, 96, 128, 192, 256)} | {"mfa_decode_merge_f16"}
+    assert decode <= names
+    names -= decode
     assert len(names) == len(expected) == 21
-    assert {re.sub(r"p\d+_c\d+_d\d+$", "", n) for n in names} == expected
-    assert all(re.fullmatch(r"mfa_(fwd|dq|dkdv)_f16_h\d+_p16_c\d+_d\d+", n) for n in names)
+    assert {re.sub(r"p\d+_c\d+_d\d+(_o\d+)?$", "", n) for n in names} == expected
+    assert all(re.fullmatch(r"mfa_(fwd|dq|dkdv)_f16_h\d+_p16_c\d+_d\d+(_o\d+)?", n) for n in names)
     assert "#include \"" not in re.sub(r"#ifndef JAX_MFA_EMBEDDED\n(#include[^\n]*\n)+#endif", "",
                                         src)
 
@@ -283,6 +286,7 @@ def _params_bytes(B, T, S, N, K, H, *, P, scale):
                 sinks_batched=0, has_dropout=0, dropout_broadcast_heads=0, dropout_threshold=0)
     body += np.array(list(rest.values()), np.int32).tobytes()
     body += np.array([1.0], np.float32).tobytes()  # dropout_keep_scale
+    body += np.array([1, S], np.int32).tobytes()  # decode_splits, decode_keys_per_split
     data = head + body
     return data + bytes(-len(data) % 8)
 
@@ -296,7 +300,7 @@ def _forward_with(lib, rng):
     lse = np.zeros((B, T, N), np.float32)
     empty = np.zeros(0, np.float32)
     params = _params_bytes(B, T, S, N, K, H, P=P, scale=0.25)
-    assert len(params) == 232
+    assert len(params) == 240  # sizeof(AttentionParams), static_assert in attention_plan.cc
     lib.dispatch("mfa_fwd_f16_h16_p16_c128_d16", grid=(1,), threads=(P * 4,),
                  buffers=[params, q, k, v, empty, empty, empty, empty, out, lse] + [empty] * 4)
     s = 0.25 * np.einsum("bthd,bshd->bts", q.astype(np.float64), k.astype(np.float64))

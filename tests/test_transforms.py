@@ -1,12 +1,11 @@
 """jax_mfa.attention under JAX transformations: numerical gradient checks, jit,
-grad, vmap (against Python loops, forward and gradients), sharded inputs (in a
-subprocess with 4 host devices), and agreement with the "xla" implementation
-and with jax.nn.dot_product_attention."""
+grad, vmap (against Python loops, forward and gradients), and agreement with
+the "xla" implementation and with jax.nn.dot_product_attention. Sharded inputs
+are tested in test_sharding.py."""
 
 from __future__ import annotations
 
 import functools
-import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -16,8 +15,8 @@ from jax.test_util import check_grads
 
 import jax_mfa
 import reference
-from support import (FLOAT64_IMPLEMENTATIONS, IMPLEMENTATIONS, dtype_for, random_array,
-                      relative_error, run_with_host_devices, same_impl_tolerance, to64)
+from support import (FLOAT64_IMPLEMENTATIONS, FUSED, IMPLEMENTATIONS, dtype_for, random_array,
+                      relative_error, same_impl_tolerance, to64)
 
 
 def _inputs(rng, B, T, S, N, K, H, dtype=jnp.float64):
@@ -174,8 +173,11 @@ def _vmap_setup(rng, case, dtype):
     return [q, k, v, bias, mask, ql, kl]
 
 
-@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
-@pytest.mark.parametrize("name", list(VMAP_CASES))
+# The batching rules are the fused primitives'; the blockwise implementation
+# (batched by JAX itself) runs two cases.
+@pytest.mark.parametrize("name, impl", [(n, i) for n in VMAP_CASES for i in FUSED] + [
+    (n, i) for n in ("q_only", "all_batched_axis_last") for i in IMPLEMENTATIONS
+    if i not in FUSED])
 def test_vmap(name, impl, rng):
     case = VMAP_CASES[name]
     axes = list(case["axes"])
@@ -305,8 +307,9 @@ def _vjp_everything(impl, mask, kl):
     return run
 
 
-@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
-@pytest.mark.parametrize("primal, cotangent", BATCHING_COMBINATIONS)
+@pytest.mark.parametrize("primal, cotangent, impl", [
+    (p, c, i) for p, c in BATCHING_COMBINATIONS for i in FUSED] + [
+    ("none", "both", i) for i in IMPLEMENTATIONS if i not in FUSED])
 def test_vmap_of_vjp(primal, cotangent, impl, rng):
     dtype = dtype_for(impl)
     batched = PRIMAL_BATCHING[primal] + COTANGENT_BATCHING[cotangent]
@@ -356,76 +359,6 @@ def test_vmap_of_vjp_function(impl, rng):
         assert_close(got[1][i], want[1], same_impl_tolerance(impl), "dk")
 
 
-# ----------------------------------------------------------------------------
-# Sharded inputs, in a subprocess with 4 host devices.
-
-SHARDING_SCRIPT = textwrap.dedent("""
-    import jax
-    jax.config.update("jax_enable_x64", True)
-    import jax.numpy as jnp
-    import numpy as np
-    from jax.sharding import NamedSharding, PartitionSpec as P
-    import jax_mfa
-
-    IMPL = {impl!r}
-    assert len(jax.devices()) == 4, jax.devices()
-    mesh = jax.make_mesh((4,), ("b",))
-    rng = np.random.default_rng(0)
-    B, T, S, N, K, H = 8, 37, 65, 4, 2, 16
-    q = jnp.asarray(rng.standard_normal((B, T, N, H)), jnp.float32)
-    k = jnp.asarray(rng.standard_normal((B, S, K, H)), jnp.float32)
-    v = jnp.asarray(rng.standard_normal((B, S, K, H)), jnp.float32)
-    bias = jnp.asarray(rng.standard_normal((B, N, T, S)), jnp.float32)
-    kl = jnp.asarray(rng.integers(1, S + 1, (B,)), jnp.int32)
-    w = jnp.asarray(rng.standard_normal((B, T, N, H)), jnp.float32)
-
-    def f(q, k, v, bias, kl):
-        return jax_mfa.attention(q, k, v, bias, key_value_seq_lengths=kl, is_causal=True,
-                                 implementation=IMPL)
-
-    def loss(q, k, v, bias, kl):
-        return jnp.sum(f(q, k, v, bias, kl) * w)
-
-    grad = jax.grad(loss, argnums=(0, 1, 2, 3))
-    want_out = f(q, k, v, bias, kl)
-    want_grads = grad(q, k, v, bias, kl)
-
-    sh = NamedSharding(mesh, P("b"))
-    qs, ks, vs, bs, kls = (jax.device_put(x, sh) for x in (q, k, v, bias, kl))
-    assert len(qs.sharding.device_set) == 4
-
-    def check(got, want, what):
-        got, want = np.asarray(got), np.asarray(want)
-        err = np.max(np.abs(got - want)) / np.max(np.abs(want))
-        assert err < 1e-6, (what, err)
-
-    out = jax.jit(f)(qs, ks, vs, bs, kls)
-    check(out, want_out, "jit out")
-    for i, g in enumerate(jax.jit(grad)(qs, ks, vs, bs, kls)):
-        check(g, want_grads[i], f"jit grad {{i}}")
-
-    # shard_map over the batch: each device runs the kernel on its 2 examples.
-    smap = jax.shard_map(f, mesh=mesh, in_specs=(P("b"),) * 5, out_specs=P("b"))
-    out = jax.jit(smap)(qs, ks, vs, bs, kls)
-    assert out.sharding.spec == P("b") or len(out.sharding.device_set) == 4
-    check(out, want_out, "shard_map out")
-
-    def smap_loss(q, k, v, bias, kl):
-        return jnp.sum(smap(q, k, v, bias, kl) * w)
-
-    for i, g in enumerate(jax.jit(jax.grad(smap_loss, argnums=(0, 1, 2, 3)))(
-            qs, ks, vs, bs, kls)):
-        check(g, want_grads[i], f"shard_map grad {{i}}")
-    print("SHARDING OK")
-""")
-
-
-@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
-def test_sharded_inputs(impl):
-    assert "SHARDING OK" in run_with_host_devices(SHARDING_SCRIPT.format(impl=impl), timeout=300)
-
-
-# ----------------------------------------------------------------------------
 # Agreement with the "xla" implementation and with jax.nn.
 
 
@@ -504,3 +437,26 @@ def test_jax_nn_agreement(name, impl, rng):
     g2, o2 = run(jax.nn.dot_product_attention)
     assert_close(np.asarray(o1)[valid], np.asarray(o2)[valid], 1e-5, "out")
     assert_tree_close(g1, g2, 2e-5, "grads")
+
+
+# ----------------------------------------------------------------------------
+# Forward mode and second derivatives: a clear error naming jax_mfa.
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_forward_mode_error_names_jax_mfa(impl, rng):
+    q, k, v = _inputs(rng, 1, 5, 4, 2, 1, 4, dtype_for(impl))
+
+    def f(q):
+        return jnp.sum(jax_mfa.attention(q, k, v, is_causal=True, implementation=impl))
+
+    transforms = {"jvp": lambda: jax.jvp(f, (q,), (q,)), "jacfwd": lambda: jax.jacfwd(f)(q)}
+    if impl in FUSED:  # the blockwise backward is plain JAX: JAX may differentiate it
+        transforms["hessian"] = lambda: jax.hessian(f)(q)
+        transforms["grad_of_grad"] = lambda: jax.grad(lambda a: jnp.sum(jax.grad(f)(a)))(q)
+    for name, run in transforms.items():
+        with pytest.raises(NotImplementedError,
+                           match=r"jax_mfa\.attention.*implementation=\"xla\""):
+            run()
+    # The suggested implementation does support them.
+    jax.hessian(lambda a: jnp.sum(jax_mfa.attention(a, k, v, implementation="xla")))(q)

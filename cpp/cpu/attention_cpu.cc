@@ -17,8 +17,13 @@
 // float accumulator; the accumulators are summed at the end of each chunk of
 // heads. No atomics, no races: every output element has one writer.
 //
-// float16/bfloat16 inputs are converted to float once per call (per chunk of
-// heads), float64 runs in float64 throughout.
+// bfloat16 on CPUs with AVX512-BF16 (use_bf16_dot): the operands are
+// repacked (not converted) into bfloat16 pairs once per chunk of heads and all
+// tile products run on the bfloat16 dot-product instruction (cpu_bf16.h); P
+// and dS are rounded to bfloat16 for the products that take them, softmax
+// and accumulation stay in float. Otherwise float16/bfloat16 inputs are
+// converted to float once per call (per chunk of heads); float64 runs in
+// float64 throughout.
 #include "cpu/attention_cpu.h"
 
 #include <algorithm>
@@ -28,6 +33,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <ctime>
 #include <limits>
 #include <memory>
 #include <thread>
@@ -40,6 +46,7 @@
 
 #include "../../metal/dropout_philox.h"
 #include "common/half_types.h"
+#include "cpu/cpu_bf16.h"
 #include "cpu/cpu_blas.h"
 #include "cpu/cpu_simd.h"
 
@@ -112,6 +119,17 @@ inline void row_scale(double* y, int64_t n, double a, const RowOps&) {
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// The bfloat16 dot-product path: for bfloat16 where the CPU has it, and only
+// with enough stacked query rows per head (T * G) to pay for repacking keys
+// and values (decoding keeps the float path, whose cost is the same pass).
+// Segment ids, sinks and dropout take the float path: its softmax writes P
+// as bfloat16 directly, with no place for the dropout factors.
+template <typename T>
+bool use_bf16_dot(const AttentionProblem& p, int64_t stacked_rows, const RowOps& ops) {
+  return std::is_same_v<T, BFloat> && stacked_rows >= 64 && ops.exp_sum_to_bfloat &&
+         !p.has_segment_ids && !p.has_sinks && !p.has_dropout() && cpu::bf16_dot_available();
+}
+
 // Tile shape: stacked query rows x key columns per tile. Overridable for
 // tuning with JAX_MFA_TILES="fwd_rows,fwd_cols,bwd_rows,bwd_cols".
 struct TileShape {
@@ -127,8 +145,22 @@ TileShape tile_shape(bool backward, int64_t H, TileShape dflt) {
 }
 
 // ---------------------------------------------------------------------------
-// Optional timing breakdown (JAX_MFA_PROFILE=1): thread-summed time in the
-// tile GEMMs, per pass, printed to stderr after each call.
+// The calling thread's CPU time where the OS reports it (Linux), else wall
+// time: on a shared machine, CPU time keeps the rates independent of how
+// long other processes hold the cores.
+inline int64_t now_cpu_ns() {
+#if defined(__linux__)
+  timespec ts;
+  if (clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts) == 0)
+    return int64_t(ts.tv_sec) * 1000000000 + ts.tv_nsec;
+#endif
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+// Optional timing breakdown (JAX_MFA_PROFILE=1): thread-summed CPU time of
+// the tasks and of the tile products, per pass, printed to stderr after each
+// call.
 struct Profile {
   static constexpr int kSites = 8;
   static bool enabled() {
@@ -138,36 +170,51 @@ struct Profile {
     }();
     return on;
   }
+  static constexpr int kSlots = 8;
   std::atomic<int64_t> gemm_ns[kSites] = {}, gemm_flops[kSites] = {}, total_ns{0};
+  // Tasks run by each participating thread: a helper that XLA's pool starts
+  // late shows up as a lopsided split.
+  std::atomic<int64_t> tasks_by_slot[kSlots] = {};
+  void task_done(int64_t slot, int64_t start_ns) {
+    total_ns += now_cpu_ns() - start_ns;
+    tasks_by_slot[std::min<int64_t>(slot, kSlots - 1)] += 1;
+  }
   std::chrono::steady_clock::time_point start = std::chrono::steady_clock::now();
   void report(const char* what, int64_t threads, const char* const* names) {
     const double wall =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     int64_t g = 0;
     for (auto& x : gemm_ns) g += x.load();
-    std::fprintf(stderr, "jax_mfa %s: wall %.1f ms, %lld threads, task time %.1f ms, GEMM %.0f%%:",
+    std::fprintf(stderr, "jax_mfa %s: wall %.1f ms, %lld threads, task CPU time %.1f ms, GEMM %.0f%%:",
                  what, wall * 1e3, (long long)threads, total_ns.load() * 1e-6,
                  100.0 * g / std::max<int64_t>(1, total_ns.load()));
     for (int i = 0; i < kSites && names[i]; ++i)
       std::fprintf(stderr, " %s %.0f%% %.1f GF/s;", names[i],
                    100.0 * gemm_ns[i].load() / std::max<int64_t>(1, total_ns.load()),
                    double(gemm_flops[i].load()) / std::max<int64_t>(1, gemm_ns[i].load()));
+    std::fprintf(stderr, " tasks per thread:");
+    for (auto& n : tasks_by_slot)
+      if (n.load()) std::fprintf(stderr, " %lld", (long long)n.load());
     std::fprintf(stderr, "\n");
   }
 };
-inline int64_t now_ns() {
-  return std::chrono::duration_cast<std::chrono::nanoseconds>(
-             std::chrono::steady_clock::now().time_since_epoch()).count();
+
+// A tile product (M x N x K) run by `product`, timed per call site when
+// profiling.
+template <typename Product>
+inline void timed(Profile* prof, int site, int64_t M, int64_t N, int64_t K,
+                  const Product& product) {
+  if (!prof) return product();
+  const int64_t t0 = now_cpu_ns();
+  product();
+  prof->gemm_ns[site] += now_cpu_ns() - t0;
+  prof->gemm_flops[site] += 2 * M * N * K;
 }
-// A GEMM call, timed per call site when profiling.
+// A BLAS GEMM call, timed per call site when profiling.
 template <typename... Rest>
 inline void timed_gemm(Profile* prof, int site, bool ta, bool tb, int64_t M, int64_t N,
                        int64_t K, Rest... rest) {
-  if (!prof) return gemm(ta, tb, M, N, K, rest...);
-  const int64_t t0 = now_ns();
-  gemm(ta, tb, M, N, K, rest...);
-  prof->gemm_ns[site] += now_ns() - t0;
-  prof->gemm_flops[site] += 2 * M * N * K;
+  timed(prof, site, M, N, K, [&] { gemm(ta, tb, M, N, K, rest...); });
 }
 
 // ---------------------------------------------------------------------------
@@ -196,7 +243,7 @@ int64_t helpers_for(TaskRunner& runner, int64_t n) {
 // the hot loops once warm).
 template <typename Acc>
 Acc* scratch(int id, size_t n) {
-  thread_local std::vector<Acc> buffers[12];
+  thread_local std::vector<Acc> buffers[16];
   std::vector<Acc>& v = buffers[id];
   if (v.size() < n) v.resize(n);
   return v.data();
@@ -396,8 +443,13 @@ void forward_typed(const AttentionProblem& p, const ForwardBuffers& buf, TaskRun
   // edge cuts through are split into row sub-tiles (see `ragged` below).
   const TileShape tile = tile_shape(false, H, {256, H <= 128 ? 256 : 128});
   const int64_t Tq = std::max<int64_t>(1, tile.rows / G), rows_max = Tq * G;
-  const int64_t Bk = tile.cols;
+  // bfloat16 dot products (see the top of this file) pair up keys: key
+  // blocks then start at even keys.
+  const bool dot = use_bf16_dot<T>(p, T_ * G, ops);
+  const int64_t Bk = dot ? (tile.cols + 1) / 2 * 2 : tile.cols;
   const int64_t QB = ceil_div(T_, Tq), pairs = B * K;
+  const int64_t hpairs = (H + 1) / 2, kpairs_max = Bk / 2;  // words per row of Q, of P
+  const int64_t Sld = (S_ + 15) / 16 * 16, Vpairs = (S_ + 1) / 2;  // packed K^T row, V rows
 
   // Too few tasks for the cores (decoding): also split the key range.
   const int64_t threads = helpers_for(runner, std::numeric_limits<int64_t>::max()) + 1;
@@ -411,17 +463,33 @@ void forward_typed(const AttentionProblem& p, const ForwardBuffers& buf, TaskRun
   const int64_t per_pair = 2 * S_ * H * int64_t(sizeof(Acc));
   const int64_t chunk = direct ? pairs : std::clamp<int64_t>((64 << 20) / per_pair, 1, pairs);
   std::vector<Acc> kbuf, vbuf, part;
+  std::vector<uint32_t> kpack, vpack;  // pair layouts (cpu_bf16.h) of K^T and V, per pair
   if (SP > 1) part.resize(size_t(std::min(chunk, pairs) * QB * SP * rows_max * (H + 2)));
 
   for (int64_t p0 = 0; p0 < pairs; p0 += chunk) {
     const int64_t p1 = std::min(pairs, p0 + chunk), cp = p1 - p0;
-    const Rows<Acc> kv = stage<T, Acc>(static_cast<const T*>(buf.k), S_, K, 1, H, p0, p1, kbuf,
-                                       runner, ops);
-    const Rows<Acc> vv = stage<T, Acc>(static_cast<const T*>(buf.v), S_, K, 1, H, p0, p1, vbuf,
-                                       runner, ops);
+    Rows<Acc> kv, vv;
+    if (dot) {
+      kpack.resize(size_t(cp * hpairs * Sld));
+      vpack.resize(size_t(cp * Vpairs * H));
+      const int64_t block = 512, blocks = ceil_div(S_, block);
+      parallel_for_slots(runner, cp * blocks, helpers_for(runner, cp * blocks),
+                         [&](int64_t, int64_t task) {
+        const int64_t pl = task / blocks, s0 = (task % blocks) * block;
+        const int64_t n = std::min(block, S_ - s0), b = (p0 + pl) / K, kvh = (p0 + pl) % K;
+        const uint16_t* ks = reinterpret_cast<const uint16_t*>(buf.k) + ((b * S_ + s0) * K + kvh) * H;
+        const uint16_t* vs = reinterpret_cast<const uint16_t*>(buf.v) + ((b * S_ + s0) * K + kvh) * H;
+        cpu::pack_pairs_in_rows(ks, K * H, n, H, kpack.data() + pl * hpairs * Sld + s0, Sld, 1);
+        cpu::pack_pairs_across_rows(vs, K * H, n, H, vpack.data() + (pl * Vpairs + s0 / 2) * H,
+                                    H, 1);
+      });
+    } else {
+      kv = stage<T, Acc>(static_cast<const T*>(buf.k), S_, K, 1, H, p0, p1, kbuf, runner, ops);
+      vv = stage<T, Acc>(static_cast<const T*>(buf.v), S_, K, 1, H, p0, p1, vbuf, runner, ops);
+    }
     const int64_t ntasks = cp * QB * SP;
-    parallel_for_slots(runner, ntasks, helpers_for(runner, ntasks), [&](int64_t, int64_t task) {
-      const int64_t task_start = prof ? now_ns() : 0;
+    parallel_for_slots(runner, ntasks, helpers_for(runner, ntasks), [&](int64_t slot, int64_t task) {
+      const int64_t task_start = prof ? now_cpu_ns() : 0;
       // Last query blocks first: under a causal mask they are the longest.
       const int64_t sp = task % SP, rest = task / SP;
       const int64_t pl = rest % cp, qb = QB - 1 - rest / cp;
@@ -429,6 +497,7 @@ void forward_typed(const AttentionProblem& p, const ForwardBuffers& buf, TaskRun
       const int64_t t0 = qb * Tq, tq = std::min(Tq, T_ - t0), rows = tq * G;
       const Rules<Acc> rules = make_rules<Acc>(p, buf, b, G);
       Span span = key_span_clamped(p, t0, tq, rules.q_valid, rules.kv_valid);
+      if (dot) span.begin &= ~int64_t(1);  // the extra key is masked by `rules`
       if (SP > 1) {
         const int64_t per = ceil_div(ceil_div(span.end - span.begin, Bk), SP) * Bk;
         const int64_t cb = std::min(span.end, span.begin + sp * per);
@@ -443,17 +512,36 @@ void forward_typed(const AttentionProblem& p, const ForwardBuffers& buf, TaskRun
       std::fill(acc, acc + rows * H, Acc(0));
       // The sink term belongs to the first key slice only.
       init_softmax(p, static_cast<const Acc*>(buf.sinks), b, kvh, rows, G, sp == 0, m, l);
-      if (!span.empty())  // G heads of a position are contiguous: one run of G*H
+      uint32_t* Qw = dot ? scratch<uint32_t>(7, rows_max * hpairs) : nullptr;
+      uint32_t* Pw = dot ? scratch<uint32_t>(8, rows_max * kpairs_max) : nullptr;
+      if (span.empty()) {
+      } else if (dot) {  // the G heads of a position: G rows H apart
+        for (int64_t t = 0; t < tq; ++t)
+          cpu::pack_pairs_in_rows(
+              reinterpret_cast<const uint16_t*>(q + ((b * T_ + t0 + t) * N + kvh * G) * H), H, G,
+              H, Qw + t * G * hpairs, 1, hpairs);
+      } else {  // G heads of a position are contiguous: one run of G*H
         for (int64_t t = 0; t < tq; ++t)
           convert(q + ((b * T_ + t0 + t) * N + kvh * G) * H, Qs + t * G * H, G * H, ops);
+      }
+      const uint32_t* Kw = dot ? kpack.data() + pl * hpairs * Sld : nullptr;
+      const uint32_t* Vw = dot ? vpack.data() + pl * Vpairs * H : nullptr;
 
       // One tile: query positions [u0, u0 + uq) (stacked rows from
       // (u0 - t0) * G), keys [j0, j0 + cols).
       auto tile = [&](int64_t u0, int64_t uq, int64_t j0, int64_t cols) {
         const int64_t r0 = (u0 - t0) * G, nr = uq * G;
         Acc* a = acc + r0 * H;
-        timed_gemm(prof, 0, false, true, nr, cols, H, scale, Qs + r0 * H, H, kv.at(b, kvh, j0),
-                   kv.sp, Acc(0), Sb, Bk);
+        if constexpr (std::is_same_v<Acc, float>) {
+          if (dot)
+            timed(prof, 0, nr, cols, H, [&] {
+              cpu::bf16_gemm(nr, cols, hpairs, scale, Qw + r0 * hpairs, hpairs, Kw + j0, Sld,
+                             false, Sb, Bk);
+            });
+        }
+        if (!dot)
+          timed_gemm(prof, 0, false, true, nr, cols, H, scale, Qs + r0 * H, H, kv.at(b, kvh, j0),
+                     kv.sp, Acc(0), Sb, Bk);
         if (!rules.plain(u0, uq, j0, cols)) rules.apply(b, kvh, u0, uq, j0, cols, Sb, Bk, th);
         for (int64_t r = 0; r < nr; ++r) {  // online softmax
           Acc* s = Sb + r * Bk;
@@ -465,16 +553,37 @@ void forward_typed(const AttentionProblem& p, const ForwardBuffers& buf, TaskRun
             if (std::any_of(s, s + cols, [](Acc x) { return std::isnan(x); }))
               mr = l[r0 + r] = std::numeric_limits<Acc>::quiet_NaN();
             std::fill(s, s + cols, Acc(0));
+            if (dot) std::fill_n(Pw + r * kpairs_max, (cols + 1) / 2, 0u);
             continue;
           }
           const Acc alpha = std::exp(mr - row_m);  // 0 when m was -inf
-          l[r0 + r] = l[r0 + r] * alpha + row_exp_sum(s, cols, row_m, ops);
+          Acc sum = 0;
+          if constexpr (std::is_same_v<Acc, float>) {
+            if (dot) {  // P straight to bfloat16 for P V (an odd count padded with 0)
+              uint16_t* pr = reinterpret_cast<uint16_t*>(Pw + r * kpairs_max);
+              sum = ops.exp_sum_to_bfloat(s, pr, cols, row_m);
+              if (cols % 2) pr[cols] = 0;
+            }
+          }
+          if (!dot) sum = row_exp_sum(s, cols, row_m, ops);
+          l[r0 + r] = l[r0 + r] * alpha + sum;
           mr = row_m;
           if (alpha != Acc(1)) row_scale(a + r * H, H, alpha, ops);
         }
-        rules.dropout(kvh, u0, uq, j0, cols, Sb, Bk);  // after the sums: l is not dropped
-        timed_gemm(prof, 1, false, false, nr, H, cols, Acc(1), Sb, Bk, vv.at(b, kvh, j0), vv.sp,
-                   Acc(1), a, H);
+        // Dropout after the sums: l is not dropped. Never on the dot-product
+        // path (use_bf16_dot), whose P is written as bfloat16 by the softmax.
+        rules.dropout(kvh, u0, uq, j0, cols, Sb, Bk);
+        if constexpr (std::is_same_v<Acc, float>) {
+          if (dot) {
+            const int64_t kp = (cols + 1) / 2;
+            timed(prof, 1, nr, H, cols, [&] {
+              cpu::bf16_gemm(nr, H, kp, 1.0f, Pw, kpairs_max, Vw + (j0 / 2) * H, H, true, a, H);
+            });
+          }
+        }
+        if (!dot)
+          timed_gemm(prof, 1, false, false, nr, H, cols, Acc(1), Sb, Bk, vv.at(b, kvh, j0),
+                     vv.sp, Acc(1), a, H);
       };
       const int64_t sub = std::max<int64_t>(1, 64 / G);  // positions per sub-tile
       for (int64_t j0 = span.begin; j0 < span.end; j0 += Bk) {
@@ -497,8 +606,9 @@ void forward_typed(const AttentionProblem& p, const ForwardBuffers& buf, TaskRun
           const int64_t uq = std::min(sub, t0 + tq - u0);
           const Span us = key_span_clamped(p, u0, uq, rules.q_valid, rules.kv_valid);
           const Span ss = rules.segment_keys(u0, uq, seg.begin, seg.end - seg.begin);
-          const int64_t lo = std::max({j0, us.begin, ss.begin});
+          int64_t lo = std::max({j0, us.begin, ss.begin});
           const int64_t hi = std::min({j0 + cols, us.end, ss.end});
+          if (dot) lo &= ~int64_t(1);  // j0 is even: lo stays in the tile
           if (lo < hi) tile(u0, uq, lo, hi - lo);
         }
       }
@@ -517,7 +627,7 @@ void forward_typed(const AttentionProblem& p, const ForwardBuffers& buf, TaskRun
         std::copy(m, m + rows, dst + rows_max * H);
         std::copy(l, l + rows, dst + rows_max * (H + 1));
       }
-      if (prof) prof->total_ns += now_ns() - task_start;
+      if (prof) prof->task_done(slot, task_start);
     });
 
     if (SP > 1) {  // merge the key slices of each query block through their lse
@@ -579,9 +689,19 @@ void backward_typed(const AttentionProblem& p, const BackwardBuffers& buf, TaskR
   Profile* prof = profile.get();
 
   const TileShape tile = tile_shape(true, H, {256, 256});
-  const int64_t Tq = std::max<int64_t>(1, tile.rows / G), rows_max = Tq * G;
-  const int64_t Bk = tile.cols;
+  // bfloat16 dot products (see the top of this file) pair up keys, and for
+  // dK and dV query rows: blocks of both then start at even indices.
+  const bool dot = use_bf16_dot<T>(p, T_ * G, ops);
+  const int64_t even = dot ? 2 : 1;
+  const int64_t Tq = ceil_div(std::max<int64_t>(1, tile.rows / G), even) * even;
+  const int64_t rows_max = Tq * G;
+  const int64_t Bk = ceil_div(tile.cols, even) * even;
   const int64_t KB = ceil_div(S_, Bk), pairs = B * K;
+  // Pair layouts per (batch, kv head) on the dot-product path: Q and dO rows
+  // (A of Q K^T, dO V^T), Q^T and dO^T pairs across rows (A of dK^T, dV^T),
+  // K^T and V^T (B of Q K^T, dO V^T), K pairs across keys (B of dS K).
+  const int64_t TG = T_ * G, hpairs = (H + 1) / 2, rpairs = (TG + 1) / 2;
+  const int64_t Sld = ceil_div(S_, 16) * 16, Spairs = (S_ + 1) / 2;
 
   // The bias gradient sums dS over the dims the bias is broadcast along. When
   // the bias varies along keys, the key-block tasks own its columns (tasks
@@ -607,17 +727,48 @@ void backward_typed(const AttentionProblem& p, const BackwardBuffers& buf, TaskR
   // Uninitialised: each thread zeroes its own accumulator on first use.
   std::unique_ptr<Acc[]> slot_acc(new Acc[size_t(slots * chunk * slot_pair)]);
   std::vector<Acc> qbuf, dobuf, kbuf, vbuf;
+  std::vector<uint32_t> qw, dow, qt, dot_, kt, vt, kw;
 
   for (int64_t p0 = 0; p0 < pairs; p0 += chunk) {
     const int64_t p1 = std::min(pairs, p0 + chunk), cp = p1 - p0;
-    const Rows<Acc> qv = stage<T, Acc>(static_cast<const T*>(buf.q), T_, K, G, H, p0, p1, qbuf,
-                                       runner, ops);
-    const Rows<Acc> dov = stage<T, Acc>(static_cast<const T*>(buf.dout), T_, K, G, H, p0, p1,
-                                        dobuf, runner, ops);
-    const Rows<Acc> kv = stage<T, Acc>(static_cast<const T*>(buf.k), S_, K, 1, H, p0, p1, kbuf,
-                                       runner, ops);
-    const Rows<Acc> vv = stage<T, Acc>(static_cast<const T*>(buf.v), S_, K, 1, H, p0, p1, vbuf,
-                                       runner, ops);
+    Rows<Acc> qv, dov, kv, vv;
+    if (dot) {
+      qw.resize(size_t(cp * TG * hpairs));
+      dow.resize(qw.size());
+      qt.resize(size_t(cp * H * rpairs));
+      dot_.resize(qt.size());
+      kt.resize(size_t(cp * hpairs * Sld));
+      vt.resize(kt.size());
+      kw.resize(size_t(cp * Spairs * H));
+      parallel_for_slots(runner, cp, helpers_for(runner, cp), [&](int64_t, int64_t pl) {
+        const int64_t b = (p0 + pl) / K, kvh = (p0 + pl) % K;
+        const auto* q16 = reinterpret_cast<const uint16_t*>(buf.q);
+        const auto* do16 = reinterpret_cast<const uint16_t*>(buf.dout);
+        uint32_t* qr = qw.data() + pl * TG * hpairs;
+        uint32_t* dor = dow.data() + pl * TG * hpairs;
+        for (int64_t t = 0; t < T_; ++t) {  // the G heads of a position: G rows H apart
+          const int64_t at = ((b * T_ + t) * N + kvh * G) * H;
+          cpu::pack_pairs_in_rows(q16 + at, H, G, H, qr + t * G * hpairs, 1, hpairs);
+          cpu::pack_pairs_in_rows(do16 + at, H, G, H, dor + t * G * hpairs, 1, hpairs);
+        }
+        cpu::pack_pairs_across_rows(reinterpret_cast<const uint16_t*>(qr), 2 * hpairs, TG, H,
+                                    qt.data() + pl * H * rpairs, 1, rpairs);
+        cpu::pack_pairs_across_rows(reinterpret_cast<const uint16_t*>(dor), 2 * hpairs, TG, H,
+                                    dot_.data() + pl * H * rpairs, 1, rpairs);
+        const int64_t at = (b * S_ * K + kvh) * H;
+        const auto* k16 = reinterpret_cast<const uint16_t*>(buf.k) + at;
+        const auto* v16 = reinterpret_cast<const uint16_t*>(buf.v) + at;
+        cpu::pack_pairs_in_rows(k16, K * H, S_, H, kt.data() + pl * hpairs * Sld, Sld, 1);
+        cpu::pack_pairs_in_rows(v16, K * H, S_, H, vt.data() + pl * hpairs * Sld, Sld, 1);
+        cpu::pack_pairs_across_rows(k16, K * H, S_, H, kw.data() + pl * Spairs * H, H, 1);
+      });
+    } else {
+      qv = stage<T, Acc>(static_cast<const T*>(buf.q), T_, K, G, H, p0, p1, qbuf, runner, ops);
+      dov = stage<T, Acc>(static_cast<const T*>(buf.dout), T_, K, G, H, p0, p1, dobuf, runner,
+                          ops);
+      kv = stage<T, Acc>(static_cast<const T*>(buf.k), S_, K, 1, H, p0, p1, kbuf, runner, ops);
+      vv = stage<T, Acc>(static_cast<const T*>(buf.v), S_, K, 1, H, p0, p1, vbuf, runner, ops);
+    }
     // Groups of pairs one task covers: single pairs, or the pairs sharing a
     // broadcast dbias slice.
     std::vector<std::vector<int64_t>> groups;
@@ -643,7 +794,7 @@ void backward_typed(const AttentionProblem& p, const BackwardBuffers& buf, TaskR
     const int64_t slot_stride = cp * slot_pair;
 
     parallel_for_slots(runner, ntasks, helpers, [&](int64_t slot, int64_t task) {
-      const int64_t task_start = prof ? now_ns() : 0;
+      const int64_t task_start = prof ? now_cpu_ns() : 0;
       Acc* my = slot_acc.get() + slot * slot_stride;
       if (!used[slot]) {  // first task of this thread in this chunk
         std::fill(my, my + slot_stride, Acc(0));
@@ -666,11 +817,16 @@ void backward_typed(const AttentionProblem& p, const BackwardBuffers& buf, TaskR
       for (const int64_t pr : group) {
         const int64_t b = pr / K, kvh = pr % K, pl = pr - p0;
         const Rules<Acc> rules = make_rules<Acc>(p, buf, b, G);
-        const Span rspan = p.query_span_of_keys(j0, j0 + cols, rules.q_valid, rules.kv_valid);
-        std::fill(dK, dK + cols * H, Acc(0));
-        std::fill(dV, dV + cols * H, Acc(0));
-        const Acc* Kp = kv.at(b, kvh, j0);
-        const Acc* Vp = vv.at(b, kvh, j0);
+        Span rspan = p.query_span_of_keys(j0, j0 + cols, rules.q_valid, rules.kv_valid);
+        if (dot && !rspan.empty()) {  // even row blocks; the extra rows are masked by `rules`
+          rspan.begin &= ~int64_t(1);
+          rspan.end = std::min(T_, ceil_div(rspan.end, 2) * 2);
+        }
+        // dK, dV: cols x H, or transposed (H x Bk) on the dot-product path.
+        std::fill(dK, dK + Bk * H, Acc(0));
+        std::fill(dV, dV + Bk * H, Acc(0));
+        const Acc* Kp = dot ? nullptr : kv.at(b, kvh, j0);
+        const Acc* Vp = dot ? nullptr : vv.at(b, kvh, j0);
         Acc* dq_acc = my + pl * slot_pair;
         Acc* rs_acc = dq_acc + T_ * G * H;
         for (int64_t tb = rspan.begin; tb < rspan.end; tb += Tq) {
@@ -681,10 +837,10 @@ void backward_typed(const AttentionProblem& p, const BackwardBuffers& buf, TaskR
           // Used in place when the stacked rows are evenly spaced in memory
           // (one head per group: stride sp; or G heads whose positions are
           // G*H apart: stride H); packed otherwise.
-          const Acc* Qp = qv.at(b, kvh, t0);
-          const Acc* dOp = dov.at(b, kvh, t0);
+          const Acc* Qp = dot ? nullptr : qv.at(b, kvh, t0);
+          const Acc* dOp = dot ? nullptr : dov.at(b, kvh, t0);
           int64_t ldq = G == 1 ? qv.sp : H, lddo = G == 1 ? dov.sp : H;
-          if (G > 1 && qv.sp != G * H) {
+          if (!dot && G > 1 && qv.sp != G * H) {
             for (int64_t t = 0; t < tq; ++t) {
               std::copy(qv.at(b, kvh, t0 + t), qv.at(b, kvh, t0 + t) + G * H, Qs + t * G * H);
               std::copy(dov.at(b, kvh, t0 + t), dov.at(b, kvh, t0 + t) + G * H, dOs + t * G * H);
@@ -700,12 +856,32 @@ void backward_typed(const AttentionProblem& p, const BackwardBuffers& buf, TaskR
               lse[t * G + g] = lse_all[idx] == -inf ? inf : lse_all[idx];
               delta[t * G + g] = delta_all[idx];
             }
-          timed_gemm(prof, 0, false, true, rows, cols, H, scale, Qp, ldq, Kp, kv.sp, Acc(0), Pb, Bk);
+          // Operands of this tile on the dot-product path.
+          const int64_t r0 = t0 * G, ro = (pl * TG + r0) * hpairs, rt = pl * H * rpairs + r0 / 2;
+          const int64_t kto = pl * hpairs * Sld + j0, kwo = (pl * Spairs + j0 / 2) * H;
+          if constexpr (std::is_same_v<Acc, float>) {
+            if (dot)
+              timed(prof, 0, rows, cols, H, [&] {
+                cpu::bf16_gemm(rows, cols, hpairs, scale, qw.data() + ro, hpairs, kt.data() + kto,
+                               Sld, false, Pb, Bk);
+              });
+          }
+          if (!dot)
+            timed_gemm(prof, 0, false, true, rows, cols, H, scale, Qp, ldq, Kp, kv.sp, Acc(0), Pb, Bk);
           if (!rules.plain(t0, tq, j0, cols)) rules.apply(b, kvh, t0, tq, j0, cols, Pb, Bk, th);
           for (int64_t r = 0; r < rows; ++r) row_exp(Pb + r * Bk, cols, lse[r], ops);
-          timed_gemm(prof, 1, false, true, rows, cols, H, Acc(1), dOp, lddo, Vp, vv.sp, Acc(0), dPb, Bk);
+          if constexpr (std::is_same_v<Acc, float>) {
+            if (dot)
+              timed(prof, 1, rows, cols, H, [&] {
+                cpu::bf16_gemm(rows, cols, hpairs, 1.0f, dow.data() + ro, hpairs, vt.data() + kto,
+                               Sld, false, dPb, Bk);
+              });
+          }
+          if (!dot)
+            timed_gemm(prof, 1, false, true, rows, cols, H, Acc(1), dOp, lddo, Vp, vv.sp, Acc(0), dPb, Bk);
           // Dropout: dS = P (dP Z - delta), and dV takes (P Z)^T dO. The
-          // factors Z are drawn once into a tile and used twice.
+          // factors Z are drawn once into a tile and used twice (never on
+          // the dot-product path, see use_bf16_dot).
           if (rules.seed) {
             for (int64_t r = 0; r < rows; ++r) std::fill(Zb + r * Bk, Zb + r * Bk + cols, Acc(1));
             rules.dropout(kvh, t0, tq, j0, cols, Zb, Bk);
@@ -736,17 +912,51 @@ void backward_typed(const AttentionProblem& p, const BackwardBuffers& buf, TaskR
                 const Acc tt = th[r * Bk + c];
                 dPb[r * Bk + c] *= Acc(1) - tt * tt;
               }
-          timed_gemm(prof, 2, true, false, cols, H, rows, Acc(1), Pb, Bk, dOp, lddo, Acc(1), dV, H);
-          timed_gemm(prof, 3, true, false, cols, H, rows, scale, dPb, Bk, Qp, ldq, Acc(1), dK, H);
-          timed_gemm(prof, 4, false, false, rows, H, cols, scale, dPb, Bk, Kp, kv.sp, Acc(1),
-               dq_acc + t0 * G * H, H);
+          if constexpr (std::is_same_v<Acc, float>) {
+            if (dot) {  // dV^T += dO^T P, dK^T += scale Q^T dS, dQ += scale dS K
+              uint32_t* Pp = scratch<uint32_t>(10, (rows_max / 2 + 1) * Bk);
+              uint32_t* dSp = scratch<uint32_t>(11, (rows_max / 2 + 1) * Bk);
+              uint32_t* dSw = scratch<uint32_t>(9, rows_max * (Bk / 2));
+              cpu::float_to_pairs_across_rows(Pb, Bk, rows, cols, Pp, Bk);
+              cpu::float_to_pairs_across_rows(dPb, Bk, rows, cols, dSp, Bk);
+              cpu::float_to_pairs_in_rows(dPb, Bk, rows, cols, dSw, Bk / 2);
+              const int64_t rp = (rows + 1) / 2, cpairs = (cols + 1) / 2;
+              timed(prof, 2, cols, H, rows, [&] {
+                cpu::bf16_gemm(H, cols, rp, 1.0f, dot_.data() + rt, rpairs, Pp, Bk, true, dV, Bk);
+              });
+              timed(prof, 3, cols, H, rows, [&] {
+                cpu::bf16_gemm(H, cols, rp, scale, qt.data() + rt, rpairs, dSp, Bk, true, dK, Bk);
+              });
+              timed(prof, 4, rows, H, cols, [&] {
+                cpu::bf16_gemm(rows, H, cpairs, scale, dSw, Bk / 2, kw.data() + kwo, H, true,
+                               dq_acc + r0 * H, H);
+              });
+            }
+          }
+          if (!dot) {
+            timed_gemm(prof, 2, true, false, cols, H, rows, Acc(1), Pb, Bk, dOp, lddo, Acc(1), dV, H);
+            timed_gemm(prof, 3, true, false, cols, H, rows, scale, dPb, Bk, Qp, ldq, Acc(1), dK, H);
+            timed_gemm(prof, 4, false, false, rows, H, cols, scale, dPb, Bk, Kp, kv.sp, Acc(1),
+                       dq_acc + t0 * G * H, H);
+          }
         }
+        Acc* column = scratch<Acc>(12, H);
         for (int64_t c = 0; c < cols; ++c) {
-          store<T, Acc>(dK + c * H, dk + ((b * S_ + j0 + c) * K + kvh) * H, H, Acc(1));
-          store<T, Acc>(dV + c * H, dv + ((b * S_ + j0 + c) * K + kvh) * H, H, Acc(1));
+          const Acc* dk_row = dK + c * H;
+          const Acc* dv_row = dV + c * H;
+          if (dot) {  // transposed accumulators: gather column c
+            for (int64_t h = 0; h < H; ++h) column[h] = dK[h * Bk + c];
+            dk_row = column;
+          }
+          store<T, Acc>(dk_row, dk + ((b * S_ + j0 + c) * K + kvh) * H, H, Acc(1));
+          if (dot) {
+            for (int64_t h = 0; h < H; ++h) column[h] = dV[h * Bk + c];
+            dv_row = column;
+          }
+          store<T, Acc>(dv_row, dv + ((b * S_ + j0 + c) * K + kvh) * H, H, Acc(1));
         }
       }
-      if (prof) prof->total_ns += now_ns() - task_start;
+      if (prof) prof->task_done(slot, task_start);
     });
 
     // Sum the threads' dQ (and dbias row) accumulators into the outputs.

@@ -8,9 +8,11 @@
 #include <string>
 
 #include "common/half_types.h"
+#include "cpu/cpu_bf16.h"
 
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
 #define JAX_MFA_X86 1
+#include <cpuid.h>
 #include <immintrin.h>
 #endif
 
@@ -68,7 +70,8 @@ void to_bfloat_scalar(const float* s, uint16_t* d, int64_t n, float a) {
 }
 
 const RowOps kScalar = {max_scalar, exp_sum_scalar, exp_scalar, ds_scalar, scale_scalar,
-                        half_scalar, bfloat_scalar, to_half_scalar, to_bfloat_scalar, "scalar"};
+                        half_scalar, bfloat_scalar, nullptr, to_half_scalar, to_bfloat_scalar,
+                        "scalar"};
 
 #ifdef JAX_MFA_X86
 // ---------------------------------------------------------------- AVX2 + FMA
@@ -201,7 +204,7 @@ AVX2 void to_bfloat_avx2(const float* s, uint16_t* d, int64_t n, float a) {
 }
 
 const RowOps kAvx2 = {max_avx2, exp_sum_avx2, exp_avx2, ds_avx2, scale_avx2,
-                      half_avx2, bfloat_avx2, to_half_avx2, to_bfloat_avx2, "avx2"};
+                      half_avx2, bfloat_avx2, nullptr, to_half_avx2, to_bfloat_avx2, "avx2"};
 
 // ---------------------------------------------------------------- AVX-512
 #define AVX512 __attribute__((target("avx512f,avx2,fma,f16c")))
@@ -277,8 +280,25 @@ AVX512 void scale_avx512(float* y, int64_t n, float a) {
   }
 }
 
+#define AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma,f16c")))
+AVX512BF16 float exp_sum_to_bfloat_avx512(const float* x, uint16_t* dst, int64_t n, float shift) {
+  const __m512 sh = _mm512_set1_ps(shift);
+  __m512 s = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 k = tail_mask(n - i);
+    const __m512 e = _mm512_maskz_mov_ps(k, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, x + i), sh)));
+    // Round to nearest even (the instruction flushes subnormals to 0).
+    _mm256_mask_storeu_epi16(dst + i, k, (__m256i)_mm512_cvtneps_pbh(e));
+    s = _mm512_add_ps(s, e);
+  }
+  return _mm512_reduce_add_ps(s);
+}
+
 const RowOps kAvx512 = {max_avx512, exp_sum_avx512, exp_avx512, ds_avx512, scale_avx512,
-                        half_avx2, bfloat_avx2, to_half_avx2, to_bfloat_avx2, "avx512"};
+                        half_avx2, bfloat_avx2, nullptr, to_half_avx2, to_bfloat_avx2, "avx512"};
+const RowOps kAvx512Bf16 = {max_avx512, exp_sum_avx512, exp_avx512, ds_avx512, scale_avx512,
+                            half_avx2, bfloat_avx2, exp_sum_to_bfloat_avx512, to_half_avx2,
+                            to_bfloat_avx2, "avx512+bf16"};
 #endif  // JAX_MFA_X86
 
 const RowOps& select() {
@@ -287,9 +307,13 @@ const RowOps& select() {
   if (w == "scalar") return kScalar;
 #ifdef JAX_MFA_X86
   __builtin_cpu_init();
-  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                    __builtin_cpu_supports("f16c");
+  // F16C from cpuid leaf 1, ECX bit 29 (clang 14 does not name it).
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  const bool f16c = __get_cpuid(1, &a, &b, &c, &d) && (c & (1u << 29));
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && f16c;
   const bool avx512 = avx2 && __builtin_cpu_supports("avx512f");
+  const bool bf16 = avx512 && cpu_has_avx512_bf16();
+  if (bf16 && w != "avx2" && w != "avx512") return kAvx512Bf16;
   if (avx512 && w != "avx2") return kAvx512;
   if (avx2) return kAvx2;
 #endif

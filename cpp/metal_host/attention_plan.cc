@@ -9,7 +9,7 @@
 namespace jax_mfa {
 namespace metal_host {
 
-static_assert(sizeof(AttentionParams) == 8 * 9 + 4 * 39 + 4,
+static_assert(sizeof(AttentionParams) == 8 * 9 + 4 * 41 + 4,
               "AttentionParams must keep the same layout in C++ and MSL");
 
 namespace {
@@ -24,13 +24,22 @@ struct TableRow {
 // metal-flash-attention's published block sizes (parallelization / traversal /
 // head block), looked up by the head bucket. Rows whose head limit no bucket
 // falls in (e.g. M1 dK/dV "<= 56") are kept for reference.
+//
+// Where MFA's row assumes an accumulator it does not keep in registers (MFA
+// spills O, dQ, dK or dV to memory at large head dims; these kernels always
+// keep them), the traversal block C is smaller than MFA's so that the
+// register model stays within kRegisterBudget (test_register_budget in
+// tests/host/host_policy_test.cc checks every instantiated row):
+// forward 256: C 128 -> 64; M3 dQ 256: 128 -> 64; M3 dK/dV 96 and 128:
+// 128 -> 32; dK/dV 192 and 256 also split dK/dV's head columns in two (HO).
 constexpr TableRow kForwardApple9[] = {
-    {32, 16, 128, 16}, {96, 16, 128, 32}, {160, 16, 128, 32}, {224, 16, 128, 32}, {384, 16, 128, 32}};
-constexpr TableRow kForwardApple7[] = {{96, 32, 128, 32}, {128, 32, 128, 32}, {384, 32, 128, 32}};
-constexpr TableRow kQueryApple9[] = {{80, 16, 64, 8}, {192, 16, 64, 32}, {384, 16, 128, 32}};
+    {32, 16, 128, 16}, {96, 16, 128, 32}, {160, 16, 128, 32}, {224, 16, 128, 32}, {384, 16, 64, 32}};
+constexpr TableRow kForwardApple7[] = {{96, 32, 128, 32}, {128, 32, 128, 32}, {224, 32, 128, 32},
+                                       {384, 32, 64, 32}};
+constexpr TableRow kQueryApple9[] = {{80, 16, 64, 8}, {192, 16, 64, 32}, {384, 16, 64, 32}};
 constexpr TableRow kQueryApple7[] = {{32, 32, 64, 32}, {96, 32, 64, 32}, {384, 32, 64, 32}};
 constexpr TableRow kKeyValueApple9[] = {
-    {56, 16, 64, 8}, {80, 16, 32, 16}, {144, 16, 128, 16}, {224, 16, 128, 16}, {384, 16, 128, 32}};
+    {56, 16, 64, 8}, {80, 16, 32, 16}, {144, 16, 32, 16}, {224, 16, 32, 16}, {384, 16, 32, 32}};
 constexpr TableRow kKeyValueApple7[] = {
     {16, 32, 64, 16}, {32, 32, 64, 32}, {56, 32, 80, 32}, {96, 32, 64, 32}, {384, 32, 64, 32}};
 
@@ -53,11 +62,16 @@ BlockConfig lookup(const TableRow (&table)[N], int head_pad) {
   for (const TableRow& r : table) {
     if (head_pad <= r.max_head) {
       // The head block never exceeds the (padded) head dim.
-      return {head_pad, r.rows, r.cols, std::min(r.head_block, head_pad)};
+      return {head_pad, r.rows, r.cols, std::min(r.head_block, head_pad), head_pad};
     }
   }
   return {};
 }
+
+// dK/dV's two accumulators take 4 x HO / 8 registers: from head bucket 192 on
+// they alone would fill the budget, so each threadgroup owns half the head
+// columns of dK and dV.
+constexpr int kKeyValueHeadSplitFrom = 192;
 
 const char* dtype_tag(DType d) {
   switch (d) {
@@ -113,6 +127,8 @@ AttentionParams make_params(const AttentionProblem& p) {
   a.dropout_broadcast_heads = p.dropout_broadcast_heads;
   a.dropout_threshold = p.dropout_threshold;
   a.dropout_keep_scale = float(p.dropout_keep_scale());
+  a.decode_splits = 1;
+  a.decode_keys_per_split = int32_t(p.kv_len);
   return a;
 }
 
@@ -155,7 +171,7 @@ KernelLaunch base_launch(Pass pass, const AttentionProblem& p, DType dtype, GpuF
   l.config = block_config(pass, family, p.head_dim);
   l.kernel = kernel_name(pass, dtype, l.config);
   l.threads_per_group = 32 * l.config.rows / 8;
-  l.threadgroup_memory = threadgroup_memory_bytes(pass, l.config);
+  l.threadgroup_memory = threadgroup_memory_bytes(pass, l.config, dtype);
   l.params = make_params(p);
   l.params.block_rows = l.config.rows;
   return l;
@@ -192,21 +208,63 @@ BlockConfig block_config(Pass pass, GpuFamily family, int64_t head_dim) {
   switch (pass) {
     case Pass::Forward: return m3 ? lookup(kForwardApple9, hp) : lookup(kForwardApple7, hp);
     case Pass::BackwardQuery: return m3 ? lookup(kQueryApple9, hp) : lookup(kQueryApple7, hp);
-    case Pass::BackwardKeyValue:
-      return m3 ? lookup(kKeyValueApple9, hp) : lookup(kKeyValueApple7, hp);
+    case Pass::BackwardKeyValue: {
+      BlockConfig c = m3 ? lookup(kKeyValueApple9, hp) : lookup(kKeyValueApple7, hp);
+      if (hp >= kKeyValueHeadSplitFrom) c.head_out = hp / 2;
+      return c;
+    }
+    case Pass::DecodePartial:
+    case Pass::DecodeMerge: return {hp, 8, kDecodeCols, 0, hp};
   }
   return {};
 }
 
+RegisterEstimate register_estimate(Pass pass, const BlockConfig& c) {
+  RegisterEstimate r;
+  const int hb = c.head_pad / 8, ob = c.head_out / 8, cb = c.cols / 8;
+  r.transients = 4;
+  r.scalars = kScalarRegisters;
+  switch (pass) {
+    case Pass::Forward:
+    case Pass::DecodePartial:
+      r.accumulators = 2 * ob;
+      r.cached_operands = mfa_forward_caches_q(c.head_pad) || (pass == Pass::DecodePartial &&
+                                                              c.head_pad <= 128) ? 2 * hb : 0;
+      r.score_tiles = 2 * cb + cb;  // S, and 2 x C / 8 16-bit mask flags
+      break;
+    case Pass::BackwardQuery:
+      r.accumulators = 2 * ob;
+      r.cached_operands = mfa_backward_caches_rows(c.head_pad) ? 4 * hb : 0;
+      r.score_tiles = 4 * cb;
+      break;
+    case Pass::BackwardKeyValue:
+      r.accumulators = 4 * ob;
+      r.cached_operands = mfa_backward_caches_rows(c.head_pad) ? 4 * hb : 0;
+      r.score_tiles = 4 * cb;
+      break;
+    case Pass::DecodeMerge:
+      r.transients = 0;
+      break;
+  }
+  return r;
+}
+
 std::string kernel_name(Pass pass, DType dtype, const BlockConfig& c) {
+  if (pass == Pass::DecodePartial)
+    return std::string("mfa_decode_") + dtype_tag(dtype) + "_h" + std::to_string(c.head_pad) +
+           "_c" + std::to_string(c.cols);
+  if (pass == Pass::DecodeMerge) return std::string("mfa_decode_merge_") + dtype_tag(dtype);
   const char* kind = pass == Pass::Forward ? "fwd" : pass == Pass::BackwardQuery ? "dq" : "dkdv";
   return std::string("mfa_") + kind + "_" + dtype_tag(dtype) + "_h" + std::to_string(c.head_pad) +
          "_p" + std::to_string(c.rows) + "_c" + std::to_string(c.cols) + "_d" +
-         std::to_string(c.head_block);
+         std::to_string(c.head_block) +
+         (c.head_out < c.head_pad ? "_o" + std::to_string(c.head_out) : "");
 }
 
-size_t threadgroup_memory_bytes(Pass pass, const BlockConfig& c) {
-  size_t bytes = sizeof(float) * size_t(c.cols) * size_t(c.head_block);
+size_t threadgroup_memory_bytes(Pass pass, const BlockConfig& c, DType dtype) {
+  if (pass == Pass::DecodePartial) return 0;
+  if (pass == Pass::DecodeMerge) return sizeof(float) * MFA_MAX_DECODE_SPLITS;
+  size_t bytes = storage_bytes(dtype) * size_t(c.cols) * size_t(c.head_block);
   if (pass == Pass::BackwardKeyValue) bytes += 2 * sizeof(float) * size_t(c.cols);  // lse, delta
   return bytes;
 }
@@ -215,7 +273,8 @@ const char* arg_name(Arg a) {
   static const char* names[] = {"q",   "k",  "v",     "bias", "mask", "q_lengths",
                                 "kv_lengths", "out", "lse", "dout", "delta", "dq",
                                 "dk",  "dv", "dbias", "dbias_rows", "q_segments",
-                                "kv_segments", "sinks", "dropout_seed"};
+                                "kv_segments", "sinks", "dropout_seed", "decode_o",
+                                "decode_m", "decode_l"};
   return names[int(a)];
 }
 
@@ -303,10 +362,10 @@ std::vector<KernelLaunch> plan_backward(const AttentionProblem& p, DType dtype,
   kv.args.push_back({Arg::DV, Access::Write, kv_bytes});
   const int64_t b_tasks = kv.params.merge_batches ? 1 : p.batch;
   const int64_t h_tasks = kv.params.merge_heads ? 1 : p.kv_heads;
-  // K Q^T, V dO^T, P^T dO, dS^T Q over every query of the G query heads of
-  // one (batch, kv head) pair.
-  const int64_t pair_work = 4 * int64_t(kv.config.rows) * std::max<int64_t>(p.q_len, 1) *
-                            p.group_size() * kv.config.head_pad;
+  // K Q^T, V dO^T (HP wide), P^T dO, dS^T Q (HO wide) over every query of
+  // the G query heads of one (batch, kv head) pair.
+  const int64_t pair_work = 2 * int64_t(kv.config.rows) * std::max<int64_t>(p.q_len, 1) *
+                            p.group_size() * (kv.config.head_pad + kv.config.head_out);
   // A merged threadgroup loops over `pairs` pairs; split them into slices
   // within the per-threadgroup bound (and the scratch budget).
   const int64_t pairs = (p.batch / b_tasks) * (p.kv_heads / h_tasks);
@@ -325,10 +384,79 @@ std::vector<KernelLaunch> plan_backward(const AttentionProblem& p, DType dtype,
   kv.args.push_back({Arg::DBias, Access::ReadWrite,
                      dbias_keys ? size_t(splits * p.bias.size()) * 4 : 0});
   append(kv.args, feature_args(p));
-  kv.total_groups = int64_t(kv.params.num_row_blocks) * splits * h_tasks * b_tasks;
+  const int64_t head_parts = kv.config.head_pad / kv.config.head_out;
+  kv.total_groups = int64_t(kv.params.num_row_blocks) * head_parts * splits * h_tasks * b_tasks;
   kv.params.total_groups = int32_t(kv.total_groups);
   set_chunks(kv, pair_work * pairs_per_split);
   return {dq, kv};
+}
+
+int64_t decode_min_keys() {
+  return positive_env("JAX_MFA_METAL_DECODE_MIN_KEYS", kDecodeMinKeys);
+}
+
+bool use_decode(const AttentionProblem& p) {
+  // The decode kernels have no segment ids, sinks or dropout: those calls
+  // take the regular forward kernel.
+  return p.q_len <= kDecodeMaxQueries && p.kv_len >= decode_min_keys() && !p.has_segment_ids &&
+         !p.has_sinks && !p.has_dropout();
+}
+
+std::vector<KernelLaunch> plan_decode(const AttentionProblem& p, DType dtype) {
+  const size_t st = storage_bytes(dtype);
+  const int64_t rows = p.batch * p.q_len * p.q_heads;
+  const int64_t row_tiles = ceil_div(p.q_len * p.group_size(), 8);
+  // Enough splits to fill the GPU, each at least kDecodeMinKeysPerSplit keys
+  // and a whole number of steps; never more than the merge kernel holds.
+  const int64_t groups_per_split = p.batch * p.kv_heads * row_tiles;
+  int64_t splits = std::min(ceil_div(kDecodeTargetGroups, groups_per_split),
+                            ceil_div(p.kv_len, kDecodeMinKeysPerSplit));
+  splits = std::clamp<int64_t>(splits, 1, MFA_MAX_DECODE_SPLITS);
+  const int64_t keys_per_split = ceil_div(ceil_div(p.kv_len, splits), kDecodeCols) * kDecodeCols;
+  splits = ceil_div(p.kv_len, keys_per_split);  // no empty split
+  const size_t slots = size_t(rows * splits);
+
+  KernelLaunch part;
+  part.pass = Pass::DecodePartial;
+  part.config = {head_bucket(p.head_dim), 8, kDecodeCols, 0};
+  part.kernel = kernel_name(part.pass, dtype, part.config);
+  part.threads_per_group = 32;
+  part.threadgroup_memory = threadgroup_memory_bytes(part.pass, part.config, dtype);
+  part.params = make_params(p);
+  part.params.num_row_blocks = int32_t(row_tiles);
+  part.params.decode_splits = int32_t(splits);
+  part.params.decode_keys_per_split = int32_t(keys_per_split);
+  part.args = {{Arg::Q, Access::Read, size_t(rows * p.head_dim) * st},
+               {Arg::K, Access::Read, size_t(p.batch * p.kv_len * p.kv_heads * p.head_dim) * st},
+               {Arg::V, Access::Read, size_t(p.batch * p.kv_len * p.kv_heads * p.head_dim) * st},
+               {Arg::Bias, Access::Read, p.bias.present ? size_t(p.bias.size()) * 4 : 0},
+               {Arg::Mask, Access::Read, p.mask.present ? size_t(p.mask.size()) : 0},
+               {Arg::QLengths, Access::Read, p.has_q_lengths ? size_t(p.batch) * 4 : 0},
+               {Arg::KvLengths, Access::Read, p.has_kv_lengths ? size_t(p.batch) * 4 : 0},
+               {Arg::DecodeO, Access::Write, slots * size_t(p.head_dim) * 4},
+               {Arg::DecodeM, Access::Write, slots * 4},
+               {Arg::DecodeL, Access::Write, slots * 4}};
+  part.total_groups = groups_per_split * splits;
+  part.params.total_groups = int32_t(part.total_groups);
+  // Q K^T and P V over one split for 8 rows.
+  set_chunks(part, 2 * 8 * keys_per_split * part.config.head_pad);
+
+  KernelLaunch merge;
+  merge.pass = Pass::DecodeMerge;
+  merge.config = part.config;
+  merge.kernel = kernel_name(merge.pass, dtype, merge.config);
+  merge.threads_per_group = 32;
+  merge.threadgroup_memory = threadgroup_memory_bytes(merge.pass, merge.config, dtype);
+  merge.params = part.params;
+  merge.args = {{Arg::DecodeO, Access::Read, slots * size_t(p.head_dim) * 4},
+                {Arg::DecodeM, Access::Read, slots * 4},
+                {Arg::DecodeL, Access::Read, slots * 4},
+                {Arg::Out, Access::Write, size_t(rows * p.head_dim) * st},
+                {Arg::Lse, Access::Write, size_t(rows) * 4}};
+  merge.total_groups = rows;
+  merge.params.total_groups = int32_t(rows);
+  set_chunks(merge, splits * p.head_dim);
+  return {part, merge};
 }
 
 namespace {
@@ -371,9 +499,21 @@ Status run_forward(const AttentionProblem& p, DType dtype, GpuFamily family,
   set_operands(b, hb);
   hb.set(Arg::Out, b.out);
   hb.set(Arg::Lse, b.lse);
-  KernelLaunch launch = plan_forward(p, dtype, family);
-  launch.params.segments_sorted = segments_sorted(p, b);
-  return exec.run(launch, hb);
+  if (!use_decode(p)) {
+    KernelLaunch launch = plan_forward(p, dtype, family);
+    launch.params.segments_sorted = segments_sorted(p, b);
+    return exec.run(launch, hb);
+  }
+  const std::vector<KernelLaunch> plan = plan_decode(p, dtype);
+  const KernelLaunch& part = plan[0];
+  const size_t slots = size_t(p.batch * p.q_len * p.q_heads) * size_t(part.params.decode_splits);
+  std::vector<float> partial_o(slots * size_t(p.head_dim)), partial_m(slots), partial_l(slots);
+  hb.set(Arg::DecodeO, partial_o.data());
+  hb.set(Arg::DecodeM, partial_m.data());
+  hb.set(Arg::DecodeL, partial_l.data());
+  for (const KernelLaunch& l : plan)
+    if (Status s = exec.run(l, hb); !s.ok()) return s;
+  return Status::Ok();
 }
 
 Status run_backward(const AttentionProblem& p, DType dtype, GpuFamily family,

@@ -23,7 +23,7 @@ namespace metal_host {
 // Block-size tables follow metal-flash-attention's published ones: Apple7
 // covers M1/M2 (Apple7/Apple8 GPU families), Apple9 covers M3 and later.
 enum class GpuFamily { Apple7, Apple9 };
-enum class Pass { Forward, BackwardQuery, BackwardKeyValue };
+enum class Pass { Forward, BackwardQuery, BackwardKeyValue, DecodePartial, DecodeMerge };
 
 // The largest head dim the kernels accept.
 constexpr int64_t kMaxHeadDim = 256;
@@ -53,15 +53,47 @@ struct BlockConfig {
   int rows = 0;        // P: parallelization block (rows per threadgroup)
   int cols = 0;        // C: traversal block
   int head_block = 0;  // DB: head-dim block staged through threadgroup memory
+  // HO: dK/dV only, head-dim columns of dK and dV one threadgroup owns
+  // (HP, or HP / 2 when both accumulators would not fit the register budget:
+  // the grid then has HP / HO threadgroups per key block, each recomputing
+  // S^T and dP^T). Equal to head_pad elsewhere.
+  int head_out = 0;
 };
+
+// ---- Register model --------------------------------------------------------------
+// What one thread of a kernel keeps live, in 32-bit registers, estimated from
+// its structure (metal/attention_kernels.h, attention_decode.h):
+//   * accumulators: O (forward, decode), dQ, or dK and dV, HO / 8 8x8 float
+//     matrices each (a simdgroup_matrix<float, 8, 8> holds 2 floats per lane);
+//   * cached operands: Q (forward, decode), Q and dO (dQ), K and V (dK/dV)
+//     when the register-cache policy (attention_params.h) keeps them, HP / 8
+//     matrices each;
+//   * score tiles: S (forward, decode), S and dP (dQ), S^T and dP^T (dK/dV),
+//     C / 8 matrices each, plus the forward's per-element mask flags
+//     (2 x C / 8 bools, 16 bits each);
+//   * transients: the two operand matrices of one multiply-accumulate (4);
+//   * scalars: kScalarRegisters for indices, spans, loop counters, the
+//     running max and sum, and 3-4 device pointers of 2 registers each.
+// Not counted: what the compiler may keep in fewer registers (dead ranges,
+// rematerialised indices) or more (unrolled-loop temporaries). The budget is
+// the 128 registers a thread can address (metal-benchmarks); above it a
+// kernel spills to memory (and fewer simdgroups fit a core).
+constexpr int kRegisterBudget = 128;
+constexpr int kScalarRegisters = 28;
+struct RegisterEstimate {
+  int accumulators = 0, cached_operands = 0, score_tiles = 0, transients = 0, scalars = 0;
+  int total() const { return accumulators + cached_operands + score_tiles + transients + scalars; }
+};
+RegisterEstimate register_estimate(Pass pass, const BlockConfig& config);
 
 // Head-dim bucket (16, 32, 64, 96, 128, 192, 256); 0 if above kMaxHeadDim.
 int head_bucket(int64_t head_dim);
 BlockConfig block_config(Pass pass, GpuFamily family, int64_t head_dim);
 // Host name of the instantiation, e.g. "mfa_fwd_f16_h64_p16_c128_d32".
 std::string kernel_name(Pass pass, DType dtype, const BlockConfig& config);
-// Threadgroup memory the kernel declares (bytes); always <= 32 KiB.
-size_t threadgroup_memory_bytes(Pass pass, const BlockConfig& config);
+// Threadgroup memory the kernel declares (bytes; tiles are staged in the
+// storage type); always <= 32 KiB.
+size_t threadgroup_memory_bytes(Pass pass, const BlockConfig& config, DType dtype);
 
 // Buffers a kernel binds, in [[buffer(1)]], [[buffer(2)]], ... order
 // ([[buffer(0)]] is the AttentionParams block).
@@ -70,7 +102,11 @@ enum class Arg {
   DBiasRows,  // float (B, N, T) scratch: per-row sums of dS
   // Packed sequences, sinks and dropout: bound after every other operand.
   QSegments, KvSegments, Sinks, DropoutSeed,
+  // Split-key decode scratch, per (output row, key split): unnormalised O
+  // (head_dim floats), running max and sum (base 2).
+  DecodeO, DecodeM, DecodeL,
 };
+constexpr int kArgCount = int(Arg::DecodeL) + 1;
 enum class Access { Read, Write, ReadWrite };
 const char* arg_name(Arg a);
 
@@ -104,9 +140,28 @@ KernelLaunch plan_forward(const AttentionProblem& p, DType dtype, GpuFamily fami
 // [0]: the dQ kernel, [1]: the dK/dV kernel.
 std::vector<KernelLaunch> plan_backward(const AttentionProblem& p, DType dtype, GpuFamily family);
 
+// Split-key decode (metal/attention_decode.h): the forward of T <= kDecodeMaxQueries
+// queries over at least decode_min_keys() keys runs as a partial kernel over
+// key splits plus a merge kernel (the lse merge), so that a T = 1 call fills
+// the GPU instead of launching B*N threadgroups. decode_min_keys() is
+// kDecodeMinKeys unless JAX_MFA_METAL_DECODE_MIN_KEYS overrides it (tests).
+// Never with segment ids, sinks or dropout (the regular forward handles them).
+constexpr int64_t kDecodeMaxQueries = 8;
+constexpr int64_t kDecodeMinKeys = 1024;
+// Keys per step of the partial kernel, the fewest keys per split, and the
+// threadgroups the split count aims at (~24 simdgroups on each core of a
+// 40-core GPU; one simdgroup per threadgroup).
+constexpr int kDecodeCols = 32;
+constexpr int64_t kDecodeMinKeysPerSplit = 128;
+constexpr int64_t kDecodeTargetGroups = 1024;
+int64_t decode_min_keys();
+bool use_decode(const AttentionProblem& p);
+// [0]: the partial kernel, [1]: the merge kernel.
+std::vector<KernelLaunch> plan_decode(const AttentionProblem& p, DType dtype);
+
 // Host pointers of every Arg (nullptr when absent).
 struct HostBuffers {
-  const void* ptr[int(Arg::DropoutSeed) + 1] = {};
+  const void* ptr[kArgCount] = {};
   const void* get(Arg a) const { return ptr[int(a)]; }
   void set(Arg a, const void* p) { ptr[int(a)] = p; }
 };

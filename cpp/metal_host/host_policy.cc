@@ -101,6 +101,10 @@ std::vector<std::string> library_kernels(const LibraryKey& key, GpuFamily family
   std::vector<std::string> names;
   for (Pass pass : {Pass::Forward, Pass::BackwardQuery, Pass::BackwardKeyValue})
     names.push_back(kernel_name(pass, key.dtype, block_config(pass, family, key.head_pad)));
+  // The split-key decode's partial and merge kernels (plan_decode).
+  const BlockConfig decode{key.head_pad, 8, kDecodeCols, 0};
+  names.push_back(kernel_name(Pass::DecodePartial, key.dtype, decode));
+  names.push_back(kernel_name(Pass::DecodeMerge, key.dtype, decode));
   return names;
 }
 

@@ -136,8 +136,9 @@ constexpr int kMaxCommandBuffersInFlight = 16;
 int64_t chunk_to_wait_for(int64_t next, int cap = kMaxCommandBuffersInFlight);
 
 // ---- Libraries compiled on demand ------------------------------------------------
-// The kernels are compiled per (storage type, head-dim bucket): 3 kernels
-// (forward, dQ, dK/dV) of the device's family, not the whole family of 63.
+// The kernels are compiled per (storage type, head-dim bucket): 5 kernels
+// (forward, dQ, dK/dV of the device's family; the decode partial and merge
+// kernels), not the whole set.
 struct LibraryKey {
   DType dtype = DType::F32;
   int head_pad = 0;
@@ -149,7 +150,8 @@ int library_index(const LibraryKey& key);
 // Preprocessor macros that restrict metal/attention.metal to that library's
 // instantiations (see the JAX_MFA_METAL_* switches there).
 std::vector<std::pair<std::string, int>> library_macros(const LibraryKey& key, GpuFamily family);
-// The kernel names the library contains (in plan order: forward, dQ, dK/dV).
+// The kernel names the library contains (in plan order: forward, dQ, dK/dV,
+// decode partial, decode merge).
 std::vector<std::string> library_kernels(const LibraryKey& key, GpuFamily family);
 
 }  // namespace metal_host

@@ -201,8 +201,10 @@ void test_libraries() {
         AttentionProblem p;
         p.batch = 1, p.q_len = 5, p.kv_len = 7, p.q_heads = 2, p.kv_heads = 1, p.head_dim = h;
         const std::vector<KernelLaunch> bwd = plan_backward(p, t, f);
-        CHECK(names.size() == 3 && names[0] == plan_forward(p, t, f).kernel &&
-              names[1] == bwd[0].kernel && names[2] == bwd[1].kernel);
+        const std::vector<KernelLaunch> dec = plan_decode(p, t);
+        CHECK(names.size() == 5 && names[0] == plan_forward(p, t, f).kernel &&
+              names[1] == bwd[0].kernel && names[2] == bwd[1].kernel &&
+              names[3] == dec[0].kernel && names[4] == dec[1].kernel);
         for (const auto& [macro, value] : library_macros(key, f))
           CHECK(value > 0 && (macro == "JAX_MFA_METAL_FAMILIES" || (value & (value - 1)) == 0));
       }
@@ -261,6 +263,61 @@ void test_chunks_cover_the_grid() {
   }
 }
 
+// Split-key decode: chosen for few queries over many keys; the splits cover
+// the keys exactly, fill the GPU, and stay within the merge kernel's bound.
+void test_decode_plan() {
+  AttentionProblem p;
+  p.batch = 1, p.q_len = 1, p.kv_len = 32768, p.q_heads = 32, p.kv_heads = 8, p.head_dim = 128;
+  CHECK(use_decode(p));
+  const std::vector<KernelLaunch> d = plan_decode(p, DType::F16);
+  const AttentionParams& a = d[0].params;
+  CHECK(a.num_row_blocks == 1);  // T * G = 4 rows: one 8-row tile per kv head
+  CHECK(int64_t(a.decode_splits) * a.decode_keys_per_split >= p.kv_len);
+  CHECK(int64_t(a.decode_splits - 1) * a.decode_keys_per_split < p.kv_len);
+  CHECK(a.decode_keys_per_split % kDecodeCols == 0 && a.decode_keys_per_split >= kDecodeMinKeysPerSplit);
+  CHECK(d[0].total_groups == 8 * int64_t(a.decode_splits));
+  CHECK(d[0].total_groups >= kDecodeTargetGroups);
+  CHECK(d[1].total_groups == 32 && d[1].params.decode_splits == a.decode_splits);
+  CHECK(d[0].threads_per_group == 32 && d[0].threadgroup_memory == 0);
+  // T = 8 with G = 4: 32 rows, 4 tiles; a short or long-query problem is not decode.
+  p.q_len = 8;
+  CHECK(use_decode(p) && plan_decode(p, DType::F32)[0].params.num_row_blocks == 4);
+  p.q_len = 9;
+  CHECK(!use_decode(p));
+  p.q_len = 1, p.kv_len = 100;
+  CHECK(!use_decode(p));
+  // Never more splits than the merge kernel holds.
+  p.kv_len = int64_t(1) << 30, p.kv_heads = 1, p.q_heads = 1;
+  CHECK(plan_decode(p, DType::F32)[0].params.decode_splits <= MFA_MAX_DECODE_SPLITS);
+}
+
+// Every configuration the plan can pick (= every instantiated kernel, see
+// test_each_library_compiles_exactly_its_kernels) fits the register model's
+// budget; the model counts what the header says.
+void test_register_budget() {
+  for (GpuFamily f : {GpuFamily::Apple7, GpuFamily::Apple9})
+    for (int h : {16, 32, 64, 96, 128, 192, 256})
+      for (Pass pass : {Pass::Forward, Pass::BackwardQuery, Pass::BackwardKeyValue,
+                        Pass::DecodePartial, Pass::DecodeMerge}) {
+        const BlockConfig c = block_config(pass, f, h);
+        const RegisterEstimate r = register_estimate(pass, c);
+        if (r.total() > kRegisterBudget)
+          std::printf("over budget: pass %d family %d head %d: %d registers\n", int(pass), int(f), h,
+                      r.total());
+        CHECK(r.total() <= kRegisterBudget);
+        CHECK(c.head_out > 0 && c.head_pad % c.head_out == 0 && c.head_out % 8 == 0);
+        if (pass != Pass::DecodeMerge) CHECK(c.head_block == 0 || c.head_out % c.head_block == 0);
+      }
+  // The counts themselves, on a configuration worked out by hand: M3 forward,
+  // HP 64 (Q cached), C 128: O 16 + Q 16 + S 32 + flags 16 + 4 + scalars.
+  const RegisterEstimate r = register_estimate(Pass::Forward, block_config(Pass::Forward, GpuFamily::Apple9, 64));
+  CHECK(r.accumulators == 16 && r.cached_operands == 16 && r.score_tiles == 48 && r.transients == 4);
+  CHECK(r.total() == 84 + kScalarRegisters);
+  // dK/dV at HP 256 splits its head columns: two accumulators of 128 / 8 matrices.
+  const BlockConfig kv = block_config(Pass::BackwardKeyValue, GpuFamily::Apple9, 256);
+  CHECK(kv.head_out == 128 && register_estimate(Pass::BackwardKeyValue, kv).accumulators == 64);
+}
+
 void print_libraries() {
   for (DType t : {DType::F32, DType::F16, DType::BF16})
     for (int h : {16, 32, 64, 96, 128, 192, 256})
@@ -285,6 +342,8 @@ int main(int argc, char** argv) {
   test_libraries();
   test_serial_work_bound();
   test_chunks_cover_the_grid();
+  test_decode_plan();
+  test_register_budget();
   std::printf("%s\n", failures == 0 ? "all host policy tests passed" : "host policy tests FAILED");
   return failures == 0 ? 0 : 1;
 }

@@ -1,0 +1,184 @@
+#include "cpu/cpu_bf16.h"
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+#define JAX_MFA_X86 1
+#include <cpuid.h>
+#include <immintrin.h>
+#endif
+
+namespace jax_mfa {
+namespace cpu {
+
+bool cpu_has_avx512_bf16() {
+#ifdef JAX_MFA_X86
+  static const bool has = [] {
+    // AVX-512 usable (CPU and OS state) from the compiler's check; BF16 from
+    // cpuid leaf 7 subleaf 1, EAX bit 5 (not every compiler names it).
+    __builtin_cpu_init();
+    if (!__builtin_cpu_supports("avx512f") || !__builtin_cpu_supports("avx512bw")) return false;
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    return __get_cpuid_count(7, 1, &a, &b, &c, &d) && (a & (1u << 5));
+  }();
+  return has;
+#else
+  return false;
+#endif
+}
+
+bool bf16_dot_available() {
+#ifdef JAX_MFA_X86
+  if (!cpu_has_avx512_bf16()) return false;
+  const char* off = std::getenv("JAX_MFA_BF16_DOT");
+  return !(off && std::strcmp(off, "0") == 0);
+#else
+  return false;
+#endif
+}
+
+void pack_pairs_in_rows(const uint16_t* src, int64_t src_stride, int64_t rows, int64_t K,
+                        uint32_t* dst, int64_t pair_stride, int64_t row_stride) {
+  const int64_t pairs = (K + 1) / 2;
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint16_t* row = src + r * src_stride;
+    uint32_t* d = dst + r * row_stride;
+    for (int64_t kp = 0; kp < K / 2; ++kp)
+      d[kp * pair_stride] = uint32_t(row[2 * kp]) | (uint32_t(row[2 * kp + 1]) << 16);
+    if (K % 2) d[(pairs - 1) * pair_stride] = row[K - 1];
+  }
+}
+
+void pack_pairs_across_rows(const uint16_t* src, int64_t src_stride, int64_t K, int64_t cols,
+                            uint32_t* dst, int64_t pair_stride, int64_t col_stride) {
+  for (int64_t k = 0; k < K; k += 2) {
+    const uint16_t* lo = src + k * src_stride;
+    const uint16_t* hi = k + 1 < K ? lo + src_stride : nullptr;
+    uint32_t* d = dst + (k / 2) * pair_stride;
+    if (hi)
+      for (int64_t c = 0; c < cols; ++c)
+        d[c * col_stride] = uint32_t(lo[c]) | (uint32_t(hi[c]) << 16);
+    else
+      for (int64_t c = 0; c < cols; ++c) d[c * col_stride] = lo[c];
+  }
+}
+
+#ifdef JAX_MFA_X86
+namespace {
+
+#define BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+// The register block's loops must be unrolled for the accumulators to live in
+// registers (GCC -O2 keeps them in memory otherwise).
+#define UNROLL _Pragma("GCC unroll 8")
+
+// One register block: MR rows x NV vectors of 16 columns (the last one masked
+// by `last`). MR * NV accumulators stay in registers across the whole K loop;
+// each B vector is loaded once per pair and reused by the MR rows.
+template <int MR, int NV>
+BF16_TARGET void block(int64_t pairs, float alpha, const uint32_t* A, int64_t lda,
+                       const uint32_t* B, int64_t ldb, bool accumulate, float* C, int64_t ldc,
+                       __mmask16 last) {
+  __m512 c[MR][NV];
+  UNROLL for (int m = 0; m < MR; ++m)
+    UNROLL for (int v = 0; v < NV; ++v) c[m][v] = _mm512_setzero_ps();
+  for (int64_t kp = 0; kp < pairs; ++kp) {
+    const uint32_t* b = B + kp * ldb;
+    __m512i bv[NV];
+    UNROLL for (int v = 0; v < NV; ++v)
+      bv[v] = v == NV - 1 ? _mm512_maskz_loadu_epi32(last, b + 16 * v)
+                          : _mm512_loadu_si512(reinterpret_cast<const void*>(b + 16 * v));
+    UNROLL for (int m = 0; m < MR; ++m) {
+      const __m512i a = _mm512_set1_epi32(int(A[m * lda + kp]));
+      UNROLL for (int v = 0; v < NV; ++v)
+        c[m][v] = _mm512_dpbf16_ps(c[m][v], (__m512bh)a, (__m512bh)bv[v]);
+    }
+  }
+  const __m512 al = _mm512_set1_ps(alpha);
+  UNROLL for (int m = 0; m < MR; ++m)
+    UNROLL for (int v = 0; v < NV; ++v) {
+      const __mmask16 k = v == NV - 1 ? last : __mmask16(0xffff);
+      float* out = C + m * ldc + 16 * v;
+      __m512 r = _mm512_mul_ps(c[m][v], al);
+      if (accumulate) r = _mm512_add_ps(r, _mm512_maskz_loadu_ps(k, out));
+      _mm512_mask_storeu_ps(out, k, r);
+    }
+}
+
+inline __mmask16 tail_mask(int64_t left) {
+  return left >= 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1);
+}
+// 16 floats to bfloat16 (round to nearest even, subnormals to 0), widened to
+// the low halves of 16 words.
+BF16_TARGET inline __m512i bf16_words(__mmask16 k, const float* x) {
+  return _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(k, x)));
+}
+
+constexpr int kMaxRows = 6, kMaxVectors = 4;  // 24 accumulators of 32 registers
+using BlockFn = void (*)(int64_t, float, const uint32_t*, int64_t, const uint32_t*, int64_t,
+                         bool, float*, int64_t, __mmask16);
+
+template <int MR>
+constexpr BlockFn row_of[kMaxVectors] = {block<MR, 1>, block<MR, 2>, block<MR, 3>, block<MR, 4>};
+constexpr const BlockFn* kBlocks[kMaxRows] = {row_of<1>, row_of<2>, row_of<3>,
+                                              row_of<4>, row_of<5>, row_of<6>};
+
+}  // namespace
+
+void bf16_gemm(int64_t M, int64_t N, int64_t pairs, float alpha, const uint32_t* A, int64_t lda,
+               const uint32_t* B, int64_t ldb, bool accumulate, float* C, int64_t ldc) {
+  // Column panels of B (pairs x 64 words) stay in L1 while all rows pass.
+  for (int64_t n0 = 0; n0 < N; n0 += 16 * kMaxVectors) {
+    const int64_t width = std::min<int64_t>(16 * kMaxVectors, N - n0);
+    const int64_t nv = (width + 15) / 16, tail = width - 16 * (nv - 1);
+    const __mmask16 last = __mmask16((1u << tail) - 1);
+    for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
+      const int64_t mr = std::min<int64_t>(kMaxRows, M - m0);
+      kBlocks[mr - 1][nv - 1](pairs, alpha, A + m0 * lda, lda, B + n0, ldb, accumulate,
+                              C + m0 * ldc + n0, ldc, last);
+    }
+  }
+}
+
+BF16_TARGET void float_to_pairs_in_rows(const float* src, int64_t src_stride, int64_t rows,
+                                        int64_t K, uint32_t* dst, int64_t ld) {
+  for (int64_t r = 0; r < rows; ++r) {
+    uint16_t* d = reinterpret_cast<uint16_t*>(dst + r * ld);
+    for (int64_t i = 0; i < K; i += 16) {
+      const __mmask16 k = tail_mask(K - i);
+      _mm256_mask_storeu_epi16(d + i, k,
+                               (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(k, src + r * src_stride + i)));
+    }
+    if (K % 2) d[K] = 0;
+  }
+}
+
+BF16_TARGET void float_to_pairs_across_rows(const float* src, int64_t src_stride, int64_t K,
+                                            int64_t cols, uint32_t* dst, int64_t ld) {
+  for (int64_t k = 0; k < K; k += 2) {
+    const float* lo = src + k * src_stride;
+    uint32_t* d = dst + (k / 2) * ld;
+    for (int64_t c = 0; c < cols; c += 16) {
+      const __mmask16 m = tail_mask(cols - c);
+      __m512i w = bf16_words(m, lo + c);
+      if (k + 1 < K) w = _mm512_or_si512(w, _mm512_slli_epi32(bf16_words(m, lo + src_stride + c), 16));
+      _mm512_mask_storeu_epi32(d + c, m, w);
+    }
+  }
+}
+#else
+void float_to_pairs_in_rows(const float*, int64_t, int64_t, int64_t, uint32_t*, int64_t) {
+  std::abort();
+}
+void float_to_pairs_across_rows(const float*, int64_t, int64_t, int64_t, uint32_t*, int64_t) {
+  std::abort();
+}
+void bf16_gemm(int64_t, int64_t, int64_t, float, const uint32_t*, int64_t, const uint32_t*,
+               int64_t, bool, float*, int64_t) {
+  std::abort();  // bf16_dot_available() is false here
+}
+#endif
+
+}  // namespace cpu
+}  // namespace jax_mfa

@@ -1,0 +1,57 @@
+// bfloat16 tile products on the CPU's bfloat16 dot-product instruction
+// (AVX512-BF16 VDPBF16PS: each float lane accumulates the products of a pair
+// of bfloat16), chosen at run time like cpu_simd.h. Accumulation is in float.
+//
+// Hand-written because no packaged library does this for us (measured, see
+// benchmarks/RESULTS.md): the oneDNN wheels on PyPI (`onednn` 2026.x, oneDNN
+// 3.13) are SYCL builds with the micro-kernel API compiled out and no CPU
+// engine without a SYCL CPU device; MKL's bfloat16 GEMM runs at its SGEMM rate
+// on AMD Zen 4; OpenBLAS in scipy-openblas32 has no sbgemm.
+#pragma once
+
+#include <cstdint>
+
+namespace jax_mfa {
+namespace cpu {
+
+// True when the CPU (and OS) can run AVX512-BF16 code.
+bool cpu_has_avx512_bf16();
+// True when cpu_has_avx512_bf16() and JAX_MFA_BF16_DOT is not "0" (read on
+// every call, so tests can exercise both paths in one process).
+bool bf16_dot_available();
+
+// "Pair layout" of a K x N operand B: word (k / 2) * ld + n holds B[k][n] in
+// its low half and B[k + 1][n] in its high half (k even); for odd K the last
+// high halves are 0. Operand A is plain row-major bfloat16 with rows padded to
+// an even length with zeros, read as `pairs` = ceil(K / 2) words per row.
+
+// Packing: a word holds a pair of bfloat16 (the even index in the low half,
+// a missing odd one as 0). Pairs taken along each row of src (rows x K):
+// word (row, kp) = (src[row][2kp], src[row][2kp+1]) goes to
+// dst[kp * pair_stride + row * row_stride]: an A operand with
+// (pair_stride, row_stride) = (1, ld), a B operand src^T (keys as rows, for
+// Q K^T) with (ld, 1).
+void pack_pairs_in_rows(const uint16_t* src, int64_t src_stride, int64_t rows, int64_t K,
+                        uint32_t* dst, int64_t pair_stride, int64_t row_stride);
+// Pairs taken across rows of src (K x cols): word (kp, col) = (src[2kp][col],
+// src[2kp+1][col]) goes to dst[kp * pair_stride + col * col_stride]: a B
+// operand (values for P V) with (ld, 1), an A operand src^T with (1, ld).
+void pack_pairs_across_rows(const uint16_t* src, int64_t src_stride, int64_t K, int64_t cols,
+                            uint32_t* dst, int64_t pair_stride, int64_t col_stride);
+
+// The same from float rows, rounded to nearest even (only where
+// bf16_dot_available()): an A operand (pairs in rows, dst row stride ld) and
+// a B operand (pairs across rows, dst pair stride ld).
+void float_to_pairs_in_rows(const float* src, int64_t src_stride, int64_t rows, int64_t K,
+                            uint32_t* dst, int64_t ld);
+void float_to_pairs_across_rows(const float* src, int64_t src_stride, int64_t K, int64_t cols,
+                                uint32_t* dst, int64_t ld);
+
+// C[M x N] = alpha * A B (+ C when accumulate). A: M rows of `pairs` words,
+// row stride lda words; B in pair layout, row stride ldb words; C float, row
+// stride ldc. Only call when bf16_dot_available().
+void bf16_gemm(int64_t M, int64_t N, int64_t pairs, float alpha, const uint32_t* A, int64_t lda,
+               const uint32_t* B, int64_t ldb, bool accumulate, float* C, int64_t ldc);
+
+}  // namespace cpu
+}  // namespace jax_mfa

@@ -1,0 +1,112 @@
+"""The CPU kernels' instruction-set paths (cpp/cpu), each against the float64
+reference: the bfloat16 dot-product path (AVX512-BF16, where the CPU has it)
+and the portable float path that every x86-64 / arm64 CPU takes, forced with
+JAX_MFA_BF16_DOT=0 so that CI on a machine with AVX512-BF16 runs both.
+
+The sizes are chosen to hit the dot-product path's edges: odd head dims (rows
+of Q padded to a whole pair), odd key counts (P and V padded), key spans that
+start at odd keys (windows, causal sub-tiles), tile shapes that are not
+multiples of anything (JAX_MFA_TILES), and short query blocks with the key
+range split over threads (decoding itself, with fewer than 64 stacked query
+rows per head, keeps the float path). The environment variables are read by the kernels on every
+call, so both paths run in one process.
+"""
+
+from __future__ import annotations
+
+import platform
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jax_mfa
+
+import test_attention  # its test function is called, not imported (pytest would collect it)
+from support import IMPLEMENTATIONS
+from test_attention import Case, build
+
+pytestmark = pytest.mark.skipif("cpu" not in IMPLEMENTATIONS, reason="no cpu implementation")
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+# Read independently of the kernels' own dispatch (which uses cpuid).
+HAS_BF16_DOT = platform.machine() in ("x86_64", "AMD64") and {
+    "avx512f", "avx512bw", "avx512_bf16"} <= _cpu_flags()
+
+CASES = [
+    Case("odd_sizes", T=77, S=301, N=6, K=2, H=17, batch=1),
+    Case("window_odd_edges", T=300, S=283, N=2, K=1, H=33, window=(37, 5), batch=1),
+    Case("causal_sub_tiles", T=300, S=290, N=2, K=1, H=64, causal=True, batch=1),
+    Case("decode_split_keys", T=1, S=1301, N=8, K=1, H=64, batch=1),
+    # 8 positions x 8 heads: enough stacked rows for the dot-product path.
+    Case("short_prefill_split_keys", T=8, S=1301, N=8, K=1, H=64, batch=1),
+    Case("transforms", T=70, S=129, N=2, K=2, H=40, bias="BNTS", softcap=3.0, mask="B11S",
+         mask_empty_rows=True, q_lens=("T", 33), kv_lens=(5, "S")),
+    Case("head_dim_128_gqa", T=65, S=200, N=4, K=1, H=128, batch=1, causal=True),
+]
+
+
+# (dtype, path): float16 always takes the portable path.
+PATHS = [(jnp.bfloat16, "bf16-dot"), (jnp.bfloat16, "portable"), (jnp.float16, "portable")]
+
+
+@pytest.mark.parametrize("tiles", [None, "37,61,40,40"], ids=["default-tiles", "odd-tiles"])
+@pytest.mark.parametrize("dtype, path", PATHS,
+                         ids=[f"{jnp.dtype(d).name}-{p}" for d, p in PATHS])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_16_bit_paths(case, dtype, path, tiles, rng, monkeypatch):
+    if path == "bf16-dot" and not HAS_BF16_DOT:
+        pytest.skip("this CPU has no AVX512-BF16")
+    monkeypatch.setenv("JAX_MFA_BF16_DOT", "1" if path == "bf16-dot" else "0")
+    if tiles:
+        monkeypatch.setenv("JAX_MFA_TILES", tiles)
+    test_attention.test_against_reference(case, dtype, "cpu", rng)  # the main matrix's checks
+
+
+@pytest.mark.skipif(not HAS_BF16_DOT, reason="this CPU has no AVX512-BF16")
+def test_bf16_dot_path_is_taken(rng, monkeypatch):
+    """The switch really changes the arithmetic (P is rounded to bfloat16 on
+    the dot-product path only), so the tests above cover two paths."""
+    args, kwargs = build(Case("switch", T=65, S=130, H=32), jnp.bfloat16, "cpu", rng)
+    q, k, v = args[:3]
+    outs = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("JAX_MFA_BF16_DOT", flag)
+        outs[flag] = np.asarray(jax_mfa.attention(q, k, v, implementation="cpu", **kwargs)
+                                .astype(jnp.float32))
+    assert not np.array_equal(outs["1"], outs["0"])
+
+
+@pytest.mark.parametrize("path", ["bf16-dot", "portable"])
+def test_bf16_nan_propagates(path, rng, monkeypatch):
+    """As in jax.nn (tests/test_nan.py, float32): an allowed NaN logit makes its
+    row NaN; a NaN key that the causal mask hides is invisible."""
+    if path == "bf16-dot" and not HAS_BF16_DOT:
+        pytest.skip("this CPU has no AVX512-BF16")
+    monkeypatch.setenv("JAX_MFA_BF16_DOT", "1" if path == "bf16-dot" else "0")
+    T, N, H = 300, 2, 33
+    q = np.asarray(rng.standard_normal((1, T, N, H)), np.float32)
+    k = np.asarray(rng.standard_normal((1, T, N, H)), np.float32)
+    v = np.asarray(rng.standard_normal((1, T, N, H)), np.float32)
+    q[0, 5, 1, 3] = np.nan    # query row 5 of head 1
+    k[0, 260, 0, 7] = np.nan  # key 260 of head 0: seen by rows >= 260 only
+    out, lse = jax_mfa.attention(*(jnp.asarray(a, jnp.bfloat16) for a in (q, k, v)),
+                                 is_causal=True, return_residual=True, implementation="cpu")
+    out = np.asarray(out.astype(jnp.float32))[0]
+    expected = np.zeros((T, N), bool)
+    expected[5, 1] = True
+    expected[260:, 0] = True
+    np.testing.assert_array_equal(np.isnan(out).all(-1), expected)
+    np.testing.assert_array_equal(np.isnan(out).any(-1), expected)
+    np.testing.assert_array_equal(np.isnan(np.asarray(lse)[0]), expected)
