@@ -466,7 +466,7 @@ import jax_mfa
 assert len(jax.devices()) == 4, jax.devices()
 mesh = jax.make_mesh((4,), ("b",))
 rng = np.random.default_rng(0)
-B, T, S, N, K, H = 8, 37, 45, 4, 2, 16
+B, T, S, N, K, H = 8, {T}, {S}, 4, 2, 16
 q = jnp.asarray(rng.standard_normal((B, T, N, H)), jnp.float32)
 k = jnp.asarray(rng.standard_normal((B, S, K, H)), jnp.float32)
 v = jnp.asarray(rng.standard_normal((B, S, K, H)), jnp.float32)
@@ -478,15 +478,17 @@ key = jax.random.key(4)
 
 def loss(q, k, v, sinks, qs, ks):
     out = jax_mfa.attention(q, k, v, query_segment_ids=qs, key_value_segment_ids=ks,
-                            sinks=sinks, dropout_rate=0.3, dropout_rng=key, is_causal=True,
+                            sinks=sinks, dropout_rate={rate}, dropout_rng=key, is_causal=True,
                             implementation={impl!r})
     return jnp.sum(out * w)
 
 grad = jax.value_and_grad(loss, argnums=(0, 1, 2, 3))
 want = grad(q, k, v, sinks, qs, ks)
-sh = NamedSharding(mesh, P("b"))
-args = [jax.device_put(x, sh) for x in (q, k, v)] + [sinks] + [
-    jax.device_put(x, sh) for x in (qs, ks)]
+sh = NamedSharding(mesh, {spec})
+ids = NamedSharding(mesh, P(*{spec}[:2]))
+kv_sh = NamedSharding(mesh, {kv_spec})
+args = [jax.device_put(q, sh)] + [jax.device_put(x, kv_sh) for x in (k, v)] + [sinks] + [
+    jax.device_put(x, ids) for x in (qs, ks)]
 got = jax.jit(grad)(*args)
 for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     g, e = np.asarray(g), np.asarray(e)
@@ -500,4 +502,34 @@ def test_sharded_batch(impl):
     """Batch-sharded inputs: every shard draws its rows' dropout masks (the
     seed operand carries the batch index) and the sinks gradient is summed
     over all shards."""
-    assert "SHARDING OK" in run_with_host_devices(SHARDING_SCRIPT.format(impl=impl))
+    script = SHARDING_SCRIPT.format(impl=impl, T=37, S=45, rate=0.3, spec='P("b")',
+                                    kv_spec='P("b")')
+    assert "SHARDING OK" in run_with_host_devices(script)
+
+
+@pytest.mark.parametrize("spec, kv_spec, rate", [
+    # heads (K = 2 key/value heads stay replicated): sinks sharded with the
+    # query heads; with dropout the heads are kept whole
+    ('P(None, None, "b")', "P()", 0.0),
+    ('P(None, None, "b")', "P()", 0.3),
+    ('P(None, "b")', 'P(None, "b")', 0.3),  # sequence: kept whole (no ring with these)
+])
+def test_sharded_heads_and_sequence(spec, kv_spec, rate):
+    """Head- and sequence-sharded inputs with segment ids, sinks and dropout
+    give the unsharded results (the ROLES of the new operands; the plan keeps
+    dims whole where the kernels need global indices)."""
+    script = SHARDING_SCRIPT.format(impl="cpu", T=36, S=44, rate=rate, spec=spec,
+                                    kv_spec=kv_spec)
+    assert "SHARDING OK" in run_with_host_devices(script)
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(sinks=jnp.zeros(2)), "sinks"),
+    (dict(dropout_rate=0.1, dropout_rng=jax.random.key(0)), "dropout_rate"),
+    (dict(query_segment_ids=jnp.zeros((1, 4), jnp.int32),
+          key_value_segment_ids=jnp.zeros((1, 4), jnp.int32)), "segment_ids"),
+])
+def test_ring_attention_rejects_features(kwargs, name):
+    q = jnp.zeros((1, 4, 2, 8), jnp.float32)
+    with pytest.raises(ValueError, match=f"ring_attention does not support .*{name}"):
+        jax_mfa.ring_attention(q, q, q, axis_name="seq", **kwargs)
