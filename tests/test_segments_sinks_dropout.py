@@ -23,7 +23,7 @@ import reference
 from jax_mfa._benchmark import median_times
 from support import (FLOAT64_IMPLEMENTATIONS, IMPLEMENTATIONS, accumulation_dtype,
                      assert_no_nan, batch_size, check_close, random_array, run_with_host_devices,
-                     same_impl_tolerance, seq_len, to64)
+                     relative_error, same_impl_tolerance, seq_len, to64)
 
 ALL_IMPLEMENTATIONS = IMPLEMENTATIONS + ["xla"]
 FLOAT64_ALL = FLOAT64_IMPLEMENTATIONS + ["xla"]
@@ -533,3 +533,33 @@ def test_ring_attention_rejects_features(kwargs, name):
     q = jnp.zeros((1, 4, 2, 8), jnp.float32)
     with pytest.raises(ValueError, match=f"ring_attention does not support .*{name}"):
         jax_mfa.ring_attention(q, q, q, axis_name="seq", **kwargs)
+
+
+def test_cpu_bfloat16_stacked_rows_with_features():
+    """bfloat16 with >= 64 stacked query rows per head, where the CPU kernels
+    would take the AVX512-BF16 dot-product path: with segment ids, sinks and
+    dropout they take the float path and match the xla implementation."""
+    rng = np.random.default_rng(13)
+    B, T, S, N, K, H = 2, 67, 75, 4, 2, 24
+    q, k, v = (jnp.asarray(rng.standard_normal(s), jnp.bfloat16)
+               for s in ((B, T, N, H), (B, S, K, H), (B, S, K, H)))
+    kw = dict(query_segment_ids=jnp.asarray(np.sort(rng.integers(0, 3, (B, T)), 1), jnp.int32),
+              key_value_segment_ids=jnp.asarray(np.sort(rng.integers(0, 3, (B, S)), 1),
+                                                jnp.int32),
+              sinks=jnp.asarray(rng.standard_normal(N), jnp.float32), dropout_rate=0.25,
+              dropout_rng=jax.random.key(3), is_causal=True)
+    w = jnp.asarray(rng.standard_normal((B, T, N, H)), jnp.float32)
+
+    def run(impl):
+        def loss(q, k, v, sinks):
+            out = jax_mfa.attention(q, k, v, implementation=impl, **{**kw, "sinks": sinks})
+            return jnp.sum(out.astype(jnp.float32) * w), out
+        (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True)(
+            q, k, v, kw["sinks"])
+        return out, grads
+
+    out, grads = run("cpu")
+    want_out, want_grads = run("xla")
+    assert relative_error(out, want_out) < 2e-2
+    for g, e in zip(grads, want_grads):
+        assert relative_error(g, e) < 3e-2
