@@ -10,6 +10,12 @@ do. It runs on every JAX platform: it is what jax_mfa uses on GPUs and TPUs
 where ``jax.nn.dot_product_attention`` cannot express a call with jax_mfa's
 semantics, and what the fused primitives lower to there.
 
+Segment ids, sinks and dropout follow the fused kernels: segment ids AND
+into the mask of each block (blocks are not skipped by segment yet), the
+online softmax starts from the sink (m = sink, l = 1), and each block draws
+its dropout factors from the shared generator at absolute positions, in the
+forward and again in the backward.
+
 Blocks are never padded: a last, partial block is read from ``S - block``
 instead, and the keys (rows, in the backward) it shares with the previous block
 are masked out of it.
