@@ -150,6 +150,23 @@ def mask_rows(b: Bench, L: int):
     b.check(f"causal <= 0.55x non-causal (T=S={L})", f"{causal / full:.2f}x", causal / full <= 0.55)
 
 
+def packed_rows(b: Bench, L: int, segments: int = 32):
+    """A packed batch (T=S=L made of `segments` equal sequences, segment ids)
+    against the same through jax.nn with the equivalent dense (T, S) mask."""
+    import jax_mfa
+
+    q, k, v, _ = bm.make_inputs(1, L, L, 8, 8, 64)
+    ids = jnp.repeat(jnp.arange(segments, dtype=jnp.int32), L // segments)[None]
+    dense = ids[0][:, None] == ids[0][None, :]
+    ours = jax.jit(lambda q, k, v: jax_mfa.attention(
+        q, k, v, query_segment_ids=ids, key_value_segment_ids=ids, implementation="cpu"))
+    ref = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=dense))
+    tc, tx = b.times([(ours, (q, k, v)), (ref, (q, k, v))])
+    b.rows.append(("packed", f"fwd T=S={L}, {segments} segments",
+                   f"cpu (segment ids) {tc * 1e3:.1f} ms, {REF} (dense mask) {tx * 1e3:.1f} ms: "
+                   f"**{tx / tc:.1f}x**"))
+
+
 def window_scaling_rows(b: Bench, lengths):
     inputs = [bm.make_inputs(1, L, L, 8, 8, 64) for L in lengths]
     times = b.times([call("cpu", x, local_window_size=(256, 0)) for x in inputs])
@@ -375,13 +392,13 @@ def main():
     if args.quick:
         steps = [(main_rows, 1024), (curve_rows, 512), (mask_rows, 1024),
                  (window_scaling_rows, (1024, 2048)), (head_dim_rows, 512), (dtype_rows, 512),
-                 (decode_rows,), (scaling_rows, 1024), (memory_rows, 4096),
+                 (decode_rows,), (scaling_rows, 1024), (memory_rows, 4096), (packed_rows, 2048),
                  (torch_rows, (1024,), (64,), 8192)]
     else:
         steps = [(main_rows, 2048), (main_rows, 4096), (curve_rows, 512), (curve_rows, 1024),
                  (mask_rows, 4096), (window_scaling_rows, (2048, 4096, 8192)),
                  (head_dim_rows, 2048), (dtype_rows, 2048), (decode_rows,),
-                 (scaling_rows, 4096), (memory_rows, 16384),
+                 (scaling_rows, 4096), (memory_rows, 16384), (packed_rows, 8192),
                  (torch_rows, (2048, 4096), (64, 128), 32768)]
     ints = lambda text: tuple(int(v) for v in text.split(","))  # noqa: E731
     steps = [(fn, *a) if fn is not torch_rows else

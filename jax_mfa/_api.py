@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_mfa import _blockwise, _jax_nn, _native, _primitives, _ring, _xla
-from jax_mfa._arguments import Operands, accumulation_dtype, as_array, describe, prepare
+from jax_mfa._arguments import NUM_OPERANDS, Operands, accumulation_dtype, as_array, describe, prepare
 
 # Largest head dim each implementation accepts (None: no limit).
 MAX_HEAD_DIM = {"cpu": 512, "xla": None, "xla-blockwise": None, "metal": 256,
@@ -166,7 +166,9 @@ def _setup(query, key, value, bias, mask, query_seq_lengths, key_value_seq_lengt
 
 def attention(query, key, value, bias=None, mask=None, *, scale=None, is_causal=False,
               query_seq_lengths=None, key_value_seq_lengths=None, local_window_size=None,
-              softcap=None, return_residual=False, implementation=None):
+              softcap=None, query_segment_ids=None, key_value_segment_ids=None, sinks=None,
+              dropout_rate=0.0, dropout_rng=None, return_residual=False, implementation=None,
+              _dropout_broadcast=False):
     """Exact scaled dot-product attention through fused kernels.
 
     Follows ``jax.nn.dot_product_attention``'s layout: query ``(B, T, N, H)`` or
@@ -183,9 +185,31 @@ def attention(query, key, value, bias=None, mask=None, *, scale=None, is_causal=
     (float64 for float64 inputs). A query row with no allowed key gives output
     0, logsumexp -inf and zero gradients (``jax.nn`` instead averages all values).
 
+    Features ``jax.nn`` does not have:
+
+    * ``query_segment_ids`` int32 ``(B, T)`` / ``key_value_segment_ids`` int32
+      ``(B, S)`` (``(T,)``/``(S,)`` for 3-D inputs), both or neither: packed
+      sequences. Key j is allowed for query i only if their ids are equal (ANDed
+      with every mask above). Any values; sorted ids (the usual packing) let the
+      kernels skip tiles whose id ranges cannot match. No gradient.
+    * ``sinks`` float ``(N,)``: one extra logit per query head in every row's
+      softmax, taking probability mass but adding no value:
+      ``p_j = exp(l_j) / (exp(sinks[n]) + sum_allowed exp(l_k))``. The lse
+      includes it; a row with no allowed key gives output 0 and lse ``sinks[n]``.
+      Differentiable (summed over batch and queries).
+    * ``dropout_rate`` in ``[0, 1)`` with ``dropout_rng`` (a JAX PRNG key,
+      required when the rate is positive): dropout on the probabilities after
+      the softmax, kept entries scaled by ``1 / (1 - rate)``. Entry (b, n, i, j)
+      is kept iff Philox4x32-10 (keyed by the key's bits, counter
+      ``(j // 4, i, n, b)``, word ``j % 4``) gives a word >= ``round(rate * 2**32)``:
+      every implementation draws the same mask for the same key. The backward
+      recomputes it; nothing is stored.
+
     Args:
       return_residual: also return the logsumexp, float32 ``(B, T, N)``
         (``(T, N)`` for 3-D inputs; float64 for float64 inputs), natural log.
+      _dropout_broadcast: private (the Flax adapter's broadcast_dropout): one
+        dropout mask shared by every batch row and head (drawn as for b = n = 0).
       implementation: None (best available; on GPUs and TPUs jax.nn /
         cuDNN where its semantics agree, see the README), "cpu", "xla",
         "xla-blockwise" (FlashAttention in plain JAX, any platform), or where
@@ -202,7 +226,9 @@ def attention(query, key, value, bias=None, mask=None, *, scale=None, is_causal=
     impl, routed, ops, options, was_3d = _setup(
         query, key, value, bias, mask, query_seq_lengths, key_value_seq_lengths,
         scale=scale, is_causal=is_causal, local_window_size=local_window_size,
-        softcap=softcap, implementation=implementation)
+        softcap=softcap, implementation=implementation, query_segment_ids=query_segment_ids,
+        key_value_segment_ids=key_value_segment_ids, sinks=sinks, dropout_rate=dropout_rate,
+        dropout_rng=dropout_rng, dropout_broadcast=_dropout_broadcast)
     with _forward_mode_errors(impl):
         if routed:
             out, lse = _non_cpu_attention(ops, options, return_residual)
@@ -224,8 +250,9 @@ def attention(query, key, value, bias=None, mask=None, *, scale=None, is_causal=
 
 def ring_attention(query, key, value, bias=None, mask=None, *, axis_name, scale=None,
                    is_causal=False, query_seq_lengths=None, key_value_seq_lengths=None,
-                   local_window_size=None, softcap=None, return_residual=False,
-                   implementation=None):
+                   local_window_size=None, softcap=None, query_segment_ids=None,
+                   key_value_segment_ids=None, sinks=None, dropout_rate=0.0, dropout_rng=None,
+                   return_residual=False, implementation=None):
     """:func:`attention` over a sequence sharded along the mesh axis (or axes)
     ``axis_name``, called inside ``jax.shard_map``: ring attention.
 
@@ -241,9 +268,21 @@ def ring_attention(query, key, value, bias=None, mask=None, *, axis_name, scale=
     device's query rows against all keys. Other shard_map axes (batch, heads)
     just see local arrays. Gradients flow through a ring backward pass.
 
+    Segment ids, sinks and dropout are not supported yet: passing any of them
+    raises ValueError (use :func:`attention` under jit with sharded arrays,
+    which keeps the sequence whole for them).
+
     Returns this device's rows of the output (and of the lse with
     ``return_residual=True``).
     """
+    given = [name for name, on in (
+        ("query_segment_ids/key_value_segment_ids",
+         query_segment_ids is not None or key_value_segment_ids is not None),
+        ("sinks", sinks is not None), ("dropout_rate", dropout_rate != 0)) if on]
+    if given:
+        raise ValueError(f"ring_attention does not support {', '.join(given)} yet; use "
+                         "jax_mfa.attention on the whole sequence")
+    del dropout_rng  # only meaningful with dropout_rate > 0
     axes = (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
     try:
         size = jax.lax.axis_size(axes)
@@ -257,7 +296,7 @@ def ring_attention(query, key, value, bias=None, mask=None, *, axis_name, scale=
         softcap=softcap, implementation=implementation, key_columns=size * key_rows)
     ops = Operands(*_vary(ops.as_tuple(), axes))
     ring = _ring.Ring.make(axes, size, ops.query.shape[1], ops.key.shape[1], options)
-    out, lse = _ring_attention(*ops.as_tuple(), options, impl, ring)
+    out, lse = _ring_attention(*ops.as_tuple()[:7], options, impl, ring)
     if was_3d:
         out, lse = out[0], lse[0]
     return (out, lse) if return_residual else out
@@ -266,12 +305,12 @@ def ring_attention(query, key, value, bias=None, mask=None, *, axis_name, scale=
 def _kernels(impl: str) -> _ring.Kernels:
     if impl == "xla":
         return _ring.Kernels(lambda options, *a: _xla.attention(Operands(*a), options),
-                             lambda options, *a: _xla.backward(Operands(*a[:7]), options,
-                                                               *a[7:]))
+                             lambda options, *a: _xla.backward(Operands(*a[:NUM_OPERANDS]),
+                                                               options, *a[NUM_OPERANDS:]))
     if impl == "xla-blockwise":
         return _ring.Kernels(lambda options, *a: _blockwise.forward(Operands(*a), options),
-                             lambda options, *a: _blockwise.backward(Operands(*a[:7]), options,
-                                                                     *a[7:]))
+                             lambda options, *a: _blockwise.backward(
+                                 Operands(*a[:NUM_OPERANDS]), options, *a[NUM_OPERANDS:]))
 
     def bind(primitive):
         return lambda options, *a: tuple(primitive.bind(*a, options=options, backend=impl))

@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_mfa import _philox
+
 # Storage dtypes the fused kernels accept for query, key and value.
 SUPPORTED_DTYPES = (jnp.float32, jnp.float16, jnp.bfloat16, jnp.float64)
 
@@ -33,6 +35,11 @@ class Options:
     has_mask: bool
     has_q_lengths: bool
     has_kv_lengths: bool
+    # Packed sequences, attention sinks and dropout (see Operands).
+    has_segment_ids: bool = False
+    has_sinks: bool = False
+    dropout_rate: float = 0.0
+    dropout_broadcast_heads: bool = False  # one mask for all heads (Flax's broadcast_dropout)
 
     def ffi_attributes(self) -> dict[str, Any]:
         return dict(
@@ -45,6 +52,11 @@ class Options:
             has_mask=self.has_mask,
             has_q_lengths=self.has_q_lengths,
             has_kv_lengths=self.has_kv_lengths,
+            has_segment_ids=self.has_segment_ids,
+            has_sinks=self.has_sinks,
+            dropout_rate=np.float64(self.dropout_rate),
+            dropout_threshold=np.int64(_philox.threshold(self.dropout_rate)),
+            dropout_broadcast_heads=self.dropout_broadcast_heads,
         )
 
 
@@ -60,10 +72,31 @@ class Operands:
     mask: jax.Array  # broadcast shape, bool
     q_lengths: jax.Array  # (B,) int32
     kv_lengths: jax.Array  # (B,) int32
+    q_segments: jax.Array = None  # (B, T) int32
+    kv_segments: jax.Array = None  # (B, S) int32
+    sinks: jax.Array = None  # (1 or B, N), accumulation dtype
+    dropout_seed: jax.Array = None  # (B, 3) uint32: Philox key words, counter batch index
+
+    def __post_init__(self):
+        # Placeholders for the optional operands a caller left out.
+        if self.q_segments is None:
+            self.q_segments = jnp.zeros((1, 1), jnp.int32)
+        if self.kv_segments is None:
+            self.kv_segments = jnp.zeros((1, 1), jnp.int32)
+        if self.sinks is None:
+            acc = np.float32 if self.query is None else accumulation_dtype(self.query.dtype)
+            self.sinks = jnp.zeros((1, 1), acc)
+        if self.dropout_seed is None:
+            self.dropout_seed = jnp.zeros((1, 3), jnp.uint32)
 
     def as_tuple(self):
         return (self.query, self.key, self.value, self.bias, self.mask, self.q_lengths,
-                self.kv_lengths)
+                self.kv_lengths, self.q_segments, self.kv_segments, self.sinks,
+                self.dropout_seed)
+
+
+# Operands of the forward kernel call (Operands.as_tuple()); the backward call adds lse, dout, delta.
+NUM_OPERANDS = len(dataclasses.fields(Operands))
 
 
 def accumulation_dtype(dtype) -> np.dtype:
@@ -182,9 +215,69 @@ def _window(local_window_size) -> tuple[int, int]:
     return left, right
 
 
+def _segment_ids(q_ids, kv_ids, B: int, T: int, S: int, batched_input: bool):
+    """(q_segments (B, T), kv_segments (B, S), present) from the two id arrays."""
+    if (q_ids is None) != (kv_ids is None):
+        raise ValueError("query_segment_ids and key_value_segment_ids must be given together "
+                         "(both or neither)")
+    if q_ids is None:
+        return None, None, False
+    out = []
+    for x, name, length, letter in ((q_ids, "query_segment_ids", T, "T"),
+                                    (kv_ids, "key_value_segment_ids", S, "S")):
+        shape = _shape(x, name)
+        want = (B, length) if batched_input else (length,)
+        if shape != want:
+            raise ValueError(f"{name} must have shape "
+                             f"{'(B, ' + letter + ')' if batched_input else '(' + letter + ',)'}"
+                             f" = {want}, got {shape}")
+        if not jnp.issubdtype(jnp.result_type(x), jnp.integer):
+            raise TypeError(f"{name} must be an integer array (int32), got "
+                            f"{jnp.result_type(x)}")
+        out.append(jnp.reshape(jnp.asarray(x, jnp.int32), (B, length)))
+    return out[0], out[1], True
+
+
+def _sinks(sinks, N: int, acc):
+    if sinks is None:
+        return None
+    shape = _shape(sinks, "sinks")
+    if shape != (N,):
+        raise ValueError(f"sinks must have shape (N,) = ({N},) (one logit per query head), "
+                         f"got {shape}")
+    if not jnp.issubdtype(jnp.result_type(sinks), jnp.floating):
+        raise TypeError(f"sinks must be a floating-point array, got {jnp.result_type(sinks)}")
+    return jnp.reshape(jnp.asarray(sinks).astype(acc), (1, N))
+
+
+def _dropout(rate, rng, B: int, broadcast: bool):
+    """(rate, seed (B, 3) uint32 or None) from dropout_rate and dropout_rng.
+    With `broadcast`, every batch row draws the mask of batch index 0."""
+    rate = _static_real(rate, "dropout_rate")
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"dropout_rate must be in [0, 1), got {rate}")
+    if rate == 0.0:
+        return 0.0, None
+    if rng is None:
+        raise ValueError(f"dropout_rng (a JAX PRNG key) is required when dropout_rate > 0 "
+                         f"(got dropout_rate={rate})")
+    rng_dtype, rng_shape = jnp.result_type(rng), _shape(rng, "dropout_rng")
+    typed = jnp.issubdtype(rng_dtype, jax.dtypes.prng_key)
+    if not (typed or (rng_dtype == np.uint32 and rng_shape in ((2,), (4,)))):
+        raise TypeError("dropout_rng must be a JAX PRNG key (jax.random.key or "
+                        f"jax.random.PRNGKey), got dtype {rng_dtype} and shape {rng_shape}")
+    if typed and rng_shape != ():
+        raise ValueError(f"dropout_rng must be a single key, got shape {rng_shape}")
+    words = _philox.key_words(rng)
+    rows = jnp.zeros((B, 1), jnp.uint32) if broadcast else jnp.arange(B, dtype=jnp.uint32)[:, None]
+    seed = jnp.concatenate([jnp.broadcast_to(words, (B, 2)), rows], axis=1)
+    return rate, seed
+
+
 def prepare(query, key, value, bias, mask, *, scale, is_causal, query_seq_lengths,
             key_value_seq_lengths, local_window_size, softcap,
-            max_head_dim: int | None,
+            max_head_dim: int | None, query_segment_ids=None, key_value_segment_ids=None,
+            sinks=None, dropout_rate=0.0, dropout_rng=None, dropout_broadcast: bool = False,
             key_columns: int | None = None) -> tuple[Operands, Options, bool]:
     """Returns (operands, options, was_3d) or raises a clear error.
     key_columns: the key dim of bias and mask when it differs from the key
@@ -248,12 +341,19 @@ def prepare(query, key, value, bias, mask, *, scale, is_causal, query_seq_length
     kv_lengths, has_kv = _seq_lengths(key_value_seq_lengths, "key_value_seq_lengths", B,
                                       not was_3d)
 
+    q_segments, kv_segments, has_segments = _segment_ids(
+        query_segment_ids, key_value_segment_ids, B, T, S, not was_3d)
+    sinks2 = _sinks(sinks, N, acc)
+    rate, seed = _dropout(dropout_rate, dropout_rng, B, dropout_broadcast)
+
     if was_3d:
         query, key, value = (jnp.expand_dims(a, 0) for a in (query, key, value))
     operands = Operands(jnp.asarray(query), jnp.asarray(key), jnp.asarray(value), bias4, mask4,
-                        q_lengths, kv_lengths)
+                        q_lengths, kv_lengths, q_segments, kv_segments, sinks2, seed)
     options = Options(scale=scale_value, softcap=softcap_value or 0.0, is_causal=bool(is_causal),
                       window_left=window_left, window_right=window_right,
                       has_bias=bias is not None, has_mask=mask is not None,
-                      has_q_lengths=has_q, has_kv_lengths=has_kv)
+                      has_q_lengths=has_q, has_kv_lengths=has_kv,
+                      has_segment_ids=has_segments, has_sinks=sinks2 is not None,
+                      dropout_rate=rate, dropout_broadcast_heads=bool(dropout_broadcast))
     return operands, options, was_3d

@@ -10,6 +10,12 @@ do. It runs on every JAX platform: it is what jax_mfa uses on GPUs and TPUs
 where ``jax.nn.dot_product_attention`` cannot express a call with jax_mfa's
 semantics, and what the fused primitives lower to there.
 
+Segment ids, sinks and dropout follow the fused kernels: segment ids AND
+into the mask of each block (blocks are not skipped by segment yet), the
+online softmax starts from the sink (m = sink, l = 1), and each block draws
+its dropout factors from the shared generator at absolute positions, in the
+forward and again in the backward.
+
 Blocks are never padded: a last, partial block is read from ``S - block``
 instead, and the keys (rows, in the backward) it shares with the previous block
 are masked out of it.
@@ -26,7 +32,7 @@ import numpy as np
 from jax import lax
 
 from jax_mfa import _xla
-from jax_mfa._arguments import Operands, Options, accumulation_dtype
+from jax_mfa._arguments import NUM_OPERANDS, Operands, Options, accumulation_dtype
 
 # Block sizes (upper bounds). A query block is further limited so that one
 # block of float32 scores stays within SCORES_BUDGET bytes.
@@ -111,9 +117,22 @@ def _logits(ops: Operands, opt: Options, q_blk, i0, row_from, j0, key_from, keys
     i = (i0 + jnp.arange(rows))[:, None]
     j = (j0 + jnp.arange(keys))[None, :]
     mask = _slice_broadcast(ops.mask, i0, rows, j0, keys, K, G) if opt.has_mask else None
-    allowed = _xla.allowed_at(opt, i, j, ops.q_lengths, ops.kv_lengths, mask, ndim=5)
+    q_seg = kv_seg = None
+    if opt.has_segment_ids:
+        q_seg = lax.dynamic_slice_in_dim(ops.q_segments, i0, rows, axis=1)
+        kv_seg = lax.dynamic_slice_in_dim(ops.kv_segments, j0, keys, axis=1)
+    allowed = _xla.allowed_at(opt, i, j, ops.q_lengths, ops.kv_lengths, mask, ndim=5,
+                              q_segments=q_seg, kv_segments=kv_seg)
     allowed = allowed & (i >= row_from) & (j >= key_from)
     return jnp.where(allowed, s, -jnp.inf), t
+
+
+def _dropout_factors(ops: Operands, opt: Options, i0, j0, shape, acc):
+    """(B, K, G, rows, keys) dropout factors of a block at absolute positions
+    (the generator's, as every implementation draws them)."""
+    B, K, G, rows, keys = shape
+    z = _xla.dropout_factors(ops, opt, (B, K * G, rows, keys), acc, q_start=i0, k_start=j0)
+    return z.reshape(shape)
 
 
 def _sizes(ops: Operands):
@@ -144,12 +163,18 @@ def forward(ops: Operands, opt: Options) -> tuple[jax.Array, jax.Array]:
             p = jnp.exp(s - shift[..., None])
             alpha = jnp.exp(m - shift)
             v_blk = lax.dynamic_slice_in_dim(v, j0, C, axis=1)
+            l_new = l * alpha + jnp.sum(p, axis=-1)  # the normaliser is not dropped
+            if opt.dropout_rate > 0:
+                p = p * _dropout_factors(ops, opt, i0, j0, p.shape, acc)
             pv = _dot("bkgqs,bskh->bkgqh", p, v_blk, acc)
-            return m_new, l * alpha + jnp.sum(p, axis=-1), o * alpha[..., None] + pv
+            return m_new, l_new, o * alpha[..., None] + pv
 
         # Zeros shaped (and, under sharding in types, sharded) like the rows.
         o0 = jnp.transpose(jnp.zeros_like(q_blk, acc), (0, 2, 3, 1, 4))  # (B, K, G, R, H)
         init = (o0[..., 0] - jnp.inf, o0[..., 0], o0)
+        if opt.has_sinks:  # the sink is one more logit, without a value: m = sink, l = 1
+            sink = ops.sinks.astype(acc).reshape(-1, K, G, 1)
+            init = (o0[..., 0] + sink, o0[..., 0] + 1, o0)
         lo, hi = _key_block_range(opt, i0, R, blocks)
         m, l, o = lax.fori_loop(lo, hi, key_block, init)
         empty = l == 0  # no allowed key (NaN: a NaN logit, stays NaN)
@@ -208,8 +233,12 @@ def backward(ops: Operands, opt: Options, lse, dout, delta):
             p = jnp.exp(s - lse_blk)
             k_blk = lax.dynamic_slice_in_dim(k, j0, C, axis=1)
             v_blk = lax.dynamic_slice_in_dim(v, j0, C, axis=1)
-            dv = _add_at(dv, _dot("bkgqs,bqkgh->bskh", p, do_blk, acc), (0, j0, 0, 0))
             dp = _dot("bqkgh,bskh->bkgqs", do_blk, v_blk, acc)
+            pz = p
+            if opt.dropout_rate > 0:  # dV takes (P Z)^T dO, dS = P (dP Z - delta)
+                z = _dropout_factors(ops, opt, i0, j0, p.shape, acc)
+                pz, dp = p * z, dp * z
+            dv = _add_at(dv, _dot("bkgqs,bqkgh->bskh", pz, do_blk, acc), (0, j0, 0, 0))
             ds = p * (dp - delta_blk)  # gradient of the final logits
             if opt.has_bias:
                 starts = (0, 0, i0 if bias_shape[2] != 1 else 0, j0 if bias_shape[3] != 1 else 0)
@@ -237,26 +266,24 @@ def backward(ops: Operands, opt: Options, lse, dout, delta):
 
 # Compiled once per shape and options (eager calls would otherwise retrace and
 # recompile the loops every time). Block sizes are read when tracing.
-@functools.partial(jax.jit, static_argnums=(7,))
-def _forward_compiled(q, k, v, bias, mask, q_lengths, kv_lengths, options: Options):
-    return forward(Operands(q, k, v, bias, mask, q_lengths, kv_lengths), options)
+@functools.partial(jax.jit, static_argnums=(0,))
+def _forward_compiled(options: Options, *args):
+    return forward(Operands(*args), options)
 
 
-@functools.partial(jax.jit, static_argnums=(10,))
-def _backward_compiled(q, k, v, bias, mask, q_lengths, kv_lengths, lse, dout, delta,
-                       options: Options):
-    return backward(Operands(q, k, v, bias, mask, q_lengths, kv_lengths), options, lse, dout,
-                    delta)
+@functools.partial(jax.jit, static_argnums=(0,))
+def _backward_compiled(options: Options, *args):
+    lse, dout, delta = args[NUM_OPERANDS:]
+    return backward(Operands(*args[:NUM_OPERANDS]), options, lse, dout, delta)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
-def _attention(q, k, v, bias, mask, q_lengths, kv_lengths, options: Options):
-    return _forward_compiled(q, k, v, bias, mask, q_lengths, kv_lengths, options)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _attention(options: Options, *args):
+    return _forward_compiled(options, *args)
 
 
-def _attention_fwd(q, k, v, bias, mask, q_lengths, kv_lengths, options):
-    args = (q, k, v, bias, mask, q_lengths, kv_lengths)
-    out, lse = _forward_compiled(*args, options)
+def _attention_fwd(options, *args):
+    out, lse = _forward_compiled(options, *args)
     return (out, lse), (args, out, lse)
 
 
@@ -266,9 +293,13 @@ def _attention_bwd(options, residuals, cotangents):
     dout, dlse = cotangents
     acc = accumulation_dtype(out.dtype)
     delta = jnp.sum(dout.astype(acc) * out.astype(acc), axis=-1) - dlse.astype(acc)
-    dq, dk, dv, dbias = _backward_compiled(*args, lse, dout.astype(out.dtype), delta, options)
+    dq, dk, dv, dbias = _backward_compiled(options, *args, lse, dout.astype(out.dtype), delta)
+    dsinks = (_xla.sinks_gradient(ops.sinks, lse, delta) if options.has_sinks
+              else jnp.zeros_like(ops.sinks))
     zero = lambda x: np.zeros(x.shape, jax.dtypes.float0)  # noqa: E731
-    return dq, dk, dv, dbias, zero(ops.mask), zero(ops.q_lengths), zero(ops.kv_lengths)
+    return (dq, dk, dv, dbias, zero(ops.mask), zero(ops.q_lengths), zero(ops.kv_lengths),
+            zero(ops.q_segments), zero(ops.kv_segments), dsinks.astype(ops.sinks.dtype),
+            zero(ops.dropout_seed))
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
@@ -276,4 +307,4 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 def attention(ops: Operands, opt: Options) -> tuple[jax.Array, jax.Array]:
     """(out, lse), differentiable (custom VJP with a blockwise backward)."""
-    return _attention(*ops.as_tuple(), opt)
+    return _attention(opt, *ops.as_tuple())

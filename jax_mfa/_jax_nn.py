@@ -5,7 +5,7 @@ jax.nn and jax_mfa agree on everything except rows with no allowed key (jax.nn
 averages all values there, jax_mfa gives 0): such rows are found from the
 masking options alone (mask, lengths, window; a fused reduction, never a
 stored T x S array) and set to 0, which also zeroes their gradients. jax.nn
-has no softcap, its lse carries no gradient, and a bias row of -inf values
+has no softcap, segment ids, sinks or dropout, its lse carries no gradient, and a bias row of -inf values
 would make it NaN where jax_mfa gives 0: those calls use jax_mfa's own
 implementations instead (see jax_mfa._api).
 """
@@ -35,8 +35,10 @@ def scores_bytes(ops: Operands) -> int:
 
 
 def agrees(opt: Options, return_residual: bool) -> bool:
-    """Whether jax.nn can express a call with these options exactly."""
-    return opt.softcap == 0 and not opt.has_bias and not return_residual
+    """Whether jax.nn can express a call with these options exactly (it has no
+    segment ids, sinks or dropout)."""
+    return (opt.softcap == 0 and not opt.has_bias and not return_residual
+            and not opt.has_segment_ids and not opt.has_sinks and opt.dropout_rate == 0)
 
 
 def _all_rows_have_keys(ops: Operands, opt: Options) -> bool:

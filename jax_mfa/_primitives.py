@@ -3,7 +3,8 @@ FFI targets, batching (vmap) rules, and the custom VJP that ties forward and
 backward together.
 
 Two primitives, one per kernel pass:
-  attention_fwd: (q, k, v, bias, mask, q_lengths, kv_lengths) -> (out, lse)
+  attention_fwd: (q, k, v, bias, mask, q_lengths, kv_lengths, q_segments,
+                  kv_segments, sinks, dropout_seed) -> (out, lse)
   attention_bwd: (..., lse, dout, delta) -> (dq, dk, dv, dbias)
 Their static parameters are ``options`` (an :class:`Options`) and ``backend``
 (the FFI target suffix, e.g. "cpu"). On platforms without the fused kernels
@@ -23,8 +24,9 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jax_mfa import _blockwise, _jax_compat, _native, _sharding
+from jax_mfa._xla import sinks_gradient
 
-from jax_mfa._arguments import Operands, Options, accumulation_dtype
+from jax_mfa._arguments import NUM_OPERANDS, Operands, Options, accumulation_dtype
 
 attention_fwd_p = Primitive("jax_mfa_attention_fwd")
 attention_fwd_p.multiple_results = True
@@ -47,13 +49,14 @@ def _like(ref, shape, dtype):
                                 manual_axis_type=mat)
 
 
-def _fwd_abstract(q, k, v, bias, mask, q_lengths, kv_lengths, *, options, backend):
+
+
+def _fwd_abstract(q, *operands, options, backend):
     B, T, N, _ = q.shape
     return (_like(q, q.shape, q.dtype), _like(q, (B, T, N), accumulation_dtype(q.dtype)))
 
 
-def _bwd_abstract(q, k, v, bias, mask, q_lengths, kv_lengths, lse, dout, delta, *, options,
-                  backend):
+def _bwd_abstract(q, k, v, bias, *operands, options, backend):
     return tuple(_like(q, a.shape, a.dtype) for a in (q, k, v, bias))
 
 
@@ -128,16 +131,15 @@ _bwd_lowering = _ffi_lowering("bwd")
 _jax_compat.require_devices_during_lowering(attention_fwd_p, attention_bwd_p)
 
 
-def _blockwise_fwd(q, k, v, bias, mask, q_lengths, kv_lengths, *, options, backend):
+def _blockwise_fwd(*operands, options, backend):
     del backend
-    return _blockwise.forward(Operands(q, k, v, bias, mask, q_lengths, kv_lengths), options)
+    return _blockwise.forward(Operands(*operands), options)
 
 
-def _blockwise_bwd(q, k, v, bias, mask, q_lengths, kv_lengths, lse, dout, delta, *, options,
-                   backend):
+def _blockwise_bwd(*args, options, backend):
     del backend
-    return _blockwise.backward(Operands(q, k, v, bias, mask, q_lengths, kv_lengths), options,
-                               lse, dout, delta)
+    lse, dout, delta = args[NUM_OPERANDS:]
+    return _blockwise.backward(Operands(*args[:NUM_OPERANDS]), options, lse, dout, delta)
 
 
 mlir.register_lowering(attention_fwd_p, _fwd_lowering, platform="cpu")
@@ -192,7 +194,7 @@ def _leading_dim(x, dim) -> int:
 
 
 def _fold_operands(args, dims, size: int, options: Options, *, bias_per_example: bool):
-    q, k, v, bias, mask, q_lengths, kv_lengths = args
+    q, k, v, bias, mask, q_lengths, kv_lengths, q_segments, kv_segments, sinks, seed = args
     B = _leading_dim(q, dims[0])
     fold = functools.partial(_fold, size=size, batch=B)
     folded = [
@@ -203,6 +205,10 @@ def _fold_operands(args, dims, size: int, options: Options, *, bias_per_example:
         fold(mask, dims[4], keep_broadcast=True),
         fold(q_lengths, dims[5], keep_broadcast=not options.has_q_lengths),
         fold(kv_lengths, dims[6], keep_broadcast=not options.has_kv_lengths),
+        fold(q_segments, dims[7], keep_broadcast=not options.has_segment_ids),
+        fold(kv_segments, dims[8], keep_broadcast=not options.has_segment_ids),
+        fold(sinks, dims[9], keep_broadcast=True),  # (1, N) is shared by every row
+        fold(seed, dims[10], keep_broadcast=options.dropout_rate == 0),
     ]
     return folded, B
 
@@ -215,9 +221,10 @@ def _fwd_batch(args, dims, *, options, backend):
 
 
 def _bwd_batch(args, dims, *, options, backend):
+    n = NUM_OPERANDS
     size = _batch_size(args, dims)
-    folded, B = _fold_operands(args[:7], dims[:7], size, options, bias_per_example=True)
-    extra = [_fold(a, d, size, B, keep_broadcast=False) for a, d in zip(args[7:], dims[7:])]
+    folded, B = _fold_operands(args[:n], dims[:n], size, options, bias_per_example=True)
+    extra = [_fold(a, d, size, B, keep_broadcast=False) for a, d in zip(args[n:], dims[n:])]
     dq, dk, dv, dbias = attention_bwd_p.bind(*folded, *extra, options=options, backend=backend)
     if not options.has_bias:
         dbias_dim = NOT_MAPPED  # placeholder output
@@ -258,32 +265,37 @@ def attention(operands: Operands, options: Options, backend: str):
     return fused_attention(*args, options, backend)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
-def fused_attention(q, k, v, bias, mask, q_lengths, kv_lengths, options: Options, backend: str):
-    """(out, lse) from the fused kernels of `backend`."""
-    return tuple(attention_fwd_p.bind(q, k, v, bias, mask, q_lengths, kv_lengths,
-                                      options=options, backend=backend))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(NUM_OPERANDS, NUM_OPERANDS + 1))
+def fused_attention(*args):
+    """(out, lse) from the fused kernels: args are the operands (Operands.as_tuple()),
+    then options and backend."""
+    *operands, options, backend = args
+    return tuple(attention_fwd_p.bind(*operands, options=options, backend=backend))
 
 
-def _vjp_fwd(q, k, v, bias, mask, q_lengths, kv_lengths, options, backend):
-    out, lse = attention_fwd_p.bind(q, k, v, bias, mask, q_lengths, kv_lengths, options=options,
-                                    backend=backend)
-    return (out, lse), (q, k, v, bias, mask, q_lengths, kv_lengths, out, lse)
+def _vjp_fwd(*args):
+    *operands, options, backend = args
+    out, lse = attention_fwd_p.bind(*operands, options=options, backend=backend)
+    return (out, lse), (*operands, out, lse)
+
 
 
 def _vjp_bwd(options, backend, residuals, cotangents):
-    q, k, v, bias, mask, q_lengths, kv_lengths, out, lse = residuals
+    operands, (out, lse) = residuals[:NUM_OPERANDS], residuals[NUM_OPERANDS:]
+    q, k, v, bias, mask, q_lengths, kv_lengths, q_segments, kv_segments, sinks, seed = operands
     dout, dlse = cotangents
     acc = accumulation_dtype(q.dtype)
     # The lse cotangent enters only through delta = rowsum(dO * O) - dlse.
     delta = jnp.sum(dout.astype(acc) * out.astype(acc), axis=-1) - dlse.astype(acc)
-    dq, dk, dv, dbias = attention_bwd_p.bind(q, k, v, bias, mask, q_lengths, kv_lengths, lse,
-                                             dout.astype(q.dtype), delta, options=options,
-                                             backend=backend)
+    dq, dk, dv, dbias = attention_bwd_p.bind(*operands, lse, dout.astype(q.dtype), delta,
+                                             options=options, backend=backend)
     if not options.has_bias:
         dbias = jnp.zeros_like(bias)
+    dsinks = sinks_gradient(sinks, lse, delta) if options.has_sinks else jnp.zeros_like(sinks)
     zero_int = lambda x: np.zeros(x.shape, jax.dtypes.float0)  # noqa: E731
-    return dq, dk, dv, dbias, zero_int(mask), zero_int(q_lengths), zero_int(kv_lengths)
+    return (dq, dk, dv, dbias, zero_int(mask), zero_int(q_lengths), zero_int(kv_lengths),
+            zero_int(q_segments), zero_int(kv_segments), dsinks.astype(sinks.dtype),
+            zero_int(seed))
 
 
 fused_attention.defvjp(_vjp_fwd, _vjp_bwd)

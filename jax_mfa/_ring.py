@@ -245,7 +245,9 @@ def _block_operands(ops: Operands, k, v, block: Block, options: Options):
     if block.allowed is not None:
         mask = block.allowed & mask if options.has_mask else block.allowed
     q_len = ops.q_lengths if block.q_len is None else block.q_len
-    return (q, k, v, bias, mask, q_len, block.kv_len)
+    # The kernels' whole operand list; segment ids, sinks and dropout are
+    # never on here (see unsupported_features): placeholders.
+    return Operands(q, k, v, bias, mask, q_len, block.kv_len).as_tuple()
 
 
 # ----------------------------------------------------------------------------
@@ -317,9 +319,20 @@ def merge(out, lse, part_out, part_lse):
     return out * weight(lse) + part_out.astype(out.dtype) * weight(part_lse), new
 
 
+def unsupported_features(options: Options) -> list[str]:
+    """The options ring attention does not implement: segment ids (they would
+    travel with the key/value blocks), sinks (one term in the lse merge) and
+    dropout (absolute positions in every block)."""
+    return [name for name, on in (("segment ids", options.has_segment_ids),
+                                  ("sinks", options.has_sinks),
+                                  ("dropout", options.dropout_rate > 0)) if on]
+
+
 def forward(kernels: Kernels, ring: Ring, options: Options, ops: Operands, vary=lambda x: x):
     """(out, lse) of the whole sequence for this device's query rows.
     `vary` marks arrays made here as varying over the manual axes (shard_map)."""
+    if unsupported_features(options):
+        raise ValueError(f"ring attention does not support {', '.join(unsupported_features(options))}")
     local, _ = _prepare(ring, ops, options)
     q = local.ops.query
     acc = accumulation_dtype(q.dtype)

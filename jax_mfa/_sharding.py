@@ -30,7 +30,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jax_mfa import _ring
-from jax_mfa._arguments import Operands
+from jax_mfa._arguments import NUM_OPERANDS, Operands
 
 # Roles of each dim of every operand and result of the two primitives. A new
 # operand is one line here (and its place in OPERANDS / RESULTS).
@@ -44,11 +44,19 @@ ROLES = {
     "mask": ("batch", "q_heads", "q_seq", "kv_all"),
     "q_lengths": ("batch",),
     "kv_lengths": ("batch",),
+    # Packed sequences: ids of the query rows and of the keys.
+    "q_segments": ("batch", "q_seq"),
+    "kv_segments": ("batch", "kv_seq"),
+    # (1 or B, N): one logit per query head.
+    "sinks": ("batch", "q_heads"),
+    # (B, 3): key words and the (global) batch index of each row's mask.
+    "dropout_seed": ("batch", None),
     "lse": ("batch", "q_seq", "q_heads"),
     "dout": ("batch", "q_seq", "q_heads", None),
     "delta": ("batch", "q_seq", "q_heads"),
 }
-FWD_OPERANDS = ("query", "key", "value", "bias", "mask", "q_lengths", "kv_lengths")
+FWD_OPERANDS = ("query", "key", "value", "bias", "mask", "q_lengths", "kv_lengths",
+                "q_segments", "kv_segments", "sinks", "dropout_seed")
 OPERANDS = {"fwd": FWD_OPERANDS, "bwd": FWD_OPERANDS + ("lse", "dout", "delta")}
 # Results share the roles of the operand they mirror.
 RESULTS = {"fwd": ("query", "lse"), "bwd": ("query", "key", "value", "bias")}
@@ -98,8 +106,12 @@ def _spec_entry(axes):
     return None if not axes else axes[0] if len(axes) == 1 else axes
 
 
-def make_plan(mesh, shapes, specs, fused: bool = True) -> Plan:
-    """The plan for a call whose query and key have PartitionSpecs specs[0:2]."""
+def make_plan(mesh, shapes, specs, fused: bool = True, options=None) -> Plan:
+    """The plan for a call whose query and key have PartitionSpecs specs[0:2].
+    The dropout mask is drawn from global head and position indices, which the
+    kernels only know unsharded: with dropout, heads and sequence stay whole
+    on every device (gathered). Ring attention carries no segment ids or
+    sinks either: with those, the sequence stays whole."""
     sizes = _role_sizes(shapes)
     size = lambda axes: math.prod(mesh.shape[a] for a in axes)  # noqa: E731
     padded = [tuple(s) + (None,) * (4 - len(s)) for s in specs[:2]]
@@ -107,13 +119,16 @@ def make_plan(mesh, shapes, specs, fused: bool = True) -> Plan:
     batch = _axes(q_spec[0])
     if sizes["batch"] % size(batch):
         batch = ()
+    dropout = options is not None and options.dropout_rate > 0
+    features = dropout or (options is not None and (options.has_segment_ids
+                                                    or options.has_sinks))
     heads = _axes(q_spec[2])
-    if set(heads) & set(batch) or sizes["q_heads"] % size(heads):
+    if set(heads) & set(batch) or sizes["q_heads"] % size(heads) or dropout:
         heads = ()
     seq = _axes(q_spec[1]) or _axes(k_spec[1])
     n = size(seq)
     if (not fused or set(seq) & (set(batch) | set(heads)) or sizes["q_seq"] % n
-            or sizes["kv_seq"] % n):
+            or sizes["kv_seq"] % n or features):
         seq = ()
     return Plan(batch, heads, seq, kv_heads_sharded=sizes["kv_heads"] % size(heads) == 0)
 
@@ -147,12 +162,12 @@ def _local_program(kind, options, backend, kernel_call, plan: Plan, mesh, shapes
             heads = _kv_head_index(plan, mesh, N, K)
             args[1], args[2] = (jnp.take(a, heads, axis=2) for a in args[1:3])
         if plan.seq:
-            ops = Operands(*args[:7])
+            ops = Operands(*args[:NUM_OPERANDS])
             ring = _ring.Ring.make(plan.seq, n, args[0].shape[1], args[1].shape[1], options)
             if kind == "fwd":
                 results = list(_ring.forward(kernels, ring, options, ops))
             else:
-                results = list(_ring.backward(kernels, ring, options, ops, *args[7:]))
+                results = list(_ring.backward(kernels, ring, options, ops, *args[NUM_OPERANDS:]))
         else:
             results = list(kernel_call(kind, options, backend, *args))
         if kind == "bwd":
@@ -184,15 +199,15 @@ def _shardings(kind, plan: Plan, mesh, shapes):
             for name, shape in zip(names, shapes)]
 
 
-def _plan_for(kind, backend, mesh, arg_shapes, result_shape):
+def _plan_for(kind, options, backend, mesh, arg_shapes, result_shape):
     results = result_shape if isinstance(result_shape, (tuple, list)) else (result_shape,)
     shapes = [tuple(a.shape) for a in (*arg_shapes, *results)]
     specs = [getattr(a.sharding, "spec", P()) for a in arg_shapes[:2]]
-    return make_plan(mesh, shapes, specs, fused=backend != "xla"), shapes
+    return make_plan(mesh, shapes, specs, fused=backend != "xla", options=options), shapes
 
 
 def _partition(kernel_call, kind, options, backend, mesh, arg_shapes, result_shape):
-    plan, shapes = _plan_for(kind, backend, mesh, arg_shapes, result_shape)
+    plan, shapes = _plan_for(kind, options, backend, mesh, arg_shapes, result_shape)
     shardings = _shardings(kind, plan, mesh, shapes)
     n = len(arg_shapes)
     program = _local_program(kind, options, backend, kernel_call, plan, mesh, shapes)

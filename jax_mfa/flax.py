@@ -6,11 +6,15 @@
 
 This module does not import flax (flax is optional).
 
-Differences from flax's default ``dot_product_attention``: dropout on the
-attention weights is not supported (``dropout_rate > 0`` with
-``deterministic=False`` raises), the weights cannot be sown (``module`` must be
-None, i.e. ``sow_weights=False``), and a query row whose mask allows no key
-gives 0 (flax gives the mean of the values).
+Dropout on the attention weights works as in flax (``dropout_rate``,
+``dropout_rng``, ``deterministic``, ``broadcast_dropout``: one mask shared by
+every batch row and head), fused into the kernels; the mask comes from
+jax_mfa's own generator (see ``jax_mfa.attention``), so it differs from the
+one flax would draw from the same key.
+
+Differences from flax's default ``dot_product_attention``: the weights cannot
+be sown (``module`` must be None, i.e. ``sow_weights=False``), and a query row
+whose mask allows no key gives 0 (flax gives the mean of the values).
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ def attention_fn(query, key, value, bias=None, mask=None, broadcast_dropout=True
     promoted dtype. ``precision`` is accepted and ignored: the fused kernels
     accumulate in float32 (float64 for float64 inputs).
     """
-    del broadcast_dropout, precision  # no dropout; fixed accumulation precision
+    del precision  # fixed accumulation precision
     for name, value_ in kwargs.items():
         if name in _IGNORED_KEYWORDS:
             continue
@@ -50,11 +54,13 @@ def attention_fn(query, key, value, bias=None, mask=None, broadcast_dropout=True
                 raise TypeError(f"jax_mfa.flax.attention_fn does not support a custom {name}")
             continue
         raise TypeError(f"jax_mfa.flax.attention_fn got an unexpected keyword argument {name!r}")
+    dropout = {}
     if dropout_rate and not deterministic:
-        raise NotImplementedError(
-            "jax_mfa.flax.attention_fn: attention dropout is not supported yet "
-            f"(dropout_rate={dropout_rate}); use dropout_rate=0.0 or deterministic=True")
-    del dropout_rng
+        if dropout_rng is None:
+            raise ValueError("jax_mfa.flax.attention_fn: dropout_rate > 0 with "
+                             "deterministic=False needs a dropout_rng")
+        dropout = dict(dropout_rate=dropout_rate, dropout_rng=dropout_rng,
+                       _dropout_broadcast=bool(broadcast_dropout))
     if module is not None:
         raise NotImplementedError(
             "jax_mfa.flax.attention_fn cannot sow the attention weights (they are never "
@@ -93,6 +99,6 @@ def attention_fn(query, key, value, bias=None, mask=None, broadcast_dropout=True
         key = jnp.reshape(key, (flat, S, K, H))
         value = jnp.reshape(value, (flat, S, K, H))
         out = attention(query, key, value, flatten_logits_like(bias), flatten_logits_like(mask),
-                        is_causal=bool(is_causal))
+                        is_causal=bool(is_causal), **dropout)
         return jnp.reshape(out, batch_shape + (T, N, H))
-    return attention(query, key, value, bias, mask, is_causal=bool(is_causal))
+    return attention(query, key, value, bias, mask, is_causal=bool(is_causal), **dropout)

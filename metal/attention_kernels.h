@@ -259,6 +259,60 @@ METAL_FUNC int mfa_valid_len(device const int* lengths, int has, int b, int full
   return clamp(given, 0, full);
 }
 
+// Packed sequences: whether key j shares query i's segment (call only for
+// in-range i and j).
+inline bool mfa_same_segment(constant AttentionParams& p, device const int* q_segments,
+                             device const int* kv_segments, int b, int i, int j) {
+  return !p.has_segment_ids ||
+         q_segments[mfa_long(b) * p.q_len + i] == kv_segments[mfa_long(b) * p.kv_len + j];
+}
+
+// Whether query rows [i0, i1) and keys [j0, j1) may share a segment; false
+// only for sorted ids whose ranges are disjoint (the tile is then skipped).
+// Uniform across the threadgroup, so a skipped tile skips its barriers too.
+inline bool mfa_tile_segments_meet(constant AttentionParams& p, device const int* q_segments,
+                                   device const int* kv_segments, int b, int i0, int i1, int j0,
+                                   int j1) {
+  if (!p.has_segment_ids || !p.segments_sorted) return true;
+  i1 = min(i1, p.q_len);
+  j1 = min(j1, p.kv_len);
+  if (i0 >= i1 || j0 >= j1) return false;
+  device const int* qs = q_segments + mfa_long(b) * p.q_len;
+  device const int* ks = kv_segments + mfa_long(b) * p.kv_len;
+  return mfa_sorted_segments_meet(qs[i0], qs[i1 - 1], ks[j0], ks[j1 - 1]);
+}
+
+// Running max and sum that start a row's online softmax (base-2 units): the
+// sink's logit and exp2(0) = 1 with sinks, else "nothing yet".
+inline void mfa_softmax_start(constant AttentionParams& p, device const float* sinks, int b,
+                              int n, thread float& m, thread float& l) {
+  m = kMaskedLogit;
+  l = 0.0f;
+  if (p.has_sinks) {
+    const float s2 = sinks[mfa_long(p.sinks_batched ? b : 0) * p.q_heads + n] * kLog2e;
+    if (!(s2 <= kMaskedLogit)) {  // a -inf sink is no sink; a NaN one makes rows NaN
+      m = s2;
+      l = 1.0f;
+    }
+  }
+}
+
+// Dropout factors of this lane's two neighbouring keys j, j + 1 (j even) in
+// query row i of head n: 0 or 1 / (1 - rate) (metal/dropout_philox.h).
+inline MfaFactorPair mfa_dropout_keys(constant AttentionParams& p, device const uint* seed, int b,
+                                      int n, int i, int j) {
+  device const uint* s = seed + 3 * mfa_long(b);
+  return mfa_dropout_factor_pair(s[0], s[1], s[2], p.dropout_broadcast_heads ? 0u : uint(n),
+                                 uint(i), uint(j), p.dropout_threshold, p.dropout_keep_scale);
+}
+// The factor of one entry (b, n, i, j).
+inline float mfa_dropout_entry(constant AttentionParams& p, device const uint* seed, int b, int n,
+                               int i, int j) {
+  device const uint* s = seed + 3 * mfa_long(b);
+  return mfa_dropout_factor(s[0], s[1], s[2], p.dropout_broadcast_heads ? 0u : uint(n), uint(i),
+                            uint(j), p.dropout_threshold, p.dropout_keep_scale);
+}
+
 // ---------------------------------------------------------------------------
 // Forward: one threadgroup per (batch, query head, block of P queries). Keys
 // stream by in blocks of C with an online softmax; Q (when HP <= 128) and the
@@ -274,6 +328,10 @@ template <typename T, int HP, int P, int C, int DB>
                               device const int* kv_lengths [[buffer(7)]],
                               device T* out [[buffer(8)]],
                               device float* lse [[buffer(9)]],
+                              device const int* q_segments [[buffer(10)]],
+                              device const int* kv_segments [[buffer(11)]],
+                              device const float* sinks [[buffer(12)]],
+                              device const uint* dropout_seed [[buffer(13)]],
                               uint group [[threadgroup_position_in_grid]],
                               uint sg [[simdgroup_index_in_threadgroup]],
                               uint lane [[thread_index_in_simdgroup]],
@@ -310,9 +368,12 @@ template <typename T, int HP, int P, int C, int DB>
     #pragma clang loop unroll(full)
     for (int h = 0; h < HB; ++h) mfa_load_rows(Qc[kCacheQ ? h : 0], q_row, row_ok, h * 8 + lc, H);
 
-  float m = kMaskedLogit, l = 0.0f;
+  float m, l;
+  mfa_softmax_start(p, sinks, b, n, m, l);
   for (int j0 = span.begin; j0 < span.end; j0 += C) {
     const int cols = min(C, span.end - j0);
+    if (!mfa_tile_segments_meet(p, q_segments, kv_segments, b, i0, i0 + P, j0, j0 + cols))
+      continue;
     device const T* k_base = k + (mfa_long(b) * p.kv_len + j0) * kv_stride + mfa_long(kvh) * H;
     device const T* v_base = v + (mfa_long(b) * p.kv_len + j0) * kv_stride + mfa_long(kvh) * H;
 
@@ -335,12 +396,22 @@ template <typename T, int HP, int P, int C, int DB>
         bool valid;
         const float x = mfa_logit(p, bias, mask, b, n, i, j, keys, S[c].thread_elements()[e],
                                   valid, t);
+        valid = valid && mfa_same_segment(p, q_segments, kv_segments, b, i, j);
         ok[c][e] = valid;
         S[c].thread_elements()[e] = x;
         if (valid) block_max = max(block_max, x);
       }
     }
     const float alpha = mfa_softmax_step<CB>(S, &ok[0][0], block_max, m, l);
+    // Dropout after the sum: the normaliser l is not dropped.
+    if (p.has_dropout) {
+      #pragma clang loop unroll(full)
+      for (int c = 0; c < CB; ++c) {
+        const MfaFactorPair z = mfa_dropout_keys(p, dropout_seed, b, n, i, j0 + c * 8 + lc);
+        S[c].thread_elements()[0] *= z.first;
+        S[c].thread_elements()[1] *= z.second;
+      }
+    }
     #pragma clang loop unroll(full)
     for (int h = 0; h < HB; ++h) {
       O[h].thread_elements()[0] *= alpha;
@@ -387,6 +458,10 @@ template <typename T, int HP, int P, int C, int DB>
                                      device const float* delta [[buffer(10)]],
                                      device T* dq [[buffer(11)]],
                                      device float* dbias_rows [[buffer(12)]],
+                                     device const int* q_segments [[buffer(13)]],
+                                     device const int* kv_segments [[buffer(14)]],
+                                     device const float* sinks [[buffer(15)]],
+                                     device const uint* dropout_seed [[buffer(16)]],
                                      uint group [[threadgroup_position_in_grid]],
                                      uint sg [[simdgroup_index_in_threadgroup]],
                                      uint lane [[thread_index_in_simdgroup]],
@@ -436,6 +511,8 @@ template <typename T, int HP, int P, int C, int DB>
 
   for (int j0 = span.begin; j0 < span.end; j0 += C) {
     const int cols = min(C, span.end - j0);
+    if (!mfa_tile_segments_meet(p, q_segments, kv_segments, b, i0, i0 + P, j0, j0 + cols))
+      continue;
     device const T* k_base = k + (mfa_long(b) * p.kv_len + j0) * kv_stride + mfa_long(kvh) * H;
     device const T* v_base = v + (mfa_long(b) * p.kv_len + j0) * kv_stride + mfa_long(kvh) * H;
 
@@ -451,9 +528,13 @@ template <typename T, int HP, int P, int C, int DB>
     mfa_accumulate_abt<T, HP, C, DB, NT, kCache>(dP, dOc, do_row, row_ok, v_base, kv_stride,
                                                  cols, H, lc, tile, tid);
 
-    // P = exp2(logit - L), dS = P (dP - delta); S becomes dS * d(logit)/d(q.k).
+    // P = exp2(logit - L), dS = P (dP Z - delta) with dropout factors Z;
+    // S becomes dS * d(logit)/d(q.k).
     #pragma clang loop unroll(full)
     for (int c = 0; c < CB; ++c) {
+      MfaFactorPair z;
+      z.first = z.second = 1.0f;
+      if (p.has_dropout) z = mfa_dropout_keys(p, dropout_seed, b, n, i, j0 + c * 8 + lc);
       #pragma clang loop unroll(full)
       for (int e = 0; e < 2; ++e) {
         const int j = j0 + c * 8 + lc + e;
@@ -461,8 +542,10 @@ template <typename T, int HP, int P, int C, int DB>
         bool valid;
         const float x = mfa_logit(p, bias, mask, b, n, i, j, keys, S[c].thread_elements()[e],
                                   valid, t);
+        valid = valid && mfa_same_segment(p, q_segments, kv_segments, b, i, j);
         const float pr = (valid && !row_empty) ? exp2(x - row_lse2) : 0.0f;
-        const float ds = pr * (dP[c].thread_elements()[e] - row_delta);
+        const float ds = pr * (dP[c].thread_elements()[e] * (e == 0 ? z.first : z.second) -
+                               row_delta);
         ds_sum += ds;
         S[c].thread_elements()[e] = ds * p.scale * (p.has_softcap ? 1.0f - t * t : 1.0f);
       }
@@ -505,6 +588,10 @@ template <typename T, int HP, int P, int C, int DB, int HO>
                                          device T* dk [[buffer(11)]],
                                          device T* dv [[buffer(12)]],
                                          device float* dbias [[buffer(13)]],
+                                         device const int* q_segments [[buffer(14)]],
+                                         device const int* kv_segments [[buffer(15)]],
+                                         device const float* sinks [[buffer(16)]],
+                                         device const uint* dropout_seed [[buffer(17)]],
                                          uint group [[threadgroup_position_in_grid]],
                                          uint sg [[simdgroup_index_in_threadgroup]],
                                          uint lane [[thread_index_in_simdgroup]],
@@ -569,6 +656,8 @@ template <typename T, int HP, int P, int C, int DB, int HO>
       for (int n = kvh * G; n < (kvh + 1) * G && !(rows.begin >= rows.end); ++n) {
         for (int i0 = rows.begin; i0 < rows.end; i0 += C) {
           const int cnt = min(C, rows.end - i0);
+          if (!mfa_tile_segments_meet(p, q_segments, kv_segments, b, i0, i0 + cnt, j0, j0 + P))
+            continue;
           device const T* q_base = q + (mfa_long(b) * p.q_len + i0) * q_stride + mfa_long(n) * H;
           device const T* do_base =
               dout + (mfa_long(b) * p.q_len + i0) * q_stride + mfa_long(n) * H;
@@ -615,11 +704,15 @@ template <typename T, int HP, int P, int C, int DB, int HO>
               bool valid;
               const float x = mfa_logit(p, bias, mask, b, n, i, j, keys,
                                         ST[c].thread_elements()[e], valid, t);
+              valid = valid && mfa_same_segment(p, q_segments, kv_segments, b, i, j);
               const float l2 = lse_t[col];
               const bool live = valid && !(l2 <= kMaskedLogit);
               const float pr = live ? exp2(x - l2) : 0.0f;
-              const float ds = pr * (dPT[c].thread_elements()[e] - delta_t[col]);
-              ST[c].thread_elements()[e] = pr;
+              // Dropout: dV takes (P Z)^T dO and dS = P (dP Z - delta).
+              const float z = (p.has_dropout && live) ? mfa_dropout_entry(p, dropout_seed, b, n, i, j)
+                                                      : 1.0f;
+              const float ds = pr * (dPT[c].thread_elements()[e] * z - delta_t[col]);
+              ST[c].thread_elements()[e] = pr * z;
               dPT[c].thread_elements()[e] =
                   ds * p.scale * (p.has_softcap ? 1.0f - t * t : 1.0f);
               if (dbias_keys) {

@@ -14,6 +14,10 @@
 #ifndef JAX_MFA_METAL_ATTENTION_PARAMS_H
 #define JAX_MFA_METAL_ATTENTION_PARAMS_H
 
+#ifndef JAX_MFA_EMBEDDED
+#include "dropout_philox.h"
+#endif
+
 #if defined(__METAL_VERSION__)
 typedef long mfa_long;
 typedef int mfa_int;
@@ -61,11 +65,29 @@ struct AttentionParams {
   // threadgroup each, bounding one threadgroup's serial work (the GPU
   // watchdog); each slice accumulates dbias into its own slot.
   mfa_int kv_splits, pairs_per_split;
+
+  // Packed sequences: q_segments (B, T) and kv_segments (B, S) int32; with
+  // segments_sorted (every row non-decreasing, checked by the host) a tile
+  // whose first/last ids cannot match is skipped.
+  mfa_int has_segment_ids, segments_sorted;
+  // Sinks (sinks_batched ? B : 1, N), float, natural-log units.
+  mfa_int has_sinks, sinks_batched;
+  // Dropout (metal/dropout_philox.h); dropout_seed (B, 3) uint.
+  mfa_int has_dropout, dropout_broadcast_heads;
+  mfa_u32 dropout_threshold;
+  float dropout_keep_scale;
   // Split-key decode (metal/attention_decode.h): keys split into
   // decode_splits ranges of decode_keys_per_split keys; num_row_blocks counts
   // the 8-row tiles of a GQA group's T x G rows.
   mfa_int decode_splits, decode_keys_per_split;
 };
+
+// Whether sorted segment ids of query rows [i0, i1) and keys [j0, j1) (both
+// non-empty) can share a segment: their [first, last] id ranges overlap.
+inline bool mfa_sorted_segments_meet(mfa_int q_first, mfa_int q_last, mfa_int kv_first,
+                                     mfa_int kv_last) {
+  return q_first <= kv_last && kv_first <= q_last;
+}
 
 // The most key splits of one decode row (the merge kernel keeps one weight
 // per split in threadgroup memory).

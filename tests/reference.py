@@ -14,6 +14,11 @@ Semantics:
   p = softmax over allowed keys; a row with no allowed key: out 0, lse -inf.
   An allowed NaN logit makes its row's out and lse NaN; masked entries never matter.
   query head n uses key/value head n // (N // K).
+  segment ids: allowed &= (q_ids[b, i] == kv_ids[b, j]).
+  sinks: one extra term exp(sinks[n]) in each row's denominator (and in lse);
+         a row with no allowed key then has lse = sinks[n].
+  dropout: probabilities multiplied by dropout_keep / (1 - dropout_rate), the
+         keep mask (B, N, T, S) being given by the caller.
 """
 
 from __future__ import annotations
@@ -48,7 +53,8 @@ def allowed_keys(xp, B, T, S, *, mask=None, is_causal=False, window=None, q_leng
 
 def attention(xp, query, key, value, bias=None, mask=None, *, scale=None, is_causal=False,
               query_seq_lengths=None, key_value_seq_lengths=None, local_window_size=None,
-              softcap=None, dtype=np.float64):
+              softcap=None, query_segment_ids=None, key_value_segment_ids=None, sinks=None,
+              dropout_keep=None, dropout_rate=0.0, dtype=np.float64):
     """Returns (out, lse) in `dtype`; out has query's shape, lse is (B, T, N) or (T, N)."""
     was_3d = np.ndim(query) == 3
     q = xp.asarray(query, dtype=dtype)
@@ -60,6 +66,11 @@ def attention(xp, query, key, value, bias=None, mask=None, *, scale=None, is_cau
             query_seq_lengths = xp.reshape(xp.asarray(query_seq_lengths), (1,))
         if key_value_seq_lengths is not None:
             key_value_seq_lengths = xp.reshape(xp.asarray(key_value_seq_lengths), (1,))
+        if query_segment_ids is not None:
+            query_segment_ids = xp.expand_dims(xp.asarray(query_segment_ids), 0)
+            key_value_segment_ids = xp.expand_dims(xp.asarray(key_value_segment_ids), 0)
+        if dropout_keep is not None:
+            dropout_keep = xp.expand_dims(xp.asarray(dropout_keep), 0)
     B, T, N, H = q.shape
     S, K = k.shape[1], k.shape[2]
     group = N // K
@@ -74,16 +85,27 @@ def attention(xp, query, key, value, bias=None, mask=None, *, scale=None, is_cau
         logits = logits + xp.asarray(bias, dtype=dtype)
     allowed = allowed_keys(xp, B, T, S, mask=mask, is_causal=is_causal, window=local_window_size,
                            q_lengths=query_seq_lengths, kv_lengths=key_value_seq_lengths)
+    if query_segment_ids is not None:
+        qs = xp.asarray(query_segment_ids)[:, None, :, None]
+        ks = xp.asarray(key_value_segment_ids)[:, None, None, :]
+        allowed = allowed & (qs == ks)
     allowed = xp.broadcast_to(allowed, (B, N, T, S))
     masked = xp.where(allowed, logits, -np.inf)
     row_max = xp.max(masked, axis=-1, keepdims=True)
+    if sinks is not None:
+        sink = xp.reshape(xp.asarray(sinks, dtype=dtype), (1, N, 1, 1))
+        row_max = xp.maximum(row_max, sink)
     row_max = xp.where(xp.isfinite(row_max), row_max, 0.0)
     # Masked entries are exactly 0 (exp(-inf)); the where keeps their gradient 0.
     p = xp.where(allowed, xp.exp(masked - row_max), 0.0)
     denom = xp.sum(p, axis=-1, keepdims=True)
+    if sinks is not None:
+        denom = denom + xp.exp(sink - row_max)
     nonempty = denom != 0  # NaN (an allowed NaN logit) propagates to out and lse
     safe = xp.where(nonempty, denom, 1.0)
     probs = p / safe
+    if dropout_keep is not None:
+        probs = probs * xp.where(xp.asarray(dropout_keep), 1.0 / (1.0 - dropout_rate), 0.0)
     out = xp.einsum("bnts,bsnh->btnh", probs, v_rep)
     lse = xp.where(nonempty, row_max + xp.log(safe), -np.inf)[..., 0]  # (B, N, T)
     lse = xp.transpose(lse, (0, 2, 1))

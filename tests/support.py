@@ -11,6 +11,8 @@ holds the fixtures).
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import jax
 
@@ -181,3 +183,18 @@ def check_close(actual, expected, dtype, kind: str, *, xla=None, what=""):
     bound = HALF_FACTOR * xla_err + floor
     assert err <= bound, (f"{what}: relative error {err:.3g} > {bound:.3g} "
                           f"(= {HALF_FACTOR} x xla error {xla_err:.3g} + {floor:.3g}, {name})")
+
+
+def run_with_host_devices(script: str, devices: int = 4, timeout: int = 600) -> str:
+    """Runs a Python script in a subprocess whose JAX has `devices` CPU devices
+    (jax_mfa from this checkout); asserts it exits 0 and returns its stdout."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
+                        f" --xla_force_host_platform_device_count={devices}").strip()
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            env=env, cwd=repo, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout

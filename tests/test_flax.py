@@ -126,18 +126,76 @@ def test_dtype_and_keywords(rng):
         jax_mfa.flax.attention_fn(q, q, q, qk_attn_weights_einsum=jnp.einsum)
 
 
-def test_dropout_not_supported(rng):
-    q = random_array(rng, (B, T, HEADS, 16), jnp.float32)
-    with pytest.raises(NotImplementedError, match="dropout is not supported"):
-        jax_mfa.flax.attention_fn(q, q, q, dropout_rate=0.1, deterministic=False,
-                                  dropout_rng=jax.random.PRNGKey(0))
-    layer = nnx.MultiHeadAttention(num_heads=HEADS, in_features=F, qkv_features=F, decode=False,
-                                   dropout_rate=0.1, rngs=nnx.Rngs(0),
-                                   attention_fn=jax_mfa.flax.attention_fn)
+def _flax_weights_with_our_mask(query, key, value, bias=None, mask=None, broadcast_dropout=True,
+                                dropout_rng=None, dropout_rate=0.0, deterministic=False,
+                                dtype=None, precision=None, module=None, **kwargs):
+    """flax's own attention weights, then the dropout mask of jax_mfa's documented
+    generator (jax_mfa._philox, checked against Random123's vectors elsewhere):
+    what attention_fn must compute, written with flax's unfused operations."""
+    from jax_mfa import _philox
+
+    w = linen.dot_product_attention_weights(query, key, bias, mask, dtype=dtype,
+                                            precision=precision, deterministic=True)
+    if dropout_rate and not deterministic:
+        # Batch dims flattened row-major: the generator's batch index.
+        *batch, N, Tw, S = w.shape
+        Bw = int(np.prod(batch))
+        rows = (jnp.zeros if broadcast_dropout else jnp.arange)(Bw, dtype=jnp.uint32)
+        seed = jnp.concatenate([jnp.broadcast_to(_philox.key_words(dropout_rng), (Bw, 2)),
+                                rows[:, None]], axis=1)
+        keep = _philox.keep_mask(seed, dropout_rate, (Bw, N, Tw, S), broadcast=broadcast_dropout)
+        w = w * keep.reshape(w.shape) / (1.0 - dropout_rate)
+    return jnp.einsum("...hqk,...khd->...qhd", w, value)
+
+
+@pytest.mark.parametrize("broadcast_dropout", [True, False])
+def test_nnx_dropout(broadcast_dropout, rng):
+    """nnx.MultiHeadAttention with dropout in training mode: the fused dropout
+    equals flax's weights times the generator's mask, outputs and gradients."""
     x = random_array(rng, (B, T, F), jnp.float32)
-    with pytest.raises(NotImplementedError, match="dropout is not supported"):
-        layer(x, deterministic=False)
-    layer(x, deterministic=True)  # fine without dropout
+    w = random_array(rng, (B, T, F), jnp.float32)
+
+    def make(attention_fn):
+        return nnx.MultiHeadAttention(num_heads=HEADS, in_features=F, qkv_features=F,
+                                      decode=False, dropout_rate=0.3, rngs=nnx.Rngs(0),
+                                      broadcast_dropout=broadcast_dropout,
+                                      attention_fn=attention_fn)
+
+    def loss(model):
+        y = model(x, deterministic=False)
+        return jnp.sum(y * w), y
+
+    ref_model = make(_flax_weights_with_our_mask)
+    mfa_model = make(jax_mfa.flax.attention_fn)
+    (_, y_ref), g_ref = nnx.value_and_grad(loss, has_aux=True)(ref_model)
+    (_, y_mfa), g_mfa = nnx.value_and_grad(loss, has_aux=True)(mfa_model)
+    assert_tree_close(y_mfa, y_ref, TOL, "nnx dropout output")
+    assert_tree_close(nnx.state(g_mfa), nnx.state(g_ref), GRAD_TOL, "nnx dropout gradients")
+    # Dropout did something, and deterministic mode turns it off.
+    y_det = mfa_model(x, deterministic=True)
+    assert relative_error(y_mfa, y_det) > 0.05
+    assert_tree_close(y_det, ref_model(x, deterministic=True), TOL, "nnx deterministic")
+
+
+def test_linen_dropout_multi_batch_dims(rng):
+    """linen with several batch dims and dropout (a legacy uint32 key)."""
+    xq = random_array(rng, (2, 3, 9, F), jnp.float32)
+    ref = linen.MultiHeadDotProductAttention(num_heads=HEADS, qkv_features=F, dropout_rate=0.4,
+                                             broadcast_dropout=False, deterministic=False,
+                                             attention_fn=_flax_weights_with_our_mask)
+    mfa = linen.MultiHeadDotProductAttention(num_heads=HEADS, qkv_features=F, dropout_rate=0.4,
+                                             broadcast_dropout=False, deterministic=False,
+                                             attention_fn=jax_mfa.flax.attention_fn)
+    params = ref.init(jax.random.PRNGKey(1), xq)
+    rngs = {"dropout": jax.random.PRNGKey(2)}
+    assert_tree_close(mfa.apply(params, xq, rngs=rngs), ref.apply(params, xq, rngs=rngs), TOL,
+                      "linen dropout output")
+
+
+def test_dropout_needs_rng(rng):
+    q = random_array(rng, (B, T, HEADS, 16), jnp.float32)
+    with pytest.raises(ValueError, match="dropout_rng"):
+        jax_mfa.flax.attention_fn(q, q, q, dropout_rate=0.1, deterministic=False)
 
 
 def test_sow_weights_not_supported(rng):

@@ -66,3 +66,15 @@ def test_lengths_and_empty_rows(rng):
 def test_random_schedule(rng, monkeypatch):
     monkeypatch.setenv("JAX_MFA_EMULATOR_SEED", "7")
     compare(rng, B=1, T=1, S=400, N=8, K=2, H=32, is_causal=True)
+
+
+def test_segments_sinks_dropout_take_the_regular_forward(rng):
+    # The decode kernels have no segment ids, sinks or dropout: the plan
+    # (use_decode) sends such calls to the regular forward kernel.
+    import jax
+    B, T, S = 2, 3, 270
+    compare(rng, B=B, T=T, S=S, N=4, K=2, H=16,
+            query_segment_ids=jnp.asarray(np.sort(rng.integers(0, 3, (B, T)), 1), jnp.int32),
+            key_value_segment_ids=jnp.asarray(np.sort(rng.integers(0, 3, (B, S)), 1), jnp.int32),
+            sinks=jnp.asarray(rng.standard_normal(4), jnp.float32), dropout_rate=0.2,
+            dropout_rng=jax.random.key(5))

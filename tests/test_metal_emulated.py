@@ -241,8 +241,9 @@ def embedded_source() -> str:
     """The text CMake embeds for Apple builds (cpp/metal_host/CMakeLists.txt):
     same files, same order, JAX_MFA_EMBEDDED on, `#pragma once` dropped."""
     files = [ROOT / "cpp/metal_emulator/msl/jax_mfa_instantiate.h",
-             ROOT / "metal/attention_params.h", ROOT / "metal/attention_kernels.h",
-             ROOT / "metal/attention_decode.h", ROOT / "metal/attention.metal"]
+             ROOT / "metal/dropout_philox.h", ROOT / "metal/attention_params.h",
+             ROOT / "metal/attention_kernels.h", ROOT / "metal/attention_decode.h",
+             ROOT / "metal/attention.metal"]
     text = "#define JAX_MFA_EMBEDDED 1\n"
     for f in files:
         text += f.read_text().replace("#pragma once", "") + "\n"
@@ -281,8 +282,11 @@ def _params_bytes(B, T, S, N, K, H, *, P, scale):
                 has_kv_lengths=0, has_bias=0, has_mask=0, dbias_mode=0, bias_batch_dim=1,
                 bias_head_dim=1, bias_query_broadcast=0, num_row_blocks=-(-T // P), block_rows=P,
                 merge_batches=0, merge_heads=0, group_offset=0, total_groups=0, kv_splits=1,
-                pairs_per_split=1, decode_splits=1, decode_keys_per_split=S)
+                pairs_per_split=1, has_segment_ids=0, segments_sorted=0, has_sinks=0,
+                sinks_batched=0, has_dropout=0, dropout_broadcast_heads=0, dropout_threshold=0)
     body += np.array(list(rest.values()), np.int32).tobytes()
+    body += np.array([1.0], np.float32).tobytes()  # dropout_keep_scale
+    body += np.array([1, S], np.int32).tobytes()  # decode_splits, decode_keys_per_split
     data = head + body
     return data + bytes(-len(data) % 8)
 
@@ -296,9 +300,9 @@ def _forward_with(lib, rng):
     lse = np.zeros((B, T, N), np.float32)
     empty = np.zeros(0, np.float32)
     params = _params_bytes(B, T, S, N, K, H, P=P, scale=0.25)
-    assert len(params) == 208  # sizeof(AttentionParams), static_assert in attention_plan.cc
+    assert len(params) == 240  # sizeof(AttentionParams), static_assert in attention_plan.cc
     lib.dispatch("mfa_fwd_f16_h16_p16_c128_d16", grid=(1,), threads=(P * 4,),
-                 buffers=[params, q, k, v, empty, empty, empty, empty, out, lse])
+                 buffers=[params, q, k, v, empty, empty, empty, empty, out, lse] + [empty] * 4)
     s = 0.25 * np.einsum("bthd,bshd->bts", q.astype(np.float64), k.astype(np.float64))
     p = np.exp(s - s.max(-1, keepdims=True))
     ref = np.einsum("bts,bshd->bthd", p / p.sum(-1, keepdims=True), v.astype(np.float64))

@@ -35,6 +35,10 @@ struct OperandBuffers {
   const bool* mask = nullptr;
   const int32_t* q_lengths = nullptr;
   const int32_t* kv_lengths = nullptr;
+  const int32_t* q_segments = nullptr;   // (B, T)
+  const int32_t* kv_segments = nullptr;  // (B, S)
+  const void* sinks = nullptr;           // (sinks_batch, N), accumulation dtype
+  const uint32_t* dropout_seed = nullptr;  // (B, 3): key words, counter batch index
 };
 
 struct ForwardBuffers : OperandBuffers {

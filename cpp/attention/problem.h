@@ -53,6 +53,25 @@ struct AttentionProblem {
   bool has_q_lengths = false, has_kv_lengths = false;
   BroadcastOperand bias, mask;
 
+  // Packed sequences: key j is allowed for query i only if their segment ids
+  // (q_segments (B, T), kv_segments (B, S), int32) are equal. No gradient.
+  bool has_segment_ids = false;
+  // Attention sinks: one logit per query head, (sinks_batch, N) with
+  // sinks_batch 1 (shared) or B, accumulation dtype. Each row's softmax gets
+  // the extra term exp(sink); the lse includes it.
+  bool has_sinks = false;
+  int64_t sinks_batch = 1;
+  // Dropout on the probabilities (metal/dropout_philox.h): entries whose word
+  // is below dropout_threshold are dropped, kept ones scaled by
+  // 1 / (1 - dropout_rate). dropout_seed (B, 3) uint32 holds per batch row the
+  // two key words and the batch index of the counter; with
+  // dropout_broadcast_heads every head uses head index 0 (one mask per batch row).
+  double dropout_rate = 0.0;
+  uint32_t dropout_threshold = 0;
+  bool dropout_broadcast_heads = false;
+  bool has_dropout() const { return dropout_rate > 0.0; }
+  double dropout_keep_scale() const { return 1.0 / (1.0 - dropout_rate); }
+
   int64_t group_size() const { return q_heads / kv_heads; }
   int64_t kv_head_of(int64_t n) const { return n / group_size(); }
 
@@ -62,6 +81,12 @@ struct AttentionProblem {
   }
   int64_t kv_valid(const int32_t* kv_lengths, int64_t b) const {
     return has_kv_lengths ? std::clamp<int64_t>(kv_lengths[b], 0, kv_len) : kv_len;
+  }
+
+  // Sink logit of query head n in batch row b (natural-log units).
+  template <typename Acc>
+  Acc sink(const Acc* sinks, int64_t b, int64_t n) const {
+    return sinks[(sinks_batch == 1 ? 0 : b) * q_heads + n];
   }
 
   // Keys that query row i may attend to under the structural masks (lengths,
@@ -101,5 +126,23 @@ struct AttentionProblem {
     return {lo, std::max(lo, hi)};
   }
 };
+
+// Segment-id tile skipping. A tile of queries [i0, i1) x keys [j0, j1) can
+// only hold allowed entries among the keys whose id lies within the queries'
+// [min, max] id range; narrow_to_ids keeps the first to last such key (the
+// whole matching run for sorted, packed ids; a conservative superset for any
+// others). Empty when no key of the range can match.
+struct IdRange {
+  int32_t lo, hi;
+};
+inline IdRange id_range(const int32_t* ids, int64_t begin, int64_t end) {
+  const auto [lo, hi] = std::minmax_element(ids + begin, ids + end);
+  return {*lo, *hi};
+}
+inline Span narrow_to_ids(const int32_t* ids, int64_t begin, int64_t end, IdRange r) {
+  while (begin < end && (ids[begin] < r.lo || ids[begin] > r.hi)) ++begin;
+  while (end > begin && (ids[end - 1] < r.lo || ids[end - 1] > r.hi)) --end;
+  return {begin, end};
+}
 
 }  // namespace jax_mfa

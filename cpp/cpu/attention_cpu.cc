@@ -44,6 +44,7 @@
 #include <sched.h>
 #endif
 
+#include "../../metal/dropout_philox.h"
 #include "common/half_types.h"
 #include "cpu/cpu_bf16.h"
 #include "cpu/cpu_blas.h"
@@ -121,10 +122,12 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // The bfloat16 dot-product path: for bfloat16 where the CPU has it, and only
 // with enough stacked query rows per head (T * G) to pay for repacking keys
 // and values (decoding keeps the float path, whose cost is the same pass).
+// Segment ids, sinks and dropout take the float path: its softmax writes P
+// as bfloat16 directly, with no place for the dropout factors.
 template <typename T>
-bool use_bf16_dot(int64_t stacked_rows, const RowOps& ops) {
+bool use_bf16_dot(const AttentionProblem& p, int64_t stacked_rows, const RowOps& ops) {
   return std::is_same_v<T, BFloat> && stacked_rows >= 64 && ops.exp_sum_to_bfloat &&
-         cpu::bf16_dot_available();
+         !p.has_segment_ids && !p.has_sinks && !p.has_dropout() && cpu::bf16_dot_available();
 }
 
 // Tile shape: stacked query rows x key columns per tile. Overridable for
@@ -294,8 +297,48 @@ struct Rules {
   const Acc* bias;
   const bool* mask;
   int64_t q_valid, kv_valid, G;
+  // Segment ids of this batch row (nullptr without them).
+  const int32_t* q_ids = nullptr;
+  const int32_t* kv_ids = nullptr;
+  // Dropout: Philox key words and the counter's batch index of this row.
+  const uint32_t* seed = nullptr;
 
-  bool transforms() const { return p.softcap > 0 || bias || mask; }
+  bool transforms() const { return p.softcap > 0 || bias || mask || q_ids; }
+
+  // Keys of [j0, j0 + cols) that queries [t0, t0 + tq) may share a segment
+  // with (all of them without segment ids); an empty span skips the tile.
+  Span segment_keys(int64_t t0, int64_t tq, int64_t j0, int64_t cols) const {
+    if (!q_ids) return {j0, j0 + cols};
+    return narrow_to_ids(kv_ids, j0, j0 + cols, id_range(q_ids, t0, t0 + tq));
+  }
+  // The same from the keys' side: queries of [t0, t0 + tq) that may match
+  // a key of [j0, j0 + cols).
+  Span segment_queries(int64_t t0, int64_t tq, int64_t j0, int64_t cols) const {
+    if (!q_ids) return {t0, t0 + tq};
+    return narrow_to_ids(q_ids, t0, t0 + tq, id_range(kv_ids, j0, j0 + cols));
+  }
+
+  // Multiplies a stacked tile X (rows t * G + g, keys j0 + c) by the dropout
+  // factors: 0 for dropped entries, 1 / (1 - rate) for kept ones. One Philox
+  // evaluation serves four neighbouring keys (metal/dropout_philox.h).
+  void dropout(int64_t kvh, int64_t t0, int64_t tq, int64_t j0, int64_t cols, Acc* X,
+               int64_t ldx) const {
+    if (!seed) return;
+    const Acc keep = Acc(p.dropout_keep_scale());
+    const uint32_t thr = p.dropout_threshold;
+    for (int64_t t = 0; t < tq; ++t)
+      for (int64_t g = 0; g < G; ++g) {
+        const uint32_t head = p.dropout_broadcast_heads ? 0u : uint32_t(kvh * G + g);
+        Acc* x = X + (t * G + g) * ldx - j0;
+        for (int64_t jj = j0 & ~int64_t(3); jj < j0 + cols; jj += 4) {
+          const MfaPhilox4 r =
+              mfa_dropout_words(seed[0], seed[1], seed[2], head, uint32_t(t0 + t), uint32_t(jj));
+          const uint32_t words[4] = {r.x, r.y, r.z, r.w};
+          for (int64_t e = std::max<int64_t>(0, j0 - jj); e < 4 && jj + e < j0 + cols; ++e)
+            x[jj + e] *= words[e] >= thr ? keep : Acc(0);
+        }
+      }
+  }
 
   // True when every entry of the tile is allowed and the logits need nothing
   // beyond the scale (applied by the GEMM): the common case, skipped cheaply.
@@ -338,10 +381,37 @@ struct Rules {
           for (int64_t c = lo; c < hi; ++c)
             if (!mrow[(j0 + c) * ms]) s[c] = neg_inf;
         }
+        if (q_ids)
+          for (int64_t c = lo; c < hi; ++c)
+            if (kv_ids[j0 + c] != q_ids[i]) s[c] = neg_inf;
       }
     }
   }
 };
+
+template <typename Acc, typename Buffers>
+Rules<Acc> make_rules(const AttentionProblem& p, const Buffers& buf, int64_t b, int64_t G) {
+  Rules<Acc> r{p, static_cast<const Acc*>(buf.bias), buf.mask, p.q_valid(buf.q_lengths, b),
+               p.kv_valid(buf.kv_lengths, b), G};
+  if (p.has_segment_ids) {
+    r.q_ids = buf.q_segments + b * p.q_len;
+    r.kv_ids = buf.kv_segments + b * p.kv_len;
+  }
+  if (p.has_dropout()) r.seed = buf.dropout_seed + 3 * b;
+  return r;
+}
+
+// Starts the online softmax of a row block: running max -inf and sum 0, or
+// with sinks the sink's logit and its exp(sink - sink) = 1.
+template <typename Acc>
+void init_softmax(const AttentionProblem& p, const Acc* sinks, int64_t b, int64_t kvh,
+                  int64_t rows, int64_t G, bool with_sinks, Acc* m, Acc* l) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const bool sink = with_sinks && sinks;
+    m[r] = sink ? p.sink(sinks, b, kvh * G + r % G) : -std::numeric_limits<Acc>::infinity();
+    l[r] = sink ? Acc(1) : Acc(0);
+  }
+}
 
 // Keys any row of positions [t0, t0 + tq) may attend to, within [0, kv_valid).
 Span key_span_clamped(const AttentionProblem& p, int64_t t0, int64_t tq, int64_t qv,
@@ -375,7 +445,7 @@ void forward_typed(const AttentionProblem& p, const ForwardBuffers& buf, TaskRun
   const int64_t Tq = std::max<int64_t>(1, tile.rows / G), rows_max = Tq * G;
   // bfloat16 dot products (see the top of this file) pair up keys: key
   // blocks then start at even keys.
-  const bool dot = use_bf16_dot<T>(T_ * G, ops);
+  const bool dot = use_bf16_dot<T>(p, T_ * G, ops);
   const int64_t Bk = dot ? (tile.cols + 1) / 2 * 2 : tile.cols;
   const int64_t QB = ceil_div(T_, Tq), pairs = B * K;
   const int64_t hpairs = (H + 1) / 2, kpairs_max = Bk / 2;  // words per row of Q, of P
@@ -425,8 +495,7 @@ void forward_typed(const AttentionProblem& p, const ForwardBuffers& buf, TaskRun
       const int64_t pl = rest % cp, qb = QB - 1 - rest / cp;
       const int64_t pr = p0 + pl, b = pr / K, kvh = pr % K;
       const int64_t t0 = qb * Tq, tq = std::min(Tq, T_ - t0), rows = tq * G;
-      const Rules<Acc> rules{p, static_cast<const Acc*>(buf.bias), buf.mask,
-                             p.q_valid(buf.q_lengths, b), p.kv_valid(buf.kv_lengths, b), G};
+      const Rules<Acc> rules = make_rules<Acc>(p, buf, b, G);
       Span span = key_span_clamped(p, t0, tq, rules.q_valid, rules.kv_valid);
       if (dot) span.begin &= ~int64_t(1);  // the extra key is masked by `rules`
       if (SP > 1) {
@@ -441,8 +510,8 @@ void forward_typed(const AttentionProblem& p, const ForwardBuffers& buf, TaskRun
       Acc* l = scratch<Acc>(4, rows_max);
       Acc* th = p.softcap > 0 ? scratch<Acc>(5, rows_max * Bk) : nullptr;
       std::fill(acc, acc + rows * H, Acc(0));
-      std::fill(m, m + rows, neg_inf);
-      std::fill(l, l + rows, Acc(0));
+      // The sink term belongs to the first key slice only.
+      init_softmax(p, static_cast<const Acc*>(buf.sinks), b, kvh, rows, G, sp == 0, m, l);
       uint32_t* Qw = dot ? scratch<uint32_t>(7, rows_max * hpairs) : nullptr;
       uint32_t* Pw = dot ? scratch<uint32_t>(8, rows_max * kpairs_max) : nullptr;
       if (span.empty()) {
@@ -501,6 +570,9 @@ void forward_typed(const AttentionProblem& p, const ForwardBuffers& buf, TaskRun
           mr = row_m;
           if (alpha != Acc(1)) row_scale(a + r * H, H, alpha, ops);
         }
+        // Dropout after the sums: l is not dropped. Never on the dot-product
+        // path (use_bf16_dot), whose P is written as bfloat16 by the softmax.
+        rules.dropout(kvh, u0, uq, j0, cols, Sb, Bk);
         if constexpr (std::is_same_v<Acc, float>) {
           if (dot) {
             const int64_t kp = (cols + 1) / 2;
@@ -516,21 +588,26 @@ void forward_typed(const AttentionProblem& p, const ForwardBuffers& buf, TaskRun
       const int64_t sub = std::max<int64_t>(1, 64 / G);  // positions per sub-tile
       for (int64_t j0 = span.begin; j0 < span.end; j0 += Bk) {
         const int64_t cols = std::min(Bk, span.end - j0);
+        const Span seg = rules.segment_keys(t0, tq, j0, cols);
+        if (seg.empty()) continue;  // no segment of these queries among these keys
         const bool ragged =
             t0 + tq > rules.q_valid ||
             p.key_span(t0 + tq - 1, rules.q_valid, rules.kv_valid).begin > j0 ||
-            p.key_span(t0, rules.q_valid, rules.kv_valid).end < j0 + cols;
+            p.key_span(t0, rules.q_valid, rules.kv_valid).end < j0 + cols ||
+            (rules.q_ids && rules.q_ids[t0] != rules.q_ids[t0 + tq - 1]);
         if (!ragged || tq <= sub) {
-          tile(t0, tq, j0, cols);
+          tile(t0, tq, seg.begin, seg.end - seg.begin);
           continue;
         }
         // Rows see different parts of this tile (causal diagonal, window
-        // edges): sub-tiles of rows only compute the columns they may see.
+        // edges, segment boundaries): sub-tiles of rows only compute the
+        // columns they may see.
         for (int64_t u0 = t0; u0 < t0 + tq; u0 += sub) {
           const int64_t uq = std::min(sub, t0 + tq - u0);
           const Span us = key_span_clamped(p, u0, uq, rules.q_valid, rules.kv_valid);
-          int64_t lo = std::max(j0, us.begin);
-          const int64_t hi = std::min(j0 + cols, us.end);
+          const Span ss = rules.segment_keys(u0, uq, seg.begin, seg.end - seg.begin);
+          int64_t lo = std::max({j0, us.begin, ss.begin});
+          const int64_t hi = std::min({j0 + cols, us.end, ss.end});
           if (dot) lo &= ~int64_t(1);  // j0 is even: lo stays in the tile
           if (lo < hi) tile(u0, uq, lo, hi - lo);
         }
@@ -614,7 +691,7 @@ void backward_typed(const AttentionProblem& p, const BackwardBuffers& buf, TaskR
   const TileShape tile = tile_shape(true, H, {256, 256});
   // bfloat16 dot products (see the top of this file) pair up keys, and for
   // dK and dV query rows: blocks of both then start at even indices.
-  const bool dot = use_bf16_dot<T>(T_ * G, ops);
+  const bool dot = use_bf16_dot<T>(p, T_ * G, ops);
   const int64_t even = dot ? 2 : 1;
   const int64_t Tq = ceil_div(std::max<int64_t>(1, tile.rows / G), even) * even;
   const int64_t rows_max = Tq * G;
@@ -736,10 +813,10 @@ void backward_typed(const AttentionProblem& p, const BackwardBuffers& buf, TaskR
       Acc* dV = scratch<Acc>(6, Bk * H);
       Acc* lse = scratch<Acc>(7, rows_max);
       Acc* delta = scratch<Acc>(8, rows_max);
+      Acc* Zb = p.has_dropout() ? scratch<Acc>(10, rows_max * Bk) : nullptr;  // dropout factors
       for (const int64_t pr : group) {
         const int64_t b = pr / K, kvh = pr % K, pl = pr - p0;
-        const Rules<Acc> rules{p, bias, buf.mask, p.q_valid(buf.q_lengths, b),
-                               p.kv_valid(buf.kv_lengths, b), G};
+        const Rules<Acc> rules = make_rules<Acc>(p, buf, b, G);
         Span rspan = p.query_span_of_keys(j0, j0 + cols, rules.q_valid, rules.kv_valid);
         if (dot && !rspan.empty()) {  // even row blocks; the extra rows are masked by `rules`
           rspan.begin &= ~int64_t(1);
@@ -752,8 +829,11 @@ void backward_typed(const AttentionProblem& p, const BackwardBuffers& buf, TaskR
         const Acc* Vp = dot ? nullptr : vv.at(b, kvh, j0);
         Acc* dq_acc = my + pl * slot_pair;
         Acc* rs_acc = dq_acc + T_ * G * H;
-        for (int64_t t0 = rspan.begin; t0 < rspan.end; t0 += Tq) {
-          const int64_t tq = std::min(Tq, rspan.end - t0), rows = tq * G;
+        for (int64_t tb = rspan.begin; tb < rspan.end; tb += Tq) {
+          // Only the queries that may share a segment with these keys.
+          const Span seg = rules.segment_queries(tb, std::min(Tq, rspan.end - tb), j0, cols);
+          if (seg.empty()) continue;
+          const int64_t t0 = seg.begin, tq = seg.end - seg.begin, rows = tq * G;
           // Used in place when the stacked rows are evenly spaced in memory
           // (one head per group: stride sp; or G heads whose positions are
           // G*H apart: stride H); packed otherwise.
@@ -799,7 +879,19 @@ void backward_typed(const AttentionProblem& p, const BackwardBuffers& buf, TaskR
           }
           if (!dot)
             timed_gemm(prof, 1, false, true, rows, cols, H, Acc(1), dOp, lddo, Vp, vv.sp, Acc(0), dPb, Bk);
+          // Dropout: dS = P (dP Z - delta), and dV takes (P Z)^T dO. The
+          // factors Z are drawn once into a tile and used twice (never on
+          // the dot-product path, see use_bf16_dot).
+          if (rules.seed) {
+            for (int64_t r = 0; r < rows; ++r) std::fill(Zb + r * Bk, Zb + r * Bk + cols, Acc(1));
+            rules.dropout(kvh, t0, tq, j0, cols, Zb, Bk);
+            for (int64_t r = 0; r < rows; ++r)
+              for (int64_t c = 0; c < cols; ++c) dPb[r * Bk + c] *= Zb[r * Bk + c];
+          }
           for (int64_t r = 0; r < rows; ++r) row_ds(Pb + r * Bk, dPb + r * Bk, cols, delta[r], ops);
+          if (rules.seed)
+            for (int64_t r = 0; r < rows; ++r)
+              for (int64_t c = 0; c < cols; ++c) Pb[r * Bk + c] *= Zb[r * Bk + c];
           // dPb now holds dS, the gradient of the post-bias logits.
           if (dbias_cols)
             for (int64_t r = 0; r < rows; ++r) {

@@ -59,13 +59,61 @@ struct Options {
   bool is_causal;
   int64_t window_left, window_right;
   bool has_bias, has_mask, has_q_lengths, has_kv_lengths;
+  bool has_segment_ids, has_sinks;
+  double dropout_rate;
+  int64_t dropout_threshold;
+  bool dropout_broadcast_heads;
 };
 
+// The operands forward and backward share, in the primitives' order.
+struct Inputs {
+  ffi::AnyBuffer q, k, v, bias, mask, q_lengths, kv_lengths, q_segments, kv_segments, sinks,
+      dropout_seed;
+};
+
+// Segment ids, sinks and dropout: shapes, dtypes and the rate.
+ffi::Error decode_new_features(const Options& o, const Inputs& in, DType dtype,
+                               AttentionProblem& p) {
+  p.has_segment_ids = o.has_segment_ids;
+  if (o.has_segment_ids) {
+    for (auto [buf, len, name] : {std::tuple{in.q_segments, p.q_len, "query_segment_ids"},
+                                  std::tuple{in.kv_segments, p.kv_len, "key_value_segment_ids"}}) {
+      auto d = buf.dimensions();
+      if (buf.element_type() != ffi::DataType::S32 || d.size() != 2 || d[0] != p.batch ||
+          d[1] != len)
+        return invalid(std::string(name) + " must be int32 of shape (B, " +
+                       (len == p.q_len ? "T" : "S") + "), got " + shape_string(d));
+    }
+  }
+  p.has_sinks = o.has_sinks;
+  if (o.has_sinks) {
+    auto d = in.sinks.dimensions();
+    if (in.sinks.element_type() != accumulation_dtype(dtype) || d.size() != 2 ||
+        (d[0] != 1 && d[0] != p.batch) || d[1] != p.q_heads)
+      return invalid("sinks must be float32 (float64 for float64 inputs) of shape (1|B, N), got " +
+                     shape_string(d));
+    p.sinks_batch = d[0];
+  }
+  if (!(o.dropout_rate >= 0.0 && o.dropout_rate < 1.0))
+    return invalid("dropout_rate must be in [0, 1)");
+  if (o.dropout_threshold < 0 || o.dropout_threshold > int64_t(0xffffffff))
+    return invalid("dropout_threshold must fit in 32 bits");
+  p.dropout_rate = o.dropout_rate;
+  p.dropout_threshold = uint32_t(o.dropout_threshold);
+  p.dropout_broadcast_heads = o.dropout_broadcast_heads;
+  if (p.has_dropout()) {
+    auto d = in.dropout_seed.dimensions();
+    if (in.dropout_seed.element_type() != ffi::DataType::U32 || d.size() != 2 ||
+        d[0] != p.batch || d[1] != 3)
+      return invalid("dropout seed must be uint32 of shape (B, 3), got " + shape_string(d));
+  }
+  return ffi::Error::Success();
+}
+
 // Decodes and checks the operands shared by forward and backward.
-ffi::Error decode_problem(const Options& o, ffi::AnyBuffer q, ffi::AnyBuffer k,
-                          ffi::AnyBuffer v, ffi::AnyBuffer bias, ffi::AnyBuffer mask,
-                          ffi::AnyBuffer q_lengths, ffi::AnyBuffer kv_lengths,
-                          AttentionProblem& p, DType& dtype) {
+ffi::Error decode_problem(const Options& o, const Inputs& in, AttentionProblem& p,
+                          DType& dtype) {
+  const ffi::AnyBuffer &q = in.q, &k = in.k, &v = in.v, &bias = in.bias, &mask = in.mask;
   auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
   if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4)
     return invalid("query, key and value must be rank 4 (B, T|S, N|K, H)");
@@ -115,14 +163,14 @@ ffi::Error decode_problem(const Options& o, ffi::AnyBuffer q, ffi::AnyBuffer k,
   }
   p.has_q_lengths = o.has_q_lengths;
   p.has_kv_lengths = o.has_kv_lengths;
-  for (auto [present, buf, name] : {std::tuple{o.has_q_lengths, q_lengths, "query_seq_lengths"},
-                                    std::tuple{o.has_kv_lengths, kv_lengths,
+  for (auto [present, buf, name] : {std::tuple{o.has_q_lengths, in.q_lengths, "query_seq_lengths"},
+                                    std::tuple{o.has_kv_lengths, in.kv_lengths,
                                                "key_value_seq_lengths"}}) {
     if (!present) continue;
     if (buf.element_type() != ffi::DataType::S32 || buf.element_count() != size_t(p.batch))
       return invalid(std::string(name) + " must be int32 of shape (B,)");
   }
-  return ffi::Error::Success();
+  return decode_new_features(o, in, dtype, p);
 }
 
 ffi::Error expect_shape(ffi::AnyBuffer::Dimensions got, std::initializer_list<int64_t> want,
@@ -143,26 +191,27 @@ const T* if_present(bool present, ffi::AnyBuffer b) {
   return present ? reinterpret_cast<const T*>(b.untyped_data()) : nullptr;
 }
 
-void set_operands(const Options& o, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
-                  ffi::AnyBuffer bias, ffi::AnyBuffer mask, ffi::AnyBuffer q_lengths,
-                  ffi::AnyBuffer kv_lengths, OperandBuffers& b) {
-  b.q = q.untyped_data();
-  b.k = k.untyped_data();
-  b.v = v.untyped_data();
-  b.bias = if_present<void>(o.has_bias, bias);
-  b.mask = if_present<bool>(o.has_mask, mask);
-  b.q_lengths = if_present<int32_t>(o.has_q_lengths, q_lengths);
-  b.kv_lengths = if_present<int32_t>(o.has_kv_lengths, kv_lengths);
+void set_operands(const Options& o, const Inputs& in, OperandBuffers& b) {
+  b.q = in.q.untyped_data();
+  b.k = in.k.untyped_data();
+  b.v = in.v.untyped_data();
+  b.bias = if_present<void>(o.has_bias, in.bias);
+  b.mask = if_present<bool>(o.has_mask, in.mask);
+  b.q_lengths = if_present<int32_t>(o.has_q_lengths, in.q_lengths);
+  b.kv_lengths = if_present<int32_t>(o.has_kv_lengths, in.kv_lengths);
+  b.q_segments = if_present<int32_t>(o.has_segment_ids, in.q_segments);
+  b.kv_segments = if_present<int32_t>(o.has_segment_ids, in.kv_segments);
+  b.sinks = if_present<void>(o.has_sinks, in.sinks);
+  b.dropout_seed = if_present<uint32_t>(o.dropout_rate > 0.0, in.dropout_seed);
 }
 
-ffi::Error forward_impl(Backend backend, ffi::ThreadPool pool, const Options& o, ffi::AnyBuffer q,
-                        ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::AnyBuffer bias,
-                        ffi::AnyBuffer mask, ffi::AnyBuffer q_lengths, ffi::AnyBuffer kv_lengths,
-                        ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::AnyBuffer> lse) {
+ffi::Error forward_impl(Backend backend, ffi::ThreadPool pool, const Options& o,
+                        const Inputs& in, ffi::Result<ffi::AnyBuffer> out,
+                        ffi::Result<ffi::AnyBuffer> lse) {
   AttentionProblem p;
   DType dtype;
-  if (auto e = decode_problem(o, q, k, v, bias, mask, q_lengths, kv_lengths, p, dtype); e.failure())
-    return e;
+  if (auto e = decode_problem(o, in, p, dtype); e.failure()) return e;
+  const ffi::AnyBuffer& q = in.q;
   if (auto e = expect_shape(out->dimensions(), {p.batch, p.q_len, p.q_heads, p.head_dim},
                             out->element_type(), q.element_type(), "out");
       e.failure())
@@ -173,7 +222,7 @@ ffi::Error forward_impl(Backend backend, ffi::ThreadPool pool, const Options& o,
     return e;
 
   ForwardBuffers b;
-  set_operands(o, q, k, v, bias, mask, q_lengths, kv_lengths, b);
+  set_operands(o, in, b);
   b.out = out->untyped_data();
   b.lse = lse->untyped_data();
   XlaThreadPoolRunner runner(pool);
@@ -181,15 +230,14 @@ ffi::Error forward_impl(Backend backend, ffi::ThreadPool pool, const Options& o,
 }
 
 ffi::Error backward_impl(Backend backend, ffi::ThreadPool pool, const Options& o,
-                         ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::AnyBuffer bias,
-                         ffi::AnyBuffer mask, ffi::AnyBuffer q_lengths, ffi::AnyBuffer kv_lengths,
-                         ffi::AnyBuffer lse, ffi::AnyBuffer dout, ffi::AnyBuffer delta,
-                         ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk,
-                         ffi::Result<ffi::AnyBuffer> dv, ffi::Result<ffi::AnyBuffer> dbias) {
+                         const Inputs& in, ffi::AnyBuffer lse, ffi::AnyBuffer dout,
+                         ffi::AnyBuffer delta, ffi::Result<ffi::AnyBuffer> dq,
+                         ffi::Result<ffi::AnyBuffer> dk, ffi::Result<ffi::AnyBuffer> dv,
+                         ffi::Result<ffi::AnyBuffer> dbias) {
   AttentionProblem p;
   DType dtype;
-  if (auto e = decode_problem(o, q, k, v, bias, mask, q_lengths, kv_lengths, p, dtype); e.failure())
-    return e;
+  if (auto e = decode_problem(o, in, p, dtype); e.failure()) return e;
+  const ffi::AnyBuffer& q = in.q;
   const auto acc = accumulation_dtype(dtype);
   const auto st = q.element_type();
   for (auto e : {
@@ -205,7 +253,7 @@ ffi::Error backward_impl(Backend backend, ffi::ThreadPool pool, const Options& o
     return invalid("dbias must have the bias's shape and dtype");
 
   BackwardBuffers b;
-  set_operands(o, q, k, v, bias, mask, q_lengths, kv_lengths, b);
+  set_operands(o, in, b);
   b.lse = lse.untyped_data();
   b.dout = dout.untyped_data();
   b.delta = delta.untyped_data();
@@ -259,7 +307,9 @@ Status backend_backward(Backend backend, const AttentionProblem& p, DType dtype,
   return Status::Error("unknown backend");
 }
 
-// One pair of handler symbols per backend; the binding is shared.
+// One pair of handler symbols per backend; the binding is shared. Operands:
+// q, k, v, bias, mask, q_lengths, kv_lengths, q_segments, kv_segments, sinks,
+// dropout_seed (absent ones are placeholders, see the has_* attributes).
 #define JAX_MFA_ATTRS                                                                     \
   .Attr<double>("scale")                                                                  \
       .Attr<double>("softcap")                                                            \
@@ -269,52 +319,58 @@ Status backend_backward(Backend backend, const AttentionProblem& p, DType dtype,
       .Attr<bool>("has_bias")                                                             \
       .Attr<bool>("has_mask")                                                             \
       .Attr<bool>("has_q_lengths")                                                        \
-      .Attr<bool>("has_kv_lengths")
+      .Attr<bool>("has_kv_lengths")                                                       \
+      .Attr<bool>("has_segment_ids")                                                      \
+      .Attr<bool>("has_sinks")                                                            \
+      .Attr<double>("dropout_rate")                                                       \
+      .Attr<int64_t>("dropout_threshold")                                                 \
+      .Attr<bool>("dropout_broadcast_heads")
+
+#define JAX_MFA_OPTION_PARAMS                                                             \
+  ffi::ThreadPool pool, double scale, double softcap, bool causal, int64_t wl, int64_t wr, \
+      bool hb, bool hm, bool hq, bool hk, bool hs, bool hsk, double rate, int64_t thr,     \
+      bool bcast
+#define JAX_MFA_OPTIONS Options{scale, softcap, causal, wl, wr, hb, hm, hq, hk, hs, hsk, rate, thr, bcast}
+#define JAX_MFA_INPUT_PARAMS                                                              \
+  ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::AnyBuffer bias,               \
+      ffi::AnyBuffer mask, ffi::AnyBuffer ql, ffi::AnyBuffer kl, ffi::AnyBuffer qs,        \
+      ffi::AnyBuffer ks, ffi::AnyBuffer sinks, ffi::AnyBuffer seed
+#define JAX_MFA_INPUTS Inputs{q, k, v, bias, mask, ql, kl, qs, ks, sinks, seed}
+#define JAX_MFA_INPUT_ARGS                                                                \
+  .Arg<ffi::AnyBuffer>()                                                                   \
+      .Arg<ffi::AnyBuffer>()                                                               \
+      .Arg<ffi::AnyBuffer>()                                                               \
+      .Arg<ffi::AnyBuffer>()                                                               \
+      .Arg<ffi::AnyBuffer>()                                                               \
+      .Arg<ffi::AnyBuffer>()                                                               \
+      .Arg<ffi::AnyBuffer>()                                                               \
+      .Arg<ffi::AnyBuffer>()                                                               \
+      .Arg<ffi::AnyBuffer>()                                                               \
+      .Arg<ffi::AnyBuffer>()                                                               \
+      .Arg<ffi::AnyBuffer>()
 
 #define JAX_MFA_DEFINE_HANDLERS(BACKEND, FWD_SYMBOL, BWD_SYMBOL)                            \
   XLA_FFI_DEFINE_HANDLER_SYMBOL(                                                           \
       FWD_SYMBOL,                                                                          \
-      ([](ffi::ThreadPool pool, double scale, double softcap, bool causal, int64_t wl,     \
-          int64_t wr, bool hb, bool hm, bool hq, bool hk, ffi::AnyBuffer q,                \
-          ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::AnyBuffer bias, ffi::AnyBuffer mask,    \
-          ffi::AnyBuffer ql, ffi::AnyBuffer kl, ffi::Result<ffi::AnyBuffer> out,           \
+      ([](JAX_MFA_OPTION_PARAMS, JAX_MFA_INPUT_PARAMS, ffi::Result<ffi::AnyBuffer> out,     \
           ffi::Result<ffi::AnyBuffer> lse) {                                               \
-        return forward_impl(BACKEND, pool, Options{scale, softcap, causal, wl, wr, hb, hm, hq, hk}, \
-                            q, k, v, bias, mask, ql, kl, out, lse);                        \
+        return forward_impl(BACKEND, pool, JAX_MFA_OPTIONS, JAX_MFA_INPUTS, out, lse);      \
       }),                                                                                  \
       ffi::Ffi::Bind()                                                                     \
-          .Ctx<ffi::ThreadPool>() JAX_MFA_ATTRS                                            \
-          .Arg<ffi::AnyBuffer>()                                                           \
-          .Arg<ffi::AnyBuffer>()                                                           \
-          .Arg<ffi::AnyBuffer>()                                                           \
-          .Arg<ffi::AnyBuffer>()                                                           \
-          .Arg<ffi::AnyBuffer>()                                                           \
-          .Arg<ffi::AnyBuffer>()                                                           \
-          .Arg<ffi::AnyBuffer>()                                                           \
+          .Ctx<ffi::ThreadPool>() JAX_MFA_ATTRS JAX_MFA_INPUT_ARGS                         \
           .Ret<ffi::AnyBuffer>()                                                           \
           .Ret<ffi::AnyBuffer>());                                                         \
   XLA_FFI_DEFINE_HANDLER_SYMBOL(                                                           \
       BWD_SYMBOL,                                                                          \
-      ([](ffi::ThreadPool pool, double scale, double softcap, bool causal, int64_t wl,     \
-          int64_t wr, bool hb, bool hm, bool hq, bool hk, ffi::AnyBuffer q,                \
-          ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::AnyBuffer bias, ffi::AnyBuffer mask,    \
-          ffi::AnyBuffer ql, ffi::AnyBuffer kl, ffi::AnyBuffer lse, ffi::AnyBuffer dout,   \
-          ffi::AnyBuffer delta, ffi::Result<ffi::AnyBuffer> dq,                            \
+      ([](JAX_MFA_OPTION_PARAMS, JAX_MFA_INPUT_PARAMS, ffi::AnyBuffer lse,                 \
+          ffi::AnyBuffer dout, ffi::AnyBuffer delta, ffi::Result<ffi::AnyBuffer> dq,        \
           ffi::Result<ffi::AnyBuffer> dk, ffi::Result<ffi::AnyBuffer> dv,                  \
           ffi::Result<ffi::AnyBuffer> dbias) {                                             \
-        return backward_impl(BACKEND, pool, Options{scale, softcap, causal, wl, wr, hb, hm, hq, hk}, \
-                             q, k, v, bias, mask, ql, kl, lse, dout, delta, dq, dk, dv,    \
-                             dbias);                                                       \
+        return backward_impl(BACKEND, pool, JAX_MFA_OPTIONS, JAX_MFA_INPUTS, lse, dout,     \
+                             delta, dq, dk, dv, dbias);                                    \
       }),                                                                                  \
       ffi::Ffi::Bind()                                                                     \
-          .Ctx<ffi::ThreadPool>() JAX_MFA_ATTRS                                            \
-          .Arg<ffi::AnyBuffer>()                                                           \
-          .Arg<ffi::AnyBuffer>()                                                           \
-          .Arg<ffi::AnyBuffer>()                                                           \
-          .Arg<ffi::AnyBuffer>()                                                           \
-          .Arg<ffi::AnyBuffer>()                                                           \
-          .Arg<ffi::AnyBuffer>()                                                           \
-          .Arg<ffi::AnyBuffer>()                                                           \
+          .Ctx<ffi::ThreadPool>() JAX_MFA_ATTRS JAX_MFA_INPUT_ARGS                         \
           .Arg<ffi::AnyBuffer>()                                                           \
           .Arg<ffi::AnyBuffer>()                                                           \
           .Arg<ffi::AnyBuffer>()                                                           \

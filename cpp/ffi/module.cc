@@ -2,6 +2,9 @@
 // which backends this build and machine can run.
 #include <nanobind/nanobind.h>
 
+#include <nanobind/stl/tuple.h>
+
+#include "../../metal/dropout_philox.h"
 #include "ffi/attention_handlers.h"
 #if JAX_MFA_HAS_METAL
 #include "metal_host/metal_backend.h"
@@ -38,6 +41,12 @@ NB_MODULE(_jax_mfa, m) {
         encapsulate_ffi_handler(jax_mfa::AttentionBackwardMetalEmulated);
 #endif
     return d;
+  });
+  // The dropout generator as the kernels compile it (known-answer tests).
+  m.def("philox4x32_10", [](uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0,
+                            uint32_t k1) {
+    const MfaPhilox4 r = mfa_philox4x32_10(MfaPhilox4{c0, c1, c2, c3}, k0, k1);
+    return std::make_tuple(r.x, r.y, r.z, r.w);
   });
   // (available, reason, device): available when this build has the Metal
   // backend, the machine an Apple-silicon GPU, and Apple's compiler accepted

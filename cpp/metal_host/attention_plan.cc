@@ -9,7 +9,7 @@
 namespace jax_mfa {
 namespace metal_host {
 
-static_assert(sizeof(AttentionParams) == 8 * 9 + 4 * 33 + 4,
+static_assert(sizeof(AttentionParams) == 8 * 9 + 4 * 41 + 4,
               "AttentionParams must keep the same layout in C++ and MSL");
 
 namespace {
@@ -119,9 +119,40 @@ AttentionParams make_params(const AttentionProblem& p) {
   a.bias_query_broadcast = p.bias.present && p.bias.strides[2] == 0;
   a.kv_splits = 1;
   a.pairs_per_split = 1;
+  a.has_segment_ids = p.has_segment_ids;
+  a.segments_sorted = 0;  // set by run_forward / run_backward, which see the ids
+  a.has_sinks = p.has_sinks;
+  a.sinks_batched = p.has_sinks && p.sinks_batch != 1;
+  a.has_dropout = p.has_dropout();
+  a.dropout_broadcast_heads = p.dropout_broadcast_heads;
+  a.dropout_threshold = p.dropout_threshold;
+  a.dropout_keep_scale = float(p.dropout_keep_scale());
   a.decode_splits = 1;
   a.decode_keys_per_split = int32_t(p.kv_len);
   return a;
+}
+
+// The operands of the newer features, appended to every kernel's buffer list.
+std::vector<ArgBinding> feature_args(const AttentionProblem& p) {
+  const bool seg = p.has_segment_ids;
+  return {{Arg::QSegments, Access::Read, seg ? size_t(p.batch * p.q_len) * 4 : 0},
+          {Arg::KvSegments, Access::Read, seg ? size_t(p.batch * p.kv_len) * 4 : 0},
+          {Arg::Sinks, Access::Read, p.has_sinks ? size_t(p.sinks_batch * p.q_heads) * 4 : 0},
+          {Arg::DropoutSeed, Access::Read, p.has_dropout() ? size_t(p.batch) * 3 * 4 : 0}};
+}
+
+void append(std::vector<ArgBinding>& args, const std::vector<ArgBinding>& more) {
+  args.insert(args.end(), more.begin(), more.end());
+}
+
+// Whether every row of the segment ids is non-decreasing (packed sequences):
+// the kernels may then skip tiles by their first and last ids.
+bool segments_sorted(const AttentionProblem& p, const OperandBuffers& b) {
+  if (!p.has_segment_ids) return false;
+  for (auto [ids, len] : {std::pair{b.q_segments, p.q_len}, std::pair{b.kv_segments, p.kv_len}})
+    for (int64_t r = 0; r < p.batch; ++r)
+      if (!std::is_sorted(ids + r * len, ids + (r + 1) * len)) return false;
+  return true;
 }
 
 // Splits the launch's total_groups threadgroups of `work_per_group`
@@ -241,7 +272,8 @@ size_t threadgroup_memory_bytes(Pass pass, const BlockConfig& c, DType dtype) {
 const char* arg_name(Arg a) {
   static const char* names[] = {"q",   "k",  "v",     "bias", "mask", "q_lengths",
                                 "kv_lengths", "out", "lse", "dout", "delta", "dq",
-                                "dk",  "dv", "dbias", "dbias_rows", "decode_o",
+                                "dk",  "dv", "dbias", "dbias_rows", "q_segments",
+                                "kv_segments", "sinks", "dropout_seed", "decode_o",
                                 "decode_m", "decode_l"};
   return names[int(a)];
 }
@@ -275,6 +307,7 @@ KernelLaunch plan_forward(const AttentionProblem& p, DType dtype, GpuFamily fami
             {Arg::KvLengths, Access::Read, p.has_kv_lengths ? size_t(p.batch) * 4 : 0},
             {Arg::Out, Access::Write, q_bytes},
             {Arg::Lse, Access::Write, size_t(p.batch * p.q_len * p.q_heads) * 4}};
+  append(l.args, feature_args(p));
   l.total_groups = int64_t(l.params.num_row_blocks) * p.q_heads * p.batch;
   l.params.total_groups = int32_t(l.total_groups);
   // Q K^T and P V: 2 * rows * S * HP multiply-adds per threadgroup at most.
@@ -312,6 +345,7 @@ std::vector<KernelLaunch> plan_backward(const AttentionProblem& p, DType dtype,
   dq.args = common;
   dq.args.push_back({Arg::DQ, Access::Write, q_bytes});
   dq.args.push_back({Arg::DBiasRows, Access::Write, mode == MFA_DBIAS_ROW_SUMS ? row_bytes : 0});
+  append(dq.args, feature_args(p));
   dq.total_groups = int64_t(dq.params.num_row_blocks) * p.q_heads * p.batch;
   dq.params.total_groups = int32_t(dq.total_groups);
   // Q K^T, dO V^T, dS K.
@@ -349,6 +383,7 @@ std::vector<KernelLaunch> plan_backward(const AttentionProblem& p, DType dtype,
   kv.params.dbias_slot = splits > 1 ? p.bias.size() : 0;
   kv.args.push_back({Arg::DBias, Access::ReadWrite,
                      dbias_keys ? size_t(splits * p.bias.size()) * 4 : 0});
+  append(kv.args, feature_args(p));
   const int64_t head_parts = kv.config.head_pad / kv.config.head_out;
   kv.total_groups = int64_t(kv.params.num_row_blocks) * head_parts * splits * h_tasks * b_tasks;
   kv.params.total_groups = int32_t(kv.total_groups);
@@ -361,7 +396,10 @@ int64_t decode_min_keys() {
 }
 
 bool use_decode(const AttentionProblem& p) {
-  return p.q_len <= kDecodeMaxQueries && p.kv_len >= decode_min_keys();
+  // The decode kernels have no segment ids, sinks or dropout: those calls
+  // take the regular forward kernel.
+  return p.q_len <= kDecodeMaxQueries && p.kv_len >= decode_min_keys() && !p.has_segment_ids &&
+         !p.has_sinks && !p.has_dropout();
 }
 
 std::vector<KernelLaunch> plan_decode(const AttentionProblem& p, DType dtype) {
@@ -432,6 +470,10 @@ void set_operands(const OperandBuffers& b, HostBuffers& hb) {
   hb.set(Arg::Mask, b.mask);
   hb.set(Arg::QLengths, b.q_lengths);
   hb.set(Arg::KvLengths, b.kv_lengths);
+  hb.set(Arg::QSegments, b.q_segments);
+  hb.set(Arg::KvSegments, b.kv_segments);
+  hb.set(Arg::Sinks, b.sinks);
+  hb.set(Arg::DropoutSeed, b.dropout_seed);
 }
 
 }  // namespace
@@ -441,18 +483,27 @@ Status run_forward(const AttentionProblem& p, DType dtype, GpuFamily family,
   if (Status s = check_supported(p, dtype); !s.ok()) return s;
   if (p.batch == 0 || p.q_len == 0 || p.q_heads == 0) return Status::Ok();
   if (p.kv_len == 0) {
-    // No keys at all: every row is empty.
+    // No keys at all: every row is empty (its lse is the sink, if any).
     const size_t st = storage_bytes(dtype);
     std::memset(b.out, 0, size_t(p.batch * p.q_len * p.q_heads * p.head_dim) * st);
     float* lse = static_cast<float*>(b.lse);
-    std::fill(lse, lse + p.batch * p.q_len * p.q_heads, -std::numeric_limits<float>::infinity());
+    const float* sinks = static_cast<const float*>(b.sinks);
+    for (int64_t bb = 0; bb < p.batch; ++bb)
+      for (int64_t i = 0; i < p.q_len; ++i)
+        for (int64_t n = 0; n < p.q_heads; ++n)
+          lse[(bb * p.q_len + i) * p.q_heads + n] =
+              p.has_sinks ? p.sink(sinks, bb, n) : -std::numeric_limits<float>::infinity();
     return Status::Ok();
   }
   HostBuffers hb;
   set_operands(b, hb);
   hb.set(Arg::Out, b.out);
   hb.set(Arg::Lse, b.lse);
-  if (!use_decode(p)) return exec.run(plan_forward(p, dtype, family), hb);
+  if (!use_decode(p)) {
+    KernelLaunch launch = plan_forward(p, dtype, family);
+    launch.params.segments_sorted = segments_sorted(p, b);
+    return exec.run(launch, hb);
+  }
   const std::vector<KernelLaunch> plan = plan_decode(p, dtype);
   const KernelLaunch& part = plan[0];
   const size_t slots = size_t(p.batch * p.q_len * p.q_heads) * size_t(part.params.decode_splits);
@@ -478,6 +529,8 @@ Status run_backward(const AttentionProblem& p, DType dtype, GpuFamily family,
     return Status::Ok();
   }
   std::vector<KernelLaunch> plan = plan_backward(p, dtype, family);
+  const bool sorted = segments_sorted(p, b);
+  for (KernelLaunch& l : plan) l.params.segments_sorted = sorted;
   const bool row_sums = plan[0].params.dbias_mode == MFA_DBIAS_ROW_SUMS;
   std::vector<float> rows(row_sums ? size_t(p.batch * p.q_heads * p.q_len) : 0, 0.0f);
 

@@ -100,6 +100,8 @@ size_t threadgroup_memory_bytes(Pass pass, const BlockConfig& config, DType dtyp
 enum class Arg {
   Q, K, V, Bias, Mask, QLengths, KvLengths, Out, Lse, DOut, Delta, DQ, DK, DV, DBias,
   DBiasRows,  // float (B, N, T) scratch: per-row sums of dS
+  // Packed sequences, sinks and dropout: bound after every other operand.
+  QSegments, KvSegments, Sinks, DropoutSeed,
   // Split-key decode scratch, per (output row, key split): unnormalised O
   // (head_dim floats), running max and sum (base 2).
   DecodeO, DecodeM, DecodeL,
@@ -143,6 +145,7 @@ std::vector<KernelLaunch> plan_backward(const AttentionProblem& p, DType dtype, 
 // key splits plus a merge kernel (the lse merge), so that a T = 1 call fills
 // the GPU instead of launching B*N threadgroups. decode_min_keys() is
 // kDecodeMinKeys unless JAX_MFA_METAL_DECODE_MIN_KEYS overrides it (tests).
+// Never with segment ids, sinks or dropout (the regular forward handles them).
 constexpr int64_t kDecodeMaxQueries = 8;
 constexpr int64_t kDecodeMinKeys = 1024;
 // Keys per step of the partial kernel, the fewest keys per split, and the

@@ -98,9 +98,13 @@ PARAMS = np.dtype([("bias_strides", "<i8", 4), ("mask_strides", "<i8", 4), ("dbi
                                           "has_kv_lengths", "has_bias", "has_mask", "dbias_mode", "bias_batch_dim",
                                           "bias_head_dim", "bias_query_broadcast", "num_row_blocks", "block_rows",
                                           "merge_batches", "merge_heads", "group_offset", "total_groups",
-                                          "kv_splits", "pairs_per_split", "decode_splits", "decode_keys_per_split")],
+                                          "kv_splits", "pairs_per_split", "has_segment_ids",
+                                          "segments_sorted", "has_sinks", "sinks_batched", "has_dropout",
+                                          "dropout_broadcast_heads")]
+                  + [("dropout_threshold", "<u4"), ("dropout_keep_scale", "<f4")]
+                  + [(name, "<i4") for name in ("decode_splits", "decode_keys_per_split")],
                   align=True)
-assert PARAMS.itemsize == 208  # sizeof(AttentionParams), as cpp/metal_host/attention_plan.cc asserts
+assert PARAMS.itemsize == 240  # sizeof(AttentionParams), as cpp/metal_host/attention_plan.cc asserts
 
 
 def test_own_forward_kernel_counts():
@@ -126,7 +130,8 @@ def test_own_forward_kernel_counts():
                           total_groups=blocks * N * B, kv_splits=1).items():
         p[name] = val
     prof = lib.dispatch("mfa_fwd_f32_h64_p16_c128_d32", grid=blocks * N * B, threads=64,
-                        buffers=[p.tobytes(), q, k, v, None, None, None, None, out, lse], profile=True)
+                        buffers=[p.tobytes(), q, k, v, None, None, None, None, out, lse] + [None] * 4,
+                        profile=True)
     ref = mlx_peer.attention_reference(q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3),
                                        v.transpose(0, 2, 1, 3), scale)[0].transpose(0, 2, 1, 3)
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
