@@ -215,7 +215,7 @@ def params_dtype() -> np.dtype:
         if not decl:
             continue
         ctype, names = decl.split(None, 1)
-        fmt = {"mfa_long": "<i8", "mfa_int": "<i4", "float": "<f4"}[ctype]
+        fmt = {"mfa_long": "<i8", "mfa_int": "<i4", "mfa_u32": "<u4", "float": "<f4"}[ctype]
         for n in names.split(","):
             m = re.fullmatch(r"\s*(\w+)(?:\[(\d+)\])?\s*", n)
             fields.append((m.group(1), fmt, (int(m.group(2)),)) if m.group(2) else (m.group(1), fmt))
@@ -326,6 +326,7 @@ class OurKernels:
             else:
                 buffers += [lse, arr(1, T, 1, head_dim), np.zeros((1, T, 1), np.float32), np.zeros_like(k),
                             np.zeros_like(v), None]
+            buffers += [None] * 4  # segment ids, sinks, dropout seed: features off
             return lib.dispatch(name, grid=1, threads=rows * 4, buffers=buffers, profile=True, check=False)
 
         return linear_cost(name, run)
