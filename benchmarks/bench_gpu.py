@@ -58,7 +58,7 @@ GRID = [
 ]
 SMOKE_GRID = [(n, b, min(t, 33), min(s, 29), min(nn, 4), min(k, 2), min(h, 16), o)
               for n, b, t, s, nn, k, h, o in GRID
-              if n in ("causal_gqa", "lengths", "softcap", "lse_output")]
+              if n in ("causal_gqa", "lse_output")]  # a test runs this: keep it short
 
 FLOOR = {"float32": 1e-5, "bfloat16": 2.0**-8}
 

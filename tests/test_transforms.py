@@ -458,5 +458,5 @@ def test_forward_mode_error_names_jax_mfa(impl, rng):
         with pytest.raises(NotImplementedError,
                            match=r"jax_mfa\.attention.*implementation=\"xla\""):
             run()
-    # The suggested implementation does support them.
-    jax.hessian(lambda a: jnp.sum(jax_mfa.attention(a, k, v, implementation="xla")))(q)
+    if impl == IMPLEMENTATIONS[0]:  # the suggested implementation does support them
+        jax.hessian(lambda a: jnp.sum(jax_mfa.attention(a, k, v, implementation="xla")))(q)
