@@ -21,7 +21,7 @@ from jax.test_util import check_grads
 import jax_mfa
 import reference
 from jax_mfa._benchmark import median_times
-from support import (FLOAT64_IMPLEMENTATIONS, IMPLEMENTATIONS, accumulation_dtype,
+from support import (FLOAT64_IMPLEMENTATIONS, FUSED, IMPLEMENTATIONS, accumulation_dtype,
                      assert_nan_pattern_and_close, assert_no_nan, batch_size, check_close,
                      dtype_for, random_array, relative_error, run_with_host_devices,
                      same_impl_tolerance, seq_len, to64)
@@ -389,18 +389,30 @@ def test_broadcast_dropout(impl, rng):
     np.testing.assert_allclose(out, ref, atol=1e-5)
 
 
-def _packed_inputs(rng, seqs, length, N=4, H=64):
+def _packed_inputs(rng, seqs, length, N, H):
     T = seqs * length
     q, k, v = (random_array(rng, (1, T, N, H), jnp.float32) for _ in range(3))
     ids = jnp.asarray(np.repeat(np.arange(seqs, dtype=np.int32), length)[None])
     return q, k, v, ids
 
 
-@pytest.mark.parametrize("impl", [i for i in IMPLEMENTATIONS if i == "cpu"])
+def _fastest_times(calls, rounds: int):
+    """The least time each call took over `rounds` interleaved rounds (each
+    round first runs every call once untimed, then times each once): load from
+    other processes can only add time, so the minimum is the robust figure."""
+    return np.min([median_times(calls, repeats=1, warmup=0, min_time=0)
+                   for _ in range(rounds)], axis=0)
+
+
+@pytest.mark.parametrize("impl", [
+    pytest.param(i, marks=(pytest.mark.slow,) if i == "metal-emulated" else ())
+    for i in FUSED if i in ("cpu", "metal-emulated")])
 def test_packed_batch_skips_tiles(impl, rng):
     """64 packed sequences of 64 tokens cost at most 2x 64 single sequences:
-    tiles whose segments cannot meet are skipped."""
-    q, k, v, ids = _packed_inputs(rng, 64, 64)
+    tiles whose segments cannot meet are skipped (4096² unskipped would be 64x).
+    The emulator runs one head (about a second per call; it measures 1.5-1.7x)."""
+    N, H = (1, 64) if impl == "metal-emulated" else (4, 64)
+    q, k, v, ids = _packed_inputs(rng, 64, 64, N, H)
     packed = jax.jit(lambda q, k, v: jax_mfa.attention(
         q, k, v, query_segment_ids=ids, key_value_segment_ids=ids, is_causal=True,
         implementation=impl))
@@ -411,9 +423,8 @@ def test_packed_batch_skips_tiles(impl, rng):
     def single64(q, k, v):
         return [single(q, k, v) for _ in range(64)]
 
-    # Interleaved medians, so that load from other processes hits both alike.
-    t_packed, t_single64 = median_times([(packed, (q, k, v)), (single64, (qs, ks, vs))],
-                                        repeats=7)
+    t_packed, t_single64 = _fastest_times([(packed, (q, k, v)), (single64, (qs, ks, vs))],
+                                          rounds=5 if impl == "cpu" else 3)
     assert t_packed <= 2 * t_single64, (t_packed, t_single64)
     # And the result is the per-sequence attention.
     out = to64(packed(q, k, v))
