@@ -19,8 +19,8 @@ Key blocks that no row of a query block may see are skipped, forward and
 backward: causal and window bounds limit the key loop's range; lengths and
 segment ids (a block whose id range cannot meet the rows' id range in any
 batch row, which with sorted ids is every block off the diagonal) skip a block
-through ``lax.cond``. With segment ids, query blocks are at most
-``SEGMENT_QUERY_BLOCK`` rows, so that the skipping has a grain finer than the
+through ``lax.cond``. With any of these masks, query blocks are at most
+``SKIPPING_QUERY_BLOCK`` rows, so that the skipping has a grain finer than the
 whole sequence.
 
 Blocks are never padded: a last, partial block is read from ``S - block``
@@ -46,9 +46,11 @@ from jax_mfa._arguments import NUM_OPERANDS, Operands, Options, accumulation_dty
 QUERY_BLOCK = 4096
 KEY_BLOCK = 512
 SCORES_BUDGET = 256 << 20
-# Query block limit with segment ids: packed sequences are mostly short, and a
-# key block is skipped only when no row of the query block can see it.
-SEGMENT_QUERY_BLOCK = 512
+# Query block limit when blocks can be skipped (causal, windows, lengths,
+# segment ids): a key block is skipped only when no row of the query block can
+# see it (2 loaded CPU cores, T = 4096, N = 4, H = 64, causal forward: 0.6 s
+# with 512 rows, 1.4 s with 4096).
+SKIPPING_QUERY_BLOCK = 512
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +72,9 @@ class _Blocks:
 
 def _blocks(opt: Options, B: int, N: int, T: int, S: int) -> _Blocks:
     keys = max(1, min(S, KEY_BLOCK))
-    query_block = min(QUERY_BLOCK, SEGMENT_QUERY_BLOCK) if opt.has_segment_ids else QUERY_BLOCK
+    skipping = (opt.is_causal or opt.window_left >= 0 or opt.window_right >= 0
+                or opt.has_q_lengths or opt.has_kv_lengths or opt.has_segment_ids)
+    query_block = min(QUERY_BLOCK, SKIPPING_QUERY_BLOCK) if skipping else QUERY_BLOCK
     rows = max(1, min(T, query_block, SCORES_BUDGET // (4 * B * N * keys)))
     return _Blocks(rows, keys, T, S)
 
