@@ -3,8 +3,7 @@
 Queries go in blocks of up to ``QUERY_BLOCK`` rows (an outer loop) and keys
 stream by in blocks of ``KEY_BLOCK`` with an online softmax (an inner loop), so
 at most one (rows x keys) block of scores exists at a time: memory is O(T + S)
-per head. Key blocks no row of a query block may see (causal, windows) are not
-visited. The backward pass recomputes the probabilities from the saved
+per head. The backward pass recomputes the probabilities from the saved
 logsumexp (a custom VJP, residuals: inputs, output, lse), as the fused kernels
 do. It runs on every JAX platform: it is what jax_mfa uses on GPUs and TPUs
 where ``jax.nn.dot_product_attention`` cannot express a call with jax_mfa's
@@ -18,10 +17,11 @@ absolute positions, in the forward and again in the backward.
 Key blocks that no row of a query block may see are skipped, forward and
 backward: causal and window bounds limit the key loop's range; lengths and
 segment ids (a block whose id range cannot meet the rows' id range in any
-batch row, which with sorted ids is every block off the diagonal) skip a block
-through ``lax.cond``. With any of these masks, query blocks are at most
+batch row: with sorted ids, every block away from the diagonal's segments) skip
+a block through ``lax.cond``. With any of these masks, query blocks are at most
 ``SKIPPING_QUERY_BLOCK`` rows, so that the skipping has a grain finer than the
-whole sequence.
+whole sequence. (Under ``jax.vmap`` over the lengths or ids, JAX turns the
+cond into a select: still exact, but nothing is skipped.)
 
 Blocks are never padded: a last, partial block is read from ``S - block``
 instead, and the keys (rows, in the backward) it shares with the previous block
