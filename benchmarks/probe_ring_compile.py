@@ -1,0 +1,151 @@
+"""Which construct of ring attention makes XLA crash while compiling?
+
+    python3 benchmarks/probe_ring_compile.py            # every variant, in parallel
+    python3 benchmarks/probe_ring_compile.py VARIANT    # one, in this process
+
+On jax 0.11.2, jax_mfa.ring_attention under shard_map (4 host devices,
+float64, causal, GQA, bias, lengths: tests/sharding_cases.py seq
+causal_gqa_odd) crashed XLA in backend_compile_and_load. Each variant below
+changes one thing of that call (or of the ring's code, patched in the child
+process) and only compiles it, each in its own subprocess (a segfault ends
+only that one). Prints one line per variant: ok, CRASH (signal) or ERROR (last
+line of the traceback), and "ALL DONE".
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+DEVICES = 4
+BASE = dict(mode="grad", zigzag=True, loop="fori", cond="cond", impl="cpu", bias=True,
+            lengths=True, x64=True, causal=True)
+VARIANTS = {
+    "baseline": {},
+    "forward_only": dict(mode="fwd"),
+    "jit_sharded_inputs": dict(mode="jit"),
+    "no_zigzag": dict(zigzag=False),
+    "unrolled_loop": dict(loop="unroll"),
+    "select_not_cond": dict(cond="select"),
+    "unrolled_and_select": dict(loop="unroll", cond="select"),
+    "xla_kernels": dict(impl="xla"),
+    "no_bias_no_lengths": dict(bias=False, lengths=False),
+    "float32": dict(x64=False),
+    "not_causal": dict(causal=False),
+    "xla_kernels_forward_only": dict(impl="xla", mode="fwd"),
+    "blockwise_explicit_batch": dict(mode="blockwise_explicit_batch"),
+}
+
+
+def child(config):
+    import jax
+    jax.config.update("jax_enable_x64", config["x64"])
+    import jax.numpy as jnp
+    from jax.sharding import AxisType, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    import jax_mfa
+    from jax_mfa import _ring
+
+    if not config["zigzag"]:
+        make = _ring.Ring.make.__func__
+
+        def no_zigzag(cls, *a, **k):
+            import dataclasses
+            return dataclasses.replace(make(cls, *a, **k), zigzag=False)
+        _ring.Ring.make = classmethod(no_zigzag)
+    if config["loop"] == "unroll":
+        def around(ring, step, visiting, state):
+            visiting, state = step(0, visiting, state)
+            for s in range(1, ring.size):
+                visiting, state = step(s, _ring._shift(ring, visiting), state)
+            return visiting, state
+        _ring._around = around
+    if config["cond"] == "select":
+        def select(pred, a, b, *ops):
+            return jax.tree.map(lambda x, y: jnp.where(pred, x, y), a(*ops), b(*ops))
+        jax.lax.cond = select
+
+    dtype = jnp.float64 if config["x64"] else jnp.float32
+    n = DEVICES
+    B, L, N, K, H = 2, 5 * n, 4, 1, 8
+    keys = jax.random.split(jax.random.PRNGKey(0), 4)
+    q = jax.random.normal(keys[0], (B, L, N, H), dtype)
+    k = jax.random.normal(keys[1], (B, L, K, H), dtype)
+    v = jax.random.normal(keys[2], (B, L, K, H), dtype)
+    bias = jax.random.normal(keys[3], (B, 1, L, L), dtype) if config["bias"] else None
+    lengths = jnp.full((B,), L - 3, jnp.int32) if config["lengths"] else None
+
+    if config["mode"] == "blockwise_explicit_batch":
+        mesh = jax.make_mesh((n,), ("b",), axis_types=(AxisType.Explicit,))
+        qb = jax.random.normal(keys[0], (n, L, N, H), dtype)
+        kb = jax.random.normal(keys[1], (n, L, K, H), dtype)
+        put = lambda x: jax.device_put(x, NamedSharding(mesh, P("b")))  # noqa: E731
+        f = lambda q, k, v: jnp.sum(jax_mfa.attention(  # noqa: E731
+            q, k, v, is_causal=True, implementation="xla-blockwise"))
+        jax.jit(jax.grad(f, argnums=(0, 1, 2))).lower(put(qb), put(kb), put(kb)).compile()
+        return
+
+    mesh = jax.make_mesh((n,), ("s",), axis_types=(AxisType.Auto,))
+    kw = dict(is_causal=config["causal"], implementation=config["impl"])
+    if lengths is not None:
+        kw.update(query_seq_lengths=lengths, key_value_seq_lengths=lengths)
+    seq, rows = P(None, "s"), P(None, None, "s")
+    put = lambda x, s: jax.device_put(x, NamedSharding(mesh, s))  # noqa: E731
+    args = [put(q, seq), put(k, seq), put(v, seq)] + ([put(bias, rows)] if bias is not None
+                                                       else [])
+
+    if config["mode"] == "jit":
+        def attn(q, k, v, *b):
+            return jax_mfa.attention(q, k, v, *b, **kw)
+    else:
+        def local(q, k, v, *b):
+            return jax_mfa.ring_attention(q, k, v, *b, axis_name="s", **kw)
+        attn = jax.shard_map(local, mesh=mesh, in_specs=(seq,) * 3 + (rows,) * len(args[3:]),
+                             out_specs=seq)
+    if config["mode"] == "fwd":
+        jax.jit(attn).lower(*args).compile()
+    else:
+        loss = lambda *a: jnp.sum(attn(*a))  # noqa: E731
+        jax.jit(jax.grad(loss, argnums=tuple(range(len(args))))).lower(*args).compile()
+
+
+def run_variant(name):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
+                        f" --xla_force_host_platform_device_count={DEVICES}").strip()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    try:
+        r = subprocess.run([sys.executable, "-X", "faulthandler", __file__, name],
+                           capture_output=True, text=True, env=env, timeout=240)
+    except subprocess.TimeoutExpired:
+        return name, "TIMEOUT", ""
+    if r.returncode == 0:
+        return name, "ok", ""
+    if r.returncode < 0:
+        return name, f"CRASH (signal {-r.returncode})", r.stderr[-1500:]
+    last = [line for line in r.stderr.splitlines() if line.strip()][-1:] or [""]
+    return name, "ERROR", last[0][:300] + "\n" + r.stderr[-2500:]
+
+
+def main():
+    if len(sys.argv) > 1:
+        child(dict(BASE, **VARIANTS[sys.argv[1]]))
+        return
+    import jax
+    print("jax", jax.__version__, flush=True)
+    with ThreadPoolExecutor(max_workers=len(VARIANTS)) as pool:
+        results = list(pool.map(run_variant, VARIANTS))
+    for name, verdict, _ in results:
+        print(f"{name:28s} {verdict}")
+    for name, verdict, detail in results:
+        if verdict != "ok":
+            print(f"\n==== {name}: {verdict}\n{detail}")
+    print("ALL DONE")
+
+
+if __name__ == "__main__":
+    main()
