@@ -36,18 +36,77 @@ VARIANTS = {
     "not_causal": dict(causal=False),
     "xla_kernels_forward_only": dict(impl="xla", mode="fwd"),
     "blockwise_explicit_batch": dict(mode="blockwise_explicit_batch"),
+    # The simplest ring: float32, plain-JAX kernels, forward, nothing optional.
+    "simplest_ring": dict(x64=False, impl="xla", mode="fwd", bias=False, lengths=False,
+                          causal=False),
+    "simplest_ring_check_vma_off": dict(x64=False, impl="xla", mode="fwd", bias=False,
+                                        lengths=False, causal=False, check_vma=False),
+    # Pieces of the ring alone under shard_map (float32).
+    "mini_ppermute": dict(x64=False, mode="mini", mini="ppermute"),
+    "mini_ppermute_fori": dict(x64=False, mode="mini", mini="ppermute_fori"),
+    "mini_axis_index": dict(x64=False, mode="mini", mini="axis_index"),
+    "mini_pcast": dict(x64=False, mode="mini", mini="pcast"),
+    "mini_local_attention_cpu": dict(x64=False, mode="mini", mini="attention_cpu"),
+    "mini_local_attention_xla": dict(x64=False, mode="mini", mini="attention_xla"),
+    "mini_custom_vjp": dict(x64=False, mode="mini", mini="custom_vjp"),
+    "mini_no_jax_mfa_import": dict(x64=False, mode="mini", mini="ppermute", no_import=True),
 }
+
+
+def mini(config):
+    """One piece of the ring alone under shard_map over 4 devices."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import AxisType, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    n = DEVICES
+    mesh = jax.make_mesh((n,), ("s",), axis_types=(AxisType.Auto,))
+    perm = [(i, (i + 1) % n) for i in range(n)]
+    x = jax.device_put(jnp.ones((2, 4 * n, 4, 8), jnp.float32),
+                       NamedSharding(mesh, P(None, "s")))
+    y = jnp.ones((2, 4, 4, 8), jnp.float32)  # replicated
+
+    def body(x, y):
+        kind = config["mini"]
+        if kind == "ppermute":
+            return jax.lax.ppermute(x, "s", perm)
+        if kind == "ppermute_fori":
+            return jax.lax.fori_loop(1, n, lambda i, c: jax.lax.ppermute(c, "s", perm), x)
+        if kind == "axis_index":
+            return x * jax.lax.axis_index("s")
+        if kind == "pcast":
+            return x + jax.lax.pcast(y, ("s",), to="varying")
+        if kind in ("attention_cpu", "attention_xla"):
+            import jax_mfa
+            return jax_mfa.attention(x, x, x, implementation=kind.split("_")[1])
+        if kind == "custom_vjp":
+            @jax.custom_vjp
+            def f(a):
+                return jax.lax.ppermute(a, "s", perm)
+            f.defvjp(lambda a: (f(a), None),
+                     lambda _, g: (jax.lax.ppermute(g, "s", [(j, i) for i, j in perm]),))
+            return f(x)
+        raise ValueError(kind)
+
+    smap = jax.shard_map(body, mesh=mesh, in_specs=(P(None, "s"), P()), out_specs=P(None, "s"))
+    jax.jit(smap).lower(x, y).compile()
 
 
 def child(config):
     import jax
     jax.config.update("jax_enable_x64", config["x64"])
+    if config["mode"] == "mini" and config.get("no_import"):
+        return mini(config)
     import jax.numpy as jnp
     from jax.sharding import AxisType, NamedSharding
     from jax.sharding import PartitionSpec as P
 
     import jax_mfa
     from jax_mfa import _ring
+
+    if config["mode"] == "mini":
+        return mini(config)
 
     if not config["zigzag"]:
         make = _ring.Ring.make.__func__
@@ -104,7 +163,7 @@ def child(config):
         def local(q, k, v, *b):
             return jax_mfa.ring_attention(q, k, v, *b, axis_name="s", **kw)
         attn = jax.shard_map(local, mesh=mesh, in_specs=(seq,) * 3 + (rows,) * len(args[3:]),
-                             out_specs=seq)
+                             out_specs=seq, check_vma=config.get("check_vma", True))
     if config["mode"] == "fwd":
         jax.jit(attn).lower(*args).compile()
     else:
