@@ -1,6 +1,7 @@
 """Which construct of ring attention makes XLA crash while compiling?
 
     python3 benchmarks/probe_ring_compile.py            # every variant, in parallel
+    python3 benchmarks/probe_ring_compile.py --only=A,B  # some
     python3 benchmarks/probe_ring_compile.py VARIANT    # one, in this process
 
 On jax 0.11.2, jax_mfa.ring_attention under shard_map (4 host devices,
@@ -50,6 +51,15 @@ VARIANTS = {
     "mini_local_attention_xla": dict(x64=False, mode="mini", mini="attention_xla"),
     "mini_custom_vjp": dict(x64=False, mode="mini", mini="custom_vjp"),
     "mini_no_jax_mfa_import": dict(x64=False, mode="mini", mini="ppermute", no_import=True),
+    "mini_pcast_bool": dict(x64=False, mode="mini", mini="pcast_bool"),
+    "mini_pcast_int": dict(x64=False, mode="mini", mini="pcast_int"),
+    "mini_fori_tuple_state": dict(x64=False, mode="mini", mini="fori_tuple_state"),
+    "mini_fori_index_math": dict(x64=False, mode="mini", mini="fori_index_math"),
+    "mini_fori_zeros_state": dict(x64=False, mode="mini", mini="fori_zeros_state"),
+    # _ring.forward called directly (no custom_vjp), with and without the casts.
+    "ring_forward_direct": dict(x64=False, mode="mini", mini="ring_forward"),
+    "ring_forward_direct_no_casts": dict(x64=False, mode="mini", mini="ring_forward_no_casts",
+                                         check_vma=False),
 }
 
 
@@ -80,6 +90,47 @@ def mini(config):
         if kind in ("attention_cpu", "attention_xla"):
             import jax_mfa
             return jax_mfa.attention(x, x, x, implementation=kind.split("_")[1])
+        if kind == "pcast_bool":
+            m = jax.lax.pcast(jnp.ones((1, 1, 1, 1), bool), ("s",), to="varying")
+            return jnp.where(m, x, 0)
+        if kind == "pcast_int":
+            i = jax.lax.pcast(jnp.ones((2,), jnp.int32), ("s",), to="varying")
+            return x * i[:, None, None, None]
+        if kind == "fori_tuple_state":
+            def step(i, c):
+                (a, b), acc = c
+                a, b = jax.lax.ppermute((a, b), "s", perm)
+                return (a, b), acc + jnp.einsum("btnh,bsnh->btn", x, a)[..., None] * b
+            return jax.lax.fori_loop(1, n, step, ((x, x), x))[1]
+        if kind == "fori_index_math":
+            def step(s_, c):
+                j = (jax.lax.axis_index("s") - s_) % n
+                lim = jnp.clip(jnp.full((2,), 4 * n, jnp.int32) - j * 4, 0, 4)
+                return jax.lax.ppermute(c, "s", perm) * lim[:, None, None, None]
+            return jax.lax.fori_loop(1, n, step, x)
+        if kind == "fori_zeros_state":
+            z = jax.lax.pcast(jnp.zeros(x.shape), ("s",), to="varying")
+            l0 = jax.lax.pcast(jnp.full(x.shape[:3], -jnp.inf), ("s",), to="varying")
+            def step(i, c):
+                k, (o, l) = c
+                k = jax.lax.ppermute(k, "s", perm)
+                part = jnp.sum(x * k, -1)
+                new = jnp.logaddexp(l, part)
+                return k, (o * jnp.exp(l - new)[..., None] + k, new)
+            return jax.lax.fori_loop(0, n, step, (x, (z, l0)))[1][0]
+        if kind.startswith("ring_forward"):
+            from jax_mfa import _api, _ring
+            from jax_mfa._arguments import Operands
+            impl, _, ops, options, _ = _api._setup(x, x, x, None, None, None, None,
+                                                   scale=None, is_causal=False,
+                                                   local_window_size=None, softcap=None,
+                                                   implementation="xla", key_columns=4 * n)
+            vary = lambda a: a  # noqa: E731
+            if kind == "ring_forward":
+                ops = Operands(*_api._vary(ops.as_tuple(), ("s",)))
+                vary = _api._vary_like(x)
+            ring = _ring.Ring.make("s", n, 4, 4, options)
+            return _ring.forward(_api._kernels("xla"), ring, options, ops, vary)[0]
         if kind == "custom_vjp":
             @jax.custom_vjp
             def f(a):
@@ -89,7 +140,8 @@ def mini(config):
             return f(x)
         raise ValueError(kind)
 
-    smap = jax.shard_map(body, mesh=mesh, in_specs=(P(None, "s"), P()), out_specs=P(None, "s"))
+    smap = jax.shard_map(body, mesh=mesh, in_specs=(P(None, "s"), P()), out_specs=P(None, "s"),
+                         check_vma=config.get("check_vma", True))
     jax.jit(smap).lower(x, y).compile()
 
 
@@ -191,13 +243,16 @@ def run_variant(name):
 
 
 def main():
-    if len(sys.argv) > 1:
+    names = list(VARIANTS)
+    if len(sys.argv) > 1 and sys.argv[1].startswith("--only="):
+        names = sys.argv[1][len("--only="):].split(",")
+    elif len(sys.argv) > 1:
         child(dict(BASE, **VARIANTS[sys.argv[1]]))
         return
     import jax
     print("jax", jax.__version__, flush=True)
-    with ThreadPoolExecutor(max_workers=len(VARIANTS)) as pool:
-        results = list(pool.map(run_variant, VARIANTS))
+    with ThreadPoolExecutor(max_workers=len(names)) as pool:
+        results = list(pool.map(run_variant, names))
     for name, verdict, _ in results:
         print(f"{name:28s} {verdict}")
     for name, verdict, detail in results:
