@@ -110,8 +110,8 @@ def make_plan(mesh, shapes, specs, fused: bool = True, options=None) -> Plan:
     """The plan for a call whose query and key have PartitionSpecs specs[0:2].
     The dropout mask is drawn from global head and position indices, which the
     kernels only know unsharded: with dropout, heads and sequence stay whole
-    on every device (gathered). Ring attention carries no segment ids or
-    sinks either: with those, the sequence stays whole."""
+    on every device (gathered). Segment ids travel with the ring's blocks and
+    sinks shard with the query heads."""
     sizes = _role_sizes(shapes)
     size = lambda axes: math.prod(mesh.shape[a] for a in axes)  # noqa: E731
     padded = [tuple(s) + (None,) * (4 - len(s)) for s in specs[:2]]
@@ -120,15 +120,13 @@ def make_plan(mesh, shapes, specs, fused: bool = True, options=None) -> Plan:
     if sizes["batch"] % size(batch):
         batch = ()
     dropout = options is not None and options.dropout_rate > 0
-    features = dropout or (options is not None and (options.has_segment_ids
-                                                    or options.has_sinks))
     heads = _axes(q_spec[2])
     if set(heads) & set(batch) or sizes["q_heads"] % size(heads) or dropout:
         heads = ()
     seq = _axes(q_spec[1]) or _axes(k_spec[1])
     n = size(seq)
     if (not fused or set(seq) & (set(batch) | set(heads)) or sizes["q_seq"] % n
-            or sizes["kv_seq"] % n or features):
+            or sizes["kv_seq"] % n or dropout):
         seq = ()
     return Plan(batch, heads, seq, kv_heads_sharded=sizes["kv_heads"] % size(heads) == 0)
 

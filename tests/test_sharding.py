@@ -75,24 +75,36 @@ HLO_SCRIPT = textwrap.dedent(r"""
     q = jnp.ones((B, T, N, H), jnp.float32)
     kv = jnp.ones((B, T, K, H), jnp.float32)
     bias = jnp.ones((B, N, T, T), jnp.float32)
+    ids = jnp.repeat(jnp.arange(4, dtype=jnp.int32), T // 4)[None].repeat(B, 0)
+    sinks = jnp.zeros((N,), jnp.float32)
 
-    def loss(q, k, v, bias):
-        return jnp.sum(jax_mfa.attention(q, k, v, bias, is_causal=True,
+    def loss(q, k, v, bias, ids=None, sinks=None):
+        return jnp.sum(jax_mfa.attention(q, k, v, bias, is_causal=True, sinks=sinks,
+                                         query_segment_ids=ids, key_value_segment_ids=ids,
                                          implementation="cpu"))
 
     grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
+    grad_features = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 5)))
     meshes = {
         "heads": ((4,), ("h",), P(None, None, "h"), P(None, "h")),
         "seq": ((4,), ("s",), P(None, "s"), P(None, None, "s")),
         "bhs": ((1, 2, 2), ("b", "h", "s"), P("b", "s", "h"), P("b", "h", "s")),
         "explicit_seq": ((4,), ("s",), P(None, "s"), P(None, None, "s")),
+        # Segment ids travel around the ring; sinks follow the query heads.
+        "seq_segments_sinks": ((4,), ("s",), P(None, "s"), P(None, None, "s")),
+        "bhs_segments_sinks": ((1, 2, 2), ("b", "h", "s"), P("b", "s", "h"), P("b", "h", "s")),
     }
     for name, (shape, axes, spec, bias_spec) in meshes.items():
         types = (AxisType.Explicit if name.startswith("explicit") else AxisType.Auto,)
         mesh = jax.make_mesh(shape, axes, axis_types=types * len(axes))
         put = lambda x, s: jax.device_put(x, NamedSharding(mesh, s))
         args = (put(q, spec), put(kv, spec), put(kv, spec), put(bias, bias_spec))
-        hlo = grad.lower(*args).compile().as_text()
+        if name.endswith("segments_sinks"):
+            ids_spec = P(spec[0], spec[1])
+            hlo = grad_features.lower(*args, put(ids, ids_spec), put(sinks, P(*spec[2:3])))
+        else:
+            hlo = grad.lower(*args)
+        hlo = hlo.compile().as_text()
         assert "all-gather" not in hlo, (name, [l for l in hlo.splitlines()
                                                 if "all-gather" in l][:3])
         # Each forward kernel call sees at most its shard of the rows and heads.
@@ -110,8 +122,8 @@ HLO_SCRIPT = textwrap.dedent(r"""
 
 def test_no_gather_in_hlo():
     """The compiled forward+backward of head-, sequence- and batch x head x
-    sequence-sharded inputs gathers none of q, k, v (nor the bias): each
-    kernel call runs on one device's rows and heads."""
+    sequence-sharded inputs gathers none of q, k, v (nor the bias, segment ids
+    or sinks): each kernel call runs on one device's rows and heads."""
     run_script(["-c", HLO_SCRIPT], 4)
 
 
