@@ -60,6 +60,14 @@ VARIANTS = {
     "ring_forward_direct": dict(x64=False, mode="mini", mini="ring_forward"),
     "ring_forward_direct_no_casts": dict(x64=False, mode="mini", mini="ring_forward_no_casts",
                                          check_vma=False),
+    # That forward with one part taken out.
+    "ring_trivial_kernels": dict(x64=False, mode="mini", mini="ring_forward", patch="kernel"),
+    "ring_own_block_only": dict(x64=False, mode="mini", mini="ring_forward", patch="step0"),
+    "ring_no_ppermute": dict(x64=False, mode="mini", mini="ring_forward", patch="shift"),
+    "ring_no_merge": dict(x64=False, mode="mini", mini="ring_forward", patch="merge"),
+    "ring_trivial_kernels_no_merge": dict(x64=False, mode="mini", mini="ring_forward",
+                                          patch="kernel,merge"),
+    "xla_kernel_lengths_alone": dict(x64=False, mode="mini", mini="kernel_lengths"),
 }
 
 
@@ -118,9 +126,26 @@ def mini(config):
                 new = jnp.logaddexp(l, part)
                 return k, (o * jnp.exp(l - new)[..., None] + k, new)
             return jax.lax.fori_loop(0, n, step, (x, (z, l0)))[1][0]
+        if kind == "kernel_lengths":
+            from jax_mfa import _api, _xla
+            impl, _, ops, options, _ = _api._setup(
+                x, x, x, None, None, None, jnp.full((2,), 3, jnp.int32) *
+                jax.lax.axis_index("s"), scale=None, is_causal=False, local_window_size=None,
+                softcap=None, implementation="xla")
+            return _xla.attention(ops, options)[0]
         if kind.startswith("ring_forward"):
             from jax_mfa import _api, _ring
             from jax_mfa._arguments import Operands
+            patch = config.get("patch", "")
+            if "step0" in patch:
+                _ring._around = lambda ring, step, vis, st: step(0, vis, st)
+            if "shift" in patch:
+                _ring._shift = lambda ring, tree: tree
+            if "merge" in patch:
+                _ring.merge = lambda o, l, po, pl: (o + po.astype(o.dtype), l + pl)
+            if "kernel" in patch:
+                _api._kernels = lambda impl: _ring.Kernels(
+                    lambda options, q, k, *a: (q * jnp.sum(k), jnp.sum(q, -1)), None)
             impl, _, ops, options, _ = _api._setup(x, x, x, None, None, None, None,
                                                    scale=None, is_causal=False,
                                                    local_window_size=None, softcap=None,

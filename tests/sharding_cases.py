@@ -83,6 +83,12 @@ def cases(kind: str, n: int) -> dict:
                                     bias=(1, 2, 3 * n, L)),
             "float32_sinks_window": dict(size=(1, L, L, 4, 2, 8), sinks=True,
                                          local_window_size=(4, 1), dtype=jnp.float32),
+            # Lengths the ring size does not divide (sharded inside jit, as
+            # device_put refuses): padded inside the partitioning.
+            "uneven_causal": dict(size=(2, L + 1, L + 1, 2, 1, 8), is_causal=True, uneven=True,
+                                  bias=(2, 1, L + 1, L + 1), segments=True, sinks=True),
+            "uneven_t_ne_s_lengths": dict(size=(1, L - 2, 3 * n + 1, 2, 2, 8), lengths=True,
+                                          mask=(1, 1, L - 2, 3 * n + 1), uneven=True),
             # ring_attention on the "xla" implementation's kernels.
             "xla_kernels_causal_odd": dict(size=(1, L, L, 2, 1, 8), is_causal=True,
                                            bias=(1, 2, L, L), ring_implementation="xla"),
@@ -177,10 +183,21 @@ def run_case(mesh, name, case, rng):
              spec_of(bias, "bnta"), spec_of(mask, "bnta"), spec_of(sinks, "n"))
     kw_specs = {key: spec_of(val, roles[key]) for key, val in kw.items()}
     put = lambda x, sp: x if x is None else jax.device_put(x, NamedSharding(mesh, sp))  # noqa
-    args = [put(x, sp) for x, sp in zip((q, k, v, bias, mask, sinks), specs)]
-    kw_sharded = {key: put(val, kw_specs[key]) for key, val in kw.items()}
     tol = TOLERANCE[jnp.dtype(q.dtype).name]
-    results = {"jit": jax.jit(grad(plain))(*args, kw_sharded)}
+    if case.get("uneven"):
+        # device_put refuses uneven shards: shard inside jit instead.
+        def sharded(*a, **k_):
+            a = [x if x is None else jax.lax.with_sharding_constraint(
+                x, NamedSharding(mesh, sp)) for x, sp in zip(a, specs)]
+            return plain(*a, **k_)
+        args = [put(x, P()) for x in (q, k, v, bias, mask, sinks)]
+        kw_sharded = {key: put(val, P()) for key, val in kw.items()}
+        results = {"jit": jax.jit(grad(sharded))(*args, kw_sharded)}
+        s = None  # shard_map needs even blocks
+    else:
+        args = [put(x, sp) for x, sp in zip((q, k, v, bias, mask, sinks), specs)]
+        kw_sharded = {key: put(val, kw_specs[key]) for key, val in kw.items()}
+        results = {"jit": jax.jit(grad(plain))(*args, kw_sharded)}
     if s is not None:
         results["shard_map"] = ring_under_shard_map(
             mesh, grad, args, specs, kw_sharded, kw_specs,

@@ -116,6 +116,25 @@ HLO_SCRIPT = textwrap.dedent(r"""
         for b, t, n, h in calls:
             assert int(t) <= rows and int(n) <= heads, (name, (b, t, n, h))
         print(name, len(calls), "kernel calls, no all-gather")
+
+    # T = 42 over 4 devices: sharded inside jit (device_put refuses uneven
+    # shards), padded to 11 rows per device inside the partitioning.
+    mesh = jax.make_mesh((4,), ("s",), axis_types=(AxisType.Auto,))
+    seq = NamedSharding(mesh, P(None, "s"))
+
+    def uneven(q, k, v):
+        q, k, v = (jax.lax.with_sharding_constraint(x[:, :42], seq) for x in (q, k, v))
+        return jnp.sum(jax_mfa.attention(q, k, v, is_causal=True, implementation="cpu"))
+
+    q48, kv48 = jnp.ones((B, 48, N, H)), jnp.ones((B, 48, K, H))
+    args = [jax.device_put(x, seq) for x in (q48, kv48, kv48)]
+    hlo = jax.jit(uneven).lower(*args).compile().as_text()
+    assert "all-gather" not in hlo, [l for l in hlo.splitlines() if "all-gather" in l][:3]
+    calls = re.findall(r'= \(f32\[\d+,(\d+),.*custom_call_target="jax_mfa_attention_fwd_cpu"',
+                       hlo)
+    # Zigzag: two chunks of ceil(11 / 2) rows.
+    assert calls and max(int(t) for t in calls) <= 12, calls
+    print("uneven", len(calls), "kernel calls, no all-gather")
     print("ALL OK")
 """)
 
