@@ -11,6 +11,13 @@ changes one thing of that call (or of the ring's code, patched in the child
 process) and only compiles it, each in its own subprocess (a segfault ends
 only that one). Prints one line per variant: ok, CRASH (signal) or ERROR (last
 line of the traceback), and "ALL DONE".
+
+Found (jax 0.11.2, 16-core Xeon, 2026-11-22): every shard_map variant of the
+ring crashed, the jit path did not; the pieces alone (ppermute, fori_loop,
+casts, the kernels) compiled; the crash is `zeros.at[:, 0:rows].set(x)` (and
+`.add`) whose update covers the whole operand (mini_at_set_full,
+mini_at_add_full), inside shard_map. _ring._update_rows avoids it. The ring
+variants here ran before that fix.
 """
 
 from __future__ import annotations
@@ -68,6 +75,11 @@ VARIANTS = {
     "ring_trivial_kernels_no_merge": dict(x64=False, mode="mini", mini="ring_forward",
                                           patch="kernel,merge"),
     "xla_kernel_lengths_alone": dict(x64=False, mode="mini", mini="kernel_lengths"),
+    # What the last variants narrowed it to: an update covering its whole
+    # operand (x.at[:, 0:rows].set) crashes; a partial one does not.
+    "mini_at_set_full": dict(x64=False, mode="mini", mini="at_set_full"),
+    "mini_at_add_full": dict(x64=False, mode="mini", mini="at_add_full"),
+    "mini_at_set_part": dict(x64=False, mode="mini", mini="at_set_part"),
 }
 
 
@@ -126,6 +138,12 @@ def mini(config):
                 new = jnp.logaddexp(l, part)
                 return k, (o * jnp.exp(l - new)[..., None] + k, new)
             return jax.lax.fori_loop(0, n, step, (x, (z, l0)))[1][0]
+        if kind == "at_set_full":
+            return jnp.zeros(x.shape).at[:, 0:4].set(x)
+        if kind == "at_add_full":
+            return jnp.zeros(x.shape).at[:, 0:4].add(x)
+        if kind == "at_set_part":
+            return jnp.zeros(x.shape).at[:, 0:2].set(x[:, :2])
         if kind == "kernel_lengths":
             from jax_mfa import _api, _xla
             impl, _, ops, options, _ = _api._setup(

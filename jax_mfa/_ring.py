@@ -329,6 +329,16 @@ def _around(ring: Ring, step, visiting, state):
     return visiting, state
 
 
+def _update_rows(x, rows: slice, update, add: bool = False):
+    """x[:, rows] = update (+= with add). Rows covering all of dim 1 are a
+    plain replacement: XLA's CPU compiler of jax 0.11.2 crashes on an update
+    covering its whole operand inside shard_map (a segfault in
+    backend_compile_and_load; benchmarks/probe_ring_compile.py, mini_at_set_full)."""
+    if rows.indices(x.shape[1]) == (0, x.shape[1], 1):
+        return x + update if add else update.astype(x.dtype)
+    return x.at[:, rows].add(update) if add else x.at[:, rows].set(update)
+
+
 def merge(out, lse, part_out, part_lse):
     """Combines two partial softmax results over disjoint key sets."""
     new = jnp.logaddexp(lse, part_lse)
@@ -369,7 +379,7 @@ def forward(kernels: Kernels, ring: Ring, options: Options, ops: Operands, vary=
                                *_block_operands(local.ops, visiting, block, options))
             rows = block.q_rows
             o, l = merge(out[:, rows], lse[:, rows], *part)
-            out, lse = out.at[:, rows].set(o), lse.at[:, rows].set(l)
+            out, lse = _update_rows(out, rows, o), _update_rows(lse, rows, l)
         return out, lse
 
     def step(s, visiting, state):
@@ -412,9 +422,9 @@ def backward(kernels: Kernels, ring: Ring, options: Options, ops: Operands, lse,
             parts = kernels.bwd(_block_options(options, block),
                                 *_block_operands(local.ops, visiting, block, options),
                                 lse[:, rows], dout[:, rows], delta[:, rows])
-            dq = dq.at[:, rows].add(parts[0].astype(acc))
-            dk = dk.at[:, kv_rows].add(parts[1].astype(acc))
-            dv = dv.at[:, kv_rows].add(parts[2].astype(acc))
+            dq = _update_rows(dq, rows, parts[0].astype(acc), add=True)
+            dk = _update_rows(dk, kv_rows, parts[1].astype(acc), add=True)
+            dv = _update_rows(dv, kv_rows, parts[2].astype(acc), add=True)
             if options.has_bias:
                 dbias = _add_block(dbias, parts[3], block)
         return visiting._replace(dkey=dk, dvalue=dv), (dq, dbias)
