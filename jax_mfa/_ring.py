@@ -27,7 +27,9 @@ through the lengths (clipped to each key chunk, where valid keys are always a
 prefix) and, for sliding windows or causal attention with T != S, through a
 boolean mask built per block from the absolute positions (T/n x S/n bytes).
 Padded query rows are zero and their results are dropped; with a zero output
-gradient they add nothing to the key/value gradients.
+gradient they add nothing to the key/value gradients. Segment ids are
+position-free: a key/value block's ids travel with it. Sinks are one more key
+without value: they join once, in the final merge (add_sinks).
 """
 
 from __future__ import annotations

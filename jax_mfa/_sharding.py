@@ -9,7 +9,8 @@ The query's sharding decides the plan (:class:`Plan`):
     heads use. Otherwise key/value stay replicated along heads and each device
     picks the heads it needs (one when a shard's query heads share one, else
     one per query head); their gradients are summed over the head shards;
-  * sequence: ring attention over the sequence axes (jax_mfa/_ring.py).
+  * sequence: ring attention over the sequence axes (jax_mfa/_ring.py); a
+    ring size that does not divide T or S pads the blocks (_pad_ring).
 Every operand dim has a role (:data:`ROLES`); a role maps to the plan's mesh
 axes, so an operand's sharding follows from its roles. A broadcast dim (size 1)
 stays replicated, and the gradient of a broadcast bias is summed over the

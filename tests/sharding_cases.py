@@ -50,39 +50,32 @@ def cases(kind: str, n: int) -> dict:
     odd = 5  # rows per device: odd, so the zigzag chunks need padding
     if kind == "heads":
         return {
-            "kv_heads_divide_causal": dict(size=(2, 13, 11, 2 * n, n, 8), is_causal=True,
-                                           bias="full"),
+            # Sinks shard with the query heads.
+            "kv_heads_divide_causal_sinks": dict(size=(2, 13, 11, 2 * n, n, 8), is_causal=True,
+                                                 bias="full", sinks=True, segments=True),
             "mqa_broadcast_bias_mask": dict(size=(2, 13, 11, 2 * n, 1, 8), bias=(1, 1, 13, 11),
                                             mask=(2, 1, 13, 11), softcap=3.0),
             "gqa_each_own_head_lengths": dict(size=(2, 9, 12, 3 * n, 3, 8), lengths=True,
                                               bias=(1, 3 * n, 1, 12)),
             "float32_gqa_causal": dict(size=(2, 13, 13, 2 * n, 2, 8), is_causal=True,
                                        dtype=jnp.float32),
-            "sinks_segments_gqa": dict(size=(2, 13, 11, 2 * n, n, 8), sinks=True,
-                                       segments=True, is_causal=True),
         }
     if kind == "seq":
         L = odd * n
         return {
+            # Segment ids travel with the key/value blocks; sinks join the
+            # final merge.
             "causal_gqa_odd": dict(size=(2, L, L, 4, 1, 8), is_causal=True, bias=(2, 1, L, L),
-                                   lengths=True),
+                                   lengths=True, segments=True, sinks=True),
             "causal_even": dict(size=(1, 4 * n, 4 * n, 2, 2, 8), is_causal=True),
             "full_t_ne_s_mask": dict(size=(2, 3 * n, L, 4, 2, 8), mask=(2, 1, 3 * n, L),
-                                     bias=(1, 1, 1, L)),
+                                     bias=(1, 1, 1, L), segments=True),
             "window_odd": dict(size=(2, L, L, 2, 1, 8), local_window_size=(3, 2),
-                               bias=(1, 2, L, L)),
+                               bias=(1, 2, L, L), sinks=True),
             "causal_t_ne_s_softcap": dict(size=(1, 3 * n, L, 2, 2, 8), is_causal=True,
                                           softcap=2.0, lengths=True),
             "float32_causal": dict(size=(2, L, L, 4, 2, 8), is_causal=True, dtype=jnp.float32,
                                    bias="full"),
-            # Segment ids travel with the key/value blocks; sinks join the
-            # final merge.
-            "causal_segments_sinks_odd": dict(size=(2, L, L, 4, 2, 8), is_causal=True,
-                                              segments=True, sinks=True, lengths=True),
-            "t_ne_s_segments": dict(size=(2, 3 * n, L, 2, 1, 8), segments=True,
-                                    bias=(1, 2, 3 * n, L)),
-            "float32_sinks_window": dict(size=(1, L, L, 4, 2, 8), sinks=True,
-                                         local_window_size=(4, 1), dtype=jnp.float32),
             # Lengths the ring size does not divide (sharded inside jit, as
             # device_put refuses): padded inside the partitioning.
             "uneven_causal": dict(size=(2, L + 1, L + 1, 2, 1, 8), is_causal=True, uneven=True,
@@ -96,11 +89,9 @@ def cases(kind: str, n: int) -> dict:
     L = odd * n
     return {
         "causal_gqa_bias": dict(size=(2, L, L, 4, 2, 8), is_causal=True, bias="full",
-                                lengths=True),
+                                lengths=True, segments=True, sinks=True),
         "full_broadcast_bias": dict(size=(2, 3 * n, L, 4, 2, 8), bias=(1, 4, 1, L)),
         "float32_causal_mqa": dict(size=(2, L, L, 4, 1, 8), is_causal=True, dtype=jnp.float32),
-        "causal_segments_sinks": dict(size=(2, L, L, 4, 2, 8), is_causal=True, segments=True,
-                                      sinks=True),
     }
 
 
