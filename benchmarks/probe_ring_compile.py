@@ -49,20 +49,7 @@ VARIANTS = {
                           causal=False),
     "simplest_ring_check_vma_off": dict(x64=False, impl="xla", mode="fwd", bias=False,
                                         lengths=False, causal=False, check_vma=False),
-    # Pieces of the ring alone under shard_map (float32).
-    "mini_ppermute": dict(x64=False, mode="mini", mini="ppermute"),
-    "mini_ppermute_fori": dict(x64=False, mode="mini", mini="ppermute_fori"),
-    "mini_axis_index": dict(x64=False, mode="mini", mini="axis_index"),
-    "mini_pcast": dict(x64=False, mode="mini", mini="pcast"),
-    "mini_local_attention_cpu": dict(x64=False, mode="mini", mini="attention_cpu"),
-    "mini_local_attention_xla": dict(x64=False, mode="mini", mini="attention_xla"),
-    "mini_custom_vjp": dict(x64=False, mode="mini", mini="custom_vjp"),
     "mini_no_jax_mfa_import": dict(x64=False, mode="mini", mini="ppermute", no_import=True),
-    "mini_pcast_bool": dict(x64=False, mode="mini", mini="pcast_bool"),
-    "mini_pcast_int": dict(x64=False, mode="mini", mini="pcast_int"),
-    "mini_fori_tuple_state": dict(x64=False, mode="mini", mini="fori_tuple_state"),
-    "mini_fori_index_math": dict(x64=False, mode="mini", mini="fori_index_math"),
-    "mini_fori_zeros_state": dict(x64=False, mode="mini", mini="fori_zeros_state"),
     # _ring.forward called directly (no custom_vjp), with and without the casts.
     "ring_forward_direct": dict(x64=False, mode="mini", mini="ring_forward"),
     "ring_forward_direct_no_casts": dict(x64=False, mode="mini", mini="ring_forward_no_casts",
@@ -75,12 +62,14 @@ VARIANTS = {
     "ring_trivial_kernels_no_merge": dict(x64=False, mode="mini", mini="ring_forward",
                                           patch="kernel,merge"),
     "xla_kernel_lengths_alone": dict(x64=False, mode="mini", mini="kernel_lengths"),
-    # What the last variants narrowed it to: an update covering its whole
-    # operand (x.at[:, 0:rows].set) crashes; a partial one does not.
-    "mini_at_set_full": dict(x64=False, mode="mini", mini="at_set_full"),
-    "mini_at_add_full": dict(x64=False, mode="mini", mini="at_add_full"),
-    "mini_at_set_part": dict(x64=False, mode="mini", mini="at_set_part"),
 }
+# Pieces of the ring alone under shard_map (float32), the last three what the
+# variants narrowed it to: an update covering its whole operand
+# (x.at[:, 0:rows].set) crashes, a partial one does not.
+MINI = ("ppermute", "ppermute_fori", "axis_index", "pcast", "attention_cpu", "attention_xla",
+        "custom_vjp", "pcast_bool", "pcast_int", "fori_tuple_state", "fori_index_math",
+        "fori_zeros_state", "at_set_full", "at_add_full", "at_set_part")
+VARIANTS.update({f"mini_{m}": dict(x64=False, mode="mini", mini=m) for m in MINI})
 
 
 def mini(config):
