@@ -1,10 +1,10 @@
 """Peak memory per device of ring attention against one device: run as a
 script with 4 host devices (tests/test_sharding.py::test_ring_memory starts it).
 
-    python tests/ring_memory_case.py LENGTH [--full]
+    python tests/ring_memory_case.py LENGTH [--full] [--forward]
 
 Causal (or with --full unmasked) self-attention, float32, B=1, N=4, H=64, T=S=LENGTH: the forward
-alone ("_fwd") and forward and backward. Two measures per program: XLA's buffer assignment for one device
+alone ("_fwd", with --forward) and forward and backward. Two measures per program: XLA's buffer assignment for one device
 (arguments + outputs + temporaries, from the compiled program's
 memory_analysis; the kernels' own scratch is a few tiles and not in it), and
 the growth of the process's peak resident set across one call (the host
@@ -27,6 +27,7 @@ from jax_mfa._benchmark import peak_rss_during
 
 MIB = 2.0**20
 CAUSAL = "--full" not in sys.argv  # --full: no mask (no zigzag copies)
+FORWARD = "--forward" in sys.argv  # also the forward alone
 
 
 def per_device_bytes(compiled) -> tuple[int, int]:
@@ -65,7 +66,7 @@ def main():
     one = jax.devices()[0]
     mesh = jax.make_mesh((n,), ("s",), axis_types=(AxisType.Auto,))
     seq = NamedSharding(mesh, P(None, "s"))
-    for suffix, backward in (("_fwd", False), ("", True)):
+    for suffix, backward in (("_fwd", False), ("", True))[0 if FORWARD else 1:]:
         single = measure("single" + suffix, [jax.device_put(x, one) for x in (q, k, v, w)], 1,
                          backward)
         ring = measure("ring" + suffix, [jax.device_put(x, seq) for x in (q, k, v, w)], n,

@@ -297,10 +297,10 @@ def _check_memory(mem, out, devices=4):
 
 
 def test_ring_memory_small():
-    """T = S = 4096 over 4 devices, causal forward+backward: per device, the
+    """T = S = 2048 over 4 devices, causal forward+backward: per device, the
     blocks of ring attention are a quarter of one device's arrays, plus a
     bounded number of blocks in transit."""
-    mem, out = _memory_figures(4096)
+    mem, out = _memory_figures(2048)
     _check_memory(mem, out)
 
 
