@@ -259,19 +259,6 @@ def test_ring_attention_needs_a_mesh_axis(rng):
         jax_mfa.ring_attention(q, q, q, axis_name="seq")
 
 
-def test_ring_attention_refuses_dropout():
-    """Dropout's counters are global indices the kernels cannot offset: a clear
-    ValueError, before anything runs."""
-    import jax
-    import jax.numpy as jnp
-
-    import jax_mfa
-    q = jnp.zeros((1, 8, 2, 4), jnp.float32)
-    with pytest.raises(ValueError, match="ring_attention does not support dropout_rate"):
-        jax_mfa.ring_attention(q, q, q, axis_name="seq", dropout_rate=0.1,
-                               dropout_rng=jax.random.PRNGKey(0))
-
-
 # ----------------------------------------------------------------------------
 # Memory
 
