@@ -1,7 +1,8 @@
 """Ring attention against gathered attention on sequence-sharded inputs.
 
     python3 benchmarks/bench_ring.py [--length 16384] [--devices 2] [--repeats 3]
-                                     [--passes fwd,fwd+bwd]
+                                     [--passes fwd,fwd+bwd] [--masks full,causal]
+                                     [--warmup 1]
 
 Inputs q, k, v (float32, B=1, N=8, H=64, T=S=length) are sharded over the
 sequence on `devices` CPU devices (--xla_force_host_platform_device_count, set
@@ -34,6 +35,10 @@ def parse():
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--passes", default="fwd,fwd+bwd",
                    help="comma-separated: fwd, fwd+bwd")
+    p.add_argument("--masks", default="full,causal", help="comma-separated: full, causal")
+    p.add_argument("--warmup", type=int, default=1,
+                   help="untimed calls before median_times' own untimed calibration "
+                        "call (which compiles): 0 saves one run of each")
     return p.parse_args()
 
 
@@ -82,10 +87,10 @@ def main():
     print("|---|---|---|---|---|---|")
     start = time.perf_counter()
     for backward in [p == "fwd+bwd" for p in args.passes.split(",")]:
-        for causal in (False, True):
+        for causal in [m == "causal" for m in args.masks.split(",")]:
             calls = variants(causal, backward)
             times = dict(zip(calls, median_times(list(calls.values()), repeats=args.repeats,
-                                                 min_time=0)))
+                                                 warmup=args.warmup, min_time=0)))
             print(f"| {'fwd+bwd' if backward else 'fwd'} | {'causal' if causal else 'full'} "
                   f"| {times['ring']:.2f} | {times['gathered']:.2f} | {times['single']:.2f} "
                   f"| {times['gathered'] / times['ring']:.2f}x |", flush=True)

@@ -268,20 +268,18 @@ def ring_attention(query, key, value, bias=None, mask=None, *, axis_name, scale=
     device's query rows against all keys. Other shard_map axes (batch, heads)
     just see local arrays. Gradients flow through a ring backward pass.
 
-    Segment ids, sinks and dropout are not supported yet: passing any of them
-    raises ValueError (use :func:`attention` under jit with sharded arrays,
-    which keeps the sequence whole for them).
+    ``query_segment_ids`` / ``key_value_segment_ids`` are this device's rows
+    ``(B, T/n)`` / ``(B, S/n)`` (they travel with the key/value blocks);
+    ``sinks`` ``(N,)`` are folded into the final merge. Dropout is not
+    supported (ValueError): its mask is drawn from global head and position
+    indices that the kernels only know unsharded.
 
     Returns this device's rows of the output (and of the lse with
     ``return_residual=True``).
     """
-    given = [name for name, on in (
-        ("query_segment_ids/key_value_segment_ids",
-         query_segment_ids is not None or key_value_segment_ids is not None),
-        ("sinks", sinks is not None), ("dropout_rate", dropout_rate != 0)) if on]
-    if given:
-        raise ValueError(f"ring_attention does not support {', '.join(given)} yet; use "
-                         "jax_mfa.attention on the whole sequence")
+    if dropout_rate != 0:
+        raise ValueError("ring_attention does not support dropout_rate != 0 (its mask uses "
+                         "global positions); use jax_mfa.attention on the whole sequence")
     del dropout_rng  # only meaningful with dropout_rate > 0
     axes = (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
     try:
@@ -293,10 +291,12 @@ def ring_attention(query, key, value, bias=None, mask=None, *, axis_name, scale=
     impl, _, ops, options, was_3d = _setup(
         query, key, value, bias, mask, query_seq_lengths, key_value_seq_lengths,
         scale=scale, is_causal=is_causal, local_window_size=local_window_size,
-        softcap=softcap, implementation=implementation, key_columns=size * key_rows)
+        softcap=softcap, implementation=implementation, key_columns=size * key_rows,
+        query_segment_ids=query_segment_ids, key_value_segment_ids=key_value_segment_ids,
+        sinks=sinks)
     ops = Operands(*_vary(ops.as_tuple(), axes))
     ring = _ring.Ring.make(axes, size, ops.query.shape[1], ops.key.shape[1], options)
-    out, lse = _ring_attention(*ops.as_tuple()[:7], options, impl, ring)
+    out, lse = _ring_attention(*ops.as_tuple()[:RING_OPERANDS], options, impl, ring)
     if was_3d:
         out, lse = out[0], lse[0]
     return (out, lse) if return_residual else out
@@ -334,15 +334,21 @@ def _vary_like(ref):
     return lambda x: _vary((x,), axes)[0]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
-def _ring_attention(q, k, v, bias, mask, q_lengths, kv_lengths, options, impl, ring):
-    ops = Operands(q, k, v, bias, mask, q_lengths, kv_lengths)
-    return _ring.forward(_kernels(impl), ring, options, ops, _vary_like(q))
+# Operands of the ring (all but the dropout seed): q, k, v, bias, mask, the
+# lengths, the segment ids and the sinks.
+RING_OPERANDS = NUM_OPERANDS - 1
 
 
-def _ring_fwd(q, k, v, bias, mask, q_lengths, kv_lengths, options, impl, ring):
-    out, lse = _ring_attention(q, k, v, bias, mask, q_lengths, kv_lengths, options, impl, ring)
-    return (out, lse), (q, k, v, bias, mask, q_lengths, kv_lengths, out, lse)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(RING_OPERANDS, RING_OPERANDS + 1,
+                                                    RING_OPERANDS + 2))
+def _ring_attention(*args):
+    *ops, options, impl, ring = args
+    return _ring.forward(_kernels(impl), ring, options, Operands(*ops), _vary_like(ops[0]))
+
+
+def _ring_fwd(*args):
+    out, lse = _ring_attention(*args)
+    return (out, lse), (*args[:RING_OPERANDS], out, lse)
 
 
 def _ring_bwd(options, impl, ring, residuals, cotangents):
@@ -352,7 +358,12 @@ def _ring_bwd(options, impl, ring, residuals, cotangents):
     delta = jnp.sum(dout.astype(acc) * out.astype(acc), axis=-1) - dlse.astype(acc)
     grads = _ring.backward(_kernels(impl), ring, options, Operands(*args), lse,
                            dout.astype(out.dtype), delta, _vary_like(out))
-    return grads + tuple(np.zeros(a.shape, jax.dtypes.float0) for a in args[4:])
+    sinks = args[-1]
+    dsinks = (_xla.sinks_gradient(sinks, lse, delta).astype(sinks.dtype) if options.has_sinks
+              else jnp.zeros_like(sinks))
+    # mask, lengths and segment ids: no gradient.
+    no_gradient = tuple(np.zeros(a.shape, jax.dtypes.float0) for a in args[4:-1])
+    return grads + no_gradient + (dsinks,)
 
 
 _ring_attention.defvjp(_ring_fwd, _ring_bwd)

@@ -27,7 +27,9 @@ through the lengths (clipped to each key chunk, where valid keys are always a
 prefix) and, for sliding windows or causal attention with T != S, through a
 boolean mask built per block from the absolute positions (T/n x S/n bytes).
 Padded query rows are zero and their results are dropped; with a zero output
-gradient they add nothing to the key/value gradients.
+gradient they add nothing to the key/value gradients. Segment ids are
+position-free: a key/value block's ids travel with it. Sinks are one more key
+without value: they join once, in the final merge (add_sinks).
 """
 
 from __future__ import annotations
@@ -222,7 +224,7 @@ def _contiguous_block(ring: Ring, options: Options, limits: _Limits, d, j) -> Bl
 
 def _block_options(options: Options, block: Block) -> Options:
     return dataclasses.replace(options, is_causal=block.causal, window_left=-1,
-                               window_right=-1, has_kv_lengths=True,
+                               window_right=-1, has_kv_lengths=True, has_sinks=False,
                                has_mask=options.has_mask or block.allowed is not None)
 
 
@@ -236,22 +238,37 @@ def _block_slice(x, block: Block, width: int):
     return x
 
 
-def _block_operands(ops: Operands, k, v, block: Block, options: Options):
+def _block_operands(ops: Operands, visiting: "_Visiting", block: Block, options: Options):
     q = ops.query[:, block.q_rows]
-    k, v = k[:, block.kv_rows], v[:, block.kv_rows]
+    k, v = visiting.key[:, block.kv_rows], visiting.value[:, block.kv_rows]
+    q_segments, kv_segments = ops.q_segments, visiting.kv_segments
+    if options.has_segment_ids:  # ids are position-free: the block's own ids
+        q_segments, kv_segments = q_segments[:, block.q_rows], kv_segments[:, block.kv_rows]
     width = k.shape[1]
     bias = _block_slice(ops.bias, block, width) if options.has_bias else ops.bias
     mask = _block_slice(ops.mask, block, width) if options.has_mask else ops.mask
     if block.allowed is not None:
         mask = block.allowed & mask if options.has_mask else block.allowed
     q_len = ops.q_lengths if block.q_len is None else block.q_len
-    # The kernels' whole operand list; segment ids, sinks and dropout are
-    # never on here (see unsupported_features): placeholders.
-    return Operands(q, k, v, bias, mask, q_len, block.kv_len).as_tuple()
+    # Sinks enter once, in the final merge (see forward); dropout is never on
+    # here (see unsupported_features): placeholders.
+    return Operands(q, k, v, bias, mask, q_len, block.kv_len, q_segments,
+                    kv_segments).as_tuple()
 
 
 # ----------------------------------------------------------------------------
 # Forward and backward rings
+
+
+class _Visiting(NamedTuple):
+    """What travels around the ring: a key/value block with its segment ids
+    (a placeholder without them) and, in the backward, its gradients."""
+
+    key: jax.Array
+    value: jax.Array
+    kv_segments: jax.Array
+    dkey: jax.Array | None = None
+    dvalue: jax.Array | None = None
 
 
 class _Local(NamedTuple):
@@ -269,12 +286,15 @@ def _prepare(ring: Ring, ops: Operands, options: Options, *row_arrays):
                      jnp.full((B,), ring.size * ring.kv_rows, jnp.int32))
     bias, mask = (_columns_to_layout(ring, x) for x in (ops.bias, ops.mask))
     q, k, v = ops.query, ops.key, ops.value
+    q_segments, kv_segments = ops.q_segments, ops.kv_segments
     if ring.zigzag:
         q, k, v = (_to_zigzag(ring, x, 1) for x in (q, k, v))
+        if options.has_segment_ids:
+            q_segments, kv_segments = (_to_zigzag(ring, x, 1) for x in (q_segments, kv_segments))
         bias, mask = (_to_zigzag(ring, x, 2) if x.shape[2] > 1 else x for x in (bias, mask))
         row_arrays = tuple(_to_zigzag(ring, x, 1) for x in row_arrays)
-    local = _Local(Operands(q, k, v, bias, mask, ops.q_lengths, ops.kv_lengths), limits,
-                   _index(ring))
+    local = _Local(Operands(q, k, v, bias, mask, ops.q_lengths, ops.kv_lengths, q_segments,
+                            kv_segments), limits, _index(ring))
     return local, row_arrays
 
 
@@ -311,6 +331,16 @@ def _around(ring: Ring, step, visiting, state):
     return visiting, state
 
 
+def _update_rows(x, rows: slice, update, add: bool = False):
+    """x[:, rows] = update (+= with add). Rows covering all of dim 1 are a
+    plain replacement: XLA's CPU compiler of jax 0.11.2 crashes on an update
+    covering its whole operand inside shard_map (a segfault in
+    backend_compile_and_load; benchmarks/probe_ring_compile.py, mini_at_set_full)."""
+    if rows.indices(x.shape[1]) == (0, x.shape[1], 1):
+        return x + update if add else update.astype(x.dtype)
+    return x.at[:, rows].add(update) if add else x.at[:, rows].set(update)
+
+
 def merge(out, lse, part_out, part_lse):
     """Combines two partial softmax results over disjoint key sets."""
     new = jnp.logaddexp(lse, part_lse)
@@ -320,12 +350,17 @@ def merge(out, lse, part_out, part_lse):
 
 
 def unsupported_features(options: Options) -> list[str]:
-    """The options ring attention does not implement: segment ids (they would
-    travel with the key/value blocks), sinks (one term in the lse merge) and
-    dropout (absolute positions in every block)."""
-    return [name for name, on in (("segment ids", options.has_segment_ids),
-                                  ("sinks", options.has_sinks),
-                                  ("dropout", options.dropout_rate > 0)) if on]
+    """The options ring attention does not implement: dropout (its Philox
+    counters are the global head, row and key indices; the kernels only know
+    block-local ones)."""
+    return ["dropout"] if options.dropout_rate > 0 else []
+
+
+def add_sinks(out, lse, sinks):
+    """(out, lse) with the sinks (1|B, N) as one more key that carries no value:
+    the merge with an empty partial result whose lse is the sink logit."""
+    sink_lse = jnp.broadcast_to(sinks[:, None, :], lse.shape).astype(lse.dtype)
+    return merge(out, lse, jnp.zeros((), out.dtype), sink_lse)
 
 
 def forward(kernels: Kernels, ring: Ring, options: Options, ops: Operands, vary=lambda x: x):
@@ -343,16 +378,19 @@ def forward(kernels: Kernels, ring: Ring, options: Options, ops: Operands, vary=
         out, lse = state
         for block in blocks:
             part = kernels.fwd(_block_options(options, block),
-                               *_block_operands(local.ops, *visiting, block, options))
+                               *_block_operands(local.ops, visiting, block, options))
             rows = block.q_rows
             o, l = merge(out[:, rows], lse[:, rows], *part)
-            out, lse = out.at[:, rows].set(o), lse.at[:, rows].set(l)
+            out, lse = _update_rows(out, rows, o), _update_rows(lse, rows, l)
         return out, lse
 
     def step(s, visiting, state):
         return visiting, _run_step(ring, options, local, s, visiting, state, run)
 
-    _, (out, lse) = _around(ring, step, (local.ops.key, local.ops.value), (out, lse))
+    visiting = _Visiting(local.ops.key, local.ops.value, local.ops.kv_segments)
+    _, (out, lse) = _around(ring, step, visiting, (out, lse))
+    if options.has_sinks:
+        out, lse = add_sinks(out, lse, ops.sinks)
     return _from_layout(ring, out.astype(q.dtype)), _from_layout(ring, lse)
 
 
@@ -368,8 +406,10 @@ def _add_block(acc, part, block: Block):
 def backward(kernels: Kernels, ring: Ring, options: Options, ops: Operands, lse, dout, delta,
              vary=lambda x: x):
     """(dq, dk, dv, dbias) for this device's blocks. lse and delta are those of
-    the whole rows (delta = rowsum(dout * out) - dlse). dbias holds this
-    device's contribution (reduce it over devices the bias is shared by)."""
+    the whole rows (delta = rowsum(dout * out) - dlse), sinks included: then
+    every block's backward is exact without them (d sinks is
+    _xla.sinks_gradient of the same lse and delta). dbias holds this device's
+    contribution (reduce it over devices the bias is shared by)."""
     local, (lse, dout, delta) = _prepare(ring, ops, options, lse, dout, delta)
     q, k, v = local.ops.query, local.ops.key, local.ops.value
     acc = accumulation_dtype(q.dtype)
@@ -377,27 +417,30 @@ def backward(kernels: Kernels, ring: Ring, options: Options, ops: Operands, lse,
     dq, dbias = zeros(q), zeros(local.ops.bias)
 
     def run(blocks, visiting, state):
-        k, v, dk, dv = visiting
+        dk, dv = visiting.dkey, visiting.dvalue
         dq, dbias = state
         for block in blocks:
             rows, kv_rows = block.q_rows, block.kv_rows
             parts = kernels.bwd(_block_options(options, block),
-                                *_block_operands(local.ops, k, v, block, options),
+                                *_block_operands(local.ops, visiting, block, options),
                                 lse[:, rows], dout[:, rows], delta[:, rows])
-            dq = dq.at[:, rows].add(parts[0].astype(acc))
-            dk = dk.at[:, kv_rows].add(parts[1].astype(acc))
-            dv = dv.at[:, kv_rows].add(parts[2].astype(acc))
+            dq = _update_rows(dq, rows, parts[0].astype(acc), add=True)
+            dk = _update_rows(dk, kv_rows, parts[1].astype(acc), add=True)
+            dv = _update_rows(dv, kv_rows, parts[2].astype(acc), add=True)
             if options.has_bias:
                 dbias = _add_block(dbias, parts[3], block)
-        return (k, v, dk, dv), (dq, dbias)
+        return visiting._replace(dkey=dk, dvalue=dv), (dq, dbias)
 
     def step(s, visiting, state):
         return _run_step(ring, options, local, s, visiting, state, run)
 
-    visiting, state = _around(ring, step, (k, v, zeros(k), zeros(v)), (dq, dbias))
+    visiting = _Visiting(k, v, local.ops.kv_segments, zeros(k), zeros(v))
+    visiting, state = _around(ring, step, visiting, (dq, dbias))
     # The gradient accumulators made n-1 moves with their blocks: one more
     # brings them home.
-    dk, dv = _shift(ring, visiting[2:]) if ring.size > 1 else visiting[2:]
+    dk, dv = visiting.dkey, visiting.dvalue
+    if ring.size > 1:
+        dk, dv = _shift(ring, (dk, dv))
     dq, dbias = state
     dbias = _columns_from_layout(ring, dbias)
     if ring.zigzag and dbias.shape[2] > 1:

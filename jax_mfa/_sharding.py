@@ -9,7 +9,8 @@ The query's sharding decides the plan (:class:`Plan`):
     heads use. Otherwise key/value stay replicated along heads and each device
     picks the heads it needs (one when a shard's query heads share one, else
     one per query head); their gradients are summed over the head shards;
-  * sequence: ring attention over the sequence axes (jax_mfa/_ring.py).
+  * sequence: ring attention over the sequence axes (jax_mfa/_ring.py); a
+    ring size that does not divide T or S pads the blocks (_pad_ring).
 Every operand dim has a role (:data:`ROLES`); a role maps to the plan's mesh
 axes, so an operand's sharding follows from its roles. A broadcast dim (size 1)
 stays replicated, and the gradient of a broadcast bias is summed over the
@@ -110,8 +111,8 @@ def make_plan(mesh, shapes, specs, fused: bool = True, options=None) -> Plan:
     """The plan for a call whose query and key have PartitionSpecs specs[0:2].
     The dropout mask is drawn from global head and position indices, which the
     kernels only know unsharded: with dropout, heads and sequence stay whole
-    on every device (gathered). Ring attention carries no segment ids or
-    sinks either: with those, the sequence stays whole."""
+    on every device (gathered). Segment ids travel with the ring's blocks and
+    sinks shard with the query heads."""
     sizes = _role_sizes(shapes)
     size = lambda axes: math.prod(mesh.shape[a] for a in axes)  # noqa: E731
     padded = [tuple(s) + (None,) * (4 - len(s)) for s in specs[:2]]
@@ -120,15 +121,12 @@ def make_plan(mesh, shapes, specs, fused: bool = True, options=None) -> Plan:
     if sizes["batch"] % size(batch):
         batch = ()
     dropout = options is not None and options.dropout_rate > 0
-    features = dropout or (options is not None and (options.has_segment_ids
-                                                    or options.has_sinks))
     heads = _axes(q_spec[2])
     if set(heads) & set(batch) or sizes["q_heads"] % size(heads) or dropout:
         heads = ()
     seq = _axes(q_spec[1]) or _axes(k_spec[1])
-    n = size(seq)
-    if (not fused or set(seq) & (set(batch) | set(heads)) or sizes["q_seq"] % n
-            or sizes["kv_seq"] % n or features):
+    # Lengths that the ring size does not divide are padded (_pad_ring).
+    if not fused or set(seq) & (set(batch) | set(heads)) or dropout:
         seq = ()
     return Plan(batch, heads, seq, kv_heads_sharded=sizes["kv_heads"] % size(heads) == 0)
 
@@ -147,10 +145,49 @@ def _kv_head_index(plan: Plan, mesh, N: int, K: int):
     return index[:1] if group % local == 0 else index
 
 
+def _pad_ring(args, options, axes, sizes):
+    """When the ring size does not divide T or S, XLA hands every device
+    ceil(T/n) and ceil(S/n) rows, the last ones padding of unspecified
+    content. Padded keys are cut off by the key/value lengths (clipped to S),
+    padded query rows by the query lengths (clipped to T): they produce
+    nothing and their results are dropped. Their contents are zeroed so that
+    nothing undefined (NaN) reaches a kernel. The bias/mask key dim (whole on
+    every device) is padded to the ring's n * ceil(S/n) columns.
+    Returns (args, options)."""
+    T, S = sizes["q_seq"], sizes["kv_seq"]
+    q, k = args[0], args[1]
+    B, L, Ls = q.shape[0], q.shape[1], k.shape[1]
+    index = jax.lax.axis_index(axes)
+    q_valid = index * L + jnp.arange(L) < T
+    kv_valid = index * Ls + jnp.arange(Ls) < S
+    rows = lambda x, valid, dim: jnp.where(  # noqa: E731
+        valid.reshape((-1,) + (1,) * (x.ndim - dim - 1)), x, jnp.zeros((), x.dtype))
+    args = list(args)
+    args[0] = rows(q, q_valid, 1)
+    args[1], args[2] = rows(args[1], kv_valid, 1), rows(args[2], kv_valid, 1)
+    for i in (3, 4):  # bias, mask: (B|1, N|1, rows|1, S|1)
+        x = args[i]
+        if x.shape[2] > 1:
+            x = rows(x, q_valid, 2)
+        if x.shape[3] > 1:
+            x = _ring._pad_dim(x, 3, jax.lax.axis_size(axes) * Ls - S)
+        args[i] = x
+    full = lambda given, on, total: (jnp.minimum(given, total) if on  # noqa: E731
+                                     else jnp.full((B,), total, jnp.int32))
+    args[5] = full(args[5], options.has_q_lengths, T)
+    args[6] = full(args[6], options.has_kv_lengths, S)
+    if len(args) > NUM_OPERANDS:  # backward: lse, dout, delta of the padded rows
+        for i in range(NUM_OPERANDS, NUM_OPERANDS + 3):
+            args[i] = rows(args[i], q_valid, 1)
+    options = dataclasses.replace(options, has_q_lengths=True, has_kv_lengths=True)
+    return args, options
+
+
 def _local_program(kind, options, backend, kernel_call, plan: Plan, mesh, shapes):
     """The function each device runs on its shards."""
     sizes = _role_sizes(shapes)
     N, K = sizes["q_heads"], sizes["kv_heads"]
+    T_rows, S_rows = sizes["q_seq"], sizes["kv_seq"]
     pick_heads = bool(plan.heads) and not plan.kv_heads_sharded
     n = math.prod(mesh.shape[a] for a in plan.seq)
     kernels = _ring.Kernels(functools.partial(_call, kernel_call, "fwd", backend),
@@ -162,12 +199,20 @@ def _local_program(kind, options, backend, kernel_call, plan: Plan, mesh, shapes
             heads = _kv_head_index(plan, mesh, N, K)
             args[1], args[2] = (jnp.take(a, heads, axis=2) for a in args[1:3])
         if plan.seq:
+            ring_options = options
+            padded = n * args[0].shape[1] != T_rows or n * args[1].shape[1] != S_rows
+            if padded:
+                args, ring_options = _pad_ring(args, options, plan.seq, sizes)
             ops = Operands(*args[:NUM_OPERANDS])
-            ring = _ring.Ring.make(plan.seq, n, args[0].shape[1], args[1].shape[1], options)
+            ring = _ring.Ring.make(plan.seq, n, args[0].shape[1], args[1].shape[1],
+                                   ring_options)
             if kind == "fwd":
-                results = list(_ring.forward(kernels, ring, options, ops))
+                results = list(_ring.forward(kernels, ring, ring_options, ops))
             else:
-                results = list(_ring.backward(kernels, ring, options, ops, *args[NUM_OPERANDS:]))
+                results = list(_ring.backward(kernels, ring, ring_options, ops,
+                                              *args[NUM_OPERANDS:]))
+                if padded and options.has_bias and results[3].shape[3] > 1:
+                    results[3] = results[3][..., :S_rows]
         else:
             results = list(kernel_call(kind, options, backend, *args))
         if kind == "bwd":

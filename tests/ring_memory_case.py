@@ -1,10 +1,10 @@
 """Peak memory per device of ring attention against one device: run as a
 script with 4 host devices (tests/test_sharding.py::test_ring_memory starts it).
 
-    python tests/ring_memory_case.py LENGTH
+    python tests/ring_memory_case.py LENGTH [--full] [--forward]
 
-Causal self-attention, float32, B=1, N=4, H=64, T=S=LENGTH, forward and
-backward. Two measures per program: XLA's buffer assignment for one device
+Causal (or with --full unmasked) self-attention, float32, B=1, N=4, H=64, T=S=LENGTH: the forward
+alone ("_fwd", with --forward) and forward and backward. Two measures per program: XLA's buffer assignment for one device
 (arguments + outputs + temporaries, from the compiled program's
 memory_analysis; the kernels' own scratch is a few tiles and not in it), and
 the growth of the process's peak resident set across one call (the host
@@ -26,6 +26,8 @@ import jax_mfa
 from jax_mfa._benchmark import peak_rss_during
 
 MIB = 2.0**20
+CAUSAL = "--full" not in sys.argv  # --full: no mask (no zigzag copies)
+FORWARD = "--forward" in sys.argv  # also the forward alone
 
 
 def per_device_bytes(compiled) -> tuple[int, int]:
@@ -34,12 +36,15 @@ def per_device_bytes(compiled) -> tuple[int, int]:
     return m.argument_size_in_bytes + m.output_size_in_bytes, m.temp_size_in_bytes
 
 
-def measure(name, args, devices: int):
+def measure(name, args, devices: int, backward: bool = True):
     def loss(q, k, v, w):
-        return jnp.sum(jax_mfa.attention(q, k, v, is_causal=True, implementation="cpu") * w)
+        return jnp.sum(jax_mfa.attention(q, k, v, is_causal=CAUSAL, implementation="cpu") * w)
 
-    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-    compiled = grad.lower(*args).compile()
+    def forward(q, k, v, w):
+        return jax_mfa.attention(q, k, v, is_causal=CAUSAL, implementation="cpu")
+
+    program = jax.jit(jax.grad(loss, argnums=(0, 1, 2)) if backward else forward)
+    compiled = program.lower(*args).compile()
     io, temp = (x / MIB for x in per_device_bytes(compiled))
     xla = io + temp
     jax.block_until_ready(args)
@@ -59,11 +64,14 @@ def main():
     shape = (B, L, N, H)
     q, k, v, w = (jax.random.normal(key, shape, jnp.float32) for key in keys)
     one = jax.devices()[0]
-    single = measure("single", [jax.device_put(x, one) for x in (q, k, v, w)], 1)
     mesh = jax.make_mesh((n,), ("s",), axis_types=(AxisType.Auto,))
     seq = NamedSharding(mesh, P(None, "s"))
-    ring = measure("ring", [jax.device_put(x, seq) for x in (q, k, v, w)], n)
-    print(f"RATIO xla={ring[0] / single[0]:.3f} rss={ring[1] / single[1]:.3f}")
+    for suffix, backward in (("_fwd", False), ("", True))[0 if FORWARD else 1:]:
+        single = measure("single" + suffix, [jax.device_put(x, one) for x in (q, k, v, w)], 1,
+                         backward)
+        ring = measure("ring" + suffix, [jax.device_put(x, seq) for x in (q, k, v, w)], n,
+                       backward)
+        print(f"RATIO{suffix} xla={ring[0] / single[0]:.3f} rss={ring[1] / single[1]:.3f}")
     print("ALL OK")
 
 

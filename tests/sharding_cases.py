@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 import jax
 
@@ -50,8 +51,9 @@ def cases(kind: str, n: int) -> dict:
     odd = 5  # rows per device: odd, so the zigzag chunks need padding
     if kind == "heads":
         return {
-            "kv_heads_divide_causal": dict(size=(2, 13, 11, 2 * n, n, 8), is_causal=True,
-                                           bias="full"),
+            # Sinks shard with the query heads.
+            "kv_heads_divide_causal_sinks": dict(size=(2, 13, 11, 2 * n, n, 8), is_causal=True,
+                                                 bias="full", sinks=True, segments=True),
             "mqa_broadcast_bias_mask": dict(size=(2, 13, 11, 2 * n, 1, 8), bias=(1, 1, 13, 11),
                                             mask=(2, 1, 13, 11), softcap=3.0),
             "gqa_each_own_head_lengths": dict(size=(2, 9, 12, 3 * n, 3, 8), lengths=True,
@@ -62,17 +64,25 @@ def cases(kind: str, n: int) -> dict:
     if kind == "seq":
         L = odd * n
         return {
+            # Segment ids travel with the key/value blocks; sinks join the
+            # final merge.
             "causal_gqa_odd": dict(size=(2, L, L, 4, 1, 8), is_causal=True, bias=(2, 1, L, L),
-                                   lengths=True),
-            "causal_even": dict(size=(1, 4 * n, 4 * n, 2, 2, 8), is_causal=True),
+                                   lengths=True, segments=True, sinks=True),
             "full_t_ne_s_mask": dict(size=(2, 3 * n, L, 4, 2, 8), mask=(2, 1, 3 * n, L),
-                                     bias=(1, 1, 1, L)),
+                                     bias=(1, 1, 1, L), segments=True),
             "window_odd": dict(size=(2, L, L, 2, 1, 8), local_window_size=(3, 2),
-                               bias=(1, 2, L, L)),
+                               bias=(1, 2, L, L), sinks=True),
             "causal_t_ne_s_softcap": dict(size=(1, 3 * n, L, 2, 2, 8), is_causal=True,
                                           softcap=2.0, lengths=True),
-            "float32_causal": dict(size=(2, L, L, 4, 2, 8), is_causal=True, dtype=jnp.float32,
-                                   bias="full"),
+            # Even rows per device: zigzag chunks without padding.
+            "float32_causal": dict(size=(2, 4 * n, 4 * n, 4, 2, 8), is_causal=True,
+                                   dtype=jnp.float32, bias="full"),
+            # Lengths the ring size does not divide (sharded inside jit, as
+            # device_put refuses): padded inside the partitioning.
+            "uneven_causal": dict(size=(2, L + 1, L + 1, 2, 1, 8), is_causal=True, uneven=True,
+                                  bias=(2, 1, L + 1, L + 1), segments=True, sinks=True),
+            "uneven_t_ne_s_lengths": dict(size=(1, L - 2, 3 * n + 1, 2, 2, 8), lengths=True,
+                                          mask=(1, 1, L - 2, 3 * n + 1), uneven=True),
             # ring_attention on the "xla" implementation's kernels.
             "xla_kernels_causal_odd": dict(size=(1, L, L, 2, 1, 8), is_causal=True,
                                            bias=(1, 2, L, L), ring_implementation="xla"),
@@ -80,7 +90,7 @@ def cases(kind: str, n: int) -> dict:
     L = odd * n
     return {
         "causal_gqa_bias": dict(size=(2, L, L, 4, 2, 8), is_causal=True, bias="full",
-                                lengths=True),
+                                lengths=True, segments=True, sinks=True),
         "full_broadcast_bias": dict(size=(2, 3 * n, L, 4, 2, 8), bias=(1, 4, 1, L)),
         "float32_causal_mqa": dict(size=(2, L, L, 4, 1, 8), is_causal=True, dtype=jnp.float32),
     }
@@ -107,6 +117,15 @@ def make_inputs(case, rng):
         kw["key_value_seq_lengths"] = jnp.asarray(
             np.minimum(rng.integers(1, S + 1, (B,)), S), jnp.int32)
         kw["key_value_seq_lengths"] = kw["key_value_seq_lengths"].at[0].set(S)
+    if case.get("segments"):
+        # Packed sequences: sorted ids; the keys' split differs from the
+        # queries' so that blocks see partial matches.
+        kw["query_segment_ids"] = jnp.asarray(np.sort(rng.integers(0, 3, (B, T)), axis=1),
+                                              jnp.int32)
+        kw["key_value_segment_ids"] = jnp.asarray(np.sort(rng.integers(0, 3, (B, S)), axis=1),
+                                                  jnp.int32)
+    if case.get("sinks"):
+        kw["sinks"] = arr((N,))
     w = arr((B, T, N, H))
     wl = arr((B, T, N))
     return (q, k, v, bias, mask), kw, (w, wl)
@@ -121,21 +140,24 @@ def run_case(mesh, name, case, rng):
 
     static = {key: val for key, val in kw.items() if not isinstance(val, jax.Array)}
     kw = {key: val for key, val in kw.items() if isinstance(val, jax.Array)}
+    sinks = kw.pop("sinks", None)  # differentiated, the other keywords are not
 
-    def f(attn, q, k, v, bias, mask, kw):
-        return attn(q, k, v, bias, mask, return_residual=True, **kw, **static)
+    def f(attn, q, k, v, bias, mask, sinks, kw):
+        extra = {} if sinks is None else dict(sinks=sinks)
+        return attn(q, k, v, bias, mask, return_residual=True, **kw, **extra, **static)
 
     def loss_of(attn):
-        def loss(q, k, v, bias, mask, kw):
-            out, lse = f(attn, q, k, v, bias, mask, kw)
+        def loss(q, k, v, bias, mask, sinks, kw):
+            out, lse = f(attn, q, k, v, bias, mask, sinks, kw)
             return (jnp.sum(out * w) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0) * wl),
                     (out, lse))
         return loss
 
-    argnums = (0, 1, 2) if bias is None else (0, 1, 2, 3)
+    argnums = tuple(i for i, x in enumerate((q, k, v, bias, None, sinks)) if i < 3
+                    or x is not None)
     grad = lambda attn: jax.grad(loss_of(attn), argnums=argnums, has_aux=True)  # noqa: E731
     plain = lambda *a, **k_: jax_mfa.attention(*a, implementation="cpu", **k_)  # noqa: E731
-    want_grads, want = jax.jit(grad(plain))(q, k, v, bias, mask, kw)
+    want_grads, want = jax.jit(grad(plain))(q, k, v, bias, mask, sinks, kw)
 
     def spec_of(x, roles):
         if x is None:
@@ -147,17 +169,30 @@ def run_case(mesh, name, case, rng):
         return P(*(names[r] if r in names and dim == full[r] and dim > 1 else None
                    for r, dim in zip(roles, x.shape)))
 
+    roles = dict(query_seq_lengths="b", key_value_seq_lengths="b", query_segment_ids="bt",
+                 key_value_segment_ids="bs")
     specs = (spec_of(q, "btn_"), spec_of(k, "bsk_"), spec_of(v, "bsk_"),
-             spec_of(bias, "bnta"), spec_of(mask, "bnta"))
+             spec_of(bias, "bnta"), spec_of(mask, "bnta"), spec_of(sinks, "n"))
+    kw_specs = {key: spec_of(val, roles[key]) for key, val in kw.items()}
     put = lambda x, sp: x if x is None else jax.device_put(x, NamedSharding(mesh, sp))  # noqa
-    args = [put(x, sp) for x, sp in zip((q, k, v, bias, mask), specs)]
-    kw_sharded = {key: (put(val, P(b)) if isinstance(val, jax.Array) else val)
-                  for key, val in kw.items()}
     tol = TOLERANCE[jnp.dtype(q.dtype).name]
-    results = {"jit": jax.jit(grad(plain))(*args, kw_sharded)}
+    if case.get("uneven"):
+        # device_put refuses uneven shards: shard inside jit instead.
+        def sharded(*a, **k_):
+            a = [x if x is None else jax.lax.with_sharding_constraint(
+                x, NamedSharding(mesh, sp)) for x, sp in zip(a, specs)]
+            return plain(*a, **k_)
+        args = [put(x, P()) for x in (q, k, v, bias, mask, sinks)]
+        kw_sharded = {key: put(val, P()) for key, val in kw.items()}
+        results = {"jit": jax.jit(grad(sharded))(*args, kw_sharded)}
+        s = None  # shard_map needs even blocks
+    else:
+        args = [put(x, sp) for x, sp in zip((q, k, v, bias, mask, sinks), specs)]
+        kw_sharded = {key: put(val, kw_specs[key]) for key, val in kw.items()}
+        results = {"jit": jax.jit(grad(plain))(*args, kw_sharded)}
     if s is not None:
         results["shard_map"] = ring_under_shard_map(
-            mesh, grad, args, specs, kw_sharded, b,
+            mesh, grad, args, specs, kw_sharded, kw_specs,
             dict(static, implementation=case.get("ring_implementation", "cpu")))
     for path, (grads, (out, lse)) in results.items():
         errs = [relative_error(out, want[0]), relative_error(lse, want[1])]
@@ -167,29 +202,32 @@ def run_case(mesh, name, case, rng):
         assert worst <= tol, (name, path, errs)
 
 
-def ring_under_shard_map(mesh, grad, args, specs, arrays, b, static):
-    """The same computation through jax_mfa.ring_attention inside shard_map."""
+def ring_under_shard_map(mesh, grad, args, specs, arrays, array_specs, static):
+    """The same computation through jax_mfa.ring_attention inside shard_map:
+    every array goes in with the spec of its blocks (bias/mask: this device's
+    query rows against all keys)."""
     q_spec = specs[0]
     present = [i for i, x in enumerate(args) if x is not None]
-    # bias/mask (keys whole): this device's query rows against all keys.
-    in_specs = tuple(specs[i] for i in present)
+    names = list(arrays)
 
-    def ring(*a, **k_):
-        a = list(a)
-        full = [None] * 5
+    def ring(*a):
+        full = [None] * 6
         for i, x in zip(present, a):
             full[i] = x
-        return jax_mfa.ring_attention(*full[:3], full[3], full[4], axis_name="s",
-                                      return_residual=True, **static, **k_)
+        keywords = dict(zip(names, a[len(present):]))
+        if full[5] is not None:
+            keywords["sinks"] = full[5]
+        return jax_mfa.ring_attention(*full[:5], axis_name="s", return_residual=True,
+                                      **static, **keywords)
 
-    smap = jax.shard_map(lambda *a: ring(*a[:len(present)],
-                                         **dict(zip(arrays, a[len(present):]))),
-                         mesh=mesh, in_specs=in_specs + (P(b),) * len(arrays),
+    smap = jax.shard_map(ring, mesh=mesh,
+                         in_specs=tuple(specs[i] for i in present)
+                         + tuple(array_specs[key] for key in names),
                          out_specs=(q_spec, P(*tuple(q_spec)[:3])))
 
-    def attn(q, k, v, bias, mask, return_residual, **k_):
-        a = [x for x in (q, k, v, bias, mask) if x is not None]
-        return smap(*a, *(k_[key] for key in arrays))
+    def attn(q, k, v, bias, mask, return_residual, sinks=None, **k_):
+        a = [x for x in (q, k, v, bias, mask, sinks) if x is not None]
+        return smap(*a, *(k_[key] for key in names))
 
     return jax.jit(grad(attn))(*args, arrays)
 
@@ -201,7 +239,9 @@ def main():
     rng = np.random.default_rng(n * 100 + len(kind))
     for name, case in cases(kind, n).items():
         if not names or name in names:
+            start = time.perf_counter()
             run_case(mesh, name, case, rng)
+            print(f"TIME {name} {time.perf_counter() - start:.1f} s", flush=True)
     print("ALL OK")
 
 

@@ -75,24 +75,36 @@ HLO_SCRIPT = textwrap.dedent(r"""
     q = jnp.ones((B, T, N, H), jnp.float32)
     kv = jnp.ones((B, T, K, H), jnp.float32)
     bias = jnp.ones((B, N, T, T), jnp.float32)
+    ids = jnp.repeat(jnp.arange(4, dtype=jnp.int32), T // 4)[None].repeat(B, 0)
+    sinks = jnp.zeros((N,), jnp.float32)
 
-    def loss(q, k, v, bias):
-        return jnp.sum(jax_mfa.attention(q, k, v, bias, is_causal=True,
+    def loss(q, k, v, bias, ids=None, sinks=None):
+        return jnp.sum(jax_mfa.attention(q, k, v, bias, is_causal=True, sinks=sinks,
+                                         query_segment_ids=ids, key_value_segment_ids=ids,
                                          implementation="cpu"))
 
     grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
+    grad_features = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 5)))
     meshes = {
         "heads": ((4,), ("h",), P(None, None, "h"), P(None, "h")),
         "seq": ((4,), ("s",), P(None, "s"), P(None, None, "s")),
         "bhs": ((1, 2, 2), ("b", "h", "s"), P("b", "s", "h"), P("b", "h", "s")),
         "explicit_seq": ((4,), ("s",), P(None, "s"), P(None, None, "s")),
+        # Segment ids travel around the ring; sinks follow the query heads.
+        "seq_segments_sinks": ((4,), ("s",), P(None, "s"), P(None, None, "s")),
+        "bhs_segments_sinks": ((1, 2, 2), ("b", "h", "s"), P("b", "s", "h"), P("b", "h", "s")),
     }
     for name, (shape, axes, spec, bias_spec) in meshes.items():
         types = (AxisType.Explicit if name.startswith("explicit") else AxisType.Auto,)
         mesh = jax.make_mesh(shape, axes, axis_types=types * len(axes))
         put = lambda x, s: jax.device_put(x, NamedSharding(mesh, s))
         args = (put(q, spec), put(kv, spec), put(kv, spec), put(bias, bias_spec))
-        hlo = grad.lower(*args).compile().as_text()
+        if name.endswith("segments_sinks"):
+            ids_spec = P(spec[0], spec[1])
+            hlo = grad_features.lower(*args, put(ids, ids_spec), put(sinks, P(*spec[2:3])))
+        else:
+            hlo = grad.lower(*args)
+        hlo = hlo.compile().as_text()
         assert "all-gather" not in hlo, (name, [l for l in hlo.splitlines()
                                                 if "all-gather" in l][:3])
         # Each forward kernel call sees at most its shard of the rows and heads.
@@ -104,14 +116,33 @@ HLO_SCRIPT = textwrap.dedent(r"""
         for b, t, n, h in calls:
             assert int(t) <= rows and int(n) <= heads, (name, (b, t, n, h))
         print(name, len(calls), "kernel calls, no all-gather")
+
+    # T = 42 over 4 devices: sharded inside jit (device_put refuses uneven
+    # shards), padded to 11 rows per device inside the partitioning.
+    mesh = jax.make_mesh((4,), ("s",), axis_types=(AxisType.Auto,))
+    seq = NamedSharding(mesh, P(None, "s"))
+
+    def uneven(q, k, v):
+        q, k, v = (jax.lax.with_sharding_constraint(x[:, :42], seq) for x in (q, k, v))
+        return jnp.sum(jax_mfa.attention(q, k, v, is_causal=True, implementation="cpu"))
+
+    q48, kv48 = jnp.ones((B, 48, N, H)), jnp.ones((B, 48, K, H))
+    args = [jax.device_put(x, seq) for x in (q48, kv48, kv48)]
+    hlo = jax.jit(uneven).lower(*args).compile().as_text()
+    assert "all-gather" not in hlo, [l for l in hlo.splitlines() if "all-gather" in l][:3]
+    calls = re.findall(r'= \(f32\[\d+,(\d+),.*custom_call_target="jax_mfa_attention_fwd_cpu"',
+                       hlo)
+    # Zigzag: two chunks of ceil(11 / 2) rows.
+    assert calls and max(int(t) for t in calls) <= 12, calls
+    print("uneven", len(calls), "kernel calls, no all-gather")
     print("ALL OK")
 """)
 
 
 def test_no_gather_in_hlo():
     """The compiled forward+backward of head-, sequence- and batch x head x
-    sequence-sharded inputs gathers none of q, k, v (nor the bias): each
-    kernel call runs on one device's rows and heads."""
+    sequence-sharded inputs gathers none of q, k, v (nor the bias, segment ids
+    or sinks): each kernel call runs on one device's rows and heads."""
     run_script(["-c", HLO_SCRIPT], 4)
 
 
@@ -253,10 +284,10 @@ def _check_memory(mem, out, devices=4):
 
 
 def test_ring_memory_small():
-    """T = S = 4096 over 4 devices, causal forward+backward: per device, the
+    """T = S = 2048 over 4 devices, causal forward+backward: per device, the
     blocks of ring attention are a quarter of one device's arrays, plus a
     bounded number of blocks in transit."""
-    mem, out = _memory_figures(4096)
+    mem, out = _memory_figures(2048)
     _check_memory(mem, out)
 
 
