@@ -1,7 +1,8 @@
 """The CPU kernels' instruction-set paths (cpp/cpu), each against the float64
-reference: the bfloat16 dot-product path (AVX512-BF16, where the CPU has it)
-and the portable float path that every x86-64 / arm64 CPU takes, forced with
-JAX_MFA_BF16_DOT=0 so that CI on a machine with AVX512-BF16 runs both.
+reference: the bfloat16 tile products on AMX-BF16 and on AVX512-BF16 (where
+the CPU has them) and the portable float path that every x86-64 / arm64 CPU
+takes, chosen with JAX_MFA_BF16_DOT ("0": portable, "avx512": AVX512-BF16 even
+with AMX, unset: the best) so that CI runs every path its CPU has.
 
 The sizes are chosen to hit the dot-product path's edges: odd head dims (rows
 of Q padded to a whole pair), odd key counts (P and V padded), key spans that
@@ -43,6 +44,19 @@ def _cpu_flags() -> set[str]:
 # Read independently of the kernels' own dispatch (which uses cpuid).
 HAS_BF16_DOT = platform.machine() in ("x86_64", "AMD64") and {
     "avx512f", "avx512bw", "avx512_bf16"} <= _cpu_flags()
+HAS_AMX = HAS_BF16_DOT and platform.system() == "Linux" and {
+    "amx_tile", "amx_bf16"} <= _cpu_flags()
+
+# Path name -> (JAX_MFA_BF16_DOT value, whether this CPU has it).
+BF16_DOT = {"amx": ("amx", HAS_AMX), "avx512-bf16": ("avx512", HAS_BF16_DOT),
+            "portable": ("0", True)}
+
+
+def use_path(path, monkeypatch):
+    flag, present = BF16_DOT[path]
+    if not present:
+        pytest.skip(f"this CPU has no {path}")
+    monkeypatch.setenv("JAX_MFA_BF16_DOT", flag)
 
 CASES = [
     Case("odd_sizes", T=77, S=301, N=6, K=2, H=17, batch=1),
@@ -58,7 +72,8 @@ CASES = [
 
 
 # (dtype, path): float16 always takes the portable path.
-PATHS = [(jnp.bfloat16, "bf16-dot"), (jnp.bfloat16, "portable"), (jnp.float16, "portable")]
+PATHS = [(jnp.bfloat16, "amx"), (jnp.bfloat16, "avx512-bf16"), (jnp.bfloat16, "portable"),
+         (jnp.float16, "portable")]
 
 
 @pytest.mark.parametrize("tiles", [None, "37,61,40,40"], ids=["default-tiles", "odd-tiles"])
@@ -66,9 +81,7 @@ PATHS = [(jnp.bfloat16, "bf16-dot"), (jnp.bfloat16, "portable"), (jnp.float16, "
                          ids=[f"{jnp.dtype(d).name}-{p}" for d, p in PATHS])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_16_bit_paths(case, dtype, path, tiles, rng, monkeypatch):
-    if path == "bf16-dot" and not HAS_BF16_DOT:
-        pytest.skip("this CPU has no AVX512-BF16")
-    monkeypatch.setenv("JAX_MFA_BF16_DOT", "1" if path == "bf16-dot" else "0")
+    use_path(path, monkeypatch)
     if tiles:
         monkeypatch.setenv("JAX_MFA_TILES", tiles)
     test_attention.test_against_reference(case, dtype, "cpu", rng)  # the main matrix's checks
@@ -77,24 +90,26 @@ def test_16_bit_paths(case, dtype, path, tiles, rng, monkeypatch):
 @pytest.mark.skipif(not HAS_BF16_DOT, reason="this CPU has no AVX512-BF16")
 def test_bf16_dot_path_is_taken(rng, monkeypatch):
     """The switch really changes the arithmetic (P is rounded to bfloat16 on
-    the dot-product path only), so the tests above cover two paths."""
+    the dot-product paths only; AMX sums the products in another order than
+    AVX512-BF16), so the tests above cover distinct paths."""
     args, kwargs = build(Case("switch", T=65, S=130, H=32), jnp.bfloat16, "cpu", rng)
     q, k, v = args[:3]
-    outs = {}
-    for flag in ("1", "0"):
-        monkeypatch.setenv("JAX_MFA_BF16_DOT", flag)
-        outs[flag] = np.asarray(jax_mfa.attention(q, k, v, implementation="cpu", **kwargs)
-                                .astype(jnp.float32))
-    assert not np.array_equal(outs["1"], outs["0"])
+    lse = {}
+    for path in [p for p, (_, present) in BF16_DOT.items() if present]:
+        monkeypatch.setenv("JAX_MFA_BF16_DOT", BF16_DOT[path][0])
+        _, lse[path] = jax_mfa.attention(q, k, v, implementation="cpu", return_residual=True,
+                                         **kwargs)
+    paths = list(lse)
+    for i, a in enumerate(paths):
+        for b in paths[i + 1:]:
+            assert not np.array_equal(np.asarray(lse[a]), np.asarray(lse[b])), (a, b)
 
 
-@pytest.mark.parametrize("path", ["bf16-dot", "portable"])
+@pytest.mark.parametrize("path", list(BF16_DOT))
 def test_bf16_nan_propagates(path, rng, monkeypatch):
     """As in jax.nn (tests/test_nan.py, float32): an allowed NaN logit makes its
     row NaN; a NaN key that the causal mask hides is invisible."""
-    if path == "bf16-dot" and not HAS_BF16_DOT:
-        pytest.skip("this CPU has no AVX512-BF16")
-    monkeypatch.setenv("JAX_MFA_BF16_DOT", "1" if path == "bf16-dot" else "0")
+    use_path(path, monkeypatch)
     T, N, H = 300, 2, 33
     q = np.asarray(rng.standard_normal((1, T, N, H)), np.float32)
     k = np.asarray(rng.standard_normal((1, T, N, H)), np.float32)

@@ -8,6 +8,14 @@
 #define JAX_MFA_X86 1
 #include <cpuid.h>
 #include <immintrin.h>
+// AMX needs the Linux permission request below and AMX intrinsics (GCC 11,
+// clang 12).
+#if defined(__linux__) && ((defined(__clang__) && __clang_major__ >= 12) || \
+                           (!defined(__clang__) && __GNUC__ >= 11))
+#define JAX_MFA_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 #endif
 
 namespace jax_mfa {
@@ -29,14 +37,34 @@ bool cpu_has_avx512_bf16() {
 #endif
 }
 
-bool bf16_dot_available() {
-#ifdef JAX_MFA_X86
-  if (!cpu_has_avx512_bf16()) return false;
-  const char* off = std::getenv("JAX_MFA_BF16_DOT");
-  return !(off && std::strcmp(off, "0") == 0);
+bool cpu_has_amx_bf16() {
+#ifdef JAX_MFA_AMX
+  static const bool has = [] {
+    // cpuid leaf 7 subleaf 0, EDX: bit 22 AMX-BF16, bit 24 AMX-TILE.
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d & (1u << 22)) || !(d & (1u << 24)))
+      return false;
+    // Linux hands out the 8 KiB tile state only on request (since 5.16);
+    // without it the first tile instruction faults. Refused on older kernels.
+    constexpr long kReqXcompPerm = 0x1023, kGetXcompPerm = 0x1022, kXtileData = 18;
+    if (syscall(SYS_arch_prctl, kReqXcompPerm, kXtileData) != 0) return false;
+    unsigned long granted = 0;
+    return syscall(SYS_arch_prctl, kGetXcompPerm, &granted) == 0 &&
+           (granted & (1ul << kXtileData));
+  }();
+  return has;
 #else
   return false;
 #endif
+}
+
+Bf16Dot bf16_dot_kind() {
+  // The packing and conversions use AVX512-BF16; every AMX CPU has it.
+  if (!cpu_has_avx512_bf16()) return Bf16Dot::None;
+  const char* choice = std::getenv("JAX_MFA_BF16_DOT");
+  if (choice && std::strcmp(choice, "0") == 0) return Bf16Dot::None;
+  if (choice && std::strcmp(choice, "avx512") == 0) return Bf16Dot::Avx512;
+  return cpu_has_amx_bf16() ? Bf16Dot::Amx : Bf16Dot::Avx512;
 }
 
 void pack_pairs_in_rows(const uint16_t* src, int64_t src_stride, int64_t rows, int64_t K,
@@ -124,10 +152,9 @@ constexpr BlockFn row_of[kMaxVectors] = {block<MR, 1>, block<MR, 2>, block<MR, 3
 constexpr const BlockFn* kBlocks[kMaxRows] = {row_of<1>, row_of<2>, row_of<3>,
                                               row_of<4>, row_of<5>, row_of<6>};
 
-}  // namespace
-
-void bf16_gemm(int64_t M, int64_t N, int64_t pairs, float alpha, const uint32_t* A, int64_t lda,
-               const uint32_t* B, int64_t ldb, bool accumulate, float* C, int64_t ldc) {
+void avx512_gemm(int64_t M, int64_t N, int64_t pairs, float alpha, const uint32_t* A,
+                 int64_t lda, const uint32_t* B, int64_t ldb, bool accumulate, float* C,
+                 int64_t ldc) {
   // Column panels of B (pairs x 64 words) stay in L1 while all rows pass.
   for (int64_t n0 = 0; n0 < N; n0 += 16 * kMaxVectors) {
     const int64_t width = std::min<int64_t>(16 * kMaxVectors, N - n0);
@@ -139,6 +166,121 @@ void bf16_gemm(int64_t M, int64_t N, int64_t pairs, float alpha, const uint32_t*
                               C + m0 * ldc + n0, ldc, last);
     }
   }
+}
+
+#ifdef JAX_MFA_AMX
+#define AMX_TARGET __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl")))
+
+// Palette 1 tile configuration (64 bytes, the layout LDTILECFG reads).
+struct alignas(64) TileConfig {
+  uint8_t palette, start_row, reserved[14];
+  uint16_t bytes_per_row[16];
+  uint8_t rows[16];
+};
+
+// Tiles 0-3: float accumulators C(i, j) = tile 2i + j; 4-5: A rows i; 6-7: B
+// columns j. Every tile is 16 rows x 64 bytes: 16 x 16 floats, or 16 rows of
+// 16 bfloat16 pairs, which is exactly the pair layout of cpu_bf16.h (a B row
+// is one pair index, an A row one output row).
+struct AmxScratch {
+  alignas(64) uint32_t a[2][256], b[2][256];
+  alignas(64) float c[4][256];
+};
+
+// The 16 x 16-word tile of X (rows x cols words, row stride ld) at (r0, c0):
+// in place when whole, else a zero-padded copy in pad.
+inline const uint32_t* operand_tile(const uint32_t* X, int64_t ld, int64_t rows, int64_t cols,
+                                    int64_t r0, int64_t c0, uint32_t* pad, int64_t& stride) {
+  if (r0 + 16 <= rows && c0 + 16 <= cols) {
+    stride = ld * 4;
+    return X + r0 * ld + c0;
+  }
+  std::memset(pad, 0, 256 * sizeof(uint32_t));
+  const int64_t nr = std::min<int64_t>(16, rows - r0), nc = std::min<int64_t>(16, cols - c0);
+  for (int64_t r = 0; r < nr; ++r) std::memcpy(pad + r * 16, X + (r0 + r) * ld + c0, nc * 4);
+  stride = 64;
+  return pad;
+}
+
+// C block of MT x NT tiles at (m0, n0): the K loop on the tile unit, then
+// C = alpha * AB (+ C) through a float copy, masked at the edges.
+template <int MT, int NT>
+AMX_TARGET void amx_block(int64_t M, int64_t N, int64_t pairs, float alpha, const uint32_t* A,
+                          int64_t lda, const uint32_t* B, int64_t ldb, bool accumulate, float* C,
+                          int64_t ldc, int64_t m0, int64_t n0, AmxScratch& s) {
+  _tile_zero(0);
+  if constexpr (NT > 1) _tile_zero(1);
+  if constexpr (MT > 1) _tile_zero(2);
+  if constexpr (MT > 1 && NT > 1) _tile_zero(3);
+  int64_t stride = 0;
+  for (int64_t kp = 0; kp < pairs; kp += 16) {
+    _tile_loadd(4, operand_tile(A, lda, M, pairs, m0, kp, s.a[0], stride), stride);
+    if constexpr (MT > 1)
+      _tile_loadd(5, operand_tile(A, lda, M, pairs, m0 + 16, kp, s.a[1], stride), stride);
+    _tile_loadd(6, operand_tile(B, ldb, pairs, N, kp, n0, s.b[0], stride), stride);
+    if constexpr (NT > 1)
+      _tile_loadd(7, operand_tile(B, ldb, pairs, N, kp, n0 + 16, s.b[1], stride), stride);
+    _tile_dpbf16ps(0, 4, 6);
+    if constexpr (NT > 1) _tile_dpbf16ps(1, 4, 7);
+    if constexpr (MT > 1) _tile_dpbf16ps(2, 5, 6);
+    if constexpr (MT > 1 && NT > 1) _tile_dpbf16ps(3, 5, 7);
+  }
+  _tile_stored(0, s.c[0], 64);
+  if constexpr (NT > 1) _tile_stored(1, s.c[1], 64);
+  if constexpr (MT > 1) _tile_stored(2, s.c[2], 64);
+  if constexpr (MT > 1 && NT > 1) _tile_stored(3, s.c[3], 64);
+  const __m512 al = _mm512_set1_ps(alpha);
+  for (int i = 0; i < MT; ++i)
+    for (int j = 0; j < NT; ++j) {
+      const int64_t r0 = m0 + 16 * i, c0 = n0 + 16 * j;
+      const int64_t nr = std::min<int64_t>(16, M - r0);
+      const __mmask16 k = tail_mask(N - c0);
+      for (int64_t r = 0; r < nr; ++r) {
+        float* out = C + (r0 + r) * ldc + c0;
+        __m512 v = _mm512_mul_ps(_mm512_load_ps(s.c[2 * i + j] + 16 * r), al);
+        if (accumulate) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(k, out));
+        _mm512_mask_storeu_ps(out, k, v);
+      }
+    }
+}
+
+AMX_TARGET void amx_gemm(int64_t M, int64_t N, int64_t pairs, float alpha, const uint32_t* A,
+                         int64_t lda, const uint32_t* B, int64_t ldb, bool accumulate, float* C,
+                         int64_t ldc) {
+  // Configured on every call: other code on this thread (oneDNN in XLA or
+  // torch) may use the tiles with another shape in between.
+  TileConfig cfg{};
+  cfg.palette = 1;
+  for (int t = 0; t < 8; ++t) {
+    cfg.bytes_per_row[t] = 64;
+    cfg.rows[t] = 16;
+  }
+  _tile_loadconfig(&cfg);
+  AmxScratch s;
+  // Blocks of 32 x 32: an A row pair and B column pair feed four products.
+  for (int64_t m0 = 0; m0 < M; m0 += 32) {
+    const bool two_m = M - m0 > 16;
+    for (int64_t n0 = 0; n0 < N; n0 += 32) {
+      const bool two_n = N - n0 > 16;
+      using Block = decltype(&amx_block<1, 1>);
+      const Block block = two_m ? (two_n ? &amx_block<2, 2> : &amx_block<2, 1>)
+                                : (two_n ? &amx_block<1, 2> : &amx_block<1, 1>);
+      block(M, N, pairs, alpha, A, lda, B, ldb, accumulate, C, ldc, m0, n0, s);
+    }
+  }
+  _tile_release();  // back to the init state: no 8 KiB to save on a switch
+}
+#endif  // JAX_MFA_AMX
+
+}  // namespace
+
+void bf16_gemm(int64_t M, int64_t N, int64_t pairs, float alpha, const uint32_t* A, int64_t lda,
+               const uint32_t* B, int64_t ldb, bool accumulate, float* C, int64_t ldc) {
+#ifdef JAX_MFA_AMX
+  if (bf16_dot_kind() == Bf16Dot::Amx)
+    return amx_gemm(M, N, pairs, alpha, A, lda, B, ldb, accumulate, C, ldc);
+#endif
+  avx512_gemm(M, N, pairs, alpha, A, lda, B, ldb, accumulate, C, ldc);
 }
 
 BF16_TARGET void float_to_pairs_in_rows(const float* src, int64_t src_stride, int64_t rows,

@@ -1,6 +1,8 @@
-// bfloat16 tile products on the CPU's bfloat16 dot-product instruction
-// (AVX512-BF16 VDPBF16PS: each float lane accumulates the products of a pair
-// of bfloat16), chosen at run time like cpu_simd.h. Accumulation is in float.
+// bfloat16 tile products on the CPU's bfloat16 matrix or dot-product
+// instructions, chosen at run time like cpu_simd.h: AMX-BF16 (TDPBF16PS on
+// 16 x 16 float tiles, Intel Sapphire Rapids and later) where the CPU and OS
+// allow it, else AVX512-BF16 (VDPBF16PS: each float lane accumulates the
+// products of a pair of bfloat16). Accumulation is in float either way.
 //
 // Hand-written because no packaged library does this for us (measured, see
 // benchmarks/RESULTS.md): the oneDNN wheels on PyPI (`onednn` 2026.x, oneDNN
@@ -16,9 +18,17 @@ namespace cpu {
 
 // True when the CPU (and OS) can run AVX512-BF16 code.
 bool cpu_has_avx512_bf16();
-// True when cpu_has_avx512_bf16() and JAX_MFA_BF16_DOT is not "0" (read on
-// every call, so tests can exercise both paths in one process).
-bool bf16_dot_available();
+// True when the CPU has AMX-TILE and AMX-BF16 and (Linux) the kernel granted
+// this process the tile state (arch_prctl ARCH_REQ_XCOMP_PERM, asked once).
+bool cpu_has_amx_bf16();
+
+// The instruction bf16_gemm uses: JAX_MFA_BF16_DOT (read on every call, so
+// tests exercise every path in one process) = "0": none (the kernels take
+// their portable float path); "avx512": AVX512-BF16 even where AMX exists;
+// unset or anything else: the best the CPU has.
+enum class Bf16Dot { None, Avx512, Amx };
+Bf16Dot bf16_dot_kind();
+inline bool bf16_dot_available() { return bf16_dot_kind() != Bf16Dot::None; }
 
 // "Pair layout" of a K x N operand B: word (k / 2) * ld + n holds B[k][n] in
 // its low half and B[k + 1][n] in its high half (k even); for odd K the last
@@ -49,7 +59,8 @@ void float_to_pairs_across_rows(const float* src, int64_t src_stride, int64_t K,
 
 // C[M x N] = alpha * A B (+ C when accumulate). A: M rows of `pairs` words,
 // row stride lda words; B in pair layout, row stride ldb words; C float, row
-// stride ldc. Only call when bf16_dot_available().
+// stride ldc. Only call when bf16_dot_available(); runs on the instruction
+// bf16_dot_kind() names.
 void bf16_gemm(int64_t M, int64_t N, int64_t pairs, float alpha, const uint32_t* A, int64_t lda,
                const uint32_t* B, int64_t ldb, bool accumulate, float* C, int64_t ldc);
 
