@@ -1,6 +1,7 @@
 #include "cpu/cpu_bf16.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 
@@ -65,6 +66,14 @@ Bf16Dot bf16_dot_kind() {
   if (choice && std::strcmp(choice, "0") == 0) return Bf16Dot::None;
   if (choice && std::strcmp(choice, "avx512") == 0) return Bf16Dot::Avx512;
   return cpu_has_amx_bf16() ? Bf16Dot::Amx : Bf16Dot::Avx512;
+}
+
+bool f16_split_available() {
+  const Bf16Dot kind = bf16_dot_kind();
+  if (kind == Bf16Dot::None) return false;
+  const char* choice = std::getenv("JAX_MFA_F16_SPLIT");
+  if (choice && *choice) return std::strcmp(choice, "0") != 0;
+  return kind == Bf16Dot::Amx;
 }
 
 void pack_pairs_in_rows(const uint16_t* src, int64_t src_stride, int64_t rows, int64_t K,
@@ -309,7 +318,35 @@ BF16_TARGET void float_to_pairs_across_rows(const float* src, int64_t src_stride
     }
   }
 }
+namespace {
+// Splits 16 floats (masked by k) into bfloat16 hi and lo halves.
+BF16_TARGET inline void split16(__mmask16 k, __m512 x, uint16_t* hi, uint16_t* lo) {
+  const __m256bh h = _mm512_cvtneps_pbh(x);
+  const __m512 hf = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)h), 16));
+  const __mmask16 finite = _mm512_cmp_ps_mask(_mm512_abs_ps(hf), _mm512_set1_ps(INFINITY),
+                                              _CMP_NEQ_UQ);
+  const __m256bh l = _mm512_cvtneps_pbh(_mm512_maskz_sub_ps(finite, x, hf));
+  _mm256_mask_storeu_epi16(hi, k, (__m256i)h);
+  _mm256_mask_storeu_epi16(lo, k, (__m256i)l);
+}
+}  // namespace
+
+BF16_TARGET void half_to_bf16_hi_lo(const uint16_t* src, int64_t n, uint16_t* hi, uint16_t* lo) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 k = tail_mask(n - i);
+    split16(k, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, src + i)), hi + i, lo + i);
+  }
+}
+
+BF16_TARGET void float_to_bf16_hi_lo(const float* src, int64_t n, uint16_t* hi, uint16_t* lo) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 k = tail_mask(n - i);
+    split16(k, _mm512_maskz_loadu_ps(k, src + i), hi + i, lo + i);
+  }
+}
 #else
+void half_to_bf16_hi_lo(const uint16_t*, int64_t, uint16_t*, uint16_t*) { std::abort(); }
+void float_to_bf16_hi_lo(const float*, int64_t, uint16_t*, uint16_t*) { std::abort(); }
 void float_to_pairs_in_rows(const float*, int64_t, int64_t, int64_t, uint32_t*, int64_t) {
   std::abort();
 }

@@ -29,6 +29,11 @@ bool cpu_has_amx_bf16();
 enum class Bf16Dot { None, Avx512, Amx };
 Bf16Dot bf16_dot_kind();
 inline bool bf16_dot_available() { return bf16_dot_kind() != Bf16Dot::None; }
+// Whether float16 forwards run on the bfloat16 instructions through hi/lo
+// splits (three products for one: worth it on AMX only). JAX_MFA_F16_SPLIT
+// (read on every call): "0" never, "1" wherever bf16_dot_available() (to
+// test the split on AVX512-BF16), unset: when bf16_dot_kind() is Amx.
+bool f16_split_available();
 
 // "Pair layout" of a K x N operand B: word (k / 2) * ld + n holds B[k][n] in
 // its low half and B[k + 1][n] in its high half (k even); for odd K the last
@@ -56,6 +61,15 @@ void float_to_pairs_in_rows(const float* src, int64_t src_stride, int64_t rows, 
                             uint32_t* dst, int64_t ld);
 void float_to_pairs_across_rows(const float* src, int64_t src_stride, int64_t K, int64_t cols,
                                 uint32_t* dst, int64_t ld);
+
+// float16 on the bfloat16 instructions: x = hi + lo, hi = bfloat16(x),
+// lo = bfloat16(x - hi). Exact for every finite float16 (11 significant bits
+// = 8 + 3, exponents inside bfloat16's range), so hi*hi' + hi*lo' + lo*hi'
+// gives a float16 product to within lo*lo' (2^-16 relative); for a float x it
+// keeps 16 significant bits. lo is 0 where x is infinite (NaN stays NaN).
+// Contiguous runs of n values; only where bf16_dot_available().
+void half_to_bf16_hi_lo(const uint16_t* src, int64_t n, uint16_t* hi, uint16_t* lo);
+void float_to_bf16_hi_lo(const float* src, int64_t n, uint16_t* hi, uint16_t* lo);
 
 // C[M x N] = alpha * A B (+ C when accumulate). A: M rows of `pairs` words,
 // row stride lda words; B in pair layout, row stride ldb words; C float, row
