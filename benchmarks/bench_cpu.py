@@ -215,36 +215,48 @@ def dtype_rows(b: Bench, L: int):
                                  f"(**{t / times[0]:.2f}x** float32's)"
                                  for dt, t in zip(dts, times))
                        + f" ({REF} rejects float16 on the CPU)"))
-    bf16_paths_row(b, inputs[dts.index(jnp.bfloat16)], L)
+    sixteen_bit_paths_rows(b, L)
 
 
-def with_env(name, value, fn):
-    """fn with the environment variable set around each call (the kernels
-    read their switches on every call)."""
+def with_env(env, fn):
+    """fn with the environment variables of `env` set around each call (the
+    kernels read their switches on every call)."""
     def wrapped(*args):
-        saved = os.environ.get(name)
-        os.environ[name] = value
+        saved = {name: os.environ.get(name) for name in env}
+        os.environ.update(env)
         try:
             return jax.block_until_ready(fn(*args))
         finally:
-            if saved is None:
-                del os.environ[name]
-            else:
-                os.environ[name] = saved
+            for name, value in saved.items():
+                if value is None:
+                    del os.environ[name]
+                else:
+                    os.environ[name] = value
     return wrapped
 
 
-def bf16_paths_row(b: Bench, x, L: int):
-    """bfloat16 forward on each tile-product instruction the CPU has
-    (JAX_MFA_BF16_DOT: AMX-BF16 where present, AVX512-BF16, portable float),
-    interleaved."""
-    paths = {"best": None, "avx512-bf16": "avx512", "portable": "0"}
-    fn, args = call("cpu", x)
-    times = b.times([(with_env("JAX_MFA_BF16_DOT", flag, fn) if flag else fn, args)
-                     for flag in paths.values()])
-    b.rows.append(("dtype", f"bfloat16 fwd per path, T=S={L}",
-                   ", ".join(f"{name} {t * 1e3:.1f} ms" for name, t in zip(paths, times))
-                   + " (best = AMX-BF16 where the CPU has it, else AVX512-BF16)"))
+# 16-bit forward paths (cpp/cpu/cpu_bf16.h): environment of each.
+SIXTEEN_BIT_PATHS = {
+    "bfloat16": {"best": {}, "avx512-bf16": {"JAX_MFA_BF16_DOT": "avx512"},
+                 "portable": {"JAX_MFA_BF16_DOT": "0"}},
+    "float16": {"default": {}, "split": {"JAX_MFA_F16_SPLIT": "1"},
+                "portable": {"JAX_MFA_F16_SPLIT": "0"}},
+}
+
+
+def sixteen_bit_paths_rows(b: Bench, L: int):
+    """16-bit forwards on each tile-product path the CPU has, interleaved with
+    float32's: bfloat16 on AMX-BF16 (best where present), AVX512-BF16 or the
+    portable float path; float16 split into bfloat16 parts or portable."""
+    calls, names = [call("cpu", bm.make_inputs(1, L, L, 8, 8, 64))], ["float32"]
+    for dt, paths in SIXTEEN_BIT_PATHS.items():
+        fn, args = call("cpu", bm.make_inputs(1, L, L, 8, 8, 64, dtype=getattr(jnp, dt)))
+        for name, env in paths.items():
+            calls.append((with_env(env, fn), args))
+            names.append(f"{dt} {name}")
+    times = b.times(calls)
+    b.rows.append(("dtype", f"fwd per path, T=S={L}, H=64",
+                   ", ".join(f"{n} {t * 1e3:.1f} ms" for n, t in zip(names, times))))
 
 
 def accuracy_rows(b: Bench, L: int):

@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <vector>
 
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
 #define JAX_MFA_X86 1
@@ -189,55 +190,55 @@ struct alignas(64) TileConfig {
 
 // Tiles 0-3: float accumulators C(i, j) = tile 2i + j; 4-5: A rows i; 6-7: B
 // columns j. Every tile is 16 rows x 64 bytes: 16 x 16 floats, or 16 rows of
-// 16 bfloat16 pairs, which is exactly the pair layout of cpu_bf16.h (a B row
-// is one pair index, an A row one output row).
-struct AmxScratch {
-  alignas(64) uint32_t a[2][256], b[2][256];
-  alignas(64) float c[4][256];
-};
-
-// The 16 x 16-word tile of X (rows x cols words, row stride ld) at (r0, c0):
-// in place when whole, else a zero-padded copy in pad.
-inline const uint32_t* operand_tile(const uint32_t* X, int64_t ld, int64_t rows, int64_t cols,
-                                    int64_t r0, int64_t c0, uint32_t* pad, int64_t& stride) {
-  if (r0 + 16 <= rows && c0 + 16 <= cols) {
-    stride = ld * 4;
-    return X + r0 * ld + c0;
+// 16 bfloat16 pairs, which is the pair layout of cpu_bf16.h (a B row is one
+// pair index, an A row one output row).
+//
+// Both operands are first copied into whole tiles, 1 KiB each, contiguous and
+// zero-padded at the edges: a tile load then reads 16 consecutive 64-byte
+// rows. In place, the rows of a K^T operand lie S words apart (16 KiB at
+// S = 4096), all in one L1 set, and the products ran at a fraction of the
+// tile unit's rate.
+//
+// Tile (rt, ct) of X (rows x cols words, row stride ld), rows 16 rt.. and
+// columns 16 ct.., goes to dst + (rt * rt_stride + ct * ct_stride) * 256.
+AMX_TARGET void pack_tiles(const uint32_t* X, int64_t ld, int64_t rows, int64_t cols,
+                           uint32_t* dst, int64_t rt_stride, int64_t ct_stride) {
+  const int64_t row_tiles = (rows + 15) / 16, col_tiles = (cols + 15) / 16;
+  for (int64_t r = 0; r < row_tiles * 16; ++r) {
+    uint32_t* d = dst + (r / 16) * rt_stride * 256 + (r % 16) * 16;
+    for (int64_t ct = 0; ct < col_tiles; ++ct) {
+      const __mmask16 k = r < rows ? tail_mask(cols - 16 * ct) : __mmask16(0);
+      _mm512_store_si512(d + ct * ct_stride * 256,
+                         _mm512_maskz_loadu_epi32(k, X + r * ld + 16 * ct));
+    }
   }
-  std::memset(pad, 0, 256 * sizeof(uint32_t));
-  const int64_t nr = std::min<int64_t>(16, rows - r0), nc = std::min<int64_t>(16, cols - c0);
-  for (int64_t r = 0; r < nr; ++r) std::memcpy(pad + r * 16, X + (r0 + r) * ld + c0, nc * 4);
-  stride = 64;
-  return pad;
 }
 
-// C block of MT x NT tiles at (m0, n0): the K loop on the tile unit, then
+// C block of MT x NT tiles at (m0, n0) from the packed tiles of its A rows
+// (At) and B columns (Bt), k_tiles each: the K loop on the tile unit, then
 // C = alpha * AB (+ C) through a float copy, masked at the edges.
 template <int MT, int NT>
-AMX_TARGET void amx_block(int64_t M, int64_t N, int64_t pairs, float alpha, const uint32_t* A,
-                          int64_t lda, const uint32_t* B, int64_t ldb, bool accumulate, float* C,
-                          int64_t ldc, int64_t m0, int64_t n0, AmxScratch& s) {
+AMX_TARGET void amx_block(int64_t M, int64_t N, int64_t k_tiles, float alpha, const uint32_t* At,
+                          const uint32_t* Bt, bool accumulate, float* C, int64_t ldc, int64_t m0,
+                          int64_t n0, float (*c)[256]) {
   _tile_zero(0);
   if constexpr (NT > 1) _tile_zero(1);
   if constexpr (MT > 1) _tile_zero(2);
   if constexpr (MT > 1 && NT > 1) _tile_zero(3);
-  int64_t stride = 0;
-  for (int64_t kp = 0; kp < pairs; kp += 16) {
-    _tile_loadd(4, operand_tile(A, lda, M, pairs, m0, kp, s.a[0], stride), stride);
-    if constexpr (MT > 1)
-      _tile_loadd(5, operand_tile(A, lda, M, pairs, m0 + 16, kp, s.a[1], stride), stride);
-    _tile_loadd(6, operand_tile(B, ldb, pairs, N, kp, n0, s.b[0], stride), stride);
-    if constexpr (NT > 1)
-      _tile_loadd(7, operand_tile(B, ldb, pairs, N, kp, n0 + 16, s.b[1], stride), stride);
+  for (int64_t kt = 0; kt < k_tiles; ++kt) {
+    _tile_loadd(4, At + kt * 256, 64);
+    if constexpr (MT > 1) _tile_loadd(5, At + (k_tiles + kt) * 256, 64);
+    _tile_loadd(6, Bt + kt * 256, 64);
+    if constexpr (NT > 1) _tile_loadd(7, Bt + (k_tiles + kt) * 256, 64);
     _tile_dpbf16ps(0, 4, 6);
     if constexpr (NT > 1) _tile_dpbf16ps(1, 4, 7);
     if constexpr (MT > 1) _tile_dpbf16ps(2, 5, 6);
     if constexpr (MT > 1 && NT > 1) _tile_dpbf16ps(3, 5, 7);
   }
-  _tile_stored(0, s.c[0], 64);
-  if constexpr (NT > 1) _tile_stored(1, s.c[1], 64);
-  if constexpr (MT > 1) _tile_stored(2, s.c[2], 64);
-  if constexpr (MT > 1 && NT > 1) _tile_stored(3, s.c[3], 64);
+  _tile_stored(0, c[0], 64);
+  if constexpr (NT > 1) _tile_stored(1, c[1], 64);
+  if constexpr (MT > 1) _tile_stored(2, c[2], 64);
+  if constexpr (MT > 1 && NT > 1) _tile_stored(3, c[3], 64);
   const __m512 al = _mm512_set1_ps(alpha);
   for (int i = 0; i < MT; ++i)
     for (int j = 0; j < NT; ++j) {
@@ -246,7 +247,7 @@ AMX_TARGET void amx_block(int64_t M, int64_t N, int64_t pairs, float alpha, cons
       const __mmask16 k = tail_mask(N - c0);
       for (int64_t r = 0; r < nr; ++r) {
         float* out = C + (r0 + r) * ldc + c0;
-        __m512 v = _mm512_mul_ps(_mm512_load_ps(s.c[2 * i + j] + 16 * r), al);
+        __m512 v = _mm512_mul_ps(_mm512_load_ps(c[2 * i + j] + 16 * r), al);
         if (accumulate) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(k, out));
         _mm512_mask_storeu_ps(out, k, v);
       }
@@ -256,6 +257,18 @@ AMX_TARGET void amx_block(int64_t M, int64_t N, int64_t pairs, float alpha, cons
 AMX_TARGET void amx_gemm(int64_t M, int64_t N, int64_t pairs, float alpha, const uint32_t* A,
                          int64_t lda, const uint32_t* B, int64_t ldb, bool accumulate, float* C,
                          int64_t ldc) {
+  const int64_t m_tiles = (M + 15) / 16, n_tiles = (N + 15) / 16, k_tiles = (pairs + 15) / 16;
+  struct Aligned {
+    alignas(64) uint32_t words[256];
+  };
+  thread_local std::vector<Aligned> a_tiles, b_tiles;
+  if (a_tiles.size() < size_t(m_tiles * k_tiles)) a_tiles.resize(size_t(m_tiles * k_tiles));
+  if (b_tiles.size() < size_t(n_tiles * k_tiles)) b_tiles.resize(size_t(n_tiles * k_tiles));
+  uint32_t* At = a_tiles.data()->words;
+  uint32_t* Bt = b_tiles.data()->words;
+  pack_tiles(A, lda, M, pairs, At, k_tiles, 1);  // A row tile mt: k_tiles tiles from mt * k_tiles
+  pack_tiles(B, ldb, pairs, N, Bt, 1, k_tiles);  // B column tile nt: likewise
+
   // Configured on every call: other code on this thread (oneDNN in XLA or
   // torch) may use the tiles with another shape in between.
   TileConfig cfg{};
@@ -265,16 +278,17 @@ AMX_TARGET void amx_gemm(int64_t M, int64_t N, int64_t pairs, float alpha, const
     cfg.rows[t] = 16;
   }
   _tile_loadconfig(&cfg);
-  AmxScratch s;
-  // Blocks of 32 x 32: an A row pair and B column pair feed four products.
-  for (int64_t m0 = 0; m0 < M; m0 += 32) {
-    const bool two_m = M - m0 > 16;
-    for (int64_t n0 = 0; n0 < N; n0 += 32) {
-      const bool two_n = N - n0 > 16;
+  alignas(64) float c[4][256];
+  // Blocks of 2 x 2 tiles: two A and two B tiles feed four products.
+  for (int64_t mt = 0; mt < m_tiles; mt += 2) {
+    const bool two_m = mt + 1 < m_tiles;
+    for (int64_t nt = 0; nt < n_tiles; nt += 2) {
+      const bool two_n = nt + 1 < n_tiles;
       using Block = decltype(&amx_block<1, 1>);
       const Block block = two_m ? (two_n ? &amx_block<2, 2> : &amx_block<2, 1>)
                                 : (two_n ? &amx_block<1, 2> : &amx_block<1, 1>);
-      block(M, N, pairs, alpha, A, lda, B, ldb, accumulate, C, ldc, m0, n0, s);
+      block(M, N, k_tiles, alpha, At + mt * k_tiles * 256, Bt + nt * k_tiles * 256, accumulate, C,
+            ldc, 16 * mt, 16 * nt, c);
     }
   }
   _tile_release();  // back to the init state: no 8 KiB to save on a switch
