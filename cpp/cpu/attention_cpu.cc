@@ -19,14 +19,15 @@
 //
 // bfloat16 on CPUs with AVX512-BF16 (use_bf16_dot): the operands are
 // repacked (not converted) into bfloat16 pairs once per chunk of heads and all
-// tile products run on the bfloat16 dot-product instruction (cpu_bf16.h); P
-// and dS are rounded to bfloat16 for the products that take them, softmax
-// and accumulation stay in float. The float16 forward takes the same path
-// where the CPU has AMX-BF16 (use_f16_split): every float16 operand is split
+// tile products run on the bfloat16 instructions (cpu_bf16.h: AMX-BF16 tiles
+// where the CPU has them, else AVX512-BF16 dot products); P and dS are
+// rounded to bfloat16 for the products that take them, softmax and
+// accumulation stay in float. The float16 forward takes the same path where
+// the CPU has AMX-BF16 (use_f16_split): every float16 operand is split
 // exactly into bfloat16 hi + lo parts and each product is three (hi hi' +
-// hi lo' + lo hi'), P keeping 16 significant bits. Otherwise float16/bfloat16 inputs are
-// converted to float once per call (per chunk of heads); float64 runs in
-// float64 throughout.
+// hi lo' + lo hi'), P keeping 16 significant bits. Otherwise float16/bfloat16
+// inputs are converted to float once per call (per chunk of heads); float64
+// runs in float64 throughout.
 #include "cpu/attention_cpu.h"
 
 #include <algorithm>

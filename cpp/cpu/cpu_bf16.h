@@ -5,10 +5,13 @@
 // products of a pair of bfloat16). Accumulation is in float either way.
 //
 // Hand-written because no packaged library does this for us (measured, see
-// benchmarks/RESULTS.md): the oneDNN wheels on PyPI (`onednn` 2026.x, oneDNN
-// 3.13) are SYCL builds with the micro-kernel API compiled out and no CPU
-// engine without a SYCL CPU device; MKL's bfloat16 GEMM runs at its SGEMM rate
-// on AMD Zen 4; OpenBLAS in scipy-openblas32 has no sbgemm.
+// benchmarks/RESULTS.md; re-checked 2026-11-22): the oneDNN wheels on PyPI
+// (`onednn` 2025.0-2026.1, oneDNN 3.6-3.13) are SYCL builds that export no
+// public `dnnl_brgemm_*` micro-kernel API (only internal dnnl::impl C++
+// symbols) and have no CPU engine without a SYCL CPU device; MKL's bfloat16
+// GEMM runs at its SGEMM rate on AMD Zen 4; OpenBLAS in scipy-openblas32 and
+// in cmeel-openblas 0.3.31 has no sbgemm function (cmeel's exports only the
+// sbgemm_p/q/r blocking variables).
 #pragma once
 
 #include <cstdint>
