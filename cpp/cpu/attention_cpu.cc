@@ -153,7 +153,6 @@ void dot_product(bool split, int64_t M, int64_t N, int64_t pairs, float alpha,
   cpu::bf16_gemm(M, N, pairs, alpha, A[1], lda, B[0], ldb, true, C, ldc);
 }
 
-
 // Tile shape: stacked query rows x key columns per tile. Overridable for
 // tuning with JAX_MFA_TILES="fwd_rows,fwd_cols,bwd_rows,bwd_cols".
 struct TileShape {
