@@ -215,6 +215,76 @@ def dtype_rows(b: Bench, L: int):
                                  f"(**{t / times[0]:.2f}x** float32's)"
                                  for dt, t in zip(dts, times))
                        + f" ({REF} rejects float16 on the CPU)"))
+    sixteen_bit_paths_rows(b, L)
+
+
+def with_env(env, fn):
+    """fn with the environment variables of `env` set around each call (the
+    kernels read their switches on every call)."""
+    def wrapped(*args):
+        saved = {name: os.environ.get(name) for name in env}
+        os.environ.update(env)
+        try:
+            return jax.block_until_ready(fn(*args))
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    del os.environ[name]
+                else:
+                    os.environ[name] = value
+    return wrapped
+
+
+# 16-bit forward paths (cpp/cpu/cpu_bf16.h): environment of each.
+SIXTEEN_BIT_PATHS = {
+    "bfloat16": {"best": {}, "avx512-bf16": {"JAX_MFA_BF16_DOT": "avx512"},
+                 "portable": {"JAX_MFA_BF16_DOT": "0"}},
+    "float16": {"default": {}, "split": {"JAX_MFA_F16_SPLIT": "1"},
+                "portable": {"JAX_MFA_F16_SPLIT": "0"}},
+}
+
+
+def sixteen_bit_paths_rows(b: Bench, L: int):
+    """16-bit forwards on each tile-product path the CPU has, interleaved with
+    float32's: bfloat16 on AMX-BF16 (best where present), AVX512-BF16 or the
+    portable float path; float16 split into bfloat16 parts or portable."""
+    calls, names = [call("cpu", bm.make_inputs(1, L, L, 8, 8, 64))], ["float32"]
+    for dt, paths in SIXTEEN_BIT_PATHS.items():
+        fn, args = call("cpu", bm.make_inputs(1, L, L, 8, 8, 64, dtype=getattr(jnp, dt)))
+        for name, env in paths.items():
+            calls.append((with_env(env, fn), args))
+            names.append(f"{dt} {name}")
+    times = b.times(calls)
+    b.rows.append(("dtype", f"fwd per path, T=S={L}, H=64",
+                   ", ".join(f"{n} {t * 1e3:.1f} ms" for n, t in zip(names, times))))
+
+
+def accuracy_rows(b: Bench, L: int):
+    """16-bit forward accuracy against a float64 reference computed from the
+    same (rounded) inputs: jax_mfa's and torch's outputs, max and RMS error."""
+    import numpy as np
+    for dt in ("float16", "bfloat16"):
+        q, k, v, do = bm.make_inputs(1, L, L, 8, 8, 64, dtype=getattr(jnp, dt))
+        q64, k64, v64 = (np.asarray(a.astype(jnp.float32), np.float64) for a in (q, k, v))
+        s = np.einsum("bqnh,bknh->bnqk", q64, k64) / np.sqrt(q.shape[-1])
+        p = np.exp(s - s.max(-1, keepdims=True))
+        ref = np.einsum("bnqk,bknh->bqnh", p / p.sum(-1, keepdims=True), v64)
+        fn, args = call("cpu", (q, k, v, do))
+        errs = {"jax_mfa": np.asarray(fn(*args).astype(jnp.float32), np.float64) - ref}
+        if torch is not None:
+            tq, tk, tv = (torch.from_numpy(np.array(a.astype(jnp.float32))).to(TORCH_DTYPES[dt])
+                          .transpose(1, 2) for a in (q, k, v))
+            with torch.no_grad():
+                out = torch.nn.functional.scaled_dot_product_attention(tq, tk, tv)
+            errs["torch"] = out.transpose(1, 2).float().numpy().astype(np.float64) - ref
+        text = {name: (np.abs(e).max(), np.sqrt(np.mean(e * e))) for name, e in errs.items()}
+        b.rows.append(("accuracy", f"{dt} fwd, T=S={L}, H=64, error vs float64",
+                       "; ".join(f"{name} max {mx:.2e}, RMS {rms:.2e}"
+                                 for name, (mx, rms) in text.items())))
+        if "torch" in text:
+            b.check(f"{dt} fwd RMS error no worse than torch's",
+                    f"{text['jax_mfa'][1]:.2e} vs {text['torch'][1]:.2e}",
+                    text["jax_mfa"][1] <= text["torch"][1] * 1.05)
 
 
 def decode_rows(b: Bench):
@@ -381,7 +451,7 @@ def main():
                     help="head dims of the torch comparison (default 64,128; --quick: 64)")
     ap.add_argument("--only", default=None,
                     help="run only these steps, comma-separated: main, curve, masks, window, "
-                         "head_dim, dtype, decode, scaling, memory, torch")
+                         "head_dim, dtype, decode, scaling, memory, packed, accuracy, torch")
     args = ap.parse_args()
     global torch
     if args.no_torch:
@@ -393,13 +463,13 @@ def main():
         steps = [(main_rows, 1024), (curve_rows, 512), (mask_rows, 1024),
                  (window_scaling_rows, (1024, 2048)), (head_dim_rows, 512), (dtype_rows, 512),
                  (decode_rows,), (scaling_rows, 1024), (memory_rows, 4096), (packed_rows, 2048),
-                 (torch_rows, (1024,), (64,), 8192)]
+                 (accuracy_rows, 512), (torch_rows, (1024,), (64,), 8192)]
     else:
         steps = [(main_rows, 2048), (main_rows, 4096), (curve_rows, 512), (curve_rows, 1024),
                  (mask_rows, 4096), (window_scaling_rows, (2048, 4096, 8192)),
                  (head_dim_rows, 2048), (dtype_rows, 2048), (decode_rows,),
                  (scaling_rows, 4096), (memory_rows, 16384), (packed_rows, 8192),
-                 (torch_rows, (2048, 4096), (64, 128), 32768)]
+                 (accuracy_rows, 1024), (torch_rows, (2048, 4096), (64, 128), 32768)]
     ints = lambda text: tuple(int(v) for v in text.split(","))  # noqa: E731
     steps = [(fn, *a) if fn is not torch_rows else
              (fn, ints(args.torch_lengths) if args.torch_lengths else a[0],

@@ -1,7 +1,10 @@
 """The CPU kernels' instruction-set paths (cpp/cpu), each against the float64
-reference: the bfloat16 dot-product path (AVX512-BF16, where the CPU has it)
-and the portable float path that every x86-64 / arm64 CPU takes, forced with
-JAX_MFA_BF16_DOT=0 so that CI on a machine with AVX512-BF16 runs both.
+reference: the bfloat16 tile products on AMX-BF16 and on AVX512-BF16 (where
+the CPU has them) and the portable float path that every x86-64 / arm64 CPU
+takes, chosen with JAX_MFA_BF16_DOT ("0": portable, "avx512": AVX512-BF16 even
+with AMX, unset: the best) so that CI runs every path its CPU has. float16's
+forward takes the same instructions through exact bfloat16 hi/lo splits
+(JAX_MFA_F16_SPLIT=1 forces it on AVX512-BF16 too; default on AMX only).
 
 The sizes are chosen to hit the dot-product path's edges: odd head dims (rows
 of Q padded to a whole pair), odd key counts (P and V padded), key spans that
@@ -43,6 +46,21 @@ def _cpu_flags() -> set[str]:
 # Read independently of the kernels' own dispatch (which uses cpuid).
 HAS_BF16_DOT = platform.machine() in ("x86_64", "AMD64") and {
     "avx512f", "avx512bw", "avx512_bf16"} <= _cpu_flags()
+HAS_AMX = HAS_BF16_DOT and platform.system() == "Linux" and {
+    "amx_tile", "amx_bf16"} <= _cpu_flags()
+
+# Path name -> (JAX_MFA_BF16_DOT value, whether this CPU has it).
+BF16_DOT = {"amx": ("amx", HAS_AMX), "avx512-bf16": ("avx512", HAS_BF16_DOT),
+            "portable": ("0", True)}
+
+
+def use_path(path, monkeypatch):
+    """Selects the path for bfloat16 and (split into bfloat16 parts) float16."""
+    flag, present = BF16_DOT[path]
+    if not present:
+        pytest.skip(f"this CPU has no {path}")
+    monkeypatch.setenv("JAX_MFA_BF16_DOT", flag)
+    monkeypatch.setenv("JAX_MFA_F16_SPLIT", "0" if path == "portable" else "1")
 
 CASES = [
     Case("odd_sizes", T=77, S=301, N=6, K=2, H=17, batch=1),
@@ -57,8 +75,8 @@ CASES = [
 ]
 
 
-# (dtype, path): float16 always takes the portable path.
-PATHS = [(jnp.bfloat16, "bf16-dot"), (jnp.bfloat16, "portable"), (jnp.float16, "portable")]
+# (dtype, path): float16's backward always takes the portable path.
+PATHS = [(dt, path) for dt in (jnp.bfloat16, jnp.float16) for path in BF16_DOT]
 
 
 @pytest.mark.parametrize("tiles", [None, "37,61,40,40"], ids=["default-tiles", "odd-tiles"])
@@ -66,42 +84,46 @@ PATHS = [(jnp.bfloat16, "bf16-dot"), (jnp.bfloat16, "portable"), (jnp.float16, "
                          ids=[f"{jnp.dtype(d).name}-{p}" for d, p in PATHS])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_16_bit_paths(case, dtype, path, tiles, rng, monkeypatch):
-    if path == "bf16-dot" and not HAS_BF16_DOT:
-        pytest.skip("this CPU has no AVX512-BF16")
-    monkeypatch.setenv("JAX_MFA_BF16_DOT", "1" if path == "bf16-dot" else "0")
+    if dtype == jnp.float16 and path != "portable" and tiles:
+        pytest.skip("the split shares its tiling with bfloat16's, tested with odd tiles there")
+    use_path(path, monkeypatch)
     if tiles:
         monkeypatch.setenv("JAX_MFA_TILES", tiles)
     test_attention.test_against_reference(case, dtype, "cpu", rng)  # the main matrix's checks
 
 
 @pytest.mark.skipif(not HAS_BF16_DOT, reason="this CPU has no AVX512-BF16")
-def test_bf16_dot_path_is_taken(rng, monkeypatch):
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=["bfloat16", "float16"])
+def test_bf16_dot_path_is_taken(dtype, rng, monkeypatch):
     """The switch really changes the arithmetic (P is rounded to bfloat16 on
-    the dot-product path only), so the tests above cover two paths."""
-    args, kwargs = build(Case("switch", T=65, S=130, H=32), jnp.bfloat16, "cpu", rng)
+    the dot-product paths only; AMX sums the products in another order than
+    AVX512-BF16), so the tests above cover distinct paths."""
+    args, kwargs = build(Case("switch", T=65, S=130, H=32), dtype, "cpu", rng)
     q, k, v = args[:3]
-    outs = {}
-    for flag in ("1", "0"):
-        monkeypatch.setenv("JAX_MFA_BF16_DOT", flag)
-        outs[flag] = np.asarray(jax_mfa.attention(q, k, v, implementation="cpu", **kwargs)
-                                .astype(jnp.float32))
-    assert not np.array_equal(outs["1"], outs["0"])
+    lse = {}
+    for path in [p for p, (_, present) in BF16_DOT.items() if present]:
+        use_path(path, monkeypatch)
+        _, lse[path] = jax_mfa.attention(q, k, v, implementation="cpu", return_residual=True,
+                                         **kwargs)
+    paths = list(lse)
+    for i, a in enumerate(paths):
+        for b in paths[i + 1:]:
+            assert not np.array_equal(np.asarray(lse[a]), np.asarray(lse[b])), (a, b)
 
 
-@pytest.mark.parametrize("path", ["bf16-dot", "portable"])
-def test_bf16_nan_propagates(path, rng, monkeypatch):
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=["bfloat16", "float16"])
+@pytest.mark.parametrize("path", list(BF16_DOT))
+def test_bf16_nan_propagates(path, dtype, rng, monkeypatch):
     """As in jax.nn (tests/test_nan.py, float32): an allowed NaN logit makes its
     row NaN; a NaN key that the causal mask hides is invisible."""
-    if path == "bf16-dot" and not HAS_BF16_DOT:
-        pytest.skip("this CPU has no AVX512-BF16")
-    monkeypatch.setenv("JAX_MFA_BF16_DOT", "1" if path == "bf16-dot" else "0")
+    use_path(path, monkeypatch)
     T, N, H = 300, 2, 33
     q = np.asarray(rng.standard_normal((1, T, N, H)), np.float32)
     k = np.asarray(rng.standard_normal((1, T, N, H)), np.float32)
     v = np.asarray(rng.standard_normal((1, T, N, H)), np.float32)
     q[0, 5, 1, 3] = np.nan    # query row 5 of head 1
     k[0, 260, 0, 7] = np.nan  # key 260 of head 0: seen by rows >= 260 only
-    out, lse = jax_mfa.attention(*(jnp.asarray(a, jnp.bfloat16) for a in (q, k, v)),
+    out, lse = jax_mfa.attention(*(jnp.asarray(a, dtype) for a in (q, k, v)),
                                  is_causal=True, return_residual=True, implementation="cpu")
     out = np.asarray(out.astype(jnp.float32))[0]
     expected = np.zeros((T, N), bool)

@@ -19,14 +19,19 @@
 //
 // bfloat16 on CPUs with AVX512-BF16 (use_bf16_dot): the operands are
 // repacked (not converted) into bfloat16 pairs once per chunk of heads and all
-// tile products run on the bfloat16 dot-product instruction (cpu_bf16.h); P
-// and dS are rounded to bfloat16 for the products that take them, softmax
-// and accumulation stay in float. Otherwise float16/bfloat16 inputs are
-// converted to float once per call (per chunk of heads); float64 runs in
-// float64 throughout.
+// tile products run on the bfloat16 instructions (cpu_bf16.h: AMX-BF16 tiles
+// where the CPU has them, else AVX512-BF16 dot products); P and dS are
+// rounded to bfloat16 for the products that take them, softmax and
+// accumulation stay in float. The float16 forward takes the same path where
+// the CPU has AMX-BF16 (use_f16_split): every float16 operand is split
+// exactly into bfloat16 hi + lo parts and each product is three (hi hi' +
+// hi lo' + lo hi'), P keeping 16 significant bits. Otherwise float16/bfloat16
+// inputs are converted to float once per call (per chunk of heads); float64
+// runs in float64 throughout.
 #include "cpu/attention_cpu.h"
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <cstdio>
@@ -128,6 +133,24 @@ template <typename T>
 bool use_bf16_dot(const AttentionProblem& p, int64_t stacked_rows, const RowOps& ops) {
   return std::is_same_v<T, BFloat> && stacked_rows >= 64 && ops.exp_sum_to_bfloat &&
          !p.has_segment_ids && !p.has_sinks && !p.has_dropout() && cpu::bf16_dot_available();
+}
+// The float16 forward on the same instructions through hi/lo splits, under
+// the same conditions (cpu_bf16.h: on AMX by default).
+template <typename T>
+bool use_f16_split(const AttentionProblem& p, int64_t stacked_rows) {
+  return std::is_same_v<T, Half> && stacked_rows >= 64 && !p.has_segment_ids && !p.has_sinks &&
+         !p.has_dropout() && cpu::f16_split_available();
+}
+
+// A B on the bfloat16 instructions (cpu::bf16_gemm's layouts). With split
+// operands (A[1], B[1] the lo parts) the three products A0 B0 + A0 B1 + A1 B0.
+void dot_product(bool split, int64_t M, int64_t N, int64_t pairs, float alpha,
+                 const uint32_t* const A[2], int64_t lda, const uint32_t* const B[2], int64_t ldb,
+                 bool accumulate, float* C, int64_t ldc) {
+  cpu::bf16_gemm(M, N, pairs, alpha, A[0], lda, B[0], ldb, accumulate, C, ldc);
+  if (!split) return;
+  cpu::bf16_gemm(M, N, pairs, alpha, A[0], lda, B[1], ldb, true, C, ldc);
+  cpu::bf16_gemm(M, N, pairs, alpha, A[1], lda, B[0], ldb, true, C, ldc);
 }
 
 // Tile shape: stacked query rows x key columns per tile. Overridable for
@@ -425,6 +448,19 @@ Span key_span_clamped(const AttentionProblem& p, int64_t t0, int64_t tq, int64_t
 // ---------------------------------------------------------------------------
 // Forward
 
+// Rows of float16 (row stride src_stride, n values each) as bfloat16 hi and
+// lo parts (cpu_bf16.h), rows n apart in the per-thread uint16 scratch
+// buffers `id` and id + 1. Returns {hi, lo}.
+std::array<const uint16_t*, 2> split_rows(const void* src, int64_t src_stride, int64_t rows,
+                                          int64_t n, int id) {
+  uint16_t* hi = scratch<uint16_t>(id, rows * n);
+  uint16_t* lo = scratch<uint16_t>(id + 1, rows * n);
+  for (int64_t r = 0; r < rows; ++r)
+    cpu::half_to_bf16_hi_lo(static_cast<const uint16_t*>(src) + r * src_stride, n, hi + r * n,
+                            lo + r * n);
+  return {hi, lo};
+}
+
 template <typename T, typename Acc>
 void forward_typed(const AttentionProblem& p, const ForwardBuffers& buf, TaskRunner& runner) {
   const int64_t B = p.batch, T_ = p.q_len, S_ = p.kv_len, N = p.q_heads, K = p.kv_heads,
@@ -444,8 +480,11 @@ void forward_typed(const AttentionProblem& p, const ForwardBuffers& buf, TaskRun
   const TileShape tile = tile_shape(false, H, {256, H <= 128 ? 256 : 128});
   const int64_t Tq = std::max<int64_t>(1, tile.rows / G), rows_max = Tq * G;
   // bfloat16 dot products (see the top of this file) pair up keys: key
-  // blocks then start at even keys.
-  const bool dot = use_bf16_dot<T>(p, T_ * G, ops);
+  // blocks then start at even keys. `split`: float16 through hi/lo parts
+  // (two of each packed operand; `dot` covers both paths).
+  const bool split = use_f16_split<T>(p, T_ * G);
+  const bool dot = split || use_bf16_dot<T>(p, T_ * G, ops);
+  const int parts = split ? 2 : 1;
   const int64_t Bk = dot ? (tile.cols + 1) / 2 * 2 : tile.cols;
   const int64_t QB = ceil_div(T_, Tq), pairs = B * K;
   const int64_t hpairs = (H + 1) / 2, kpairs_max = Bk / 2;  // words per row of Q, of P
@@ -463,25 +502,38 @@ void forward_typed(const AttentionProblem& p, const ForwardBuffers& buf, TaskRun
   const int64_t per_pair = 2 * S_ * H * int64_t(sizeof(Acc));
   const int64_t chunk = direct ? pairs : std::clamp<int64_t>((64 << 20) / per_pair, 1, pairs);
   std::vector<Acc> kbuf, vbuf, part;
-  std::vector<uint32_t> kpack, vpack;  // pair layouts (cpu_bf16.h) of K^T and V, per pair
+  // Pair layouts (cpu_bf16.h) of K^T and V per pair; [1]: lo parts (split).
+  std::vector<uint32_t> kpack[2], vpack[2];
   if (SP > 1) part.resize(size_t(std::min(chunk, pairs) * QB * SP * rows_max * (H + 2)));
 
   for (int64_t p0 = 0; p0 < pairs; p0 += chunk) {
     const int64_t p1 = std::min(pairs, p0 + chunk), cp = p1 - p0;
     Rows<Acc> kv, vv;
     if (dot) {
-      kpack.resize(size_t(cp * hpairs * Sld));
-      vpack.resize(size_t(cp * Vpairs * H));
+      for (int i = 0; i < parts; ++i) {
+        kpack[i].resize(size_t(cp * hpairs * Sld));
+        vpack[i].resize(size_t(cp * Vpairs * H));
+      }
       const int64_t block = 512, blocks = ceil_div(S_, block);
       parallel_for_slots(runner, cp * blocks, helpers_for(runner, cp * blocks),
                          [&](int64_t, int64_t task) {
         const int64_t pl = task / blocks, s0 = (task % blocks) * block;
         const int64_t n = std::min(block, S_ - s0), b = (p0 + pl) / K, kvh = (p0 + pl) % K;
-        const uint16_t* ks = reinterpret_cast<const uint16_t*>(buf.k) + ((b * S_ + s0) * K + kvh) * H;
-        const uint16_t* vs = reinterpret_cast<const uint16_t*>(buf.v) + ((b * S_ + s0) * K + kvh) * H;
-        cpu::pack_pairs_in_rows(ks, K * H, n, H, kpack.data() + pl * hpairs * Sld + s0, Sld, 1);
-        cpu::pack_pairs_across_rows(vs, K * H, n, H, vpack.data() + (pl * Vpairs + s0 / 2) * H,
-                                    H, 1);
+        const int64_t at = ((b * S_ + s0) * K + kvh) * H;
+        std::array<const uint16_t*, 2> ks = {reinterpret_cast<const uint16_t*>(buf.k) + at};
+        std::array<const uint16_t*, 2> vs = {reinterpret_cast<const uint16_t*>(buf.v) + at};
+        int64_t stride = K * H;
+        if (split) {
+          ks = split_rows(ks[0], stride, n, H, 0);
+          vs = split_rows(vs[0], stride, n, H, 2);
+          stride = H;
+        }
+        for (int i = 0; i < parts; ++i) {
+          cpu::pack_pairs_in_rows(ks[i], stride, n, H, kpack[i].data() + pl * hpairs * Sld + s0,
+                                  Sld, 1);
+          cpu::pack_pairs_across_rows(vs[i], stride, n, H,
+                                      vpack[i].data() + (pl * Vpairs + s0 / 2) * H, H, 1);
+        }
       });
     } else {
       kv = stage<T, Acc>(static_cast<const T*>(buf.k), S_, K, 1, H, p0, p1, kbuf, runner, ops);
@@ -512,20 +564,30 @@ void forward_typed(const AttentionProblem& p, const ForwardBuffers& buf, TaskRun
       std::fill(acc, acc + rows * H, Acc(0));
       // The sink term belongs to the first key slice only.
       init_softmax(p, static_cast<const Acc*>(buf.sinks), b, kvh, rows, G, sp == 0, m, l);
-      uint32_t* Qw = dot ? scratch<uint32_t>(7, rows_max * hpairs) : nullptr;
-      uint32_t* Pw = dot ? scratch<uint32_t>(8, rows_max * kpairs_max) : nullptr;
+      // Packed Q rows and P rows ([1]: lo parts on the split path).
+      uint32_t* Qw[2] = {}, *Pw[2] = {};
+      for (int i = 0; dot && i < parts; ++i) {
+        Qw[i] = scratch<uint32_t>(7 + 2 * i, rows_max * hpairs);
+        Pw[i] = scratch<uint32_t>(8 + 2 * i, rows_max * kpairs_max);
+      }
       if (span.empty()) {
       } else if (dot) {  // the G heads of a position: G rows H apart
-        for (int64_t t = 0; t < tq; ++t)
-          cpu::pack_pairs_in_rows(
-              reinterpret_cast<const uint16_t*>(q + ((b * T_ + t0 + t) * N + kvh * G) * H), H, G,
-              H, Qw + t * G * hpairs, 1, hpairs);
+        for (int64_t t = 0; t < tq; ++t) {
+          const T* qt = q + ((b * T_ + t0 + t) * N + kvh * G) * H;
+          std::array<const uint16_t*, 2> qs = {reinterpret_cast<const uint16_t*>(qt)};
+          if (split) qs = split_rows(qs[0], H, G, H, 0);
+          for (int i = 0; i < parts; ++i)
+            cpu::pack_pairs_in_rows(qs[i], H, G, H, Qw[i] + t * G * hpairs, 1, hpairs);
+        }
       } else {  // G heads of a position are contiguous: one run of G*H
         for (int64_t t = 0; t < tq; ++t)
           convert(q + ((b * T_ + t0 + t) * N + kvh * G) * H, Qs + t * G * H, G * H, ops);
       }
-      const uint32_t* Kw = dot ? kpack.data() + pl * hpairs * Sld : nullptr;
-      const uint32_t* Vw = dot ? vpack.data() + pl * Vpairs * H : nullptr;
+      const uint32_t* Kw[2] = {}, *Vw[2] = {};
+      for (int i = 0; dot && i < parts; ++i) {
+        Kw[i] = kpack[i].data() + pl * hpairs * Sld;
+        Vw[i] = vpack[i].data() + pl * Vpairs * H;
+      }
 
       // One tile: query positions [u0, u0 + uq) (stacked rows from
       // (u0 - t0) * G), keys [j0, j0 + cols).
@@ -535,8 +597,9 @@ void forward_typed(const AttentionProblem& p, const ForwardBuffers& buf, TaskRun
         if constexpr (std::is_same_v<Acc, float>) {
           if (dot)
             timed(prof, 0, nr, cols, H, [&] {
-              cpu::bf16_gemm(nr, cols, hpairs, scale, Qw + r0 * hpairs, hpairs, Kw + j0, Sld,
-                             false, Sb, Bk);
+              const uint32_t* A[2] = {Qw[0] + r0 * hpairs, split ? Qw[1] + r0 * hpairs : nullptr};
+              const uint32_t* B[2] = {Kw[0] + j0, split ? Kw[1] + j0 : nullptr};
+              dot_product(split, nr, cols, hpairs, scale, A, hpairs, B, Sld, false, Sb, Bk);
             });
         }
         if (!dot)
@@ -553,17 +616,25 @@ void forward_typed(const AttentionProblem& p, const ForwardBuffers& buf, TaskRun
             if (std::any_of(s, s + cols, [](Acc x) { return std::isnan(x); }))
               mr = l[r0 + r] = std::numeric_limits<Acc>::quiet_NaN();
             std::fill(s, s + cols, Acc(0));
-            if (dot) std::fill_n(Pw + r * kpairs_max, (cols + 1) / 2, 0u);
+            for (int i = 0; dot && i < parts; ++i)
+              std::fill_n(Pw[i] + r * kpairs_max, (cols + 1) / 2, 0u);
             continue;
           }
           const Acc alpha = std::exp(mr - row_m);  // 0 when m was -inf
           Acc sum = 0;
           if constexpr (std::is_same_v<Acc, float>) {
-            if (dot) {  // P straight to bfloat16 for P V (an odd count padded with 0)
-              uint16_t* pr = reinterpret_cast<uint16_t*>(Pw + r * kpairs_max);
-              sum = ops.exp_sum_to_bfloat(s, pr, cols, row_m);
-              if (cols % 2) pr[cols] = 0;
+            // P to bfloat16 for P V (an odd count padded with 0): straight
+            // from the exponentials, or split into hi and lo parts.
+            uint16_t* hi = dot ? reinterpret_cast<uint16_t*>(Pw[0] + r * kpairs_max) : nullptr;
+            uint16_t* lo = split ? reinterpret_cast<uint16_t*>(Pw[1] + r * kpairs_max) : nullptr;
+            if (split) {
+              sum = row_exp_sum(s, cols, row_m, ops);
+              cpu::float_to_bf16_hi_lo(s, cols, hi, lo);
+              if (cols % 2) lo[cols] = 0;
+            } else if (dot) {
+              sum = ops.exp_sum_to_bfloat(s, hi, cols, row_m);
             }
+            if (dot && cols % 2) hi[cols] = 0;
           }
           if (!dot) sum = row_exp_sum(s, cols, row_m, ops);
           l[r0 + r] = l[r0 + r] * alpha + sum;
@@ -577,7 +648,8 @@ void forward_typed(const AttentionProblem& p, const ForwardBuffers& buf, TaskRun
           if (dot) {
             const int64_t kp = (cols + 1) / 2;
             timed(prof, 1, nr, H, cols, [&] {
-              cpu::bf16_gemm(nr, H, kp, 1.0f, Pw, kpairs_max, Vw + (j0 / 2) * H, H, true, a, H);
+              const uint32_t* B[2] = {Vw[0] + (j0 / 2) * H, split ? Vw[1] + (j0 / 2) * H : nullptr};
+              dot_product(split, nr, H, kp, 1.0f, Pw, kpairs_max, B, H, true, a, H);
             });
           }
         }

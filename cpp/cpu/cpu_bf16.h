@@ -1,12 +1,17 @@
-// bfloat16 tile products on the CPU's bfloat16 dot-product instruction
-// (AVX512-BF16 VDPBF16PS: each float lane accumulates the products of a pair
-// of bfloat16), chosen at run time like cpu_simd.h. Accumulation is in float.
+// bfloat16 tile products on the CPU's bfloat16 matrix or dot-product
+// instructions, chosen at run time like cpu_simd.h: AMX-BF16 (TDPBF16PS on
+// 16 x 16 float tiles, Intel Sapphire Rapids and later) where the CPU and OS
+// allow it, else AVX512-BF16 (VDPBF16PS: each float lane accumulates the
+// products of a pair of bfloat16). Accumulation is in float either way.
 //
 // Hand-written because no packaged library does this for us (measured, see
-// benchmarks/RESULTS.md): the oneDNN wheels on PyPI (`onednn` 2026.x, oneDNN
-// 3.13) are SYCL builds with the micro-kernel API compiled out and no CPU
-// engine without a SYCL CPU device; MKL's bfloat16 GEMM runs at its SGEMM rate
-// on AMD Zen 4; OpenBLAS in scipy-openblas32 has no sbgemm.
+// benchmarks/RESULTS.md; re-checked 2026-11-22): the oneDNN wheels on PyPI
+// (`onednn` 2025.0-2026.1, oneDNN 3.6-3.13) are SYCL builds that export no
+// public `dnnl_brgemm_*` micro-kernel API (only internal dnnl::impl C++
+// symbols) and have no CPU engine without a SYCL CPU device; MKL's bfloat16
+// GEMM runs at its SGEMM rate on AMD Zen 4; OpenBLAS in scipy-openblas32 and
+// in cmeel-openblas 0.3.31 has no sbgemm function (cmeel's exports only the
+// sbgemm_p/q/r blocking variables).
 #pragma once
 
 #include <cstdint>
@@ -16,9 +21,22 @@ namespace cpu {
 
 // True when the CPU (and OS) can run AVX512-BF16 code.
 bool cpu_has_avx512_bf16();
-// True when cpu_has_avx512_bf16() and JAX_MFA_BF16_DOT is not "0" (read on
-// every call, so tests can exercise both paths in one process).
-bool bf16_dot_available();
+// True when the CPU has AMX-TILE and AMX-BF16 and (Linux) the kernel granted
+// this process the tile state (arch_prctl ARCH_REQ_XCOMP_PERM, asked once).
+bool cpu_has_amx_bf16();
+
+// The instruction bf16_gemm uses: JAX_MFA_BF16_DOT (read on every call, so
+// tests exercise every path in one process) = "0": none (the kernels take
+// their portable float path); "avx512": AVX512-BF16 even where AMX exists;
+// unset or anything else: the best the CPU has.
+enum class Bf16Dot { None, Avx512, Amx };
+Bf16Dot bf16_dot_kind();
+inline bool bf16_dot_available() { return bf16_dot_kind() != Bf16Dot::None; }
+// Whether float16 forwards run on the bfloat16 instructions through hi/lo
+// splits (three products for one: worth it on AMX only). JAX_MFA_F16_SPLIT
+// (read on every call): "0" never, "1" wherever bf16_dot_available() (to
+// test the split on AVX512-BF16), unset: when bf16_dot_kind() is Amx.
+bool f16_split_available();
 
 // "Pair layout" of a K x N operand B: word (k / 2) * ld + n holds B[k][n] in
 // its low half and B[k + 1][n] in its high half (k even); for odd K the last
@@ -47,9 +65,19 @@ void float_to_pairs_in_rows(const float* src, int64_t src_stride, int64_t rows, 
 void float_to_pairs_across_rows(const float* src, int64_t src_stride, int64_t K, int64_t cols,
                                 uint32_t* dst, int64_t ld);
 
+// float16 on the bfloat16 instructions: x = hi + lo, hi = bfloat16(x),
+// lo = bfloat16(x - hi). Exact for every finite float16 (11 significant bits
+// = 8 + 3, exponents inside bfloat16's range), so hi*hi' + hi*lo' + lo*hi'
+// gives a float16 product to within lo*lo' (2^-16 relative); for a float x it
+// keeps 16 significant bits. lo is 0 where x is infinite (NaN stays NaN).
+// Contiguous runs of n values; only where bf16_dot_available().
+void half_to_bf16_hi_lo(const uint16_t* src, int64_t n, uint16_t* hi, uint16_t* lo);
+void float_to_bf16_hi_lo(const float* src, int64_t n, uint16_t* hi, uint16_t* lo);
+
 // C[M x N] = alpha * A B (+ C when accumulate). A: M rows of `pairs` words,
 // row stride lda words; B in pair layout, row stride ldb words; C float, row
-// stride ldc. Only call when bf16_dot_available().
+// stride ldc. Only call when bf16_dot_available(); runs on the instruction
+// bf16_dot_kind() names.
 void bf16_gemm(int64_t M, int64_t N, int64_t pairs, float alpha, const uint32_t* A, int64_t lda,
                const uint32_t* B, int64_t ldb, bool accumulate, float* C, int64_t ldc);
 
