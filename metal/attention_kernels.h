@@ -4,7 +4,8 @@
 // Every kernel is a template over
 //   T   storage type: float, half or bf16_t (bfloat16 bits; converted to float
 //       on load, so no bfloat arithmetic is needed on any chip),
-//   HP  head dim padded to a bucket (16, 32, 64, 96, 128, 192, 256),
+//   HP  head dim padded to a bucket (kHeadBuckets in attention_plan.h:
+//       multiples of 8 from 16 to 256), a multiple of DB,
 //   P   parallelization block: rows (queries, or keys for dK/dV) per
 //       threadgroup; one simdgroup owns 8 of them, so P / 8 simdgroups,
 //   C   traversal block: columns (keys, or queries for dK/dV) per step,
@@ -110,8 +111,9 @@ METAL_FUNC void mfa_store_rows(thread mfa_mat& m, device T* row, bool row_ok, in
 template <typename T, int R, int DB, int NT>
 METAL_FUNC void mfa_stage(threadgroup T* tile, device const T* base, mfa_long stride,
                           int rows_valid, int d0, int H, uint tid) {
-  // A fixed trip count, so the loop unrolls (DB is a power of two: the
-  // division and modulo are shifts and masks).
+  // A fixed trip count, so the loop unrolls (DB is a compile-time constant:
+  // the division and modulo become shifts and masks, or a multiply-shift for
+  // DB 24).
 #pragma clang loop unroll(full)
   for (int it = 0; it < (R * DB + NT - 1) / NT; ++it) {
     const int idx = it * NT + int(tid);
@@ -149,8 +151,9 @@ METAL_FUNC void mfa_load_tile(thread mfa_mat& m, threadgroup T* block, int strid
 template <typename T, int HP, int C, int DB, int NT, bool CACHED>
 METAL_FUNC void mfa_accumulate_abt(thread mfa_mat* acc, thread const mfa_mat* a_cached,
                                device const T* a_row, bool a_ok, device const T* b_base,
-                               mfa_long b_stride, int b_rows, int H, int lc,
+                               mfa_long b_stride, int b_rows, int mma_rows, int H, int lc,
                                threadgroup T* tile, uint tid) {
+  static_assert(HP % DB == 0, "the head blocks must tile the padded head dim");
   #pragma clang loop unroll(full)
   for (int d0 = 0; d0 < HP; d0 += DB) {
     threadgroup_barrier(mem_flags::mem_threadgroup);
@@ -163,7 +166,10 @@ METAL_FUNC void mfa_accumulate_abt(thread mfa_mat* acc, thread const mfa_mat* a_
       else mfa_load_rows(am, a_row, a_ok, d0 + kk * 8 + lc, H);
       #pragma clang loop unroll(full)
       for (int c = 0; c < C / 8; ++c) {
-        if (c * 8 >= b_rows) break;  // past the block's last row: zeros (uniform branch)
+        // Past the rows this simdgroup needs (mma_rows <= b_rows: the block's
+        // last row, or this simdgroup's last key on the causal diagonal):
+        // acc stays as it is (uniform branch).
+        if (c * 8 >= mma_rows) break;
         mfa_mat bt;
         mfa_load_tile(bt, tile + c * 8 * DB + kk * 8, DB, true, tid % 32);
         simdgroup_multiply_accumulate(acc[c], am, bt, acc[c]);
@@ -176,8 +182,9 @@ METAL_FUNC void mfa_accumulate_abt(thread mfa_mat* acc, thread const mfa_mat* a_
 // registers), B the C rows at b_base, staged DB head columns at a time.
 template <typename T, int HP, int C, int DB, int NT>
 METAL_FUNC void mfa_accumulate_pb(thread mfa_mat* acc, thread const mfa_mat* pm,
-                              device const T* b_base, mfa_long b_stride, int b_rows, int H,
-                              threadgroup T* tile, uint tid) {
+                              device const T* b_base, mfa_long b_stride, int b_rows,
+                              int mma_rows, int H, threadgroup T* tile, uint tid) {
+  static_assert(HP % DB == 0, "the head blocks must tile the accumulator's head columns");
   #pragma clang loop unroll(full)
   for (int d0 = 0; d0 < HP; d0 += DB) {
     threadgroup_barrier(mem_flags::mem_threadgroup);
@@ -187,7 +194,7 @@ METAL_FUNC void mfa_accumulate_pb(thread mfa_mat* acc, thread const mfa_mat* pm,
     for (int o = 0; o < DB / 8; ++o) {
       #pragma clang loop unroll(full)
       for (int c = 0; c < C / 8; ++c) {
-        if (c * 8 >= b_rows) break;  // P's columns there are zero
+        if (c * 8 >= mma_rows) break;  // P's columns there are zero
         mfa_mat bm;
         mfa_load_tile(bm, tile + c * 8 * DB + o * 8, DB, false, tid % 32);
         simdgroup_multiply_accumulate(acc[d0 / 8 + o], pm[c], bm, acc[d0 / 8 + o]);
@@ -354,6 +361,11 @@ template <typename T, int HP, int P, int C, int DB>
                                             p.window_left, p.window_right);
 
   const int lr = mfa_lane_row(lane), lc = mfa_lane_col(lane);
+  // The end of this simdgroup's 8 rows' keys: on the causal diagonal the
+  // matrix work stops there, 8 rows at a time (the tile is still staged whole).
+  const int sg_keys_end = mfa_key_span_of_rows(i0 + int(sg) * 8, i0 + int(sg) * 8 + 8, q_valid,
+                                               kv_valid, p.causal, p.window_left,
+                                               p.window_right).end;
   const int i = i0 + int(sg) * 8 + lr;  // this lane's query row
   const bool row_ok = i < p.q_len;
   const MfaSpan keys = mfa_key_span(i, q_valid, kv_valid, p.causal, p.window_left, p.window_right);
@@ -381,8 +393,9 @@ template <typename T, int HP, int P, int C, int DB>
     mfa_mat S[CB];
     #pragma clang loop unroll(full)
     for (int c = 0; c < CB; ++c) S[c] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+    const int sg_cols = clamp(sg_keys_end - j0, 0, cols);
     mfa_accumulate_abt<T, HP, C, DB, NT, kCacheQ>(S, Qc, q_row, row_ok, k_base, kv_stride, cols,
-                                                  H, lc, tile, tid);
+                                                  sg_cols, H, lc, tile, tid);
 
     // Masks, then the online softmax in base 2.
     float block_max = kMaskedLogit;
@@ -419,7 +432,7 @@ template <typename T, int HP, int P, int C, int DB>
     }
 
     // O += P V, one head block of V at a time.
-    mfa_accumulate_pb<T, HP, C, DB, NT>(O, S, v_base, kv_stride, cols, H, tile, tid);
+    mfa_accumulate_pb<T, HP, C, DB, NT>(O, S, v_base, kv_stride, cols, sg_cols, H, tile, tid);
   }
 
   // Normalize; a row with no allowed key gets zeros and lse = -inf (a NaN
@@ -484,6 +497,11 @@ template <typename T, int HP, int P, int C, int DB>
                                             p.window_left, p.window_right);
 
   const int lr = mfa_lane_row(lane), lc = mfa_lane_col(lane);
+  // The end of this simdgroup's 8 rows' keys: on the causal diagonal the
+  // matrix work stops there, 8 rows at a time (the tile is still staged whole).
+  const int sg_keys_end = mfa_key_span_of_rows(i0 + int(sg) * 8, i0 + int(sg) * 8 + 8, q_valid,
+                                               kv_valid, p.causal, p.window_left,
+                                               p.window_right).end;
   const int i = i0 + int(sg) * 8 + lr;
   const bool row_ok = i < p.q_len;
   const MfaSpan keys = mfa_key_span(i, q_valid, kv_valid, p.causal, p.window_left, p.window_right);
@@ -523,10 +541,11 @@ template <typename T, int HP, int P, int C, int DB>
       S[c] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
       dP[c] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
     }
+    const int sg_cols = clamp(sg_keys_end - j0, 0, cols);
     mfa_accumulate_abt<T, HP, C, DB, NT, kCache>(S, Qc, q_row, row_ok, k_base, kv_stride, cols,
-                                                 H, lc, tile, tid);
+                                                 sg_cols, H, lc, tile, tid);
     mfa_accumulate_abt<T, HP, C, DB, NT, kCache>(dP, dOc, do_row, row_ok, v_base, kv_stride,
-                                                 cols, H, lc, tile, tid);
+                                                 cols, sg_cols, H, lc, tile, tid);
 
     // P = exp2(logit - L), dS = P (dP Z - delta) with dropout factors Z;
     // S becomes dS * d(logit)/d(q.k).
@@ -552,7 +571,7 @@ template <typename T, int HP, int P, int C, int DB>
     }
 
     // dQ += dS K, restaging K one head block at a time.
-    mfa_accumulate_pb<T, HP, C, DB, NT>(dQ, S, k_base, kv_stride, cols, H, tile, tid);
+    mfa_accumulate_pb<T, HP, C, DB, NT>(dQ, S, k_base, kv_stride, cols, sg_cols, H, tile, tid);
   }
 
   device T* dq_row = dq + row_index * H;
@@ -686,9 +705,9 @@ template <typename T, int HP, int P, int C, int DB, int HO>
             dPT[c] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
           }
           mfa_accumulate_abt<T, HP, C, DB, NT, kCache>(ST, Kc, k_row, key_ok, q_base, q_stride,
-                                                       cnt, H, lc, tile, tid);
+                                                       cnt, cnt, H, lc, tile, tid);
           mfa_accumulate_abt<T, HP, C, DB, NT, kCache>(dPT, Vc, v_row, key_ok, do_base,
-                                                       q_stride, cnt, H, lc, tile, tid);
+                                                       q_stride, cnt, cnt, H, lc, tile, tid);
 
           // P^T and dS^T; ST becomes P^T, dPT becomes dS^T * d(logit)/d(q.k).
           float ds_row = 0.0f;
@@ -733,10 +752,10 @@ template <typename T, int HP, int P, int C, int DB, int HO>
 
           // dV += P^T dO and dK += dS^T Q over this threadgroup's head
           // columns, restaging dO and Q by head block.
-          mfa_accumulate_pb<T, HO, C, DB, NT>(dV, ST, do_base + h_out, q_stride, cnt, H - h_out,
-                                              tile, tid);
-          mfa_accumulate_pb<T, HO, C, DB, NT>(dK, dPT, q_base + h_out, q_stride, cnt, H - h_out,
-                                              tile, tid);
+          mfa_accumulate_pb<T, HO, C, DB, NT>(dV, ST, do_base + h_out, q_stride, cnt, cnt,
+                                              H - h_out, tile, tid);
+          mfa_accumulate_pb<T, HO, C, DB, NT>(dK, dPT, q_base + h_out, q_stride, cnt, cnt,
+                                              H - h_out, tile, tid);
         }
       }
 
