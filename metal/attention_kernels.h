@@ -111,9 +111,20 @@ METAL_FUNC void mfa_store_rows(thread mfa_mat& m, device T* row, bool row_ok, in
 template <typename T, int R, int DB, int NT>
 METAL_FUNC void mfa_stage(threadgroup T* tile, device const T* base, mfa_long stride,
                           int rows_valid, int d0, int H, uint tid) {
-  // A fixed trip count, so the loop unrolls (DB is a compile-time constant:
+  // A fixed trip count, so the loops unroll (DB is a compile-time constant:
   // the division and modulo become shifts and masks, or a multiply-shift for
   // DB 24).
+  if (rows_valid >= R && d0 + DB <= H) {
+    // Interior tile (every row and head column exists; uniform across the
+    // threadgroup): no bounds checks.
+#pragma clang loop unroll(full)
+    for (int it = 0; it < (R * DB + NT - 1) / NT; ++it) {
+      const int idx = it * NT + int(tid);
+      if (R * DB % NT != 0 && idx >= R * DB) break;
+      tile[idx] = T(base[mfa_long(idx / DB) * stride + d0 + idx % DB]);
+    }
+    return;
+  }
 #pragma clang loop unroll(full)
   for (int it = 0; it < (R * DB + NT - 1) / NT; ++it) {
     const int idx = it * NT + int(tid);
@@ -237,12 +248,35 @@ METAL_FUNC mfa_long mfa_mask_offset(constant AttentionParams& p, int b, int n, i
          mfa_long(i) * p.mask_strides[2] + mfa_long(j) * p.mask_strides[3];
 }
 
+// Where the bias and mask entries of one lane's line of logits lie: a query
+// row i (forward, dQ, decode: along the keys) or a key column j (dK/dV: along
+// the queries). The four 64-bit stride products are paid once per line, and
+// one per element (the position along the line) instead of four.
+struct MfaLogitLine {
+  mfa_long bias_base, bias_step, mask_base, mask_step;
+};
+METAL_FUNC MfaLogitLine mfa_logit_line(constant AttentionParams& p, int b, int n, int i, int j,
+                                       bool along_keys) {
+  MfaLogitLine line = {0, 0, 0, 0};
+  if (p.has_bias) {
+    line.bias_base = mfa_bias_offset(p, b, n, i, j);
+    line.bias_step = p.bias_strides[along_keys ? 3 : 2];
+  }
+  if (p.has_mask) {
+    line.mask_base = mfa_mask_offset(p, b, n, i, j);
+    line.mask_step = p.mask_strides[along_keys ? 3 : 2];
+  }
+  return line;
+}
+
 // One logit: raw q.k product -> scaled, soft-capped, biased, in base-2 units.
-// `valid` comes back false for masked entries; `t` keeps the softcap's tanh for
-// the backward's chain rule.
+// `line` and `along` locate its bias and mask entries (mfa_logit_line), j is
+// its key (checked against the row's span `keys`). `valid` comes back false
+// for masked entries; `t` keeps the softcap's tanh for the backward's chain
+// rule.
 METAL_FUNC float mfa_logit(constant AttentionParams& p, device const float* bias,
-                       device const uchar* mask, int b, int n, int i, int j, MfaSpan keys,
-                       float s, thread bool& valid, thread float& t) {
+                       device const uchar* mask, MfaLogitLine line, int along, int j,
+                       MfaSpan keys, float s, thread bool& valid, thread float& t) {
   valid = j >= keys.begin && j < keys.end;
   float x;
   if (p.has_softcap) {
@@ -252,8 +286,8 @@ METAL_FUNC float mfa_logit(constant AttentionParams& p, device const float* bias
     t = 0.0f;
     x = s * p.scale_log2;
   }
-  if (valid && p.has_bias) x += bias[mfa_bias_offset(p, b, n, i, j)] * kLog2e;
-  if (valid && p.has_mask) valid = mask[mfa_mask_offset(p, b, n, i, j)] != 0;
+  if (valid && p.has_bias) x += bias[line.bias_base + mfa_long(along) * line.bias_step] * kLog2e;
+  if (valid && p.has_mask) valid = mask[line.mask_base + mfa_long(along) * line.mask_step] != 0;
   // A -inf bias masks the entry, as it would in the reference; a NaN logit
   // stays allowed so that it makes its row NaN, as in jax.nn.
   valid = valid && !(x <= kMaskedLogit);
@@ -369,6 +403,7 @@ template <typename T, int HP, int P, int C, int DB>
   const int i = i0 + int(sg) * 8 + lr;  // this lane's query row
   const bool row_ok = i < p.q_len;
   const MfaSpan keys = mfa_key_span(i, q_valid, kv_valid, p.causal, p.window_left, p.window_right);
+  const MfaLogitLine line = mfa_logit_line(p, b, n, i, 0, true);
   device const T* q_row = q + ((mfa_long(b) * p.q_len + (row_ok ? i : 0)) * N + n) * H;
   const mfa_long kv_stride = mfa_long(K) * H;
 
@@ -407,7 +442,7 @@ template <typename T, int HP, int P, int C, int DB>
         const int j = j0 + c * 8 + lc + e;
         float t;
         bool valid;
-        const float x = mfa_logit(p, bias, mask, b, n, i, j, keys, S[c].thread_elements()[e],
+        const float x = mfa_logit(p, bias, mask, line, j, j, keys, S[c].thread_elements()[e],
                                   valid, t);
         valid = valid && mfa_same_segment(p, q_segments, kv_segments, b, i, j);
         ok[c][e] = valid;
@@ -505,6 +540,7 @@ template <typename T, int HP, int P, int C, int DB>
   const int i = i0 + int(sg) * 8 + lr;
   const bool row_ok = i < p.q_len;
   const MfaSpan keys = mfa_key_span(i, q_valid, kv_valid, p.causal, p.window_left, p.window_right);
+  const MfaLogitLine line = mfa_logit_line(p, b, n, i, 0, true);
   const mfa_long row_index = (mfa_long(b) * p.q_len + (row_ok ? i : 0)) * N + n;
   device const T* q_row = q + row_index * H;
   device const T* do_row = dout + row_index * H;
@@ -559,7 +595,7 @@ template <typename T, int HP, int P, int C, int DB>
         const int j = j0 + c * 8 + lc + e;
         float t;
         bool valid;
-        const float x = mfa_logit(p, bias, mask, b, n, i, j, keys, S[c].thread_elements()[e],
+        const float x = mfa_logit(p, bias, mask, line, j, j, keys, S[c].thread_elements()[e],
                                   valid, t);
         valid = valid && mfa_same_segment(p, q_segments, kv_segments, b, i, j);
         const float pr = (valid && !row_empty) ? exp2(x - row_lse2) : 0.0f;
@@ -673,6 +709,7 @@ template <typename T, int HP, int P, int C, int DB, int HO>
       }
 
       for (int n = kvh * G; n < (kvh + 1) * G && !(rows.begin >= rows.end); ++n) {
+        const MfaLogitLine line = mfa_logit_line(p, b, n, 0, j, false);
         for (int i0 = rows.begin; i0 < rows.end; i0 += C) {
           const int cnt = min(C, rows.end - i0);
           if (!mfa_tile_segments_meet(p, q_segments, kv_segments, b, i0, i0 + cnt, j0, j0 + P))
@@ -721,7 +758,7 @@ template <typename T, int HP, int P, int C, int DB, int HO>
                                                 p.window_right);
               float t;
               bool valid;
-              const float x = mfa_logit(p, bias, mask, b, n, i, j, keys,
+              const float x = mfa_logit(p, bias, mask, line, i, j, keys,
                                         ST[c].thread_elements()[e], valid, t);
               valid = valid && mfa_same_segment(p, q_segments, kv_segments, b, i, j);
               const float l2 = lse_t[col];
