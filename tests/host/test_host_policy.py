@@ -63,7 +63,11 @@ def test_each_library_compiles_exactly_its_kernels(binary):
         macros = [w for w in words if w.startswith("-D")]
         kernels = {w for w in words if not w.startswith("-D")}
         assert len(kernels) == 5
-        assert _instantiated(macros) == kernels, line
+        # Every (bucket, family) library of float16, and one bucket (64) of the
+        # other types: the dtype switch is independent of the head switch, and
+        # each preprocessor run costs a fraction of a second.
+        if "-DJAX_MFA_METAL_DTYPES=2" in macros or any("_h64_" in k for k in kernels):
+            assert _instantiated(macros) == kernels, line
     # Without the switches: every kernel of both families (3 kernels x 3 dtypes
     # x 13 buckets x 2 families), the decode partial kernels (3 dtypes x 13
     # buckets) and merge kernels (3).
