@@ -318,7 +318,9 @@ def test_planted_missing_barrier_is_caught(rng, tmp_path):
     without a barrier) is reported as a threadgroup-memory race."""
     from jax_mfa import metal_emulator
 
-    defines = {"JAX_MFA_METAL_FAMILIES": 2, "JAX_MFA_METAL_DTYPES": 2}
+    # Only the head bucket the forward below uses (bit 0: 16): every kernel
+    # template is still compiled, once.
+    defines = {"JAX_MFA_METAL_FAMILIES": 2, "JAX_MFA_METAL_DTYPES": 2, "JAX_MFA_METAL_HEADS": 1}
     src = embedded_source()
     good = metal_emulator.compile_source(src, defines, filename=str(tmp_path / "embedded.metal"))
     out, ref = _forward_with(good, rng)
@@ -340,7 +342,8 @@ def test_attention_kernels_compile_and_run_with_clang(rng, tmp_path):
     project's compiler, g++ in CI), and give the same forward."""
     from jax_mfa import metal_emulator
 
-    defines = {"JAX_MFA_METAL_FAMILIES": 2, "JAX_MFA_METAL_DTYPES": 2}
+    # Every kernel template, at the head bucket the forward below uses (16).
+    defines = {"JAX_MFA_METAL_FAMILIES": 2, "JAX_MFA_METAL_DTYPES": 2, "JAX_MFA_METAL_HEADS": 1}
     lib = metal_emulator.compile_source(embedded_source(), defines, cxx=shutil.which("clang++"),
                                         filename=str(tmp_path / "embedded.metal"))
     out, ref = _forward_with(lib, rng)
