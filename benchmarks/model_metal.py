@@ -20,9 +20,11 @@ shape is then walked in Python: every threadgroup costs fixed + blocks x
 per-block, with its block count from the masks (causal: up to the diagonal,
 top-left for ours as in jax.nn, bottom-right for MLX, the same when T = S).
 Our kernels skip the 8-row chunks of a partial last block (the causal
-diagonal), which a full block's profile cannot show: their matrix pipe is
-charged for the rows' worth of such a block (8-row granularity); MLX's steel
-kernel computes whole tiles and is charged whole blocks. The two-pass vector
+diagonal), and each simdgroup stops its matrix work at its own 8 rows' last
+key, which a full block's profile cannot show: their matrix pipe is charged
+for the mean over the simdgroups of the keys' worth (8-key granularity); the
+other pipes for whole blocks (the tile is staged whole). MLX's steel kernel
+computes whole tiles and is charged whole blocks. The two-pass vector
 kernel is profiled on its own grid with the real keys per threadgroup (see
 `mlx_decode`).
 
@@ -227,7 +229,15 @@ def params_dtype() -> np.dtype:
 DECODE_MAX_QUERIES, DECODE_MIN_KEYS, DECODE_TARGET_GROUPS, DECODE_MIN_KEYS_PER_SPLIT = 8, 1024, 1024, 128
 TAGS = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
 FILES = {"float32": "attention_f32.metal", "float16": "attention_f16.metal", "bfloat16": "attention_bf16.metal"}
-BUCKET_BITS = {16: 0, 32: 1, 64: 2, 96: 3, 128: 4, 192: 5, 256: 6}
+
+
+def head_buckets() -> list[int]:
+    """kHeadBuckets of cpp/metal_host/attention_plan.h (one definition; JAX_MFA_METAL_HEADS bit order)."""
+    text = (ROOT / "cpp" / "metal_host" / "attention_plan.h").read_text()
+    return [int(x) for x in re.search(r"kHeadBuckets\[\] = \{([^}]*)\}", text).group(1).split(",")]
+
+
+BUCKET_BITS = {hp: bit for bit, hp in enumerate(head_buckets())}
 
 
 class OurKernels:
@@ -387,9 +397,16 @@ class MlxKernels:
 # Shapes -> dispatches.
 def _causal_blocks(row_starts, rows, cols, length, causal):
     """Traversal blocks of each threadgroup of `rows` rows at `row_starts` (top-left causal, T = S),
-    and the blocks' worth of matrix work when the last block's 8-row chunks past its end are skipped."""
-    ends = np.minimum(row_starts + rows, length) if causal else np.full(len(row_starts), length)
-    return -(-ends // cols), _chunked(ends, cols)
+    and the blocks' worth of matrix work: each simdgroup (8 rows) of our kernels stops its matrix
+    work at its own rows' last key, 8 keys at a time (sg_keys_end in metal/attention_kernels.h),
+    so the matrix pipe is charged the mean over the simdgroups."""
+    if not causal:
+        ends = np.full(len(row_starts), length)
+        return -(-ends // cols), _chunked(ends, cols)
+    ends = np.minimum(row_starts + rows, length)
+    sg_first = row_starts[:, None] + 8 * np.arange(rows // 8)[None, :]
+    sg_ends = np.where(sg_first < length, np.minimum(sg_first + 8, length), 0)
+    return -(-ends // cols), _chunked(sg_ends, cols).mean(axis=1)
 
 
 def _chunked(span, cols):

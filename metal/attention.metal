@@ -8,9 +8,11 @@
 // (Apple7) tables, bit 1 the M3+ (Apple9) tables; default both.
 // JAX_MFA_METAL_DTYPES selects storage types: bit 0 float, 1 half, 2 bfloat16
 // (the emulated build compiles one translation unit per type, in parallel).
-// JAX_MFA_METAL_HEADS selects head-dim buckets: bit 0 16, 1 32, 2 64, 3 96,
-// 4 128, 5 192, 6 256 (the Metal launcher compiles one (type, bucket) library
-// at a time, on first use; see library_macros() in host_policy.h).
+// JAX_MFA_METAL_HEADS selects head-dim buckets: bit i for the i-th of
+// kHeadBuckets in cpp/metal_host/attention_plan.h (16, 32, 40, 48, 64, 72, 80,
+// 96, 112, 128, 160, 192, 256); default all. The Metal launcher compiles one
+// (type, bucket) library at a time, on first use (library_macros() in
+// host_policy.h).
 #include <metal_stdlib>
 #ifndef JAX_MFA_EMBEDDED
 #include "jax_mfa_instantiate.h"
@@ -26,7 +28,7 @@
 #define JAX_MFA_METAL_DTYPES 7
 #endif
 #ifndef JAX_MFA_METAL_HEADS
-#define JAX_MFA_METAL_HEADS 127
+#define JAX_MFA_METAL_HEADS 8191
 #endif
 
 // MFA_IF_H<HP>(x): x if bucket HP is selected, else nothing.
@@ -41,26 +43,56 @@
 #define MFA_IF_H32(x)
 #endif
 #if JAX_MFA_METAL_HEADS & 4
+#define MFA_IF_H40(x) x
+#else
+#define MFA_IF_H40(x)
+#endif
+#if JAX_MFA_METAL_HEADS & 8
+#define MFA_IF_H48(x) x
+#else
+#define MFA_IF_H48(x)
+#endif
+#if JAX_MFA_METAL_HEADS & 16
 #define MFA_IF_H64(x) x
 #else
 #define MFA_IF_H64(x)
 #endif
-#if JAX_MFA_METAL_HEADS & 8
+#if JAX_MFA_METAL_HEADS & 32
+#define MFA_IF_H72(x) x
+#else
+#define MFA_IF_H72(x)
+#endif
+#if JAX_MFA_METAL_HEADS & 64
+#define MFA_IF_H80(x) x
+#else
+#define MFA_IF_H80(x)
+#endif
+#if JAX_MFA_METAL_HEADS & 128
 #define MFA_IF_H96(x) x
 #else
 #define MFA_IF_H96(x)
 #endif
-#if JAX_MFA_METAL_HEADS & 16
+#if JAX_MFA_METAL_HEADS & 256
+#define MFA_IF_H112(x) x
+#else
+#define MFA_IF_H112(x)
+#endif
+#if JAX_MFA_METAL_HEADS & 512
 #define MFA_IF_H128(x) x
 #else
 #define MFA_IF_H128(x)
 #endif
-#if JAX_MFA_METAL_HEADS & 32
+#if JAX_MFA_METAL_HEADS & 1024
+#define MFA_IF_H160(x) x
+#else
+#define MFA_IF_H160(x)
+#endif
+#if JAX_MFA_METAL_HEADS & 2048
 #define MFA_IF_H192(x) x
 #else
 #define MFA_IF_H192(x)
 #endif
-#if JAX_MFA_METAL_HEADS & 64
+#if JAX_MFA_METAL_HEADS & 4096
 #define MFA_IF_H256(x) x
 #else
 #define MFA_IF_H256(x)
@@ -85,32 +117,49 @@
 
 // M3 and later (Apple9): metal-flash-attention's mixed-precision tables,
 // with the register-budget changes listed in attention_plan.cc.
-#define MFA_APPLE9(T, TAG)                                                                  \
-  MFA_FWD(T, TAG, 16, 16, 128, 16) MFA_FWD(T, TAG, 32, 16, 128, 16)                         \
-  MFA_FWD(T, TAG, 64, 16, 128, 32) MFA_FWD(T, TAG, 96, 16, 128, 32)                         \
-  MFA_FWD(T, TAG, 128, 16, 128, 32) MFA_FWD(T, TAG, 192, 16, 128, 32)                       \
-  MFA_FWD(T, TAG, 256, 16, 64, 32)                                                          \
-  MFA_DQ(T, TAG, 16, 16, 64, 8) MFA_DQ(T, TAG, 32, 16, 64, 8) MFA_DQ(T, TAG, 64, 16, 64, 8) \
-  MFA_DQ(T, TAG, 96, 16, 64, 32) MFA_DQ(T, TAG, 128, 16, 64, 32)                            \
-  MFA_DQ(T, TAG, 192, 16, 64, 32) MFA_DQ(T, TAG, 256, 16, 64, 32)                           \
-  MFA_DKDV(T, TAG, 16, 16, 64, 8) MFA_DKDV(T, TAG, 32, 16, 64, 8)                           \
-  MFA_DKDV(T, TAG, 64, 16, 32, 16) MFA_DKDV(T, TAG, 96, 16, 32, 16)                         \
-  MFA_DKDV(T, TAG, 128, 16, 32, 16) MFA_DKDV_SPLIT(T, TAG, 192, 16, 32, 16, 96)             \
+#define MFA_APPLE9(T, TAG)                                                       \
+  MFA_FWD(T, TAG, 16, 16, 128, 16) MFA_FWD(T, TAG, 32, 16, 128, 16)              \
+  MFA_FWD(T, TAG, 40, 16, 128, 8) MFA_FWD(T, TAG, 48, 16, 128, 24)               \
+  MFA_FWD(T, TAG, 64, 16, 128, 32) MFA_FWD(T, TAG, 72, 16, 128, 24)              \
+  MFA_FWD(T, TAG, 80, 16, 128, 16) MFA_FWD(T, TAG, 96, 16, 128, 32)              \
+  MFA_FWD(T, TAG, 112, 16, 128, 16) MFA_FWD(T, TAG, 128, 16, 128, 32)            \
+  MFA_FWD(T, TAG, 160, 16, 128, 32) MFA_FWD(T, TAG, 192, 16, 128, 32)            \
+  MFA_FWD(T, TAG, 256, 16, 64, 32) MFA_DQ(T, TAG, 16, 16, 64, 8)                 \
+  MFA_DQ(T, TAG, 32, 16, 64, 8) MFA_DQ(T, TAG, 40, 16, 64, 8)                    \
+  MFA_DQ(T, TAG, 48, 16, 64, 8) MFA_DQ(T, TAG, 64, 16, 64, 8)                    \
+  MFA_DQ(T, TAG, 72, 16, 64, 8) MFA_DQ(T, TAG, 80, 16, 64, 8)                    \
+  MFA_DQ(T, TAG, 96, 16, 64, 32) MFA_DQ(T, TAG, 112, 16, 64, 16)                 \
+  MFA_DQ(T, TAG, 128, 16, 64, 32) MFA_DQ(T, TAG, 160, 16, 64, 32)                \
+  MFA_DQ(T, TAG, 192, 16, 64, 32) MFA_DQ(T, TAG, 256, 16, 64, 32)                \
+  MFA_DKDV(T, TAG, 16, 16, 64, 8) MFA_DKDV(T, TAG, 32, 16, 64, 8)                \
+  MFA_DKDV(T, TAG, 40, 16, 64, 8) MFA_DKDV(T, TAG, 48, 16, 64, 8)                \
+  MFA_DKDV(T, TAG, 64, 16, 32, 16) MFA_DKDV(T, TAG, 72, 16, 32, 8)               \
+  MFA_DKDV(T, TAG, 80, 16, 32, 16) MFA_DKDV(T, TAG, 96, 16, 32, 16)              \
+  MFA_DKDV(T, TAG, 112, 16, 32, 16) MFA_DKDV(T, TAG, 128, 16, 32, 16)            \
+  MFA_DKDV(T, TAG, 160, 16, 32, 16) MFA_DKDV_SPLIT(T, TAG, 192, 16, 32, 16, 96)  \
   MFA_DKDV_SPLIT(T, TAG, 256, 16, 32, 32, 128)
 
 // M1 and M2 (Apple7/Apple8).
-#define MFA_APPLE7(T, TAG)                                                                  \
-  MFA_FWD(T, TAG, 16, 32, 128, 16) MFA_FWD(T, TAG, 32, 32, 128, 32)                         \
-  MFA_FWD(T, TAG, 64, 32, 128, 32) MFA_FWD(T, TAG, 96, 32, 128, 32)                         \
-  MFA_FWD(T, TAG, 128, 32, 128, 32) MFA_FWD(T, TAG, 192, 32, 128, 32)                       \
-  MFA_FWD(T, TAG, 256, 32, 64, 32)                                                          \
-  MFA_DQ(T, TAG, 16, 32, 64, 16) MFA_DQ(T, TAG, 32, 32, 64, 32)                             \
-  MFA_DQ(T, TAG, 64, 32, 64, 32) MFA_DQ(T, TAG, 96, 32, 64, 32)                             \
-  MFA_DQ(T, TAG, 128, 32, 64, 32) MFA_DQ(T, TAG, 192, 32, 64, 32)                           \
-  MFA_DQ(T, TAG, 256, 32, 64, 32)                                                           \
-  MFA_DKDV(T, TAG, 16, 32, 64, 16) MFA_DKDV(T, TAG, 32, 32, 64, 32)                         \
-  MFA_DKDV(T, TAG, 64, 32, 64, 32) MFA_DKDV(T, TAG, 96, 32, 64, 32)                         \
-  MFA_DKDV(T, TAG, 128, 32, 64, 32) MFA_DKDV_SPLIT(T, TAG, 192, 32, 64, 32, 96)             \
+#define MFA_APPLE7(T, TAG)                                                                 \
+  MFA_FWD(T, TAG, 16, 32, 128, 16) MFA_FWD(T, TAG, 32, 32, 128, 32)                        \
+  MFA_FWD(T, TAG, 40, 32, 128, 8) MFA_FWD(T, TAG, 48, 32, 128, 24)                         \
+  MFA_FWD(T, TAG, 64, 32, 128, 32) MFA_FWD(T, TAG, 72, 32, 128, 24)                        \
+  MFA_FWD(T, TAG, 80, 32, 128, 16) MFA_FWD(T, TAG, 96, 32, 128, 32)                        \
+  MFA_FWD(T, TAG, 112, 32, 128, 16) MFA_FWD(T, TAG, 128, 32, 128, 32)                      \
+  MFA_FWD(T, TAG, 160, 32, 128, 32) MFA_FWD(T, TAG, 192, 32, 128, 32)                      \
+  MFA_FWD(T, TAG, 256, 32, 64, 32) MFA_DQ(T, TAG, 16, 32, 64, 16)                          \
+  MFA_DQ(T, TAG, 32, 32, 64, 32) MFA_DQ(T, TAG, 40, 32, 64, 8)                             \
+  MFA_DQ(T, TAG, 48, 32, 64, 24) MFA_DQ(T, TAG, 64, 32, 64, 32)                            \
+  MFA_DQ(T, TAG, 72, 32, 64, 24) MFA_DQ(T, TAG, 80, 32, 64, 16)                            \
+  MFA_DQ(T, TAG, 96, 32, 64, 32) MFA_DQ(T, TAG, 112, 32, 64, 16)                           \
+  MFA_DQ(T, TAG, 128, 32, 64, 32) MFA_DQ(T, TAG, 160, 32, 64, 32)                          \
+  MFA_DQ(T, TAG, 192, 32, 64, 32) MFA_DQ(T, TAG, 256, 32, 64, 32)                          \
+  MFA_DKDV(T, TAG, 16, 32, 64, 16) MFA_DKDV(T, TAG, 32, 32, 64, 32)                        \
+  MFA_DKDV(T, TAG, 40, 32, 80, 8) MFA_DKDV(T, TAG, 48, 32, 80, 24)                         \
+  MFA_DKDV(T, TAG, 64, 32, 64, 32) MFA_DKDV(T, TAG, 72, 32, 64, 24)                        \
+  MFA_DKDV(T, TAG, 80, 32, 64, 16) MFA_DKDV(T, TAG, 96, 32, 64, 32)                        \
+  MFA_DKDV(T, TAG, 112, 32, 64, 16) MFA_DKDV(T, TAG, 128, 32, 64, 32)                      \
+  MFA_DKDV_SPLIT(T, TAG, 160, 32, 64, 16, 80) MFA_DKDV_SPLIT(T, TAG, 192, 32, 64, 32, 96)  \
   MFA_DKDV_SPLIT(T, TAG, 256, 32, 64, 32, 128)
 
 #define MFA_FAMILIES(T, TAG) MFA_FAMILY9(T, TAG) MFA_FAMILY7(T, TAG) MFA_DECODE_KERNELS(T, TAG)
@@ -131,8 +180,11 @@
   MFA_IF_H##HP(JAX_MFA_INSTANTIATE_KERNEL("mfa_decode_" #TAG "_h" #HP "_c32",                  \
                                           attention_decode_partial, T, HP, 32))
 #define MFA_DECODE_KERNELS(T, TAG)                                                            \
-  MFA_DECODE(T, TAG, 16) MFA_DECODE(T, TAG, 32) MFA_DECODE(T, TAG, 64) MFA_DECODE(T, TAG, 96) \
-  MFA_DECODE(T, TAG, 128) MFA_DECODE(T, TAG, 192) MFA_DECODE(T, TAG, 256)                     \
+  MFA_DECODE(T, TAG, 16) MFA_DECODE(T, TAG, 32) MFA_DECODE(T, TAG, 40)                        \
+  MFA_DECODE(T, TAG, 48) MFA_DECODE(T, TAG, 64) MFA_DECODE(T, TAG, 72)                        \
+  MFA_DECODE(T, TAG, 80) MFA_DECODE(T, TAG, 96) MFA_DECODE(T, TAG, 112)                       \
+  MFA_DECODE(T, TAG, 128) MFA_DECODE(T, TAG, 160) MFA_DECODE(T, TAG, 192)                     \
+  MFA_DECODE(T, TAG, 256)                                                                     \
   JAX_MFA_INSTANTIATE_KERNEL("mfa_decode_merge_" #TAG, attention_decode_merge, T)
 
 #if JAX_MFA_METAL_DTYPES & 1

@@ -75,6 +75,7 @@ template <typename T, int HP, int C>
   MfaSpan keys = mfa_key_span(t, q_valid, kv_valid, p.causal, p.window_left, p.window_right);
   keys.begin = max(keys.begin, lo);
   keys.end = min(keys.end, hi);
+  const MfaLogitLine line = mfa_logit_line(p, b, n, t, 0, true);
 
   device const T* q_row = q + row_index * H;
   const mfa_long kv_stride = mfa_long(K) * H;
@@ -116,7 +117,8 @@ template <typename T, int HP, int C>
       for (int e = 0; e < 2; ++e) {
         float tanh_unused;
         bool valid;
-        const float x = mfa_logit(p, bias, mask, b, n, t, j0 + c * 8 + lc + e, keys,
+        const int j = j0 + c * 8 + lc + e;
+        const float x = mfa_logit(p, bias, mask, line, j, j, keys,
                                   S[c].thread_elements()[e], valid, tanh_unused);
         ok[c][e] = valid && row_ok;
         S[c].thread_elements()[e] = x;

@@ -4,7 +4,8 @@
 // Every kernel is a template over
 //   T   storage type: float, half or bf16_t (bfloat16 bits; converted to float
 //       on load, so no bfloat arithmetic is needed on any chip),
-//   HP  head dim padded to a bucket (16, 32, 64, 96, 128, 192, 256),
+//   HP  head dim padded to a bucket (kHeadBuckets in attention_plan.h:
+//       multiples of 8 from 16 to 256), a multiple of DB,
 //   P   parallelization block: rows (queries, or keys for dK/dV) per
 //       threadgroup; one simdgroup owns 8 of them, so P / 8 simdgroups,
 //   C   traversal block: columns (keys, or queries for dK/dV) per step,
@@ -110,8 +111,20 @@ METAL_FUNC void mfa_store_rows(thread mfa_mat& m, device T* row, bool row_ok, in
 template <typename T, int R, int DB, int NT>
 METAL_FUNC void mfa_stage(threadgroup T* tile, device const T* base, mfa_long stride,
                           int rows_valid, int d0, int H, uint tid) {
-  // A fixed trip count, so the loop unrolls (DB is a power of two: the
-  // division and modulo are shifts and masks).
+  // A fixed trip count, so the loops unroll (DB is a compile-time constant:
+  // the division and modulo become shifts and masks, or a multiply-shift for
+  // DB 24).
+  if (rows_valid >= R && d0 + DB <= H) {
+    // Interior tile (every row and head column exists; uniform across the
+    // threadgroup): no bounds checks.
+#pragma clang loop unroll(full)
+    for (int it = 0; it < (R * DB + NT - 1) / NT; ++it) {
+      const int idx = it * NT + int(tid);
+      if (R * DB % NT != 0 && idx >= R * DB) break;
+      tile[idx] = T(base[mfa_long(idx / DB) * stride + d0 + idx % DB]);
+    }
+    return;
+  }
 #pragma clang loop unroll(full)
   for (int it = 0; it < (R * DB + NT - 1) / NT; ++it) {
     const int idx = it * NT + int(tid);
@@ -149,8 +162,9 @@ METAL_FUNC void mfa_load_tile(thread mfa_mat& m, threadgroup T* block, int strid
 template <typename T, int HP, int C, int DB, int NT, bool CACHED>
 METAL_FUNC void mfa_accumulate_abt(thread mfa_mat* acc, thread const mfa_mat* a_cached,
                                device const T* a_row, bool a_ok, device const T* b_base,
-                               mfa_long b_stride, int b_rows, int H, int lc,
+                               mfa_long b_stride, int b_rows, int mma_rows, int H, int lc,
                                threadgroup T* tile, uint tid) {
+  static_assert(HP % DB == 0, "the head blocks must tile the padded head dim");
   #pragma clang loop unroll(full)
   for (int d0 = 0; d0 < HP; d0 += DB) {
     threadgroup_barrier(mem_flags::mem_threadgroup);
@@ -163,7 +177,10 @@ METAL_FUNC void mfa_accumulate_abt(thread mfa_mat* acc, thread const mfa_mat* a_
       else mfa_load_rows(am, a_row, a_ok, d0 + kk * 8 + lc, H);
       #pragma clang loop unroll(full)
       for (int c = 0; c < C / 8; ++c) {
-        if (c * 8 >= b_rows) break;  // past the block's last row: zeros (uniform branch)
+        // Past the rows this simdgroup needs (mma_rows <= b_rows: the block's
+        // last row, or this simdgroup's last key on the causal diagonal):
+        // acc stays as it is (uniform branch).
+        if (c * 8 >= mma_rows) break;
         mfa_mat bt;
         mfa_load_tile(bt, tile + c * 8 * DB + kk * 8, DB, true, tid % 32);
         simdgroup_multiply_accumulate(acc[c], am, bt, acc[c]);
@@ -176,8 +193,9 @@ METAL_FUNC void mfa_accumulate_abt(thread mfa_mat* acc, thread const mfa_mat* a_
 // registers), B the C rows at b_base, staged DB head columns at a time.
 template <typename T, int HP, int C, int DB, int NT>
 METAL_FUNC void mfa_accumulate_pb(thread mfa_mat* acc, thread const mfa_mat* pm,
-                              device const T* b_base, mfa_long b_stride, int b_rows, int H,
-                              threadgroup T* tile, uint tid) {
+                              device const T* b_base, mfa_long b_stride, int b_rows,
+                              int mma_rows, int H, threadgroup T* tile, uint tid) {
+  static_assert(HP % DB == 0, "the head blocks must tile the accumulator's head columns");
   #pragma clang loop unroll(full)
   for (int d0 = 0; d0 < HP; d0 += DB) {
     threadgroup_barrier(mem_flags::mem_threadgroup);
@@ -187,7 +205,7 @@ METAL_FUNC void mfa_accumulate_pb(thread mfa_mat* acc, thread const mfa_mat* pm,
     for (int o = 0; o < DB / 8; ++o) {
       #pragma clang loop unroll(full)
       for (int c = 0; c < C / 8; ++c) {
-        if (c * 8 >= b_rows) break;  // P's columns there are zero
+        if (c * 8 >= mma_rows) break;  // P's columns there are zero
         mfa_mat bm;
         mfa_load_tile(bm, tile + c * 8 * DB + o * 8, DB, false, tid % 32);
         simdgroup_multiply_accumulate(acc[d0 / 8 + o], pm[c], bm, acc[d0 / 8 + o]);
@@ -230,12 +248,35 @@ METAL_FUNC mfa_long mfa_mask_offset(constant AttentionParams& p, int b, int n, i
          mfa_long(i) * p.mask_strides[2] + mfa_long(j) * p.mask_strides[3];
 }
 
+// Where the bias and mask entries of one lane's line of logits lie: a query
+// row i (forward, dQ, decode: along the keys) or a key column j (dK/dV: along
+// the queries). The four 64-bit stride products are paid once per line, and
+// one per element (the position along the line) instead of four.
+struct MfaLogitLine {
+  mfa_long bias_base, bias_step, mask_base, mask_step;
+};
+METAL_FUNC MfaLogitLine mfa_logit_line(constant AttentionParams& p, int b, int n, int i, int j,
+                                       bool along_keys) {
+  MfaLogitLine line = {0, 0, 0, 0};
+  if (p.has_bias) {
+    line.bias_base = mfa_bias_offset(p, b, n, i, j);
+    line.bias_step = p.bias_strides[along_keys ? 3 : 2];
+  }
+  if (p.has_mask) {
+    line.mask_base = mfa_mask_offset(p, b, n, i, j);
+    line.mask_step = p.mask_strides[along_keys ? 3 : 2];
+  }
+  return line;
+}
+
 // One logit: raw q.k product -> scaled, soft-capped, biased, in base-2 units.
-// `valid` comes back false for masked entries; `t` keeps the softcap's tanh for
-// the backward's chain rule.
+// `line` and `along` locate its bias and mask entries (mfa_logit_line), j is
+// its key (checked against the row's span `keys`). `valid` comes back false
+// for masked entries; `t` keeps the softcap's tanh for the backward's chain
+// rule.
 METAL_FUNC float mfa_logit(constant AttentionParams& p, device const float* bias,
-                       device const uchar* mask, int b, int n, int i, int j, MfaSpan keys,
-                       float s, thread bool& valid, thread float& t) {
+                       device const uchar* mask, MfaLogitLine line, int along, int j,
+                       MfaSpan keys, float s, thread bool& valid, thread float& t) {
   valid = j >= keys.begin && j < keys.end;
   float x;
   if (p.has_softcap) {
@@ -245,8 +286,8 @@ METAL_FUNC float mfa_logit(constant AttentionParams& p, device const float* bias
     t = 0.0f;
     x = s * p.scale_log2;
   }
-  if (valid && p.has_bias) x += bias[mfa_bias_offset(p, b, n, i, j)] * kLog2e;
-  if (valid && p.has_mask) valid = mask[mfa_mask_offset(p, b, n, i, j)] != 0;
+  if (valid && p.has_bias) x += bias[line.bias_base + mfa_long(along) * line.bias_step] * kLog2e;
+  if (valid && p.has_mask) valid = mask[line.mask_base + mfa_long(along) * line.mask_step] != 0;
   // A -inf bias masks the entry, as it would in the reference; a NaN logit
   // stays allowed so that it makes its row NaN, as in jax.nn.
   valid = valid && !(x <= kMaskedLogit);
@@ -354,9 +395,15 @@ template <typename T, int HP, int P, int C, int DB>
                                             p.window_left, p.window_right);
 
   const int lr = mfa_lane_row(lane), lc = mfa_lane_col(lane);
+  // The end of this simdgroup's 8 rows' keys: on the causal diagonal the
+  // matrix work stops there, 8 rows at a time (the tile is still staged whole).
+  const int sg_keys_end = mfa_key_span_of_rows(i0 + int(sg) * 8, i0 + int(sg) * 8 + 8, q_valid,
+                                               kv_valid, p.causal, p.window_left,
+                                               p.window_right).end;
   const int i = i0 + int(sg) * 8 + lr;  // this lane's query row
   const bool row_ok = i < p.q_len;
   const MfaSpan keys = mfa_key_span(i, q_valid, kv_valid, p.causal, p.window_left, p.window_right);
+  const MfaLogitLine line = mfa_logit_line(p, b, n, i, 0, true);
   device const T* q_row = q + ((mfa_long(b) * p.q_len + (row_ok ? i : 0)) * N + n) * H;
   const mfa_long kv_stride = mfa_long(K) * H;
 
@@ -381,8 +428,9 @@ template <typename T, int HP, int P, int C, int DB>
     mfa_mat S[CB];
     #pragma clang loop unroll(full)
     for (int c = 0; c < CB; ++c) S[c] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+    const int sg_cols = clamp(sg_keys_end - j0, 0, cols);
     mfa_accumulate_abt<T, HP, C, DB, NT, kCacheQ>(S, Qc, q_row, row_ok, k_base, kv_stride, cols,
-                                                  H, lc, tile, tid);
+                                                  sg_cols, H, lc, tile, tid);
 
     // Masks, then the online softmax in base 2.
     float block_max = kMaskedLogit;
@@ -394,7 +442,7 @@ template <typename T, int HP, int P, int C, int DB>
         const int j = j0 + c * 8 + lc + e;
         float t;
         bool valid;
-        const float x = mfa_logit(p, bias, mask, b, n, i, j, keys, S[c].thread_elements()[e],
+        const float x = mfa_logit(p, bias, mask, line, j, j, keys, S[c].thread_elements()[e],
                                   valid, t);
         valid = valid && mfa_same_segment(p, q_segments, kv_segments, b, i, j);
         ok[c][e] = valid;
@@ -419,7 +467,7 @@ template <typename T, int HP, int P, int C, int DB>
     }
 
     // O += P V, one head block of V at a time.
-    mfa_accumulate_pb<T, HP, C, DB, NT>(O, S, v_base, kv_stride, cols, H, tile, tid);
+    mfa_accumulate_pb<T, HP, C, DB, NT>(O, S, v_base, kv_stride, cols, sg_cols, H, tile, tid);
   }
 
   // Normalize; a row with no allowed key gets zeros and lse = -inf (a NaN
@@ -484,9 +532,15 @@ template <typename T, int HP, int P, int C, int DB>
                                             p.window_left, p.window_right);
 
   const int lr = mfa_lane_row(lane), lc = mfa_lane_col(lane);
+  // The end of this simdgroup's 8 rows' keys: on the causal diagonal the
+  // matrix work stops there, 8 rows at a time (the tile is still staged whole).
+  const int sg_keys_end = mfa_key_span_of_rows(i0 + int(sg) * 8, i0 + int(sg) * 8 + 8, q_valid,
+                                               kv_valid, p.causal, p.window_left,
+                                               p.window_right).end;
   const int i = i0 + int(sg) * 8 + lr;
   const bool row_ok = i < p.q_len;
   const MfaSpan keys = mfa_key_span(i, q_valid, kv_valid, p.causal, p.window_left, p.window_right);
+  const MfaLogitLine line = mfa_logit_line(p, b, n, i, 0, true);
   const mfa_long row_index = (mfa_long(b) * p.q_len + (row_ok ? i : 0)) * N + n;
   device const T* q_row = q + row_index * H;
   device const T* do_row = dout + row_index * H;
@@ -523,10 +577,11 @@ template <typename T, int HP, int P, int C, int DB>
       S[c] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
       dP[c] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
     }
+    const int sg_cols = clamp(sg_keys_end - j0, 0, cols);
     mfa_accumulate_abt<T, HP, C, DB, NT, kCache>(S, Qc, q_row, row_ok, k_base, kv_stride, cols,
-                                                 H, lc, tile, tid);
+                                                 sg_cols, H, lc, tile, tid);
     mfa_accumulate_abt<T, HP, C, DB, NT, kCache>(dP, dOc, do_row, row_ok, v_base, kv_stride,
-                                                 cols, H, lc, tile, tid);
+                                                 cols, sg_cols, H, lc, tile, tid);
 
     // P = exp2(logit - L), dS = P (dP Z - delta) with dropout factors Z;
     // S becomes dS * d(logit)/d(q.k).
@@ -540,7 +595,7 @@ template <typename T, int HP, int P, int C, int DB>
         const int j = j0 + c * 8 + lc + e;
         float t;
         bool valid;
-        const float x = mfa_logit(p, bias, mask, b, n, i, j, keys, S[c].thread_elements()[e],
+        const float x = mfa_logit(p, bias, mask, line, j, j, keys, S[c].thread_elements()[e],
                                   valid, t);
         valid = valid && mfa_same_segment(p, q_segments, kv_segments, b, i, j);
         const float pr = (valid && !row_empty) ? exp2(x - row_lse2) : 0.0f;
@@ -552,7 +607,7 @@ template <typename T, int HP, int P, int C, int DB>
     }
 
     // dQ += dS K, restaging K one head block at a time.
-    mfa_accumulate_pb<T, HP, C, DB, NT>(dQ, S, k_base, kv_stride, cols, H, tile, tid);
+    mfa_accumulate_pb<T, HP, C, DB, NT>(dQ, S, k_base, kv_stride, cols, sg_cols, H, tile, tid);
   }
 
   device T* dq_row = dq + row_index * H;
@@ -654,6 +709,7 @@ template <typename T, int HP, int P, int C, int DB, int HO>
       }
 
       for (int n = kvh * G; n < (kvh + 1) * G && !(rows.begin >= rows.end); ++n) {
+        const MfaLogitLine line = mfa_logit_line(p, b, n, 0, j, false);
         for (int i0 = rows.begin; i0 < rows.end; i0 += C) {
           const int cnt = min(C, rows.end - i0);
           if (!mfa_tile_segments_meet(p, q_segments, kv_segments, b, i0, i0 + cnt, j0, j0 + P))
@@ -686,9 +742,9 @@ template <typename T, int HP, int P, int C, int DB, int HO>
             dPT[c] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
           }
           mfa_accumulate_abt<T, HP, C, DB, NT, kCache>(ST, Kc, k_row, key_ok, q_base, q_stride,
-                                                       cnt, H, lc, tile, tid);
+                                                       cnt, cnt, H, lc, tile, tid);
           mfa_accumulate_abt<T, HP, C, DB, NT, kCache>(dPT, Vc, v_row, key_ok, do_base,
-                                                       q_stride, cnt, H, lc, tile, tid);
+                                                       q_stride, cnt, cnt, H, lc, tile, tid);
 
           // P^T and dS^T; ST becomes P^T, dPT becomes dS^T * d(logit)/d(q.k).
           float ds_row = 0.0f;
@@ -702,7 +758,7 @@ template <typename T, int HP, int P, int C, int DB, int HO>
                                                 p.window_right);
               float t;
               bool valid;
-              const float x = mfa_logit(p, bias, mask, b, n, i, j, keys,
+              const float x = mfa_logit(p, bias, mask, line, i, j, keys,
                                         ST[c].thread_elements()[e], valid, t);
               valid = valid && mfa_same_segment(p, q_segments, kv_segments, b, i, j);
               const float l2 = lse_t[col];
@@ -733,10 +789,10 @@ template <typename T, int HP, int P, int C, int DB, int HO>
 
           // dV += P^T dO and dK += dS^T Q over this threadgroup's head
           // columns, restaging dO and Q by head block.
-          mfa_accumulate_pb<T, HO, C, DB, NT>(dV, ST, do_base + h_out, q_stride, cnt, H - h_out,
-                                              tile, tid);
-          mfa_accumulate_pb<T, HO, C, DB, NT>(dK, dPT, q_base + h_out, q_stride, cnt, H - h_out,
-                                              tile, tid);
+          mfa_accumulate_pb<T, HO, C, DB, NT>(dV, ST, do_base + h_out, q_stride, cnt, cnt,
+                                              H - h_out, tile, tid);
+          mfa_accumulate_pb<T, HO, C, DB, NT>(dK, dPT, q_base + h_out, q_stride, cnt, cnt,
+                                              H - h_out, tile, tid);
         }
       }
 

@@ -91,14 +91,14 @@ def compare(rng, *, B=1, T=17, S=19, N=2, K=1, H=16, dtype=jnp.float32, bias_sha
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16, jnp.bfloat16],
                          ids=["f32", "f16", "bf16"])
-@pytest.mark.parametrize("H", [8, 64, 80, 128, 256])
+@pytest.mark.parametrize("H", [8, 64, 72, 80, 128, 256])
 def test_head_dims_and_dtypes(rng, H, dtype):
     # T, S odd and crossing block boundaries (16/32-row, 64/128-column tiles).
     compare(rng, B=1, T=37, S=70 if H <= 128 else 33, N=4, K=2, H=H, dtype=dtype,
             is_causal=True)
 
 
-@pytest.mark.parametrize("H", [1, 3, 20, 33, 100, 150, 200])
+@pytest.mark.parametrize("H", [1, 3, 20, 33, 44, 100, 150, 200])
 def test_odd_head_dims(rng, H):
     compare(rng, T=9, S=21, N=2, K=2, H=H)
 
@@ -207,7 +207,7 @@ def test_split_dkdv_threadgroups(rng, monkeypatch, shape, family):
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16, jnp.bfloat16],
                          ids=["f32", "f16", "bf16"])
-@pytest.mark.parametrize("H", [8, 32, 64, 96, 128, 192, 256])
+@pytest.mark.parametrize("H", [8, 40, 72, 96, 128, 160, 192, 256])
 def test_apple7_tables(rng, monkeypatch, H, dtype):
     monkeypatch.setenv("JAX_MFA_EMULATED_FAMILY", "apple7")
     compare(rng, B=1, T=45, S=70 if H <= 128 else 20, N=2, K=1, H=H, dtype=dtype,
@@ -255,17 +255,19 @@ def test_embedded_source_is_self_contained(tmp_path):
 
     src = embedded_source()
     # Compiled from a directory without the headers: nothing may be included
-    # but <metal_stdlib>. One type and one family keep the build short.
+    # but <metal_stdlib>. One type, one family and four head buckets (bits of
+    # kHeadBuckets: 16, 72, 80, 256) keep the build short.
+    buckets = {16: 0, 72: 5, 80: 6, 256: 12}
     lib = metal_emulator.compile_source(
-        src, {"JAX_MFA_METAL_FAMILIES": 2, "JAX_MFA_METAL_DTYPES": 2},
+        src, {"JAX_MFA_METAL_FAMILIES": 2, "JAX_MFA_METAL_DTYPES": 2,
+              "JAX_MFA_METAL_HEADS": sum(1 << bit for bit in buckets.values())},
         filename=str(tmp_path / "embedded.metal"))
     names = set(lib.kernels)
-    expected = {f"mfa_{kind}_f16_h{hp}_" for kind in ("fwd", "dq", "dkdv")
-                for hp in (16, 32, 64, 96, 128, 192, 256)}
-    decode = {f"mfa_decode_f16_h{hp}_c32" for hp in (16, 32, 64, 96, 128, 192, 256)} | {"mfa_decode_merge_f16"}
+    expected = {f"mfa_{kind}_f16_h{hp}_" for kind in ("fwd", "dq", "dkdv") for hp in buckets}
+    decode = {f"mfa_decode_f16_h{hp}_c32" for hp in buckets} | {"mfa_decode_merge_f16"}
     assert decode <= names
     names -= decode
-    assert len(names) == len(expected) == 21
+    assert len(names) == len(expected) == 12
     assert {re.sub(r"p\d+_c\d+_d\d+(_o\d+)?$", "", n) for n in names} == expected
     assert all(re.fullmatch(r"mfa_(fwd|dq|dkdv)_f16_h\d+_p16_c\d+_d\d+(_o\d+)?", n) for n in names)
     assert "#include \"" not in re.sub(r"#ifndef JAX_MFA_EMBEDDED\n(#include[^\n]*\n)+#endif", "",
@@ -316,7 +318,9 @@ def test_planted_missing_barrier_is_caught(rng, tmp_path):
     without a barrier) is reported as a threadgroup-memory race."""
     from jax_mfa import metal_emulator
 
-    defines = {"JAX_MFA_METAL_FAMILIES": 2, "JAX_MFA_METAL_DTYPES": 2}
+    # Only the head bucket the forward below uses (bit 0: 16): every kernel
+    # template is still compiled, once.
+    defines = {"JAX_MFA_METAL_FAMILIES": 2, "JAX_MFA_METAL_DTYPES": 2, "JAX_MFA_METAL_HEADS": 1}
     src = embedded_source()
     good = metal_emulator.compile_source(src, defines, filename=str(tmp_path / "embedded.metal"))
     out, ref = _forward_with(good, rng)
@@ -338,7 +342,8 @@ def test_attention_kernels_compile_and_run_with_clang(rng, tmp_path):
     project's compiler, g++ in CI), and give the same forward."""
     from jax_mfa import metal_emulator
 
-    defines = {"JAX_MFA_METAL_FAMILIES": 2, "JAX_MFA_METAL_DTYPES": 2}
+    # Every kernel template, at the head bucket the forward below uses (16).
+    defines = {"JAX_MFA_METAL_FAMILIES": 2, "JAX_MFA_METAL_DTYPES": 2, "JAX_MFA_METAL_HEADS": 1}
     lib = metal_emulator.compile_source(embedded_source(), defines, cxx=shutil.which("clang++"),
                                         filename=str(tmp_path / "embedded.metal"))
     out, ref = _forward_with(lib, rng)

@@ -57,21 +57,23 @@ static_assert(fits(kForwardApple9) && fits(kForwardApple7) && fits(kQueryApple9)
                   fits(kQueryApple7) && fits(kKeyValueApple9) && fits(kKeyValueApple7),
               "a block-size table row exceeds threadgroup memory or breaks 8x8 tiling");
 
+// The head block of a table row for `head_cols` head columns: the table's,
+// or the largest multiple of 8 below it that divides head_cols (a bucket
+// like 72 or 80 is then staged in whole blocks: 3 x 24, 5 x 16).
+int head_block_for(int table_head_block, int head_cols) {
+  int db = std::min(table_head_block, head_cols) / 8 * 8;
+  while (head_cols % db != 0) db -= 8;
+  return db;
+}
+
 template <size_t N>
 BlockConfig lookup(const TableRow (&table)[N], int head_pad) {
   for (const TableRow& r : table) {
-    if (head_pad <= r.max_head) {
-      // The head block never exceeds the (padded) head dim.
-      return {head_pad, r.rows, r.cols, std::min(r.head_block, head_pad), head_pad};
-    }
+    if (head_pad <= r.max_head)
+      return {head_pad, r.rows, r.cols, head_block_for(r.head_block, head_pad), head_pad};
   }
   return {};
 }
-
-// dK/dV's two accumulators take 4 x HO / 8 registers: from head bucket 192 on
-// they alone would fill the budget, so each threadgroup owns half the head
-// columns of dK and dV.
-constexpr int kKeyValueHeadSplitFrom = 192;
 
 const char* dtype_tag(DType d) {
   switch (d) {
@@ -196,7 +198,7 @@ int64_t max_work_per_threadgroup() {
 }
 
 int head_bucket(int64_t head_dim) {
-  for (int b : {16, 32, 64, 96, 128, 192, 256})
+  for (int b : kHeadBuckets)
     if (head_dim <= b) return b;
   return 0;
 }
@@ -210,7 +212,13 @@ BlockConfig block_config(Pass pass, GpuFamily family, int64_t head_dim) {
     case Pass::BackwardQuery: return m3 ? lookup(kQueryApple9, hp) : lookup(kQueryApple7, hp);
     case Pass::BackwardKeyValue: {
       BlockConfig c = m3 ? lookup(kKeyValueApple9, hp) : lookup(kKeyValueApple7, hp);
-      if (hp >= kKeyValueHeadSplitFrom) c.head_out = hp / 2;
+      // dK's and dV's accumulators take 4 x HO / 8 registers: where the whole
+      // head would exceed the register budget (buckets 160 and up), each
+      // threadgroup owns half the head columns of dK and dV.
+      if (register_estimate(pass, c).total() > kRegisterBudget) {
+        c.head_out = hp / 2;
+        c.head_block = head_block_for(c.head_block, c.head_out);
+      }
       return c;
     }
     case Pass::DecodePartial:

@@ -86,7 +86,15 @@ struct RegisterEstimate {
 };
 RegisterEstimate register_estimate(Pass pass, const BlockConfig& config);
 
-// Head-dim bucket (16, 32, 64, 96, 128, 192, 256); 0 if above kMaxHeadDim.
+// The head dims the kernels are compiled for (HP): a head dim runs in the
+// first bucket at least as large, its columns past the real head dim reading
+// as zero. Multiples of 8, as MFA pads, with the sizes models use (40, 80 and
+// 160 in Stable Diffusion, 72 and 80 as MLX instantiates) so they pay no
+// padding; metal/attention.metal's JAX_MFA_METAL_HEADS bits follow this order
+// and benchmarks/model_metal.py reads this line.
+constexpr int kHeadBuckets[] = {16, 32, 40, 48, 64, 72, 80, 96, 112, 128, 160, 192, 256};
+constexpr int kHeadBucketCount = int(sizeof(kHeadBuckets) / sizeof(kHeadBuckets[0]));
+// Head-dim bucket (one of kHeadBuckets); 0 if above kMaxHeadDim.
 int head_bucket(int64_t head_dim);
 BlockConfig block_config(Pass pass, GpuFamily family, int64_t head_dim);
 // Host name of the instantiation, e.g. "mfa_fwd_f16_h64_p16_c128_d32".

@@ -73,7 +73,6 @@ int64_t chunk_to_wait_for(int64_t next, int cap) {
 }
 
 namespace {
-constexpr int kBuckets[] = {16, 32, 64, 96, 128, 192, 256};
 constexpr DType kMetalTypes[] = {DType::F32, DType::F16, DType::BF16};
 }  // namespace
 
@@ -81,14 +80,14 @@ LibraryKey library_key(DType dtype, int64_t head_dim) { return {dtype, head_buck
 
 int library_index(const LibraryKey& key) {
   int bucket = 0;
-  while (bucket < 7 && kBuckets[bucket] != key.head_pad) ++bucket;
-  return int(key.dtype) * 8 + bucket;
+  while (bucket < kHeadBucketCount && kHeadBuckets[bucket] != key.head_pad) ++bucket;
+  return int(key.dtype) * (kHeadBucketCount + 1) + bucket;
 }
 
 std::vector<std::pair<std::string, int>> library_macros(const LibraryKey& key, GpuFamily family) {
   int bucket_bit = 0;
-  for (int b = 0; b < 7; ++b)
-    if (kBuckets[b] == key.head_pad) bucket_bit = 1 << b;
+  for (int b = 0; b < kHeadBucketCount; ++b)
+    if (kHeadBuckets[b] == key.head_pad) bucket_bit = 1 << b;
   int dtype_bit = 0;
   for (int t = 0; t < 3; ++t)
     if (kMetalTypes[t] == key.dtype) dtype_bit = 1 << t;

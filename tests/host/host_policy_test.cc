@@ -191,7 +191,7 @@ void test_device_choice() {
 void test_libraries() {
   std::set<int> indices;
   for (DType t : {DType::F32, DType::F16, DType::BF16}) {
-    for (int h : {1, 16, 17, 64, 80, 128, 200, 256}) {
+    for (int h : {1, 16, 17, 64, 72, 80, 128, 200, 256}) {
       const LibraryKey key = library_key(t, h);
       CHECK(key.head_pad == head_bucket(h));
       indices.insert(library_index(key));
@@ -210,7 +210,7 @@ void test_libraries() {
       }
     }
   }
-  CHECK(indices.size() == 3 * 6);  // buckets hit above: 16, 32, 64, 96, 128, 256
+  CHECK(indices.size() == 3 * 7);  // buckets hit above: 16, 32, 64, 72, 80, 128, 256
 }
 
 AttentionProblem merged_bias_problem(int64_t B, int64_t N, int64_t K, int64_t T, int64_t S) {
@@ -296,7 +296,7 @@ void test_decode_plan() {
 // budget; the model counts what the header says.
 void test_register_budget() {
   for (GpuFamily f : {GpuFamily::Apple7, GpuFamily::Apple9})
-    for (int h : {16, 32, 64, 96, 128, 192, 256})
+    for (int h : kHeadBuckets)
       for (Pass pass : {Pass::Forward, Pass::BackwardQuery, Pass::BackwardKeyValue,
                         Pass::DecodePartial, Pass::DecodeMerge}) {
         const BlockConfig c = block_config(pass, f, h);
@@ -320,7 +320,7 @@ void test_register_budget() {
 
 void print_libraries() {
   for (DType t : {DType::F32, DType::F16, DType::BF16})
-    for (int h : {16, 32, 64, 96, 128, 192, 256})
+    for (int h : kHeadBuckets)
       for (GpuFamily f : {GpuFamily::Apple7, GpuFamily::Apple9}) {
         const LibraryKey key = library_key(t, h);
         for (const auto& [macro, value] : library_macros(key, f))

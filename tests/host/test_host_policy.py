@@ -57,13 +57,18 @@ def _instantiated(macros: list[str]) -> set[str]:
 def test_each_library_compiles_exactly_its_kernels(binary):
     lines = subprocess.run([str(binary), "--libraries"], capture_output=True, text=True,
                            check=True).stdout.splitlines()
-    assert len(lines) == 3 * 7 * 2  # dtypes x head buckets x GPU families
+    assert len(lines) == 3 * 13 * 2  # dtypes x head buckets x GPU families
     for line in lines:
         words = line.split()
         macros = [w for w in words if w.startswith("-D")]
         kernels = {w for w in words if not w.startswith("-D")}
         assert len(kernels) == 5
-        assert _instantiated(macros) == kernels, line
-    # Without the switches: every kernel of both families (126), the decode
-    # partial kernels (3 dtypes x 7 buckets) and merge kernels (3).
-    assert len(_instantiated([])) == 126 + 21 + 3
+        # Every (bucket, family) library of float16, and one bucket (64) of the
+        # other types: the dtype switch is independent of the head switch, and
+        # each preprocessor run costs a fraction of a second.
+        if "-DJAX_MFA_METAL_DTYPES=2" in macros or any("_h64_" in k for k in kernels):
+            assert _instantiated(macros) == kernels, line
+    # Without the switches: every kernel of both families (3 kernels x 3 dtypes
+    # x 13 buckets x 2 families), the decode partial kernels (3 dtypes x 13
+    # buckets) and merge kernels (3).
+    assert len(_instantiated([])) == 234 + 39 + 3
