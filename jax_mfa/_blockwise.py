@@ -79,6 +79,21 @@ def _blocks(opt: Options, B: int, N: int, T: int, S: int) -> _Blocks:
     return _Blocks(rows, keys, T, S)
 
 
+def _zeros_like(x, dtype=None):
+    """Zeros shaped and, under explicit sharding, sharded like x (jax 0.11's
+    zeros_like drops an explicit sharding, which the loop updates then reject)."""
+    return _sharded_like(jnp.zeros_like(x, dtype), x)
+
+
+def _sharded_like(x, ref):
+    """x resharded as ref where their explicit shardings differ (jax 0.11 gives
+    cotangents and fresh arrays no sharding); a no-op without explicit axes."""
+    want = jax.typeof(ref).sharding
+    if jax.typeof(x).sharding.spec == want.spec:
+        return x
+    return jax.sharding.reshard(x, want)
+
+
 def _dot(spec: str, a, b, acc):
     """einsum accumulating in `acc`; float32/float64 products at full precision
     (GPUs would otherwise use TF32)."""
@@ -215,7 +230,7 @@ def forward(ops: Operands, opt: Options) -> tuple[jax.Array, jax.Array]:
             return m_new, l_new, o * alpha[..., None] + pv
 
         # Zeros shaped (and, under sharding in types, sharded) like the rows.
-        o0 = jnp.transpose(jnp.zeros_like(q_blk, acc), (0, 2, 3, 1, 4))  # (B, K, G, R, H)
+        o0 = jnp.transpose(_zeros_like(q_blk, acc), (0, 2, 3, 1, 4))  # (B, K, G, R, H)
         init = (o0[..., 0] - jnp.inf, o0[..., 0], o0)
         if opt.has_sinks:  # the sink is one more logit, without a value: m = sink, l = 1
             sink = ops.sinks.astype(acc).reshape(-1, K, G, 1)
@@ -234,7 +249,7 @@ def forward(ops: Operands, opt: Options) -> tuple[jax.Array, jax.Array]:
         return out, lse
 
     out, lse = lax.fori_loop(0, blocks.num_row_blocks, row_block,
-                             (jnp.zeros_like(qg), jnp.zeros_like(qg[..., 0], acc)))
+                             (_zeros_like(qg), _zeros_like(qg[..., 0], acc)))
     return out.reshape(B, T, N, H), lse.reshape(B, T, N)
 
 
@@ -299,13 +314,13 @@ def backward(ops: Operands, opt: Options, lse, dout, delta):
         lo, hi = _key_block_range(opt, i0, R, blocks)
         dq_blk, dk, dv, dbias = lax.fori_loop(
             lo, hi, _skip_invisible_blocks(ops, opt, i0, blocks, key_block),
-            (jnp.zeros_like(q_blk, acc), dk, dv, dbias))
+            (_zeros_like(q_blk, acc), dk, dv, dbias))
         dq = _add_at(dq, dq_blk, (0, i0, 0, 0, 0))
         return dq, dk, dv, dbias
 
     # Zeros shaped and sharded like what they accumulate gradients for.
-    init = (jnp.zeros_like(qg, acc), jnp.zeros_like(k, acc), jnp.zeros_like(v, acc),
-            jnp.zeros_like(bias, acc))
+    init = (_zeros_like(qg, acc), _zeros_like(k, acc), _zeros_like(v, acc),
+            _zeros_like(bias, acc))
     dq, dk, dv, dbias = lax.fori_loop(0, blocks.num_row_blocks, row_block, init)
     return (dq.reshape(B, T, N, H).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype),
             dbias)
@@ -337,7 +352,7 @@ def _attention_fwd(options, *args):
 def _attention_bwd(options, residuals, cotangents):
     args, out, lse = residuals
     ops = Operands(*args)
-    dout, dlse = cotangents
+    dout, dlse = _sharded_like(cotangents[0], out), _sharded_like(cotangents[1], lse)
     acc = accumulation_dtype(out.dtype)
     delta = jnp.sum(dout.astype(acc) * out.astype(acc), axis=-1) - dlse.astype(acc)
     dq, dk, dv, dbias = _backward_compiled(options, *args, lse, dout.astype(out.dtype), delta)

@@ -4,7 +4,7 @@ the CPU has them) and the portable float path that every x86-64 / arm64 CPU
 takes, chosen with JAX_MFA_BF16_DOT ("0": portable, "avx512": AVX512-BF16 even
 with AMX, unset: the best) so that CI runs every path its CPU has. float16's
 forward takes the same instructions through exact bfloat16 hi/lo splits
-(JAX_MFA_F16_SPLIT=1 forces it on AVX512-BF16 too; default on AMX only).
+(opt-in: JAX_MFA_F16_SPLIT=1, on AMX or AVX512-BF16).
 
 The sizes are chosen to hit the dot-product path's edges: odd head dims (rows
 of Q padded to a whole pair), odd key counts (P and V padded), key spans that

@@ -22,8 +22,8 @@
 // tile products run on the bfloat16 instructions (cpu_bf16.h: AMX-BF16 tiles
 // where the CPU has them, else AVX512-BF16 dot products); P and dS are
 // rounded to bfloat16 for the products that take them, softmax and
-// accumulation stay in float. The float16 forward takes the same path where
-// the CPU has AMX-BF16 (use_f16_split): every float16 operand is split
+// accumulation stay in float. The float16 forward can take the same path
+// (use_f16_split, opt-in: JAX_MFA_F16_SPLIT=1): every float16 operand is split
 // exactly into bfloat16 hi + lo parts and each product is three (hi hi' +
 // hi lo' + lo hi'), P keeping 16 significant bits. Otherwise float16/bfloat16
 // inputs are converted to float once per call (per chunk of heads); float64
@@ -135,7 +135,7 @@ bool use_bf16_dot(const AttentionProblem& p, int64_t stacked_rows, const RowOps&
          !p.has_segment_ids && !p.has_sinks && !p.has_dropout() && cpu::bf16_dot_available();
 }
 // The float16 forward on the same instructions through hi/lo splits, under
-// the same conditions (cpu_bf16.h: on AMX by default).
+// the same conditions (cpu_bf16.h: opt-in).
 template <typename T>
 bool use_f16_split(const AttentionProblem& p, int64_t stacked_rows) {
   return std::is_same_v<T, Half> && stacked_rows >= 64 && !p.has_segment_ids && !p.has_sinks &&

@@ -73,8 +73,7 @@ bool f16_split_available() {
   const Bf16Dot kind = bf16_dot_kind();
   if (kind == Bf16Dot::None) return false;
   const char* choice = std::getenv("JAX_MFA_F16_SPLIT");
-  if (choice && *choice) return std::strcmp(choice, "0") != 0;
-  return kind == Bf16Dot::Amx;
+  return choice && std::strcmp(choice, "1") == 0;
 }
 
 void pack_pairs_in_rows(const uint16_t* src, int64_t src_stride, int64_t rows, int64_t K,

@@ -69,10 +69,15 @@ def apple():
     missing = [p for p in WHEELS if _wheel(p) is None]
     if missing:
         CACHE.mkdir(parents=True, exist_ok=True)
-        r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps",
-                            "--only-binary=:all:", "--platform", "macosx_14_0_arm64",
-                            "-d", str(CACHE), *missing],
-                           capture_output=True, text=True, timeout=600)
+        # Into a private folder, then renamed into the cache: test workers may
+        # download at once, and a reader must never see a half-written wheel.
+        with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
+            r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps",
+                                "--only-binary=:all:", "--platform", "macosx_14_0_arm64",
+                                "-d", tmp, *missing],
+                               capture_output=True, text=True, timeout=600)
+            for wheel in pathlib.Path(tmp).glob("*.whl"):
+                os.replace(wheel, CACHE / wheel.name)
         if r.returncode != 0 or any(_wheel(p) is None for p in missing):
             pytest.skip("cannot download Apple's API data (mlx-metal, pyobjc-framework-Metal) "
                         f"from PyPI, offline? {r.stderr.strip()[-300:]}")
