@@ -413,7 +413,8 @@ std::vector<KernelLaunch> plan_backward(const AttentionProblem& p, DType dtype,
     const int64_t for_fill = std::min(ceil_div(kKeyValueTargetGroups, base_groups),
                                       p.q_len * G / kMinGroupSplitRows);
     const int64_t for_scratch = kMaxSplitScratchBytes / (2 * 4 * partial_elems);
-    group_splits = std::min({std::max(for_bound, for_fill), G, for_scratch});
+    const int64_t for_grid = (std::numeric_limits<int32_t>::max() / 2) / base_groups;  // int32 ids
+    group_splits = std::min({std::max(for_bound, for_fill), G, for_scratch, for_grid});
     group_splits = std::max<int64_t>(group_splits, 1);
   }
   const int64_t heads_per_split = ceil_div(G, group_splits);
