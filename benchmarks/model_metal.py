@@ -276,7 +276,8 @@ class OurKernels:
     def _params(self, **values) -> bytes:
         p = np.zeros((), params_dtype())
         base = dict(group_size=1, window_left=-1, window_right=-1, bias_batch_dim=1, bias_head_dim=1,
-                    num_row_blocks=1, total_groups=1, kv_splits=1, pairs_per_split=1, softcap=1.0)
+                    num_row_blocks=1, total_groups=1, kv_splits=1, pairs_per_split=1, softcap=1.0,
+                    group_splits=1, heads_per_group_split=1)
         for k, v in {**base, **values}.items():
             if k in p.dtype.names:
                 p[k] = v
@@ -337,6 +338,8 @@ class OurKernels:
                 buffers += [lse, arr(1, T, 1, head_dim), np.zeros((1, T, 1), np.float32), np.zeros_like(k),
                             np.zeros_like(v), None]
             buffers += [None] * 4  # segment ids, sinks, dropout seed: features off
+            if kind == "dkdv":
+                buffers += [None] * 2  # partial dK/dV of a split GQA group: unsplit
             return lib.dispatch(name, grid=1, threads=rows * 4, buffers=buffers, profile=True, check=False)
 
         return linear_cost(name, run)

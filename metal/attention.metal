@@ -2,7 +2,8 @@
 // one per storage type and per block configuration the descriptor tables in
 // cpp/metal_host/attention_plan.cc can choose. Names follow
 // mfa_<fwd|dq|dkdv>_<f32|f16|bf16>_h<HP>_p<P>_c<C>_d<DB>[_o<HO>] (HO: a dK/dV head split),
-// mfa_decode_<type>_h<HP>_c<C> and mfa_decode_merge_<type>.
+// mfa_decode_<type>_h<HP>_c<C>, mfa_decode_merge_<type> and mfa_dkdv_reduce_<type>
+// (the sum of a split GQA group's partial dK/dV).
 //
 // JAX_MFA_METAL_FAMILIES selects the table sets compiled in: bit 0 the M1/M2
 // (Apple7) tables, bit 1 the M3+ (Apple9) tables; default both.
@@ -175,7 +176,8 @@
 #endif
 
 // Split-key decode (attention_decode.h): one partial kernel per head bucket
-// (C = 32 keys per step) and one merge kernel per storage type, for every family.
+// (C = 32 keys per step) and one merge kernel per storage type, for every family;
+// also the dK/dV reduction of a split GQA group, one per storage type.
 #define MFA_DECODE(T, TAG, HP)                                                                \
   MFA_IF_H##HP(JAX_MFA_INSTANTIATE_KERNEL("mfa_decode_" #TAG "_h" #HP "_c32",                  \
                                           attention_decode_partial, T, HP, 32))
@@ -185,7 +187,8 @@
   MFA_DECODE(T, TAG, 80) MFA_DECODE(T, TAG, 96) MFA_DECODE(T, TAG, 112)                       \
   MFA_DECODE(T, TAG, 128) MFA_DECODE(T, TAG, 160) MFA_DECODE(T, TAG, 192)                     \
   MFA_DECODE(T, TAG, 256)                                                                     \
-  JAX_MFA_INSTANTIATE_KERNEL("mfa_decode_merge_" #TAG, attention_decode_merge, T)
+  JAX_MFA_INSTANTIATE_KERNEL("mfa_decode_merge_" #TAG, attention_decode_merge, T)         \
+  JAX_MFA_INSTANTIATE_KERNEL("mfa_dkdv_reduce_" #TAG, attention_backward_kv_reduce, T)
 
 #if JAX_MFA_METAL_DTYPES & 1
 MFA_FAMILIES(float, f32)

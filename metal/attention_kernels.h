@@ -618,6 +618,19 @@ template <typename T, int HP, int P, int C, int DB>
     dbias_rows[(mfa_long(b) * N + n) * p.q_len + i] = ds_sum;
 }
 
+// Stores a key row's OB 8x8 blocks of dK and dV (columns at or past `cols`
+// dropped), into dK/dV or, for a split GQA group, its float32 partials.
+template <typename U, int OB>
+METAL_FUNC void mfa_store_key_rows(thread mfa_mat* dK, thread mfa_mat* dV,
+                                   device U* dk_row, device U* dv_row, bool key_ok, int lc,
+                                   int cols) {
+  #pragma clang loop unroll(full)
+  for (int h = 0; h < OB; ++h) {
+    mfa_store_rows(dK[h], dk_row, key_ok, h * 8 + lc, cols);
+    mfa_store_rows(dV[h], dv_row, key_ok, h * 8 + lc, cols);
+  }
+}
+
 // ---------------------------------------------------------------------------
 // Backward, key/value side: one threadgroup per block of P keys of one (batch,
 // kv head) computes dK and dV, looping over the query heads of its GQA group
@@ -625,6 +638,9 @@ template <typename T, int HP, int P, int C, int DB>
 // element has exactly one writer and no atomics are needed. When the merged
 // pairs are too much serial work for one threadgroup, they are split into
 // slices (kv_splits); each slice owns its own dbias slot, summed by the host.
+// When B * K is small (or one group is too much serial work), the G query
+// heads of the group are split over group_splits threadgroups instead, each
+// writing float32 partial dK and dV that attention_backward_kv_reduce sums.
 // HO < HP splits the head columns of dK and dV over HP / HO threadgroups per
 // key block (each recomputes S^T and dP^T; the first one accumulates dbias),
 // so that both accumulators fit in registers at large head dims.
@@ -647,6 +663,8 @@ template <typename T, int HP, int P, int C, int DB, int HO>
                                          device const int* kv_segments [[buffer(15)]],
                                          device const float* sinks [[buffer(16)]],
                                          device const uint* dropout_seed [[buffer(17)]],
+                                         device float* dk_partial [[buffer(18)]],
+                                         device float* dv_partial [[buffer(19)]],
                                          uint group [[threadgroup_position_in_grid]],
                                          uint sg [[simdgroup_index_in_threadgroup]],
                                          uint lane [[thread_index_in_simdgroup]],
@@ -663,9 +681,11 @@ template <typename T, int HP, int P, int C, int DB, int HO>
   const int h_out = head_part * HO;  // first head column of dK and dV this threadgroup owns
   const int linear = (p.group_offset + int(group)) / (HP / HO);
   const int kb = linear % p.num_row_blocks;
-  const int split = (linear / p.num_row_blocks) % p.kv_splits;
-  const int ht = (linear / (p.num_row_blocks * p.kv_splits)) % h_tasks;
-  const int bt = linear / (p.num_row_blocks * p.kv_splits * h_tasks);
+  const int gsplit = (linear / p.num_row_blocks) % p.group_splits;  // slice of the GQA group
+  const int kv_linear = linear / (p.num_row_blocks * p.group_splits);
+  const int split = kv_linear % p.kv_splits;
+  const int ht = (kv_linear / p.kv_splits) % h_tasks;
+  const int bt = kv_linear / (p.kv_splits * h_tasks);
   const int b_begin = p.merge_batches ? 0 : bt;
   const int h_begin = p.merge_heads ? 0 : ht, h_count = p.merge_heads ? p.kv_heads : 1;
   const int pairs = (p.merge_batches ? p.batch : 1) * h_count;
@@ -708,7 +728,9 @@ template <typename T, int HP, int P, int C, int DB, int HO>
         }
       }
 
-      for (int n = kvh * G; n < (kvh + 1) * G && !(rows.begin >= rows.end); ++n) {
+      const int n_begin = kvh * G + gsplit * p.heads_per_group_split;
+      const int n_end = min((kvh + 1) * G, n_begin + p.heads_per_group_split);
+      for (int n = n_begin; n < n_end && !(rows.begin >= rows.end); ++n) {
         const MfaLogitLine line = mfa_logit_line(p, b, n, 0, j, false);
         for (int i0 = rows.begin; i0 < rows.end; i0 += C) {
           const int cnt = min(C, rows.end - i0);
@@ -796,15 +818,44 @@ template <typename T, int HP, int P, int C, int DB, int HO>
         }
       }
 
-      device T* dk_row = dk + key_index * H + h_out;
-      device T* dv_row = dv + key_index * H + h_out;
-      #pragma clang loop unroll(full)
-      for (int h = 0; h < OB; ++h) {
-        mfa_store_rows(dK[h], dk_row, key_ok, h * 8 + lc, H - h_out);
-        mfa_store_rows(dV[h], dv_row, key_ok, h * 8 + lc, H - h_out);
+      if (p.group_splits > 1) {
+        // This slice's float32 partial, (B, K, group_splits, S, H).
+        const mfa_long slot =
+            ((mfa_long(b) * K + kvh) * p.group_splits + gsplit) * p.kv_len + (key_ok ? j : 0);
+        mfa_store_key_rows<float, OB>(dK, dV, dk_partial + slot * H + h_out,
+                                      dv_partial + slot * H + h_out, key_ok, lc, H - h_out);
+      } else {
+        mfa_store_key_rows<T, OB>(dK, dV, dk + key_index * H + h_out, dv + key_index * H + h_out,
+                                  key_ok, lc, H - h_out);
       }
     }
   }
+}
+
+// Sums the group_splits float32 partials of a split GQA group into dK and dV
+// (storage type), one thread per element of the (B, S, K, H) outputs, in
+// split order (deterministic).
+template <typename T>
+[[kernel, max_total_threads_per_threadgroup(MFA_REDUCE_THREADS)]] void attention_backward_kv_reduce(
+    constant AttentionParams& p [[buffer(0)]], device const float* dk_partial [[buffer(1)]],
+    device const float* dv_partial [[buffer(2)]], device T* dk [[buffer(3)]],
+    device T* dv [[buffer(4)]], uint group [[threadgroup_position_in_grid]],
+    uint tid [[thread_index_in_threadgroup]]) {
+  const int H = p.head_dim, K = p.kv_heads, S = p.kv_len, splits = p.group_splits;
+  const mfa_long e = (mfa_long(p.group_offset) + mfa_long(group)) * MFA_REDUCE_THREADS + tid;
+  if (e >= mfa_long(p.batch) * S * K * H) return;
+  const int d = int(e % H);
+  const int kvh = int((e / H) % K);
+  const int j = int((e / (mfa_long(H) * K)) % S);
+  const int b = int(e / (mfa_long(H) * K * S));
+  float sk = 0.0f, sv = 0.0f;
+  for (int s = 0; s < splits; ++s) {
+    const mfa_long at = (((mfa_long(b) * K + kvh) * splits + s) * S + j) * H + d;
+    sk += dk_partial[at];
+    sv += dv_partial[at];
+  }
+  dk[e] = mfa_from_float<T>(sk);
+  dv[e] = mfa_from_float<T>(sv);
 }
 
 #endif  // JAX_MFA_METAL_ATTENTION_KERNELS_H

@@ -80,6 +80,11 @@ struct AttentionParams {
   // decode_splits ranges of decode_keys_per_split keys; num_row_blocks counts
   // the 8-row tiles of a GQA group's T x G rows.
   mfa_int decode_splits, decode_keys_per_split;
+  // dK/dV kernel, split GQA group: the G query heads of one kv head are
+  // split over group_splits threadgroups of heads_per_group_split heads;
+  // with group_splits > 1 each writes float32 partial dK and dV of shape
+  // (B, K, group_splits, S, H) and the reduction kernel sums them.
+  mfa_int group_splits, heads_per_group_split;
 };
 
 // Whether sorted segment ids of query rows [i0, i1) and keys [j0, j1) (both
@@ -92,6 +97,9 @@ inline bool mfa_sorted_segments_meet(mfa_int q_first, mfa_int q_last, mfa_int kv
 // The most key splits of one decode row (the merge kernel keeps one weight
 // per split in threadgroup memory).
 #define MFA_MAX_DECODE_SPLITS 1024
+
+// Threads per threadgroup of the split GQA group's dK/dV reduction kernel.
+#define MFA_REDUCE_THREADS 256
 
 // Register-cache policy (one definition for the kernels and the launch
 // plan's register model): besides its accumulators, which a kernel always

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 import jax_mfa
+import reference
 
 jax.config.update("jax_enable_x64", True)
 
@@ -205,6 +206,49 @@ def test_split_dkdv_threadgroups(rng, monkeypatch, shape, family):
     compare(rng, B=3, T=23, S=31, N=4, K=2, H=16, bias_shape=shape, is_causal=True)
 
 
+# Agreement of the split GQA group's gradients with the float64 reference
+# (relative to the max magnitude): storage rounding of dK/dV dominates.
+REF_TOL = {jnp.float32: 1e-4, jnp.float16: 6e-3, jnp.bfloat16: 4e-2}
+
+
+@pytest.mark.parametrize("dtype,N,K,group_work,H", [
+    (jnp.float32, 5, 1, "1", 24),        # MQA: one query head per threadgroup
+    (jnp.float16, 6, 2, "1", 40),        # GQA 3:1
+    (jnp.bfloat16, 5, 1, "80000", 16),   # two slices of 3 and 2 heads (bound / 2)
+], ids=["mqa-f32", "gqa-f16", "uneven-bf16"])
+def test_split_gqa_group(rng, monkeypatch, dtype, N, K, group_work, H):
+    # A small per-threadgroup bound splits the query heads of each kv head
+    # over threadgroups (plan_backward's group_splits) that write float32
+    # partial dK/dV, summed by the reduction kernel; the emulator reports a
+    # partial written by two threadgroups as a write conflict.
+    # "80000": Apple9, H 16 -> one group is 2 * 16 rows * 23 * 5 * 32 = 117760
+    # multiply-adds, so two slices.
+    monkeypatch.setenv("JAX_MFA_METAL_MAX_GROUP_WORK", group_work)
+    B, T, S = 1, 23, 37
+    q, k, v = (_arr(rng, (B, L, M, H), dtype) for L, M in ((T, N), (S, K), (S, K)))
+    w = jnp.asarray(rng.standard_normal((B, T, N, H)))
+    kw = dict(is_causal=True, local_window_size=(30, 2))
+
+    def loss(impl):
+        def f(q, k, v):
+            out = jax_mfa.attention(q, k, v, implementation=impl, **kw)
+            return jnp.sum(out.astype(jnp.float64) * w)
+        return f
+
+    got = jax.grad(loss("metal-emulated"), argnums=(0, 1, 2))(q, k, v)
+
+    def ref(q, k, v):
+        out, _ = reference.attention(jnp, q, k, v, is_causal=True, local_window_size=(30, 2))
+        return jnp.sum(out * w)
+
+    to64 = lambda a: jnp.asarray(a, jnp.float64)  # noqa: E731
+    want = jax.grad(ref, argnums=(0, 1, 2))(to64(q), to64(k), to64(v))
+    for name, a, b in zip(["dq", "dk", "dv"], got, want):
+        assert a.dtype == dtype
+        err = _rel(a, b)
+        assert err <= REF_TOL[dtype], f"{name}: relative error {err:.3g} vs the float64 reference"
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16, jnp.bfloat16],
                          ids=["f32", "f16", "bf16"])
 @pytest.mark.parametrize("H", [8, 40, 72, 96, 128, 160, 192, 256])
@@ -264,7 +308,8 @@ def test_embedded_source_is_self_contained(tmp_path):
         filename=str(tmp_path / "embedded.metal"))
     names = set(lib.kernels)
     expected = {f"mfa_{kind}_f16_h{hp}_" for kind in ("fwd", "dq", "dkdv") for hp in buckets}
-    decode = {f"mfa_decode_f16_h{hp}_c32" for hp in buckets} | {"mfa_decode_merge_f16"}
+    decode = ({f"mfa_decode_f16_h{hp}_c32" for hp in buckets}
+              | {"mfa_decode_merge_f16", "mfa_dkdv_reduce_f16"})
     assert decode <= names
     names -= decode
     assert len(names) == len(expected) == 12
@@ -289,6 +334,7 @@ def _params_bytes(B, T, S, N, K, H, *, P, scale):
     body += np.array(list(rest.values()), np.int32).tobytes()
     body += np.array([1.0], np.float32).tobytes()  # dropout_keep_scale
     body += np.array([1, S], np.int32).tobytes()  # decode_splits, decode_keys_per_split
+    body += np.array([1, N // K], np.int32).tobytes()  # group_splits, heads_per_group_split
     data = head + body
     return data + bytes(-len(data) % 8)
 
@@ -302,7 +348,7 @@ def _forward_with(lib, rng):
     lse = np.zeros((B, T, N), np.float32)
     empty = np.zeros(0, np.float32)
     params = _params_bytes(B, T, S, N, K, H, P=P, scale=0.25)
-    assert len(params) == 240  # sizeof(AttentionParams), static_assert in attention_plan.cc
+    assert len(params) == 248  # sizeof(AttentionParams), static_assert in attention_plan.cc
     lib.dispatch("mfa_fwd_f16_h16_p16_c128_d16", grid=(1,), threads=(P * 4,),
                  buffers=[params, q, k, v, empty, empty, empty, empty, out, lse] + [empty] * 4)
     s = 0.25 * np.einsum("bthd,bshd->bts", q.astype(np.float64), k.astype(np.float64))

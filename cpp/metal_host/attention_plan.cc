@@ -9,7 +9,7 @@
 namespace jax_mfa {
 namespace metal_host {
 
-static_assert(sizeof(AttentionParams) == 8 * 9 + 4 * 41 + 4,
+static_assert(sizeof(AttentionParams) == 8 * 9 + 4 * 43 + 4,
               "AttentionParams must keep the same layout in C++ and MSL");
 
 namespace {
@@ -130,6 +130,8 @@ AttentionParams make_params(const AttentionProblem& p) {
   a.dropout_threshold = p.dropout_threshold;
   a.dropout_keep_scale = float(p.dropout_keep_scale());
   a.decode_splits = 1;
+  a.group_splits = 1;
+  a.heads_per_group_split = int32_t(p.group_size());
   a.decode_keys_per_split = int32_t(p.kv_len);
   return a;
 }
@@ -223,6 +225,7 @@ BlockConfig block_config(Pass pass, GpuFamily family, int64_t head_dim) {
     }
     case Pass::DecodePartial:
     case Pass::DecodeMerge: return {hp, 8, kDecodeCols, 0, hp};
+    case Pass::BackwardKeyValueReduce: return {hp, 0, 0, 0, hp};
   }
   return {};
 }
@@ -251,6 +254,7 @@ RegisterEstimate register_estimate(Pass pass, const BlockConfig& c) {
       r.score_tiles = 4 * cb;
       break;
     case Pass::DecodeMerge:
+    case Pass::BackwardKeyValueReduce:
       r.transients = 0;
       break;
   }
@@ -262,6 +266,8 @@ std::string kernel_name(Pass pass, DType dtype, const BlockConfig& c) {
     return std::string("mfa_decode_") + dtype_tag(dtype) + "_h" + std::to_string(c.head_pad) +
            "_c" + std::to_string(c.cols);
   if (pass == Pass::DecodeMerge) return std::string("mfa_decode_merge_") + dtype_tag(dtype);
+  if (pass == Pass::BackwardKeyValueReduce)
+    return std::string("mfa_dkdv_reduce_") + dtype_tag(dtype);
   const char* kind = pass == Pass::Forward ? "fwd" : pass == Pass::BackwardQuery ? "dq" : "dkdv";
   return std::string("mfa_") + kind + "_" + dtype_tag(dtype) + "_h" + std::to_string(c.head_pad) +
          "_p" + std::to_string(c.rows) + "_c" + std::to_string(c.cols) + "_d" +
@@ -270,7 +276,7 @@ std::string kernel_name(Pass pass, DType dtype, const BlockConfig& c) {
 }
 
 size_t threadgroup_memory_bytes(Pass pass, const BlockConfig& c, DType dtype) {
-  if (pass == Pass::DecodePartial) return 0;
+  if (pass == Pass::DecodePartial || pass == Pass::BackwardKeyValueReduce) return 0;
   if (pass == Pass::DecodeMerge) return sizeof(float) * MFA_MAX_DECODE_SPLITS;
   size_t bytes = storage_bytes(dtype) * size_t(c.cols) * size_t(c.head_block);
   if (pass == Pass::BackwardKeyValue) bytes += 2 * sizeof(float) * size_t(c.cols);  // lse, delta
@@ -282,7 +288,8 @@ const char* arg_name(Arg a) {
                                 "kv_lengths", "out", "lse", "dout", "delta", "dq",
                                 "dk",  "dv", "dbias", "dbias_rows", "q_segments",
                                 "kv_segments", "sinks", "dropout_seed", "decode_o",
-                                "decode_m", "decode_l"};
+                                "decode_m", "decode_l", "dk_partial",
+                                "dv_partial"};
   return names[int(a)];
 }
 
@@ -393,10 +400,50 @@ std::vector<KernelLaunch> plan_backward(const AttentionProblem& p, DType dtype,
                      dbias_keys ? size_t(splits * p.bias.size()) * 4 : 0});
   append(kv.args, feature_args(p));
   const int64_t head_parts = kv.config.head_pad / kv.config.head_out;
-  kv.total_groups = int64_t(kv.params.num_row_blocks) * head_parts * splits * h_tasks * b_tasks;
+
+  // Split GQA group (kKeyValueTargetGroups): not where a bias broadcast
+  // merges pairs (its dbias elements are shared by the group's heads), so
+  // each dbias element keeps one writer.
+  const int64_t G = p.group_size();
+  const int64_t partial_elems = p.batch * p.kv_heads * p.kv_len * p.head_dim;  // per split
+  int64_t group_splits = 1;
+  if (!kv.params.merge_batches && !kv.params.merge_heads && G > 1) {
+    const int64_t base_groups = int64_t(kv.params.num_row_blocks) * head_parts * b_tasks * h_tasks;
+    const int64_t for_bound = ceil_div(pair_work, max_work_per_threadgroup());
+    const int64_t for_fill = std::min(ceil_div(kKeyValueTargetGroups, base_groups),
+                                      p.q_len * G / kMinGroupSplitRows);
+    const int64_t for_scratch = kMaxSplitScratchBytes / (2 * 4 * partial_elems);
+    const int64_t for_grid = (std::numeric_limits<int32_t>::max() / 2) / base_groups;  // int32 ids
+    group_splits = std::min({std::max(for_bound, for_fill), G, for_scratch, for_grid});
+    group_splits = std::max<int64_t>(group_splits, 1);
+  }
+  const int64_t heads_per_split = ceil_div(G, group_splits);
+  group_splits = ceil_div(G, heads_per_split);  // no empty slice
+  kv.params.group_splits = int32_t(group_splits);
+  kv.params.heads_per_group_split = int32_t(heads_per_split);
+  const size_t partial_bytes = group_splits > 1 ? size_t(group_splits * partial_elems) * 4 : 0;
+  kv.args.push_back({Arg::DKPartial, Access::Write, partial_bytes});
+  kv.args.push_back({Arg::DVPartial, Access::Write, partial_bytes});
+  kv.total_groups = int64_t(kv.params.num_row_blocks) * head_parts * group_splits * splits *
+                    h_tasks * b_tasks;
   kv.params.total_groups = int32_t(kv.total_groups);
-  set_chunks(kv, pair_work * pairs_per_split);
-  return {dq, kv};
+  set_chunks(kv, pair_work / G * heads_per_split * pairs_per_split);
+  if (group_splits == 1) return {dq, kv};
+
+  KernelLaunch reduce;
+  reduce.pass = Pass::BackwardKeyValueReduce;
+  reduce.config = block_config(reduce.pass, family, p.head_dim);
+  reduce.kernel = kernel_name(reduce.pass, dtype, reduce.config);
+  reduce.threads_per_group = MFA_REDUCE_THREADS;
+  reduce.params = kv.params;
+  reduce.args = {{Arg::DKPartial, Access::Read, partial_bytes},
+                 {Arg::DVPartial, Access::Read, partial_bytes},
+                 {Arg::DK, Access::Write, kv_bytes},
+                 {Arg::DV, Access::Write, kv_bytes}};
+  reduce.total_groups = ceil_div(partial_elems, MFA_REDUCE_THREADS);
+  reduce.params.total_groups = int32_t(reduce.total_groups);
+  set_chunks(reduce, 2 * int64_t(MFA_REDUCE_THREADS) * group_splits);
+  return {dq, kv, reduce};
 }
 
 int64_t decode_min_keys() {
@@ -558,6 +605,13 @@ Status run_backward(const AttentionProblem& p, DType dtype, GpuFamily family,
                      : slot > 0                             ? slots.data()
                                                             : b.dbias);
   hb.set(Arg::DBiasRows, row_sums ? rows.data() : nullptr);
+  // A split GQA group's float32 partial dK/dV (summed by plan[2]).
+  const size_t partials = plan.size() > 2 ? size_t(kv.params.group_splits) *
+                                                size_t(p.batch * p.kv_heads * p.kv_len * p.head_dim)
+                                          : 0;
+  std::vector<float> dk_partial(partials), dv_partial(partials);
+  hb.set(Arg::DKPartial, partials ? dk_partial.data() : nullptr);
+  hb.set(Arg::DVPartial, partials ? dv_partial.data() : nullptr);
   for (const KernelLaunch& l : plan)
     if (Status s = exec.run(l, hb); !s.ok()) return s;
 

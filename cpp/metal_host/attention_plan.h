@@ -23,7 +23,10 @@ namespace metal_host {
 // Block-size tables follow metal-flash-attention's published ones: Apple7
 // covers M1/M2 (Apple7/Apple8 GPU families), Apple9 covers M3 and later.
 enum class GpuFamily { Apple7, Apple9 };
-enum class Pass { Forward, BackwardQuery, BackwardKeyValue, DecodePartial, DecodeMerge };
+enum class Pass {
+  Forward, BackwardQuery, BackwardKeyValue, DecodePartial, DecodeMerge,
+  BackwardKeyValueReduce,  // sums a split GQA group's partial dK/dV
+};
 
 // The largest head dim the kernels accept.
 constexpr int64_t kMaxHeadDim = 256;
@@ -47,6 +50,14 @@ int64_t max_work_per_threadgroup();
 // Scratch for the partial dbias slots of split dK/dV threadgroups is capped
 // at this many bytes (fewer slices, longer threadgroups, beyond it).
 constexpr int64_t kMaxSplitScratchBytes = int64_t(1) << 30;
+// Split GQA group (dK/dV): when B * K * key blocks gives fewer threadgroups
+// than kKeyValueTargetGroups, or one group's heads exceed
+// max_work_per_threadgroup(), the G query heads of a kv head are split over
+// up to G threadgroups (group_splits), each keeping at least
+// kMinGroupSplitRows query rows (heads x T) of work, the float32 partials
+// within kMaxSplitScratchBytes; a reduction kernel sums them.
+constexpr int64_t kKeyValueTargetGroups = 1024;
+constexpr int64_t kMinGroupSplitRows = 512;
 
 struct BlockConfig {
   int head_pad = 0;    // HP: head dim bucket the kernel is compiled for
@@ -113,8 +124,10 @@ enum class Arg {
   // Split-key decode scratch, per (output row, key split): unnormalised O
   // (head_dim floats), running max and sum (base 2).
   DecodeO, DecodeM, DecodeL,
+  // Split GQA group: float32 partial dK and dV, (B, K, group_splits, S, H).
+  DKPartial, DVPartial,
 };
-constexpr int kArgCount = int(Arg::DecodeL) + 1;
+constexpr int kArgCount = int(Arg::DVPartial) + 1;
 enum class Access { Read, Write, ReadWrite };
 const char* arg_name(Arg a);
 
@@ -145,7 +158,8 @@ struct KernelLaunch {
 // above 256, sizes beyond 32-bit positions).
 Status check_supported(const AttentionProblem& p, DType dtype);
 KernelLaunch plan_forward(const AttentionProblem& p, DType dtype, GpuFamily family);
-// [0]: the dQ kernel, [1]: the dK/dV kernel.
+// [0]: the dQ kernel, [1]: the dK/dV kernel, [2] (only with group_splits > 1):
+// the reduction of the partial dK/dV.
 std::vector<KernelLaunch> plan_backward(const AttentionProblem& p, DType dtype, GpuFamily family);
 
 // Split-key decode (metal/attention_decode.h): the forward of T <= kDecodeMaxQueries

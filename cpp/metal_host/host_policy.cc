@@ -104,6 +104,8 @@ std::vector<std::string> library_kernels(const LibraryKey& key, GpuFamily family
   const BlockConfig decode{key.head_pad, 8, kDecodeCols, 0};
   names.push_back(kernel_name(Pass::DecodePartial, key.dtype, decode));
   names.push_back(kernel_name(Pass::DecodeMerge, key.dtype, decode));
+  // The reduction of a split GQA group's partial dK/dV (plan_backward).
+  names.push_back(kernel_name(Pass::BackwardKeyValueReduce, key.dtype, decode));
   return names;
 }
 

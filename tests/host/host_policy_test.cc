@@ -202,9 +202,13 @@ void test_libraries() {
         p.batch = 1, p.q_len = 5, p.kv_len = 7, p.q_heads = 2, p.kv_heads = 1, p.head_dim = h;
         const std::vector<KernelLaunch> bwd = plan_backward(p, t, f);
         const std::vector<KernelLaunch> dec = plan_decode(p, t);
-        CHECK(names.size() == 5 && names[0] == plan_forward(p, t, f).kernel &&
+        CHECK(names.size() == 6 && names[0] == plan_forward(p, t, f).kernel &&
               names[1] == bwd[0].kernel && names[2] == bwd[1].kernel &&
               names[3] == dec[0].kernel && names[4] == dec[1].kernel);
+        // A split GQA group adds the reduction kernel (MQA, B = 1, long T).
+        p.q_len = 2048, p.kv_len = 2048, p.q_heads = 8;
+        const std::vector<KernelLaunch> split = plan_backward(p, t, f);
+        CHECK(split.size() == 3 && split[1].kernel == bwd[1].kernel && names[5] == split[2].kernel);
         for (const auto& [macro, value] : library_macros(key, f))
           CHECK(value > 0 && (macro == "JAX_MFA_METAL_FAMILIES" || (value & (value - 1)) == 0));
       }
@@ -291,6 +295,62 @@ void test_decode_plan() {
   CHECK(plan_decode(p, DType::F32)[0].params.decode_splits <= MFA_MAX_DECODE_SPLITS);
 }
 
+// Split GQA group in dK/dV: MQA with B = 1 spreads the group's heads over
+// more threadgroups (each with less serial work) and adds the reduction;
+// a grid that is already large, or a short problem, keeps one threadgroup
+// per key block and no scratch; a group too long for one threadgroup is
+// split within the serial-work bound.
+void test_group_split_plan() {
+  for (GpuFamily f : {GpuFamily::Apple7, GpuFamily::Apple9}) {
+    AttentionProblem p;
+    p.batch = 1, p.q_len = 2048, p.kv_len = 2048, p.q_heads = 8, p.kv_heads = 1, p.head_dim = 128;
+    AttentionProblem mha = p;
+    mha.q_heads = mha.kv_heads = 1;
+    const KernelLaunch one = plan_backward(mha, DType::F16, f)[1];  // G = 1: never split
+    CHECK(one.params.group_splits == 1);
+    const std::vector<KernelLaunch> plan = plan_backward(p, DType::F16, f);
+    CHECK(plan.size() == 3);
+    const KernelLaunch& kv = plan[1];
+    const int64_t blocks = kv.params.num_row_blocks;
+    const int64_t parts = kv.config.head_pad / kv.config.head_out;
+    CHECK(kv.params.group_splits == 8 && kv.params.heads_per_group_split == 1);
+    CHECK(kv.total_groups == 8 * blocks * parts);       // the grid grows 8x
+    CHECK(kv.work_per_group == one.work_per_group);     // one query head each
+    const size_t partial = size_t(8) * 2048 * 128 * 4;
+    int found = 0;
+    for (const ArgBinding& a : kv.args)
+      if (a.arg == Arg::DKPartial || a.arg == Arg::DVPartial) found += a.bytes == partial;
+    CHECK(found == 2);
+    const KernelLaunch& red = plan[2];
+    CHECK(red.pass == Pass::BackwardKeyValueReduce && red.threads_per_group == MFA_REDUCE_THREADS);
+    CHECK(red.total_groups * MFA_REDUCE_THREADS >= 2048 * 128 &&
+          (red.total_groups - 1) * MFA_REDUCE_THREADS < 2048 * 128);
+    CHECK(red.params.group_splits == 8 && red.args.size() == 4 && red.args[0].bytes == partial);
+    // Enough (batch, kv head) pairs fill the GPU unsplit: today's path, no scratch.
+    AttentionProblem wide = p;
+    wide.batch = 8, wide.q_heads = 32, wide.kv_heads = 8;
+    const std::vector<KernelLaunch> unsplit = plan_backward(wide, DType::F16, f);
+    CHECK(unsplit.size() == 2 && unsplit[1].params.group_splits == 1 &&
+          unsplit[1].params.heads_per_group_split == 4);
+    for (const ArgBinding& a : unsplit[1].args)
+      if (a.arg == Arg::DKPartial || a.arg == Arg::DVPartial) CHECK(a.bytes == 0);
+    // Too few query rows per split to pay for it: unsplit.
+    AttentionProblem short_q = p;
+    short_q.q_len = 21, short_q.q_heads = 6;
+    CHECK(plan_backward(short_q, DType::F32, f).size() == 2);
+    // A long group exceeds the serial-work bound unsplit; split, it holds.
+    AttentionProblem longq = p;
+    longq.q_len = 65536, longq.q_heads = 32;
+    const KernelLaunch lk = plan_backward(longq, DType::F16, f)[1];
+    CHECK(lk.params.group_splits > 1 && lk.work_per_group <= max_work_per_threadgroup());
+    CHECK(int64_t(lk.params.group_splits) * lk.params.heads_per_group_split >= 32 &&
+          int64_t(lk.params.group_splits - 1) * lk.params.heads_per_group_split < 32);
+    // A bias broadcast over heads merges pairs instead (one dbias writer).
+    CHECK(plan_backward(merged_bias_problem(1, 8, 1, 2048, 2048), DType::F16, f)[1]
+              .params.group_splits == 1);
+  }
+}
+
 // Every configuration the plan can pick (= every instantiated kernel, see
 // test_each_library_compiles_exactly_its_kernels) fits the register model's
 // budget; the model counts what the header says.
@@ -298,7 +358,7 @@ void test_register_budget() {
   for (GpuFamily f : {GpuFamily::Apple7, GpuFamily::Apple9})
     for (int h : kHeadBuckets)
       for (Pass pass : {Pass::Forward, Pass::BackwardQuery, Pass::BackwardKeyValue,
-                        Pass::DecodePartial, Pass::DecodeMerge}) {
+                        Pass::DecodePartial, Pass::DecodeMerge, Pass::BackwardKeyValueReduce}) {
         const BlockConfig c = block_config(pass, f, h);
         const RegisterEstimate r = register_estimate(pass, c);
         if (r.total() > kRegisterBudget)
@@ -306,7 +366,7 @@ void test_register_budget() {
                       r.total());
         CHECK(r.total() <= kRegisterBudget);
         CHECK(c.head_out > 0 && c.head_pad % c.head_out == 0 && c.head_out % 8 == 0);
-        if (pass != Pass::DecodeMerge) CHECK(c.head_block == 0 || c.head_out % c.head_block == 0);
+        if (pass != Pass::DecodeMerge && pass != Pass::BackwardKeyValueReduce) CHECK(c.head_block == 0 || c.head_out % c.head_block == 0);
       }
   // The counts themselves, on a configuration worked out by hand: M3 forward,
   // HP 64 (Q cached), C 128: O 16 + Q 16 + S 32 + flags 16 + 4 + scalars.
@@ -343,6 +403,7 @@ int main(int argc, char** argv) {
   test_serial_work_bound();
   test_chunks_cover_the_grid();
   test_decode_plan();
+  test_group_split_plan();
   test_register_budget();
   std::printf("%s\n", failures == 0 ? "all host policy tests passed" : "host policy tests FAILED");
   return failures == 0 ? 0 : 1;

@@ -102,9 +102,10 @@ PARAMS = np.dtype([("bias_strides", "<i8", 4), ("mask_strides", "<i8", 4), ("dbi
                                           "segments_sorted", "has_sinks", "sinks_batched", "has_dropout",
                                           "dropout_broadcast_heads")]
                   + [("dropout_threshold", "<u4"), ("dropout_keep_scale", "<f4")]
-                  + [(name, "<i4") for name in ("decode_splits", "decode_keys_per_split")],
+                  + [(name, "<i4") for name in ("decode_splits", "decode_keys_per_split",
+                                                "group_splits", "heads_per_group_split")],
                   align=True)
-assert PARAMS.itemsize == 240  # sizeof(AttentionParams), as cpp/metal_host/attention_plan.cc asserts
+assert PARAMS.itemsize == 248  # sizeof(AttentionParams), as cpp/metal_host/attention_plan.cc asserts
 
 
 def test_own_forward_kernel_counts():
