@@ -117,13 +117,18 @@ def _pad_dim(x, dim: int, rows: int, value=0):
     return jnp.pad(x, pad, constant_values=value)
 
 
-def _swap_second_chunks(ring: Ring, x, dim: int):
+def _swap_second_chunks(ring: Ring, x, dim: int, offset: int = 0):
     """Swaps the second chunk of this device's rows with device n-1-d's: the
-    exchange between the contiguous and the balanced layouts, both ways."""
+    exchange between the contiguous and the balanced layouts, both ways. With
+    `offset`, device i holds the block of device i + offset, whose first
+    chunk moves there too (in the same step as the swap)."""
     c, n = ring.chunk, ring.size
-    second = jax.lax.slice_in_dim(x, c, 2 * c, axis=dim)
-    got = jax.lax.ppermute(second, ring.axis, [(d, n - 1 - d) for d in range(n)])
-    return jnp.concatenate([jax.lax.slice_in_dim(x, 0, c, axis=dim), got], axis=dim)
+    owner = lambda i: (i + offset) % n  # noqa: E731
+    first, second = (jax.lax.slice_in_dim(x, h * c, (h + 1) * c, axis=dim) for h in (0, 1))
+    if offset:
+        first = jax.lax.ppermute(first, ring.axis, [(i, owner(i)) for i in range(n)])
+    got = jax.lax.ppermute(second, ring.axis, [(i, n - 1 - owner(i)) for i in range(n)])
+    return jnp.concatenate([first, got], axis=dim)
 
 
 def _to_balanced(ring: Ring, x, dim: int):
@@ -131,9 +136,10 @@ def _to_balanced(ring: Ring, x, dim: int):
     return _swap_second_chunks(ring, _pad_dim(x, dim, 2 * ring.chunk - x.shape[dim]), dim)
 
 
-def _from_balanced(ring: Ring, x, dim: int, rows: int):
-    """Inverse of _to_balanced, trimmed to the original `rows`."""
-    return jax.lax.slice_in_dim(_swap_second_chunks(ring, x, dim), 0, rows, axis=dim)
+def _from_balanced(ring: Ring, x, dim: int, rows: int, offset: int = 0):
+    """Inverse of _to_balanced, trimmed to the original `rows` (`offset`: see
+    _swap_second_chunks)."""
+    return jax.lax.slice_in_dim(_swap_second_chunks(ring, x, dim, offset), 0, rows, axis=dim)
 
 
 def _swap_column_chunks(ring: Ring, x):
@@ -469,14 +475,17 @@ def backward(kernels: Kernels, ring: Ring, options: Options, ops: Operands, lse,
     visiting = _Visiting(k, v, local.ops.kv_segments, zeros(k), zeros(v))
     visiting, state = _around(ring, step, visiting, (dq, dbias))
     # The gradient accumulators made n-1 moves with their blocks: one more
-    # brings them home.
+    # brings them home (in the balanced layout, straight to the contiguous
+    # layout: each chunk goes to its owner in one move).
     dk, dv = visiting.dkey, visiting.dvalue
-    if ring.size > 1:
+    if ring.zigzag:
+        dk, dv = (_from_balanced(ring, x, 1, ring.q_rows, offset=1) for x in (dk, dv))
+    elif ring.size > 1:
         dk, dv = _shift(ring, (dk, dv))
     dq, dbias = state
     dbias = _columns_from_layout(ring, dbias)
     if ring.zigzag and dbias.shape[2] > 1:
         dbias = _from_balanced(ring, dbias, 2, ring.q_rows)
     dtype = q.dtype
-    return (_from_layout(ring, dq).astype(dtype), _from_layout(ring, dk).astype(dtype),
-            _from_layout(ring, dv).astype(dtype), dbias.astype(ops.bias.dtype))
+    return (_from_layout(ring, dq).astype(dtype), dk.astype(dtype), dv.astype(dtype),
+            dbias.astype(ops.bias.dtype))
