@@ -15,12 +15,18 @@ and inside the custom partitioning of the primitives (jax_mfa/_sharding.py).
 
 Layouts. Blocks are contiguous: device d holds rows [d*L, (d+1)*L). For causal
 attention with T == S this would leave device 0 nearly idle and device n-1
-doing n times its work, so the rows are first exchanged into the *zigzag*
-layout: the sequence is cut into 2n chunks of ceil(L/2) rows (the second chunk
-of a block padded by one row when L is odd) and device d holds chunks d and
-2n-1-d. Then every step after the first costs every device half a block, and
-the first (the diagonal) is causal on the local rows. Chunks are whole
-(visible, diagonal or invisible) against each other, so causal needs no mask.
+doing n times its work, so the rows are first exchanged into a *balanced*
+(zigzag-like) layout: the sequence is cut into 2n chunks of ceil(L/2) rows
+(the second chunk of a block padded by one row when L is odd); device d keeps
+its first chunk 2d in place and swaps its second chunk with device n-1-d, so
+it holds chunks 2d and 2n-1-2d. Any pair of chunks a and 2n-1-a balances the
+work, and this pairing moves only half a block each way (the exchange is its
+own inverse). Then every step after the first costs every device half a block
+(two of the four chunk pairs), and the first (the diagonal) is causal on each
+chunk. Chunks are whole (visible, diagonal or invisible) against each other,
+so causal needs no mask. The local chunk order is not always ascending, so
+when lengths are given (valid rows must be a prefix of a kernel call's rows)
+every chunk pair is its own kernel call; otherwise pairs are merged.
 
 Absolute positions: the kernels see block-local rows, so positions enter only
 through the lengths (clipped to each key chunk, where valid keys are always a
@@ -103,11 +109,6 @@ def _shift(ring: Ring, tree):
     return jax.tree.map(lambda x: jax.lax.ppermute(x, ring.axis, perm), tree)
 
 
-def _zigzag_home(ring: Ring, chunk: int) -> int:
-    """The device that holds `chunk` in the zigzag layout."""
-    return chunk if chunk < ring.size else 2 * ring.size - 1 - chunk
-
-
 def _pad_dim(x, dim: int, rows: int, value=0):
     if rows == 0:
         return x
@@ -116,45 +117,53 @@ def _pad_dim(x, dim: int, rows: int, value=0):
     return jnp.pad(x, pad, constant_values=value)
 
 
-def _to_zigzag(ring: Ring, x, dim: int):
-    """Contiguous block (chunks 2d, 2d+1) -> zigzag block (chunks d, 2n-1-d)."""
+def _swap_second_chunks(ring: Ring, x, dim: int, offset: int = 0):
+    """Swaps the second chunk of this device's rows with device n-1-d's: the
+    exchange between the contiguous and the balanced layouts, both ways. With
+    `offset`, device i holds the block of device i + offset, whose first
+    chunk moves there too (in the same step as the swap)."""
     c, n = ring.chunk, ring.size
-    x = _pad_dim(x, dim, 2 * c - x.shape[dim])
-    halves = jnp.split(x, 2, axis=dim)
-    got = [jax.lax.ppermute(h, ring.axis, [(d, _zigzag_home(ring, 2 * d + half))
-                                           for d in range(n)])
-           for half, h in enumerate(halves)]
-    even = _index(ring) % 2 == 0  # chunk d is even, chunk 2n-1-d odd
-    return jnp.concatenate([jnp.where(even, got[0], got[1]), jnp.where(even, got[1], got[0])],
-                           axis=dim)
+    owner = lambda i: (i + offset) % n  # noqa: E731
+    first, second = (jax.lax.slice_in_dim(x, h * c, (h + 1) * c, axis=dim) for h in (0, 1))
+    if offset:
+        first = jax.lax.ppermute(first, ring.axis, [(i, owner(i)) for i in range(n)])
+    got = jax.lax.ppermute(second, ring.axis, [(i, n - 1 - owner(i)) for i in range(n)])
+    return jnp.concatenate([first, got], axis=dim)
 
 
-def _from_zigzag(ring: Ring, x, dim: int, rows: int):
-    """Inverse of _to_zigzag, trimmed to the original `rows`."""
-    n = ring.size
-    first, second = jnp.split(x, 2, axis=dim)
-    even = _index(ring) % 2 == 0
-    by_parity = (jnp.where(even, first, second), jnp.where(even, second, first))
-    halves = [jax.lax.ppermute(h, ring.axis, [(_zigzag_home(ring, 2 * d + half), d)
-                                              for d in range(n)])
-              for half, h in enumerate(by_parity)]
-    return jax.lax.slice_in_dim(jnp.concatenate(halves, axis=dim), 0, rows, axis=dim)
+def _to_balanced(ring: Ring, x, dim: int):
+    """Contiguous block (chunks 2d, 2d+1) -> balanced block (chunks 2d, 2n-1-2d)."""
+    return _swap_second_chunks(ring, _pad_dim(x, dim, 2 * ring.chunk - x.shape[dim]), dim)
+
+
+def _from_balanced(ring: Ring, x, dim: int, rows: int, offset: int = 0):
+    """Inverse of _to_balanced, trimmed to the original `rows` (`offset`: see
+    _swap_second_chunks)."""
+    return jax.lax.slice_in_dim(_swap_second_chunks(ring, x, dim, offset), 0, rows, axis=dim)
+
+
+def _swap_column_chunks(ring: Ring, x):
+    """(..., n, 2, chunk) columns: the second chunks in reverse device order
+    (the balanced layout's pairing, its own inverse)."""
+    return jnp.concatenate([x[..., :1, :], x[..., ::-1, 1:, :]], axis=-2)
 
 
 def _columns_to_layout(ring: Ring, x):
-    """The key (last) dim of a bias/mask, whole on every device, in the layout
-    of the key chunks: with zigzag each block of kv_rows is padded to 2 chunks,
-    so chunk k starts at column k * chunk."""
+    """The key (last) dim of a bias/mask, whole on every device, in the
+    balanced layout of the key blocks: each block of kv_rows padded to 2
+    chunks, so the local half h of device j starts at column (2j + h) * chunk."""
     if not ring.zigzag or x.shape[3] == 1:
         return x
     x = x.reshape(x.shape[:3] + (ring.size, ring.kv_rows))
     x = _pad_dim(x, 4, 2 * ring.chunk - ring.kv_rows)
+    x = _swap_column_chunks(ring, x.reshape(x.shape[:4] + (2, ring.chunk)))
     return x.reshape(x.shape[:3] + (-1,))
 
 
 def _columns_from_layout(ring: Ring, x):
     if not ring.zigzag or x.shape[3] == 1:
         return x
+    x = _swap_column_chunks(ring, x.reshape(x.shape[:3] + (ring.size, 2, ring.chunk)))
     x = x.reshape(x.shape[:3] + (ring.size, 2 * ring.chunk))[..., :ring.kv_rows]
     return x.reshape(x.shape[:3] + (-1,))
 
@@ -172,41 +181,64 @@ class _Limits(NamedTuple):
     kv: jax.Array  # (B,) key/value lengths (absolute; S if not given)
 
 
-def _zigzag_chunk_len(ring: Ring, limit, chunk):
-    """Rows of zigzag `chunk` below the absolute length `limit` (padding excluded)."""
+def _chunk_len(ring: Ring, limit, chunk):
+    """Rows of (absolute) `chunk` below the absolute length `limit` (padding excluded)."""
     valid = jnp.where(chunk % 2 == 0, ring.chunk, ring.q_rows - ring.chunk)
     start = (chunk // 2) * ring.q_rows + (chunk % 2) * ring.chunk
     return _clip(limit, start, valid)
 
 
-def _zigzag_blocks(ring: Ring, limits: _Limits, d, j, kind: str) -> list[Block]:
-    """Calls for query chunks (d, 2n-1-d) against key chunks (j, 2n-1-j).
-    kind: "diagonal" (j == d), "early" (j < d: all queries see chunk j, none
-    sees 2n-1-j) or "late" (j > d: only chunk 2n-1-d sees, both key chunks)."""
-    n, c = ring.size, ring.chunk
-    last = lambda x: 2 * n - 1 - x  # noqa: E731  the second chunk of device x
-    first_half, second_half, both = slice(0, c), slice(c, 2 * c), slice(0, 2 * c)
+def _chunk_of(ring: Ring, device, half: int):
+    """The absolute chunk that local half `half` of `device` holds (balanced layout)."""
+    return 2 * device if half == 0 else 2 * ring.size - 1 - 2 * device
 
-    def q_len(rows):
-        if limits.q is None:
-            return None
-        tail = _zigzag_chunk_len(ring, limits.q, last(d))
-        if rows == second_half:
-            return tail
-        # Both chunks: the valid rows are a prefix (padding in between is
-        # harmless, see the module doc).
-        return jnp.where(tail > 0, c + tail, _zigzag_chunk_len(ring, limits.q, d))
 
-    def block(rows, kv_rows, causal, kv_chunk):
-        return Block(rows, kv_rows, causal, kv_chunk * c, q_len(rows),
-                     _zigzag_chunk_len(ring, limits.kv, kv_chunk), None)
+BOTH = "both"  # both local chunks in one kernel call
 
-    if kind == "diagonal":
-        return [block(both, first_half, True, j), block(second_half, second_half, True, last(j))]
-    if kind == "early":
-        return [block(both, first_half, False, j)]
-    return [block(second_half, first_half, False, j),
-            block(second_half, second_half, False, last(j))]
+# The visible chunk pairs (query half, key half, causal) of device d's chunks
+# (2d, 2n-1-2d) against device j's (2j, 2n-1-2j): chunk b is visible from a
+# when b < a. On the diagonal (j == d) the order of d's chunks decides which
+# one sees the other; elsewhere it is whether j < d and whether j + d < n.
+_PAIRS = {
+    "diagonal, ascending": [(0, 0, True), (1, 0, False), (1, 1, True)],
+    "diagonal, descending": [(0, 0, True), (0, 1, False), (1, 1, True)],
+    "before, j + d < n": [(0, 0, False), (1, 0, False)],
+    "before, j + d >= n": [(0, 0, False), (0, 1, False)],
+    "after, j + d < n": [(1, 0, False), (1, 1, False)],
+    "after, j + d >= n": [(0, 1, False), (1, 1, False)],
+}
+# The same pairs in fewer calls, for when valid rows need not be prefixes (no
+# lengths): pairs sharing a query or key chunk, and a causal diagonal chunk
+# with the full chunk below it (the kernels' causal is top-left aligned).
+_MERGED = {
+    "diagonal, ascending": [(BOTH, 0, True), (1, 1, True)],
+    "diagonal, descending": _PAIRS["diagonal, descending"],
+    "before, j + d < n": [(BOTH, 0, False)],
+    "before, j + d >= n": [(0, BOTH, False)],
+    "after, j + d < n": [(1, BOTH, False)],
+    "after, j + d >= n": [(BOTH, 1, False)],
+}
+_NOT_DIAGONAL = ["before, j + d < n", "before, j + d >= n", "after, j + d < n",
+                 "after, j + d >= n"]
+
+
+def _balanced_blocks(ring: Ring, options: Options, limits: _Limits, d, j, case: str):
+    c = ring.chunk
+    rows = {0: slice(0, c), 1: slice(c, 2 * c), BOTH: slice(0, 2 * c)}
+
+    def length(limit, device, half):
+        if half == BOTH:
+            return length(limit, device, 0) + length(limit, device, 1)
+        return _chunk_len(ring, limit, _chunk_of(ring, device, half))
+
+    def block(q_half, kv_half, causal):
+        q_len = None if limits.q is None else length(limits.q, d, q_half)
+        return Block(rows[q_half], rows[kv_half], causal,
+                     2 * j * c + (c if kv_half == 1 else 0), q_len,
+                     length(limits.kv, j, kv_half), None)
+
+    lengths = options.has_q_lengths or options.has_kv_lengths
+    return [block(*pair) for pair in (_PAIRS if lengths else _MERGED)[case]]
 
 
 def _contiguous_block(ring: Ring, options: Options, limits: _Limits, d, j) -> Block:
@@ -288,18 +320,19 @@ def _prepare(ring: Ring, ops: Operands, options: Options, *row_arrays):
     q, k, v = ops.query, ops.key, ops.value
     q_segments, kv_segments = ops.q_segments, ops.kv_segments
     if ring.zigzag:
-        q, k, v = (_to_zigzag(ring, x, 1) for x in (q, k, v))
+        q, k, v = (_to_balanced(ring, x, 1) for x in (q, k, v))
         if options.has_segment_ids:
-            q_segments, kv_segments = (_to_zigzag(ring, x, 1) for x in (q_segments, kv_segments))
-        bias, mask = (_to_zigzag(ring, x, 2) if x.shape[2] > 1 else x for x in (bias, mask))
-        row_arrays = tuple(_to_zigzag(ring, x, 1) for x in row_arrays)
+            q_segments, kv_segments = (_to_balanced(ring, x, 1)
+                                       for x in (q_segments, kv_segments))
+        bias, mask = (_to_balanced(ring, x, 2) if x.shape[2] > 1 else x for x in (bias, mask))
+        row_arrays = tuple(_to_balanced(ring, x, 1) for x in row_arrays)
     local = _Local(Operands(q, k, v, bias, mask, ops.q_lengths, ops.kv_lengths, q_segments,
                             kv_segments), limits, _index(ring))
     return local, row_arrays
 
 
 def _from_layout(ring: Ring, x, dim: int = 1):
-    return _from_zigzag(ring, x, dim, ring.q_rows) if ring.zigzag else x
+    return _from_balanced(ring, x, dim, ring.q_rows) if ring.zigzag else x
 
 
 def _run_step(ring: Ring, options: Options, local: _Local, step: int, visiting, state, run):
@@ -309,11 +342,16 @@ def _run_step(ring: Ring, options: Options, local: _Local, step: int, visiting, 
     j = (d - step) % ring.size
     if not ring.zigzag:
         return run([_contiguous_block(ring, options, local.limits, d, j)], visiting, state)
+
+    def case(name):
+        blocks = lambda: _balanced_blocks(ring, options, local.limits, d, j, name)  # noqa: E731
+        return lambda vs, st: run(blocks(), vs, st)
+
     if isinstance(step, int) and step == 0:  # the own block (traced apart, see _around)
-        return run(_zigzag_blocks(ring, local.limits, d, j, "diagonal"), visiting, state)
-    early = lambda vs, st: run(_zigzag_blocks(ring, local.limits, d, j, "early"), vs, st)  # noqa
-    late = lambda vs, st: run(_zigzag_blocks(ring, local.limits, d, j, "late"), vs, st)  # noqa
-    return jax.lax.cond(j < d, early, late, visiting, state)
+        return jax.lax.cond(2 * d < ring.size, case("diagonal, ascending"),
+                            case("diagonal, descending"), visiting, state)
+    index = 2 * (j > d).astype(jnp.int32) + (j + d >= ring.size).astype(jnp.int32)
+    return jax.lax.switch(index, [case(name) for name in _NOT_DIAGONAL], visiting, state)
 
 
 def _around(ring: Ring, step, visiting, state):
@@ -437,14 +475,17 @@ def backward(kernels: Kernels, ring: Ring, options: Options, ops: Operands, lse,
     visiting = _Visiting(k, v, local.ops.kv_segments, zeros(k), zeros(v))
     visiting, state = _around(ring, step, visiting, (dq, dbias))
     # The gradient accumulators made n-1 moves with their blocks: one more
-    # brings them home.
+    # brings them home (in the balanced layout, straight to the contiguous
+    # layout: each chunk goes to its owner in one move).
     dk, dv = visiting.dkey, visiting.dvalue
-    if ring.size > 1:
+    if ring.zigzag:
+        dk, dv = (_from_balanced(ring, x, 1, ring.q_rows, offset=1) for x in (dk, dv))
+    elif ring.size > 1:
         dk, dv = _shift(ring, (dk, dv))
     dq, dbias = state
     dbias = _columns_from_layout(ring, dbias)
     if ring.zigzag and dbias.shape[2] > 1:
-        dbias = _from_zigzag(ring, dbias, 2, ring.q_rows)
+        dbias = _from_balanced(ring, dbias, 2, ring.q_rows)
     dtype = q.dtype
-    return (_from_layout(ring, dq).astype(dtype), _from_layout(ring, dk).astype(dtype),
-            _from_layout(ring, dv).astype(dtype), dbias.astype(ops.bias.dtype))
+    return (_from_layout(ring, dq).astype(dtype), dk.astype(dtype), dv.astype(dtype),
+            dbias.astype(ops.bias.dtype))

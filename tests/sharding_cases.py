@@ -34,9 +34,10 @@ TOLERANCE = {"float64": 1e-12, "float32": 1e-5}
 
 
 def mesh_for(kind: str, n: int):
-    shapes = {"heads": ((n,), ("h",)), "seq": ((n,), ("s",)),
-              "bhs": ({2: (1, 1, 2), 4: (1, 2, 2), 8: (2, 2, 2)}[n], ("b", "h", "s"))}
-    shape, names = shapes[kind]
+    if kind == "bhs":
+        shape, names = {2: (1, 1, 2), 4: (1, 2, 2), 8: (2, 2, 2)}[n], ("b", "h", "s")
+    else:  # any n (an odd ring pairs its middle device with itself)
+        shape, names = (n,), {"heads": ("h",), "seq": ("s",)}[kind]
     return jax.make_mesh(shape, names, axis_types=(AxisType.Auto,) * len(names))
 
 
@@ -48,7 +49,7 @@ def axis(mesh, name):
 # Case: sizes (B, T, S, N, K, H) as functions of the device count n, options,
 # optional bias/mask shapes ("full" = (B, N, T, S)), dtype.
 def cases(kind: str, n: int) -> dict:
-    odd = 5  # rows per device: odd, so the zigzag chunks need padding
+    odd = 5  # rows per device: odd, so the layout's chunks need padding
     if kind == "heads":
         return {
             # Sinks shard with the query heads.
@@ -74,7 +75,7 @@ def cases(kind: str, n: int) -> dict:
                                bias=(1, 2, L, L), sinks=True),
             "causal_t_ne_s_softcap": dict(size=(1, 3 * n, L, 2, 2, 8), is_causal=True,
                                           softcap=2.0, lengths=True),
-            # Even rows per device: zigzag chunks without padding.
+            # Even rows per device: the layout's chunks without padding.
             "float32_causal": dict(size=(2, 4 * n, 4 * n, 4, 2, 8), is_causal=True,
                                    dtype=jnp.float32, bias="full"),
             # Lengths the ring size does not divide (sharded inside jit, as

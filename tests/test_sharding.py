@@ -45,20 +45,23 @@ def run_script(args, devices: int, timeout: float = 600) -> str:
 # Heads, sequence (ring) and batch x heads x sequence meshes
 
 
-# Every case runs on 4 devices; on 2 and 8 the ring runs a subset (compiling
-# each case twice, jit and shard_map, is what takes the time).
-RING_SUBSET = ["causal_gqa_odd", "full_t_ne_s_mask", "float32_causal"]
+# Every case runs on 4 devices; on the other counts the ring runs a subset
+# (compiling each case twice, jit and shard_map, is what takes the time). 3
+# devices: an odd ring, whose middle device swaps its chunk with itself.
+RING_SUBSET = {2: ["causal_gqa_odd", "full_t_ne_s_mask"], 3: ["causal_gqa_odd"],
+               8: ["causal_gqa_odd", "full_t_ne_s_mask", "float32_causal"]}
 
 
-@pytest.mark.parametrize("devices", [2, 4, 8])
-@pytest.mark.parametrize("kind", ["heads", "seq", "bhs"])
+@pytest.mark.parametrize("kind,devices", [(kind, devices) for kind in ("heads", "seq", "bhs")
+                                          for devices in (2, 3, 4, 8)
+                                          if devices != 3 or kind == "seq"])
 def test_mesh(kind, devices):
     """Forward, lse and gradients (q, k, v, bias) equal the unsharded call:
     float64 to 1e-12, float32 to 1e-5 (causal and not, GQA/MQA, odd lengths,
     lengths, windows, bias/mask sharded or broadcast)."""
-    cases = RING_SUBSET if kind == "seq" and devices != 4 else []
+    cases = RING_SUBSET[devices] if kind == "seq" and devices != 4 else []
     out = run_script([os.path.join(TESTS, "sharding_cases.py"), kind, *cases], devices)
-    assert out.count("CASE ") >= 3, out
+    assert out.count("CASE ") >= 2, out
 
 
 # ----------------------------------------------------------------------------
@@ -132,7 +135,7 @@ HLO_SCRIPT = textwrap.dedent(r"""
     assert "all-gather" not in hlo, [l for l in hlo.splitlines() if "all-gather" in l][:3]
     calls = re.findall(r'= \(f32\[\d+,(\d+),.*custom_call_target="jax_mfa_attention_fwd_cpu"',
                        hlo)
-    # Zigzag: two chunks of ceil(11 / 2) rows.
+    # Balanced layout: two chunks of ceil(11 / 2) rows.
     assert calls and max(int(t) for t in calls) <= 12, calls
     print("uneven", len(calls), "kernel calls, no all-gather")
     print("ALL OK")
@@ -275,8 +278,8 @@ def _check_memory(mem, out, devices=4):
     single, ring = mem["single"], mem["ring"]
     # Arguments and outputs: exactly this device's blocks.
     assert abs(ring[2] - single[2] / devices) < 0.01 * single[2], out
-    # Temporaries: the ring's blocks in transit, accumulators and the zigzag
-    # copies, a constant number (< 16) of local blocks (one block: a
+    # Temporaries: the ring's blocks in transit, accumulators and the
+    # balanced layout's copies, a constant number (< 16) of local blocks (one block: a
     # (B, T/n, N, H) array, 1/7 of the arguments and outputs).
     block = ring[2] / 7
     assert ring[3] < 16 * block, out
