@@ -19,8 +19,8 @@ backward: causal and window bounds limit the key loop's range; lengths and
 segment ids (a block whose id range cannot meet the rows' id range in any
 batch row: with sorted ids, every block away from the diagonal's segments) skip
 a block through ``lax.cond``. With any of these masks, query blocks are at most
-``SKIPPING_QUERY_BLOCK`` rows, so that the skipping has a grain finer than the
-whole sequence. (Under ``jax.vmap`` over the lengths or ids, JAX turns the
+``SKIPPING_QUERY_BLOCK`` rows on the CPU, so that the skipping has a grain finer
+than the whole sequence. (Under ``jax.vmap`` over the lengths or ids, JAX turns the
 cond into a select: still exact, but nothing is skipped.)
 
 Blocks are never padded: a last, partial block is read from ``S - block``
@@ -49,7 +49,9 @@ SCORES_BUDGET = 256 << 20
 # Query block limit when blocks can be skipped (causal, windows, lengths,
 # segment ids): a key block is skipped only when no row of the query block can
 # see it (2 loaded CPU cores, T = 4096, N = 4, H = 64, causal forward: 0.6 s
-# with 512 rows, 1.4 s with 4096).
+# with 512 rows, 1.4 s with 4096). CPU only: on an H200 the wide blocks were
+# faster (causal bf16 T=S=32768, N=16, H=128 forward: 202 ms with 4096 rows,
+# 292 ms with 512; benchmarks/bench_gpu.py).
 SKIPPING_QUERY_BLOCK = 512
 
 
@@ -74,6 +76,7 @@ def _blocks(opt: Options, B: int, N: int, T: int, S: int) -> _Blocks:
     keys = max(1, min(S, KEY_BLOCK))
     skipping = (opt.is_causal or opt.window_left >= 0 or opt.window_right >= 0
                 or opt.has_q_lengths or opt.has_kv_lengths or opt.has_segment_ids)
+    skipping = skipping and jax.default_backend() == "cpu"
     query_block = min(QUERY_BLOCK, SKIPPING_QUERY_BLOCK) if skipping else QUERY_BLOCK
     rows = max(1, min(T, query_block, SCORES_BUDGET // (4 * B * N * keys)))
     return _Blocks(rows, keys, T, S)
