@@ -107,9 +107,9 @@ def _index(ring: Ring):
     return jax.lax.axis_index(ring.axis)
 
 
-def _shift(ring: Ring, tree, offset: int = 1):
-    """Sends every device's blocks `offset` devices on along the ring."""
-    perm = [(i, (i + offset) % ring.size) for i in range(ring.size)]
+def _shift(ring: Ring, tree):
+    """Sends every device's blocks to the next device on the ring."""
+    perm = [(i, (i + 1) % ring.size) for i in range(ring.size)]
     return jax.tree.map(lambda x: jax.lax.ppermute(x, ring.axis, perm), tree)
 
 
@@ -136,10 +136,10 @@ def _parts(ring: Ring, x, dim: int) -> list:
 
 def _join(ring: Ring, parts: list, dim: int, rows: int, offset: int = 0):
     """Inverse of _parts: the contiguous block, trimmed to `rows`. With
-    `offset`, device i holds the parts of device i + offset's block, and both
-    chunks go home in one move (the backward's key/value gradients)."""
+    `offset` (0 or 1), device i holds the parts of device i + offset's block,
+    and both chunks go home in one move (the backward's key/value gradients)."""
     if not ring.zigzag:
-        return _shift(ring, parts[0], offset) if offset else parts[0]
+        return _shift(ring, parts[0]) if offset else parts[0]
     n = ring.size
     owner = lambda i: (i + offset) % n  # noqa: E731
     first, second = parts
