@@ -28,8 +28,10 @@ so causal needs no mask. The two chunks stay separate arrays all along (the
 *parts* of the local block; the contiguous layout has one part, the whole
 block): every visible chunk pair is its own kernel call on whole arrays, and
 every accumulator is per part, so that nothing is concatenated, sliced for a
-kernel or updated in place (measured in benchmarks/RESULTS.md, "Ring
-attention": the copies this saves were most of the ring's memory).
+kernel or partly updated; the branches over the visiting block's owner return
+only the kernels' results, folded into the accumulators outside them. Each
+of these saved XLA copies of local blocks (benchmarks/RESULTS.md, "Ring
+attention", has the memory per device and what remains).
 
 Absolute positions: the kernels see block-local rows, so positions enter only
 through the lengths (clipped to each key chunk, where valid keys are always a
