@@ -16,7 +16,8 @@ Found (jax 0.11.2, 16-core Xeon, 2026-11-22): every shard_map variant of the
 ring crashed, the jit path did not; the pieces alone (ppermute, fori_loop,
 casts, the kernels) compiled; the crash is `zeros.at[:, 0:rows].set(x)` (and
 `.add`) whose update covers the whole operand (mini_at_set_full,
-mini_at_add_full), inside shard_map. _ring._update_rows avoids it. The ring
+mini_at_add_full), inside shard_map. The ring avoids it (it updates only whole
+per-chunk arrays; before, _ring._update_rows replaced such updates). The ring
 variants here ran before that fix.
 """
 

@@ -24,9 +24,14 @@ work, and this pairing moves only half a block each way (the exchange is its
 own inverse). Then every step after the first costs every device half a block
 (two of the four chunk pairs), and the first (the diagonal) is causal on each
 chunk. Chunks are whole (visible, diagonal or invisible) against each other,
-so causal needs no mask. The local chunk order is not always ascending, so
-when lengths are given (valid rows must be a prefix of a kernel call's rows)
-every chunk pair is its own kernel call; otherwise pairs are merged.
+so causal needs no mask. The two chunks stay separate arrays all along (the
+*parts* of the local block; the contiguous layout has one part, the whole
+block): every visible chunk pair is its own kernel call on whole arrays, and
+every accumulator is per part, so that nothing is concatenated, sliced for a
+kernel or partly updated; the branches over the visiting block's owner return
+only the kernels' results, folded into the accumulators outside them. Each
+of these saved XLA copies of local blocks (benchmarks/RESULTS.md, "Ring
+attention", has the memory per device and what remains).
 
 Absolute positions: the kernels see block-local rows, so positions enter only
 through the lengths (clipped to each key chunk, where valid keys are always a
@@ -82,12 +87,13 @@ class Kernels(NamedTuple):
 
 
 class Block(NamedTuple):
-    """One kernel call of a ring step: local query rows against rows of the
-    visiting key/value block. Static: the slices and `causal`; dynamic: the
-    rest."""
+    """One kernel call of a ring step: a local query part against a part of
+    the visiting key/value block. Static: the parts, `q_rows` and `causal`;
+    dynamic: the rest."""
 
-    q_rows: slice
-    kv_rows: slice
+    q_part: int | jax.Array  # index into the local query parts
+    kv_part: int | jax.Array  # index into the visiting key/value parts
+    q_rows: slice | None  # the query part's rows in the local rows (for bias/mask)
     causal: bool
     column: jax.Array  # first column of these keys in the bias/mask layout
     q_len: jax.Array | None  # (B,) valid query rows, when query lengths are given
@@ -117,29 +123,43 @@ def _pad_dim(x, dim: int, rows: int, value=0):
     return jnp.pad(x, pad, constant_values=value)
 
 
-def _swap_second_chunks(ring: Ring, x, dim: int, offset: int = 0):
-    """Swaps the second chunk of this device's rows with device n-1-d's: the
-    exchange between the contiguous and the balanced layouts, both ways. With
-    `offset`, device i holds the block of device i + offset, whose first
-    chunk moves there too (in the same step as the swap)."""
-    c, n = ring.chunk, ring.size
+def _parts(ring: Ring, x, dim: int) -> list:
+    """A block of rows (in `dim`) in the ring layout, as a list of parts: the
+    block itself, or (balanced layout) its first chunk and the second chunk
+    of device n-1-d (its own second chunk goes there; padded to a whole
+    chunk when the block has an odd number of rows)."""
+    if not ring.zigzag:
+        return [x]
+    c, n, rows = ring.chunk, ring.size, x.shape[dim]
+    first = jax.lax.slice_in_dim(x, 0, c, axis=dim)
+    second = _pad_dim(jax.lax.slice_in_dim(x, c, rows, axis=dim), dim, 2 * c - rows)
+    return [first, jax.lax.ppermute(second, ring.axis, [(i, n - 1 - i) for i in range(n)])]
+
+
+def _join(ring: Ring, parts: list, dim: int, rows: int, offset: int = 0):
+    """Inverse of _parts: the contiguous block, trimmed to `rows`. With
+    `offset` (0 or 1), device i holds the parts of device i + offset's block,
+    and both chunks go home in one move (the backward's key/value gradients)."""
+    if not ring.zigzag:
+        return _shift(ring, parts[0]) if offset else parts[0]
+    n = ring.size
     owner = lambda i: (i + offset) % n  # noqa: E731
-    first, second = (jax.lax.slice_in_dim(x, h * c, (h + 1) * c, axis=dim) for h in (0, 1))
+    first, second = parts
     if offset:
         first = jax.lax.ppermute(first, ring.axis, [(i, owner(i)) for i in range(n)])
-    got = jax.lax.ppermute(second, ring.axis, [(i, n - 1 - owner(i)) for i in range(n)])
-    return jnp.concatenate([first, got], axis=dim)
+    second = jax.lax.ppermute(second, ring.axis, [(i, n - 1 - owner(i)) for i in range(n)])
+    return jax.lax.slice_in_dim(jnp.concatenate([first, second], axis=dim), 0, rows, axis=dim)
 
 
 def _to_balanced(ring: Ring, x, dim: int):
-    """Contiguous block (chunks 2d, 2d+1) -> balanced block (chunks 2d, 2n-1-2d)."""
-    return _swap_second_chunks(ring, _pad_dim(x, dim, 2 * ring.chunk - x.shape[dim]), dim)
+    """The balanced layout as one array (bias and mask rows: sliced per kernel call)."""
+    return jnp.concatenate(_parts(ring, x, dim), axis=dim)
 
 
-def _from_balanced(ring: Ring, x, dim: int, rows: int, offset: int = 0):
-    """Inverse of _to_balanced, trimmed to the original `rows` (`offset`: see
-    _swap_second_chunks)."""
-    return jax.lax.slice_in_dim(_swap_second_chunks(ring, x, dim, offset), 0, rows, axis=dim)
+def _from_balanced(ring: Ring, x, dim: int, rows: int):
+    c = ring.chunk
+    halves = [jax.lax.slice_in_dim(x, h * c, (h + 1) * c, axis=dim) for h in (0, 1)]
+    return _join(ring, halves, dim, rows)
 
 
 def _swap_column_chunks(ring: Ring, x):
@@ -193,8 +213,6 @@ def _chunk_of(ring: Ring, device, half: int):
     return 2 * device if half == 0 else 2 * ring.size - 1 - 2 * device
 
 
-BOTH = "both"  # both local chunks in one kernel call
-
 # The visible chunk pairs (query half, key half, causal) of device d's chunks
 # (2d, 2n-1-2d) against device j's (2j, 2n-1-2j): chunk b is visible from a
 # when b < a. On the diagonal (j == d) the order of d's chunks decides which
@@ -207,38 +225,22 @@ _PAIRS = {
     "after, j + d < n": [(1, 0, False), (1, 1, False)],
     "after, j + d >= n": [(0, 1, False), (1, 1, False)],
 }
-# The same pairs in fewer calls, for when valid rows need not be prefixes (no
-# lengths): pairs sharing a query or key chunk, and a causal diagonal chunk
-# with the full chunk below it (the kernels' causal is top-left aligned).
-_MERGED = {
-    "diagonal, ascending": [(BOTH, 0, True), (1, 1, True)],
-    "diagonal, descending": _PAIRS["diagonal, descending"],
-    "before, j + d < n": [(BOTH, 0, False)],
-    "before, j + d >= n": [(0, BOTH, False)],
-    "after, j + d < n": [(1, BOTH, False)],
-    "after, j + d >= n": [(BOTH, 1, False)],
-}
 _NOT_DIAGONAL = ["before, j + d < n", "before, j + d >= n", "after, j + d < n",
                  "after, j + d >= n"]
 
 
 def _balanced_blocks(ring: Ring, options: Options, limits: _Limits, d, j, case: str):
     c = ring.chunk
-    rows = {0: slice(0, c), 1: slice(c, 2 * c), BOTH: slice(0, 2 * c)}
 
     def length(limit, device, half):
-        if half == BOTH:
-            return length(limit, device, 0) + length(limit, device, 1)
         return _chunk_len(ring, limit, _chunk_of(ring, device, half))
 
     def block(q_half, kv_half, causal):
         q_len = None if limits.q is None else length(limits.q, d, q_half)
-        return Block(rows[q_half], rows[kv_half], causal,
-                     2 * j * c + (c if kv_half == 1 else 0), q_len,
-                     length(limits.kv, j, kv_half), None)
+        return Block(q_half, kv_half, slice(q_half * c, (q_half + 1) * c), causal,
+                     (2 * j + kv_half) * c, q_len, length(limits.kv, j, kv_half), None)
 
-    lengths = options.has_q_lengths or options.has_kv_lengths
-    return [block(*pair) for pair in (_PAIRS if lengths else _MERGED)[case]]
+    return [block(*pair) for pair in _PAIRS[case]]
 
 
 def _contiguous_block(ring: Ring, options: Options, limits: _Limits, d, j) -> Block:
@@ -250,8 +252,7 @@ def _contiguous_block(ring: Ring, options: Options, limits: _Limits, d, j) -> Bl
                                          has_kv_lengths=False)
         allowed = _xla.allowed_keys(None, structural, (1, T, 1, S), q_start=d * T,
                                     k_start=j * S)
-    return Block(slice(0, T), slice(0, S), False, j * S, q_len, _clip(limits.kv, j * S, S),
-                 allowed)
+    return Block(0, 0, slice(0, T), False, j * S, q_len, _clip(limits.kv, j * S, S), allowed)
 
 
 def _block_options(options: Options, block: Block) -> Options:
@@ -271,11 +272,11 @@ def _block_slice(x, block: Block, width: int):
 
 
 def _block_operands(ops: Operands, visiting: "_Visiting", block: Block, options: Options):
-    q = ops.query[:, block.q_rows]
-    k, v = visiting.key[:, block.kv_rows], visiting.value[:, block.kv_rows]
+    q = ops.query[block.q_part]
+    k, v = visiting.key[block.kv_part], visiting.value[block.kv_part]
     q_segments, kv_segments = ops.q_segments, visiting.kv_segments
     if options.has_segment_ids:  # ids are position-free: the block's own ids
-        q_segments, kv_segments = q_segments[:, block.q_rows], kv_segments[:, block.kv_rows]
+        q_segments, kv_segments = q_segments[block.q_part], kv_segments[block.kv_part]
     width = k.shape[1]
     bias = _block_slice(ops.bias, block, width) if options.has_bias else ops.bias
     mask = _block_slice(ops.mask, block, width) if options.has_mask else ops.mask
@@ -293,65 +294,101 @@ def _block_operands(ops: Operands, visiting: "_Visiting", block: Block, options:
 
 
 class _Visiting(NamedTuple):
-    """What travels around the ring: a key/value block with its segment ids
-    (a placeholder without them) and, in the backward, its gradients."""
+    """What travels around the ring: the parts of a key/value block with
+    their segment ids (a placeholder without them) and, in the backward,
+    their gradients."""
 
-    key: jax.Array
-    value: jax.Array
-    kv_segments: jax.Array
-    dkey: jax.Array | None = None
-    dvalue: jax.Array | None = None
+    key: list
+    value: list
+    kv_segments: list | jax.Array
+    dkey: list | None = None
+    dvalue: list | None = None
 
 
 class _Local(NamedTuple):
-    ops: Operands  # in the ring layout; bias/mask key columns in the chunk layout
+    # q, k, v (and segment ids) as lists of parts; bias/mask whole, rows in
+    # the balanced layout, key columns in the chunk layout.
+    ops: Operands
     limits: _Limits
     index: jax.Array  # this device's place on the ring
 
 
 def _prepare(ring: Ring, ops: Operands, options: Options, *row_arrays):
-    """Operands (and extra arrays with query rows in dim 1: lse, dout, delta)
-    in the ring layout."""
+    """Operands (and extra arrays with query rows in dim 1: lse, dout, delta,
+    returned as lists of parts) in the ring layout."""
     B = ops.query.shape[0]
     limits = _Limits(ops.q_lengths if options.has_q_lengths else None,
                      ops.kv_lengths if options.has_kv_lengths else
                      jnp.full((B,), ring.size * ring.kv_rows, jnp.int32))
     bias, mask = (_columns_to_layout(ring, x) for x in (ops.bias, ops.mask))
-    q, k, v = ops.query, ops.key, ops.value
+    q, k, v = (_parts(ring, x, 1) for x in (ops.query, ops.key, ops.value))
     q_segments, kv_segments = ops.q_segments, ops.kv_segments
+    if options.has_segment_ids:
+        q_segments, kv_segments = (_parts(ring, x, 1) for x in (q_segments, kv_segments))
     if ring.zigzag:
-        q, k, v = (_to_balanced(ring, x, 1) for x in (q, k, v))
-        if options.has_segment_ids:
-            q_segments, kv_segments = (_to_balanced(ring, x, 1)
-                                       for x in (q_segments, kv_segments))
         bias, mask = (_to_balanced(ring, x, 2) if x.shape[2] > 1 else x for x in (bias, mask))
-        row_arrays = tuple(_to_balanced(ring, x, 1) for x in row_arrays)
+    row_arrays = tuple(_parts(ring, x, 1) for x in row_arrays)
     local = _Local(Operands(q, k, v, bias, mask, ops.q_lengths, ops.kv_lengths, q_segments,
-                            kv_segments), limits, _index(ring))
+                            kv_segments, ops.sinks), limits, _index(ring))
     return local, row_arrays
 
 
-def _from_layout(ring: Ring, x, dim: int = 1):
-    return _from_balanced(ring, x, dim, ring.q_rows) if ring.zigzag else x
-
-
-def _run_step(ring: Ring, options: Options, local: _Local, step: int, visiting, state, run):
-    """Runs `run(blocks, visiting, state)` for ring step `step`, choosing the
-    blocks by the (dynamic) owner of the visiting key/value block."""
+def _step_blocks(ring: Ring, options: Options, local: _Local, step: int):
+    """The kernel calls of ring step `step` as (cases, index): the calls of
+    each case the (dynamic) owner of the visiting block may fall in (all
+    cases make the same number of calls), and which case it is."""
     d = local.index
     j = (d - step) % ring.size
     if not ring.zigzag:
-        return run([_contiguous_block(ring, options, local.limits, d, j)], visiting, state)
-
-    def case(name):
-        blocks = lambda: _balanced_blocks(ring, options, local.limits, d, j, name)  # noqa: E731
-        return lambda vs, st: run(blocks(), vs, st)
-
+        return [[_contiguous_block(ring, options, local.limits, d, j)]], 0
     if isinstance(step, int) and step == 0:  # the own block (traced apart, see _around)
-        return jax.lax.cond(2 * d < ring.size, case("diagonal, ascending"),
-                            case("diagonal, descending"), visiting, state)
-    index = 2 * (j > d).astype(jnp.int32) + (j + d >= ring.size).astype(jnp.int32)
-    return jax.lax.switch(index, [case(name) for name in _NOT_DIAGONAL], visiting, state)
+        names = ["diagonal, descending", "diagonal, ascending"]
+        index = (2 * d < ring.size).astype(jnp.int32)
+    else:
+        names = _NOT_DIAGONAL
+        index = 2 * (j > d).astype(jnp.int32) + (j + d >= ring.size).astype(jnp.int32)
+    return [_balanced_blocks(ring, options, local.limits, d, j, name) for name in names], index
+
+
+def _chosen(blocks: list, index) -> Block:
+    """The block of the case `index` (dynamic) picks among `blocks`, one per
+    case: what the accumulation needs (parts, columns) without the slices."""
+    if len(blocks) == 1:
+        return blocks[0]
+    pick = lambda values: jnp.stack([jnp.asarray(v) for v in values])[index]  # noqa: E731
+    fields = {name: pick([getattr(b, name) for b in blocks])
+              for name in ("q_part", "kv_part", "column", "kv_len")}
+    q_len = None if blocks[0].q_len is None else pick([b.q_len for b in blocks])
+    return Block(q_rows=None, causal=False, q_len=q_len, allowed=None, **fields)
+
+
+def _run_step(ring: Ring, options: Options, local: _Local, step: int, visiting, call):
+    """The kernel results of ring step `step`: `call(block, visiting)` for
+    each kernel call, in a branch per case of the (dynamic) owner of the
+    visiting block. Returns (blocks, results); the blocks' parts may be
+    dynamic. The branches return the kernels' results only, so that XLA
+    need not copy the accumulators through them."""
+    cases, index = _step_blocks(ring, options, local, step)
+
+    def branch(blocks):
+        return lambda vs: [call(block, vs) for block in blocks]
+
+    if len(cases) == 1:
+        results = branch(cases[0])(visiting)
+    else:
+        results = jax.lax.switch(index, [branch(blocks) for blocks in cases], visiting)
+    return [_chosen(list(blocks), index) for blocks in zip(*cases)], results
+
+
+def _fold_into(parts: list, which, update: tuple, empty: tuple, combine):
+    """parts[which] = combine(parts[which], *update), for a static or dynamic
+    `which` (then every part is combined: with the update where it is the
+    one, with `empty`, which changes nothing, elsewhere)."""
+    if isinstance(which, int):
+        parts[which] = combine(parts[which], *update)
+        return
+    for p in range(len(parts)):
+        parts[p] = combine(parts[p], *(jnp.where(which == p, u, e) for u, e in zip(update, empty)))
 
 
 def _around(ring: Ring, step, visiting, state):
@@ -367,16 +404,6 @@ def _around(ring: Ring, step, visiting, state):
     if ring.size > 1:
         visiting, state = jax.lax.fori_loop(1, ring.size, body, (visiting, state))
     return visiting, state
-
-
-def _update_rows(x, rows: slice, update, add: bool = False):
-    """x[:, rows] = update (+= with add). Rows covering all of dim 1 are a
-    plain replacement: XLA's CPU compiler of jax 0.11.2 crashes on an update
-    covering its whole operand inside shard_map (a segfault in
-    backend_compile_and_load; benchmarks/probe_ring_compile.py, mini_at_set_full)."""
-    if rows.indices(x.shape[1]) == (0, x.shape[1], 1):
-        return x + update if add else update.astype(x.dtype)
-    return x.at[:, rows].add(update) if add else x.at[:, rows].set(update)
 
 
 def merge(out, lse, part_out, part_lse):
@@ -407,34 +434,37 @@ def forward(kernels: Kernels, ring: Ring, options: Options, ops: Operands, vary=
     if unsupported_features(options):
         raise ValueError(f"ring attention does not support {', '.join(unsupported_features(options))}")
     local, _ = _prepare(ring, ops, options)
-    q = local.ops.query
-    acc = accumulation_dtype(q.dtype)
-    out = vary(jnp.zeros(q.shape, acc))
-    lse = vary(jnp.full(q.shape[:3], -jnp.inf, acc))
+    dtype = ops.query.dtype
+    acc = accumulation_dtype(dtype)
+    # Per query part; whole arrays only (no partial updates, which also keeps
+    # clear of the XLA CPU crash of jax 0.11.2 on an update covering its whole
+    # operand inside shard_map: benchmarks/probe_ring_compile.py).
+    out = [vary(jnp.zeros(q.shape, acc)) for q in local.ops.query]
+    lse = [vary(jnp.full(q.shape[:3], -jnp.inf, acc)) for q in local.ops.query]
 
-    def run(blocks, visiting, state):
-        out, lse = state
-        for block in blocks:
-            part = kernels.fwd(_block_options(options, block),
-                               *_block_operands(local.ops, visiting, block, options))
-            rows = block.q_rows
-            o, l = merge(out[:, rows], lse[:, rows], *part)
-            out, lse = _update_rows(out, rows, o), _update_rows(lse, rows, l)
-        return out, lse
+    def call(block, visiting):
+        return kernels.fwd(_block_options(options, block),
+                           *_block_operands(local.ops, visiting, block, options))
 
     def step(s, visiting, state):
-        return visiting, _run_step(ring, options, local, s, visiting, state, run)
+        parts = list(zip(*state))  # (out, lse) per query part
+        blocks, results = _run_step(ring, options, local, s, visiting, call)
+        for block, (o, l) in zip(blocks, results):
+            _fold_into(parts, block.q_part, (o, l), (0, -jnp.inf),
+                       lambda a, o, l: merge(*a, o, l))
+        return visiting, tuple(list(x) for x in zip(*parts))
 
     visiting = _Visiting(local.ops.key, local.ops.value, local.ops.kv_segments)
     _, (out, lse) = _around(ring, step, visiting, (out, lse))
     if options.has_sinks:
-        out, lse = add_sinks(out, lse, ops.sinks)
-    return _from_layout(ring, out.astype(q.dtype)), _from_layout(ring, lse)
+        out, lse = zip(*(add_sinks(o, l, ops.sinks) for o, l in zip(out, lse)))
+    return (_join(ring, [o.astype(dtype) for o in out], 1, ring.q_rows),
+            _join(ring, list(lse), 1, ring.q_rows))
 
 
 def _add_block(acc, part, block: Block):
     """acc[block's rows, block's columns] += part (bias gradient)."""
-    start = [0, 0, block.q_rows.start if acc.shape[2] > 1 else 0,
+    start = [0, 0, block.q_part * part.shape[2] if acc.shape[2] > 1 else 0,
              block.column if acc.shape[3] > 1 else 0]
     start = [jnp.asarray(s, jnp.int32) for s in start]
     current = jax.lax.dynamic_slice(acc, start, part.shape)
@@ -449,43 +479,42 @@ def backward(kernels: Kernels, ring: Ring, options: Options, ops: Operands, lse,
     _xla.sinks_gradient of the same lse and delta). dbias holds this device's
     contribution (reduce it over devices the bias is shared by)."""
     local, (lse, dout, delta) = _prepare(ring, ops, options, lse, dout, delta)
-    q, k, v = local.ops.query, local.ops.key, local.ops.value
-    acc = accumulation_dtype(q.dtype)
+    dtype = ops.query.dtype
+    acc = accumulation_dtype(dtype)
     zeros = lambda x: vary(jnp.zeros(x.shape, acc))  # noqa: E731
-    dq, dbias = zeros(q), zeros(local.ops.bias)
+    dq, dbias = [zeros(q) for q in local.ops.query], zeros(local.ops.bias)
 
-    def run(blocks, visiting, state):
-        dk, dv = visiting.dkey, visiting.dvalue
-        dq, dbias = state
-        for block in blocks:
-            rows, kv_rows = block.q_rows, block.kv_rows
-            parts = kernels.bwd(_block_options(options, block),
-                                *_block_operands(local.ops, visiting, block, options),
-                                lse[:, rows], dout[:, rows], delta[:, rows])
-            dq = _update_rows(dq, rows, parts[0].astype(acc), add=True)
-            dk = _update_rows(dk, kv_rows, parts[1].astype(acc), add=True)
-            dv = _update_rows(dv, kv_rows, parts[2].astype(acc), add=True)
-            if options.has_bias:
-                dbias = _add_block(dbias, parts[3], block)
-        return visiting._replace(dkey=dk, dvalue=dv), (dq, dbias)
+    def call(block, visiting):
+        p = block.q_part
+        return kernels.bwd(_block_options(options, block),
+                           *_block_operands(local.ops, visiting, block, options),
+                           lse[p], dout[p], delta[p])
 
     def step(s, visiting, state):
-        return _run_step(ring, options, local, s, visiting, state, run)
+        dk, dv = list(visiting.dkey), list(visiting.dvalue)
+        dq, dbias = list(state[0]), state[1]
+        blocks, results = _run_step(ring, options, local, s, visiting, call)
+        add = lambda a, g: a + g.astype(a.dtype)  # noqa: E731
+        for block, grads in zip(blocks, results):
+            _fold_into(dq, block.q_part, grads[:1], (0,), add)
+            _fold_into(dk, block.kv_part, grads[1:2], (0,), add)
+            _fold_into(dv, block.kv_part, grads[2:3], (0,), add)
+            if options.has_bias:
+                dbias = _add_block(dbias, grads[3], block)
+        return visiting._replace(dkey=dk, dvalue=dv), (dq, dbias)
 
-    visiting = _Visiting(k, v, local.ops.kv_segments, zeros(k), zeros(v))
-    visiting, state = _around(ring, step, visiting, (dq, dbias))
+    k, v = local.ops.key, local.ops.value
+    visiting = _Visiting(k, v, local.ops.kv_segments, [zeros(x) for x in k],
+                         [zeros(x) for x in v])
+    visiting, (dq, dbias) = _around(ring, step, visiting, (dq, dbias))
     # The gradient accumulators made n-1 moves with their blocks: one more
     # brings them home (in the balanced layout, straight to the contiguous
     # layout: each chunk goes to its owner in one move).
-    dk, dv = visiting.dkey, visiting.dvalue
-    if ring.zigzag:
-        dk, dv = (_from_balanced(ring, x, 1, ring.q_rows, offset=1) for x in (dk, dv))
-    elif ring.size > 1:
-        dk, dv = _shift(ring, (dk, dv))
-    dq, dbias = state
+    offset = 1 if ring.size > 1 else 0
+    dk, dv = (_join(ring, [x.astype(dtype) for x in grads], 1, ring.kv_rows, offset)
+              for grads in (visiting.dkey, visiting.dvalue))
     dbias = _columns_from_layout(ring, dbias)
     if ring.zigzag and dbias.shape[2] > 1:
         dbias = _from_balanced(ring, dbias, 2, ring.q_rows)
-    dtype = q.dtype
-    return (_from_layout(ring, dq).astype(dtype), dk.astype(dtype), dv.astype(dtype),
+    return (_join(ring, [x.astype(dtype) for x in dq], 1, ring.q_rows), dk, dv,
             dbias.astype(ops.bias.dtype))

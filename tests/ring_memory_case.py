@@ -15,15 +15,19 @@ outputs MiB> <temporaries MiB>" and "ALL OK".
 
 from __future__ import annotations
 
+import os
 import sys
 
-import jax
-import jax.numpy as jnp
-from jax.sharding import AxisType, NamedSharding
-from jax.sharding import PartitionSpec as P
+# This checkout's jax_mfa, also when run as a plain script (sys.path[0] is tests/).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax_mfa
-from jax_mfa._benchmark import peak_rss_during
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from jax.sharding import AxisType, NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+import jax_mfa  # noqa: E402
+from jax_mfa._benchmark import peak_rss_during  # noqa: E402
 
 MIB = 2.0**20
 CAUSAL = "--full" not in sys.argv  # --full: no mask (no zigzag copies)

@@ -279,11 +279,12 @@ def _check_memory(mem, out, devices=4):
     # Arguments and outputs: exactly this device's blocks.
     assert abs(ring[2] - single[2] / devices) < 0.01 * single[2], out
     # Temporaries: the ring's blocks in transit, accumulators and the
-    # balanced layout's copies, a constant number (< 16) of local blocks (one block: a
-    # (B, T/n, N, H) array, 1/7 of the arguments and outputs).
+    # balanced layout's parts, a constant number (< 12) of local blocks (one
+    # block: a (B, T/n, N, H) array, 1/7 of the arguments and outputs; 10.6
+    # measured with jax 0.10.2, 13 before the chunks became separate arrays).
     block = ring[2] / 7
-    assert ring[3] < 16 * block, out
-    assert ring[0] < 0.8 * single[0], out
+    assert ring[3] < 12 * block, out
+    assert ring[0] < 0.7 * single[0], out
 
 
 def test_ring_memory_small():
