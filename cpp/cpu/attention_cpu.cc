@@ -13,9 +13,9 @@
 //
 // Backward (FlashAttention-2 style): one task per (batch, kv head, key block)
 // owns dK, dV (and the key columns of dbias) for its keys, recomputes P from
-// the saved logsumexp, and accumulates its share of dQ into a per-thread
-// float accumulator; the accumulators are summed at the end of each chunk of
-// heads. No atomics, no races: every output element has one writer.
+// the saved logsumexp, and adds its share of dQ, one tile of rows at a time,
+// into a float sum per head under a lock per block of query positions (held
+// for the addition only). dK and dV have one writer each.
 //
 // bfloat16 on CPUs with AVX512-BF16 (use_bf16_dot): the operands are
 // repacked (not converted) into bfloat16 pairs once per chunk of heads and all
@@ -41,6 +41,7 @@
 #include <ctime>
 #include <limits>
 #include <memory>
+#include <mutex>
 #include <thread>
 #include <type_traits>
 #include <vector>
@@ -193,16 +194,33 @@ struct Profile {
     }();
     return on;
   }
-  static constexpr int kSlots = 8;
+  static constexpr int kSlots = 16;
   std::atomic<int64_t> gemm_ns[kSites] = {}, gemm_flops[kSites] = {}, total_ns{0};
   // Tasks run by each participating thread: a helper that XLA's pool starts
   // late shows up as a lopsided split.
-  std::atomic<int64_t> tasks_by_slot[kSlots] = {};
+  std::atomic<int64_t> tasks_by_slot[kSlots] = {}, busy_ns_by_slot[kSlots] = {};
   void task_done(int64_t slot, int64_t start_ns) {
-    total_ns += now_cpu_ns() - start_ns;
+    const int64_t ns = now_cpu_ns() - start_ns;
+    total_ns += ns;
     tasks_by_slot[std::min<int64_t>(slot, kSlots - 1)] += 1;
+    busy_ns_by_slot[std::min<int64_t>(slot, kSlots - 1)] += ns;
   }
   std::chrono::steady_clock::time_point start = std::chrono::steady_clock::now();
+  // Wall time of the phases of a call (staging, tasks, reduction), each
+  // ending at its mark(): where the time goes outside the tile products.
+  static constexpr int kPhases = 6;
+  const char* phase_names[kPhases] = {};
+  double phase_ms[kPhases] = {};
+  int phases = 0;
+  std::chrono::steady_clock::time_point last = start;
+  void mark(const char* name) {
+    const auto now = std::chrono::steady_clock::now();
+    if (phases < kPhases) {
+      phase_names[phases] = name;
+      phase_ms[phases++] = std::chrono::duration<double, std::milli>(now - last).count();
+    }
+    last = now;
+  }
   void report(const char* what, int64_t threads, const char* const* names) {
     const double wall =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
@@ -218,6 +236,11 @@ struct Profile {
     std::fprintf(stderr, " tasks per thread:");
     for (auto& n : tasks_by_slot)
       if (n.load()) std::fprintf(stderr, " %lld", (long long)n.load());
+    std::fprintf(stderr, "; task CPU ms per thread:");
+    for (int i = 0; i < kSlots; ++i)
+      if (tasks_by_slot[i].load()) std::fprintf(stderr, " %.1f", busy_ns_by_slot[i].load() * 1e-6);
+    std::fprintf(stderr, "; phases (wall ms):");
+    for (int i = 0; i < phases; ++i) std::fprintf(stderr, " %s %.2f", phase_names[i], phase_ms[i]);
     std::fprintf(stderr, "\n");
   }
 };
@@ -540,6 +563,7 @@ void forward_typed(const AttentionProblem& p, const ForwardBuffers& buf, TaskRun
       vv = stage<T, Acc>(static_cast<const T*>(buf.v), S_, K, 1, H, p0, p1, vbuf, runner, ops);
     }
     const int64_t ntasks = cp * QB * SP;
+    if (prof) prof->mark("stage");
     parallel_for_slots(runner, ntasks, helpers_for(runner, ntasks), [&](int64_t slot, int64_t task) {
       const int64_t task_start = prof ? now_cpu_ns() : 0;
       // Last query blocks first: under a causal mask they are the longest.
@@ -702,6 +726,7 @@ void forward_typed(const AttentionProblem& p, const ForwardBuffers& buf, TaskRun
       if (prof) prof->task_done(slot, task_start);
     });
 
+    if (prof) prof->mark("tasks");
     if (SP > 1) {  // merge the key slices of each query block through their lse
       parallel_for_slots(runner, cp * QB, helpers_for(runner, cp * QB), [&](int64_t, int64_t task) {
         const int64_t pl = task / QB, qb = task % QB;
@@ -787,17 +812,27 @@ void backward_typed(const AttentionProblem& p, const BackwardBuffers& buf, TaskR
   if (dbias_cols) std::fill(dbias, dbias + p.bias.size(), Acc(0));
   std::vector<Acc> row_sums(dbias_rows ? B * N * T_ : 0, Acc(0));
 
-  // Chunks of (batch, kv head) pairs bound the per-thread dQ accumulators
-  // (and the float copies of float16/bfloat16 inputs).
-  const int64_t slots = helpers_for(runner, std::numeric_limits<int64_t>::max()) + 1;
-  const int64_t slot_pair = T_ * G * H + (dbias_rows ? T_ * G : 0);
+  // dQ (and the dbias row sums): every key-block task adds to the rows of
+  // its pair. Each product lands in a per-thread tile that is added to one
+  // float sum per pair under a lock per block of kLockRows query positions,
+  // held for the addition only; tasks of a pair start at different row
+  // blocks, so they seldom meet. No per-thread copies of dQ to zero and sum
+  // (on 16 threads those were 16x dQ of memory traffic per call).
+  constexpr int64_t kLockRows = 64;
+  const int64_t threads = helpers_for(runner, std::numeric_limits<int64_t>::max()) + 1;
+  const int64_t LB = ceil_div(T_, kLockRows);
+  const int64_t sum_pair = T_ * G * H + (dbias_rows ? T_ * G : 0);  // dQ, then row sums
   const bool direct = std::is_same_v<T, Acc>;
-  const int64_t per_pair = int64_t(sizeof(Acc)) *
-                           (slots * slot_pair + (direct ? 0 : 2 * (T_ * G * H + S_ * H)));
+  // Chunks of (batch, kv head) pairs bound the dQ sums (and the float copies
+  // of float16/bfloat16 inputs).
+  const int64_t per_pair =
+      int64_t(sizeof(Acc)) * (sum_pair + (direct ? 0 : 2 * (T_ * G * H + S_ * H)));
   int64_t chunk = std::clamp<int64_t>((128 << 20) / std::max<int64_t>(per_pair, 1), 1, pairs);
   if (merge_batches || merge_heads) chunk = pairs;
-  // Uninitialised: each thread zeroes its own accumulator on first use.
-  std::unique_ptr<Acc[]> slot_acc(new Acc[size_t(slots * chunk * slot_pair)]);
+  // Uninitialised: a lock block is zeroed by its first writer.
+  std::unique_ptr<Acc[]> dq_sums(new Acc[size_t(chunk * sum_pair)]);
+  std::unique_ptr<std::mutex[]> dq_locks(new std::mutex[size_t(chunk * LB)]);
+  std::vector<char> dq_written;
   std::vector<Acc> qbuf, dobuf, kbuf, vbuf;
   std::vector<uint32_t> qw, dow, qt, dot_, kt, vt, kw;
 
@@ -862,16 +897,11 @@ void backward_typed(const AttentionProblem& p, const BackwardBuffers& buf, TaskR
     }
     const int64_t ngroups = int64_t(groups.size()), ntasks = ngroups * KB;
     const int64_t helpers = helpers_for(runner, ntasks);
-    std::vector<char> used(size_t(helpers + 1), 0);
-    const int64_t slot_stride = cp * slot_pair;
+    dq_written.assign(size_t(cp * LB), 0);
+    if (prof) prof->mark("stage");
 
     parallel_for_slots(runner, ntasks, helpers, [&](int64_t slot, int64_t task) {
       const int64_t task_start = prof ? now_cpu_ns() : 0;
-      Acc* my = slot_acc.get() + slot * slot_stride;
-      if (!used[slot]) {  // first task of this thread in this chunk
-        std::fill(my, my + slot_stride, Acc(0));
-        used[slot] = 1;
-      }
       // First key blocks first: under a causal mask they are the longest.
       const int64_t kb = task / ngroups;
       const std::vector<int64_t>& group = groups[task % ngroups];
@@ -886,6 +916,8 @@ void backward_typed(const AttentionProblem& p, const BackwardBuffers& buf, TaskR
       Acc* lse = scratch<Acc>(7, rows_max);
       Acc* delta = scratch<Acc>(8, rows_max);
       Acc* Zb = p.has_dropout() ? scratch<Acc>(10, rows_max * Bk) : nullptr;  // dropout factors
+      Acc* dQt = scratch<Acc>(13, rows_max * H);  // this tile's dQ rows
+      Acc* rst = scratch<Acc>(14, rows_max);      // and dbias row sums
       for (const int64_t pr : group) {
         const int64_t b = pr / K, kvh = pr % K, pl = pr - p0;
         const Rules<Acc> rules = make_rules<Acc>(p, buf, b, G);
@@ -899,9 +931,33 @@ void backward_typed(const AttentionProblem& p, const BackwardBuffers& buf, TaskR
         std::fill(dV, dV + Bk * H, Acc(0));
         const Acc* Kp = dot ? nullptr : kv.at(b, kvh, j0);
         const Acc* Vp = dot ? nullptr : vv.at(b, kvh, j0);
-        Acc* dq_acc = my + pl * slot_pair;
+        Acc* dq_acc = dq_sums.get() + pl * sum_pair;
         Acc* rs_acc = dq_acc + T_ * G * H;
-        for (int64_t tb = rspan.begin; tb < rspan.end; tb += Tq) {
+        // Adds this tile's dQ rows (and row sums) of positions [t0, t0 + tq)
+        // to the pair's sums, one lock block at a time.
+        auto add_dq = [&](int64_t t0, int64_t tq) {
+          for (int64_t u = t0; u < t0 + tq;) {
+            const int64_t lb = u / kLockRows, u1 = std::min(t0 + tq, (lb + 1) * kLockRows);
+            std::lock_guard<std::mutex> guard(dq_locks[size_t(pl * LB + lb)]);
+            if (!dq_written[size_t(pl * LB + lb)]) {
+              const int64_t b0 = lb * kLockRows, b1 = std::min(T_, b0 + kLockRows);
+              std::fill(dq_acc + b0 * G * H, dq_acc + b1 * G * H, Acc(0));
+              if (dbias_rows) std::fill(rs_acc + b0 * G, rs_acc + b1 * G, Acc(0));
+              dq_written[size_t(pl * LB + lb)] = 1;
+            }
+            Acc* d = dq_acc + u * G * H;
+            const Acc* s = dQt + (u - t0) * G * H;
+            for (int64_t e = 0; e < (u1 - u) * G * H; ++e) d[e] += s[e];
+            if (dbias_rows)
+              for (int64_t r = (u - t0) * G; r < (u1 - t0) * G; ++r) rs_acc[t0 * G + r] += rst[r];
+            u = u1;
+          }
+        };
+        // Row blocks in rotated order, from a different one in each key
+        // block's task: tasks of a pair then add to different lock blocks.
+        const int64_t nrb = ceil_div(rspan.end - rspan.begin, Tq);
+        for (int64_t ib = 0; ib < nrb; ++ib) {
+          const int64_t tb = rspan.begin + ((ib + kb) % nrb) * Tq;
           // Only the queries that may share a segment with these keys.
           const Span seg = rules.segment_queries(tb, std::min(Tq, rspan.end - tb), j0, cols);
           if (seg.empty()) continue;
@@ -976,7 +1032,7 @@ void backward_typed(const AttentionProblem& p, const BackwardBuffers& buf, TaskR
             for (int64_t r = 0; r < rows; ++r) {
               Acc sum = 0;
               for (int64_t c = 0; c < cols; ++c) sum += dPb[r * Bk + c];
-              rs_acc[t0 * G + r] += sum;
+              rst[r] = sum;
             }
           if (th)  // through the softcap: d tanh = 1 - tanh^2
             for (int64_t r = 0; r < rows; ++r)
@@ -1000,17 +1056,18 @@ void backward_typed(const AttentionProblem& p, const BackwardBuffers& buf, TaskR
                 cpu::bf16_gemm(H, cols, rp, scale, qt.data() + rt, rpairs, dSp, Bk, true, dK, Bk);
               });
               timed(prof, 4, rows, H, cols, [&] {
-                cpu::bf16_gemm(rows, H, cpairs, scale, dSw, Bk / 2, kw.data() + kwo, H, true,
-                               dq_acc + r0 * H, H);
+                cpu::bf16_gemm(rows, H, cpairs, scale, dSw, Bk / 2, kw.data() + kwo, H, false,
+                               dQt, H);
               });
             }
           }
           if (!dot) {
             timed_gemm(prof, 2, true, false, cols, H, rows, Acc(1), Pb, Bk, dOp, lddo, Acc(1), dV, H);
             timed_gemm(prof, 3, true, false, cols, H, rows, scale, dPb, Bk, Qp, ldq, Acc(1), dK, H);
-            timed_gemm(prof, 4, false, false, rows, H, cols, scale, dPb, Bk, Kp, kv.sp, Acc(1),
-                       dq_acc + t0 * G * H, H);
+            timed_gemm(prof, 4, false, false, rows, H, cols, scale, dPb, Bk, Kp, kv.sp, Acc(0),
+                       dQt, H);
           }
+          add_dq(t0, tq);
         }
         Acc* column = scratch<Acc>(12, H);
         for (int64_t c = 0; c < cols; ++c) {
@@ -1031,29 +1088,25 @@ void backward_typed(const AttentionProblem& p, const BackwardBuffers& buf, TaskR
       if (prof) prof->task_done(slot, task_start);
     });
 
-    // Sum the threads' dQ (and dbias row) accumulators into the outputs.
-    std::vector<const Acc*> parts;
-    for (int64_t s = 0; s <= helpers; ++s)
-      if (used[s]) parts.push_back(slot_acc.get() + s * slot_stride);
-    const int64_t tb = 64, blocks = ceil_div(T_, tb);
-    parallel_for_slots(runner, cp * blocks, helpers_for(runner, cp * blocks), [&](int64_t, int64_t task) {
-      const int64_t pl = task / blocks, pr = p0 + pl, b = pr / K, kvh = pr % K;
-      Acc* sum = scratch<Acc>(9, G * H);
-      for (int64_t t = (task % blocks) * tb; t < std::min(T_, (task % blocks + 1) * tb); ++t) {
-        std::fill(sum, sum + G * H, Acc(0));
-        for (const Acc* part : parts) {
-          const Acc* src = part + pl * slot_pair + t * G * H;
-          for (int64_t e = 0; e < G * H; ++e) sum[e] += src[e];
-        }
-        store<T, Acc>(sum, dq + ((b * T_ + t) * N + kvh * G) * H, G * H, Acc(1));
+    if (prof) prof->mark("tasks");
+    // The dQ (and dbias row) sums into the outputs, one lock block per task;
+    // zeros where no task wrote.
+    parallel_for_slots(runner, cp * LB, helpers_for(runner, cp * LB), [&](int64_t, int64_t i) {
+      const int64_t pl = i / LB, pr = p0 + pl, b = pr / K, kvh = pr % K;
+      const int64_t b0 = (i % LB) * kLockRows, b1 = std::min(T_, b0 + kLockRows);
+      Acc* sums = dq_sums.get() + pl * sum_pair;
+      if (!dq_written[size_t(i)]) {
+        std::fill(sums + b0 * G * H, sums + b1 * G * H, Acc(0));
+        if (dbias_rows) std::fill(sums + T_ * G * H + b0 * G, sums + T_ * G * H + b1 * G, Acc(0));
+      }
+      for (int64_t t = b0; t < b1; ++t) {
+        store<T, Acc>(sums + t * G * H, dq + ((b * T_ + t) * N + kvh * G) * H, G * H, Acc(1));
         if (dbias_rows)
-          for (int64_t g = 0; g < G; ++g) {
-            Acc rs = 0;
-            for (const Acc* part : parts) rs += part[pl * slot_pair + T_ * G * H + t * G + g];
-            row_sums[(b * N + kvh * G + g) * T_ + t] = rs;
-          }
+          for (int64_t g = 0; g < G; ++g)
+            row_sums[(b * N + kvh * G + g) * T_ + t] = sums[T_ * G * H + t * G + g];
       }
     });
+    if (prof) prof->mark("reduce");
   }
 
   if (dbias_rows) {
@@ -1066,7 +1119,7 @@ void backward_typed(const AttentionProblem& p, const BackwardBuffers& buf, TaskR
   }
   if (prof) {
     static const char* const names[] = {"QK^T", "dO V^T", "P^T dO", "dS^T Q", "dS K", nullptr};
-    prof->report("backward", slots, names);
+    prof->report("backward", threads, names);
   }
 }
 
