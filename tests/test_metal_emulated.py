@@ -131,6 +131,21 @@ def test_structural_masks(rng, kw):
     compare(rng, B=1, T=70, S=23, N=2, K=1, H=16, against="xla", **kw)
 
 
+@pytest.mark.parametrize("family", ["apple9", "apple7"])
+@pytest.mark.parametrize("kw", [
+    dict(is_causal=True),
+    dict(local_window_size=(100, 90)),
+    dict(is_causal=True, query_seq_lengths=[150, 161], key_value_seq_lengths=[161, 97]),
+], ids=["causal", "window", "causal-lengths"])
+def test_tile_classes(rng, monkeypatch, family, kw):
+    # Long enough that every kernel has fully visible tiles (no per-element
+    # masks) next to diagonal, window-edge and length-edge tiles (checked per
+    # element): a tile misclassified as visible lets masked keys through.
+    monkeypatch.setenv("JAX_MFA_EMULATED_FAMILY", family)
+    kw = {k: jnp.asarray(v, jnp.int32) if k.endswith("lengths") else v for k, v in kw.items()}
+    compare(rng, B=2, T=161, S=161, N=1, K=1, H=8, against="xla", **kw)
+
+
 def test_lengths(rng):
     ql = jnp.asarray([30, 0, 7], jnp.int32)
     kl = jnp.asarray([11, 25, 0], jnp.int32)

@@ -378,6 +378,43 @@ void test_register_budget() {
   CHECK(kv.head_out == 128 && register_estimate(Pass::BackwardKeyValue, kv).accumulators == 64);
 }
 
+// mfa_tile_fully_visible (metal/attention_params.h: which tiles the kernels
+// run without per-element masks) against a brute force over problem.h's
+// key_span: true exactly when every entry of the tile is allowed, on random
+// lengths, causal and windows, with tiles reaching past both valid lengths.
+void test_tile_classes() {
+  std::mt19937 gen(11);
+  auto uniform = [&](int lo, int hi) { return std::uniform_int_distribution<int>(lo, hi)(gen); };
+  int visible = 0, edge = 0;
+  for (int trial = 0; trial < 400; ++trial) {
+    AttentionProblem p;
+    p.q_len = uniform(1, 80);
+    p.kv_len = uniform(1, 80);
+    p.causal = uniform(0, 1);
+    p.window_left = uniform(0, 2) ? -1 : uniform(0, 40);
+    p.window_right = uniform(0, 2) ? -1 : uniform(0, 40);
+    const int q_valid = uniform(0, int(p.q_len)), kv_valid = uniform(0, int(p.kv_len));
+    for (int tile = 0; tile < 20; ++tile) {
+      const int i0 = uniform(0, int(p.q_len)), i1 = i0 + uniform(1, 24);
+      const int j0 = uniform(0, int(p.kv_len)), j1 = j0 + uniform(1, 40);
+      bool all = true;
+      for (int i = i0; i < i1 && all; ++i) {
+        const Span keys = p.key_span(i, q_valid, kv_valid);
+        all = i < q_valid && keys.begin <= j0 && keys.end >= j1 && j1 <= kv_valid;
+      }
+      const bool got = mfa_tile_fully_visible(i0, i1, j0, j1, q_valid, kv_valid, p.causal,
+                                              int(p.window_left), int(p.window_right));
+      if (got != all)
+        std::printf("tile class: rows [%d, %d) keys [%d, %d) q_valid %d kv_valid %d causal %d "
+                    "window (%d, %d): got %d\n", i0, i1, j0, j1, q_valid, kv_valid, int(p.causal),
+                    int(p.window_left), int(p.window_right), int(got));
+      CHECK(got == all);
+      (all ? visible : edge) += 1;
+    }
+  }
+  CHECK(visible > 100 && edge > 100);  // both classes were exercised
+}
+
 void print_libraries() {
   for (DType t : {DType::F32, DType::F16, DType::BF16})
     for (int h : kHeadBuckets)
@@ -405,6 +442,7 @@ int main(int argc, char** argv) {
   test_decode_plan();
   test_group_split_plan();
   test_register_budget();
+  test_tile_classes();
   std::printf("%s\n", failures == 0 ? "all host policy tests passed" : "host policy tests FAILED");
   return failures == 0 ? 0 : 1;
 }
