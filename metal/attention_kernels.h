@@ -670,7 +670,7 @@ METAL_FUNC void mfa_store_key_rows(thread mfa_mat* dK, thread mfa_mat* dV,
 // When B * K is small (or one group is too much serial work), the G query
 // heads of the group are split over group_splits threadgroups instead, each
 // writing float32 partial dK and dV that attention_backward_kv_reduce sums.
-// HO < HP splits the head columns of dK and dV over HP / HO threadgroups per
+// HO < HP splits the head columns of dK and dV over ceil(HP / HO) threadgroups per
 // key block (each recomputes S^T and dP^T; the first one accumulates dbias),
 // so that both accumulators fit in registers at large head dims.
 template <typename T, int HP, int P, int C, int DB, int HO>
@@ -706,9 +706,10 @@ template <typename T, int HP, int P, int C, int DB, int HO>
   threadgroup float delta_t[C];
 
   const int h_tasks = p.merge_heads ? 1 : p.kv_heads;
-  const int head_part = (p.group_offset + int(group)) % (HP / HO);
+  constexpr int kHeadParts = (HP + HO - 1) / HO;  // the last may end past HP (zero columns)
+  const int head_part = (p.group_offset + int(group)) % kHeadParts;
   const int h_out = head_part * HO;  // first head column of dK and dV this threadgroup owns
-  const int linear = (p.group_offset + int(group)) / (HP / HO);
+  const int linear = (p.group_offset + int(group)) / kHeadParts;
   const int kb = linear % p.num_row_blocks;
   const int gsplit = (linear / p.num_row_blocks) % p.group_splits;  // slice of the GQA group
   const int kv_linear = linear / (p.num_row_blocks * p.group_splits);

@@ -99,9 +99,19 @@ def test_head_dims_and_dtypes(rng, H, dtype):
             is_causal=True)
 
 
-@pytest.mark.parametrize("H", [1, 3, 20, 33, 44, 100, 150, 200])
+@pytest.mark.parametrize("H", [1, 3, 20, 33, 44, 56, 88, 100, 104, 150, 200])
 def test_odd_head_dims(rng, H):
+    # 56, 88, 104: buckets of their own (every multiple of 8), staged with DB 8.
     compare(rng, T=9, S=21, N=2, K=2, H=H)
+
+
+@pytest.mark.parametrize("H,family", [(136, "apple7"), (168, "apple9")])
+def test_uneven_dkdv_head_split(rng, monkeypatch, H, family):
+    # An odd number of 8-column head blocks split over two dK/dV threadgroups
+    # (136 = 72 + 64, 168 = 88 + 80): the second one's columns past H read as
+    # zero; the first one owns dbias.
+    monkeypatch.setenv("JAX_MFA_EMULATED_FAMILY", family)
+    compare(rng, T=9, S=21, N=2, K=1, H=H, bias_shape=(1, 2, 9, 21))
 
 
 @pytest.mark.parametrize("T,S", [(1, 1), (1, 130), (130, 1), (65, 129)])
@@ -315,8 +325,10 @@ def test_embedded_source_is_self_contained(tmp_path):
     src = embedded_source()
     # Compiled from a directory without the headers: nothing may be included
     # but <metal_stdlib>. One type, one family and four head buckets (bits of
-    # kHeadBuckets: 16, 72, 80, 256) keep the build short.
-    buckets = {16: 0, 72: 5, 80: 6, 256: 12}
+    # kHeadBuckets, whose order model_metal.py reads) keep the build short.
+    plan = (ROOT / "cpp/metal_host/attention_plan.h").read_text()
+    order = [int(x) for x in re.search(r"kHeadBuckets\[\] = \{([^}]*)\}", plan).group(1).split(",")]
+    buckets = {hp: order.index(hp) for hp in (16, 72, 80, 256)}
     lib = metal_emulator.compile_source(
         src, {"JAX_MFA_METAL_FAMILIES": 2, "JAX_MFA_METAL_DTYPES": 2,
               "JAX_MFA_METAL_HEADS": sum(1 << bit for bit in buckets.values())},

@@ -5,6 +5,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <numeric>
 
 namespace jax_mfa {
 namespace metal_host {
@@ -30,11 +31,12 @@ struct TableRow {
 // keep them), the traversal block C is smaller than MFA's so that the
 // register model stays within kRegisterBudget (test_register_budget in
 // tests/host/host_policy_test.cc checks every instantiated row):
-// forward 256: C 128 -> 64; M3 dQ 256: 128 -> 64; M3 dK/dV 96 and 128:
-// 128 -> 32; dK/dV 192 and 256 also split dK/dV's head columns in two (HO).
+// forward above 192: C 128 -> 64 (MFA's row ends at 224); M3 dQ 256:
+// 128 -> 64; M3 dK/dV 96 and 128: 128 -> 32; dK/dV from 168 (M3) or 136
+// (M1) also splits dK/dV's head columns in two (HO).
 constexpr TableRow kForwardApple9[] = {
-    {32, 16, 128, 16}, {96, 16, 128, 32}, {160, 16, 128, 32}, {224, 16, 128, 32}, {384, 16, 64, 32}};
-constexpr TableRow kForwardApple7[] = {{96, 32, 128, 32}, {128, 32, 128, 32}, {224, 32, 128, 32},
+    {32, 16, 128, 16}, {96, 16, 128, 32}, {160, 16, 128, 32}, {192, 16, 128, 32}, {384, 16, 64, 32}};
+constexpr TableRow kForwardApple7[] = {{96, 32, 128, 32}, {128, 32, 128, 32}, {192, 32, 128, 32},
                                        {384, 32, 64, 32}};
 constexpr TableRow kQueryApple9[] = {{80, 16, 64, 8}, {192, 16, 64, 32}, {384, 16, 64, 32}};
 constexpr TableRow kQueryApple7[] = {{32, 32, 64, 32}, {96, 32, 64, 32}, {384, 32, 64, 32}};
@@ -215,11 +217,12 @@ BlockConfig block_config(Pass pass, GpuFamily family, int64_t head_dim) {
     case Pass::BackwardKeyValue: {
       BlockConfig c = m3 ? lookup(kKeyValueApple9, hp) : lookup(kKeyValueApple7, hp);
       // dK's and dV's accumulators take 4 x HO / 8 registers: where the whole
-      // head would exceed the register budget (buckets 160 and up), each
-      // threadgroup owns half the head columns of dK and dV.
+      // head would exceed the register budget, each threadgroup owns half the
+      // head's 8-column blocks of dK and dV (rounded up: 136 = 72 + 64).
       if (register_estimate(pass, c).total() > kRegisterBudget) {
-        c.head_out = hp / 2;
-        c.head_block = head_block_for(c.head_block, c.head_out);
+        c.head_out = (hp / 8 + 1) / 2 * 8;
+        // The head block tiles both S^T's HP and the accumulators' HO columns.
+        c.head_block = head_block_for(c.head_block, std::gcd(hp, c.head_out));
       }
       return c;
     }
@@ -399,7 +402,7 @@ std::vector<KernelLaunch> plan_backward(const AttentionProblem& p, DType dtype,
   kv.args.push_back({Arg::DBias, Access::ReadWrite,
                      dbias_keys ? size_t(splits * p.bias.size()) * 4 : 0});
   append(kv.args, feature_args(p));
-  const int64_t head_parts = kv.config.head_pad / kv.config.head_out;
+  const int64_t head_parts = ceil_div(kv.config.head_pad, kv.config.head_out);
 
   // Split GQA group (kKeyValueTargetGroups): not where a bias broadcast
   // merges pairs (its dbias elements are shared by the group's heads), so
