@@ -207,9 +207,10 @@
   MFA_IF_H##HP(JAX_MFA_INSTANTIATE_KERNEL(MFA_NAME(dkdv, TAG, HP, P, C, DB) "_o" #HO,       \
                                           attention_backward_key_value, T, HP, P, C, DB, HO))
 
-// M3 and later (Apple9): metal-flash-attention's mixed-precision tables,
-// with the register-budget changes listed in attention_plan.cc.
-#define MFA_APPLE9(T, TAG) \
+// M3 and later (Apple9): metal-flash-attention's mixed-precision tables
+// (float16 / bfloat16 storage) and its float32 tables (float32 storage), with
+// the register-budget changes listed in attention_plan.cc.
+#define MFA_APPLE9_MIXED(T, TAG) \
   MFA_FWD(T, TAG, 16, 16, 128, 16) MFA_FWD(T, TAG, 24, 16, 128, 8)                         \
   MFA_FWD(T, TAG, 32, 16, 128, 16) MFA_FWD(T, TAG, 40, 16, 128, 8)                         \
   MFA_FWD(T, TAG, 48, 16, 128, 24) MFA_FWD(T, TAG, 56, 16, 128, 8)                         \
@@ -259,7 +260,7 @@
   MFA_DKDV_SPLIT(T, TAG, 256, 16, 32, 32, 128)
 
 // M1 and M2 (Apple7/Apple8).
-#define MFA_APPLE7(T, TAG) \
+#define MFA_APPLE7_MIXED(T, TAG) \
   MFA_FWD(T, TAG, 16, 32, 128, 16) MFA_FWD(T, TAG, 24, 32, 128, 24)                        \
   MFA_FWD(T, TAG, 32, 32, 128, 32) MFA_FWD(T, TAG, 40, 32, 128, 8)                         \
   MFA_FWD(T, TAG, 48, 32, 128, 24) MFA_FWD(T, TAG, 56, 32, 128, 8)                         \
@@ -298,9 +299,9 @@
   MFA_DKDV(T, TAG, 80, 32, 64, 16) MFA_DKDV(T, TAG, 88, 32, 64, 8)                         \
   MFA_DKDV(T, TAG, 96, 32, 64, 32) MFA_DKDV(T, TAG, 104, 32, 64, 8)                        \
   MFA_DKDV(T, TAG, 112, 32, 64, 16) MFA_DKDV(T, TAG, 120, 32, 64, 24)                      \
-  MFA_DKDV(T, TAG, 128, 32, 64, 32) MFA_DKDV_SPLIT(T, TAG, 136, 32, 64, 8, 72)             \
-  MFA_DKDV_SPLIT(T, TAG, 144, 32, 64, 24, 72) MFA_DKDV_SPLIT(T, TAG, 152, 32, 64, 8, 80)   \
-  MFA_DKDV_SPLIT(T, TAG, 160, 32, 64, 16, 80) MFA_DKDV_SPLIT(T, TAG, 168, 32, 64, 8, 88)   \
+  MFA_DKDV(T, TAG, 128, 32, 64, 32) MFA_DKDV(T, TAG, 136, 32, 56, 8)                       \
+  MFA_DKDV(T, TAG, 144, 32, 48, 24) MFA_DKDV(T, TAG, 152, 32, 40, 8)                       \
+  MFA_DKDV(T, TAG, 160, 32, 32, 32) MFA_DKDV_SPLIT(T, TAG, 168, 32, 64, 8, 88)             \
   MFA_DKDV_SPLIT(T, TAG, 176, 32, 64, 8, 88) MFA_DKDV_SPLIT(T, TAG, 184, 32, 64, 8, 96)    \
   MFA_DKDV_SPLIT(T, TAG, 192, 32, 64, 32, 96) MFA_DKDV_SPLIT(T, TAG, 200, 32, 64, 8, 104)  \
   MFA_DKDV_SPLIT(T, TAG, 208, 32, 64, 8, 104) MFA_DKDV_SPLIT(T, TAG, 216, 32, 64, 8, 112)  \
@@ -308,14 +309,117 @@
   MFA_DKDV_SPLIT(T, TAG, 240, 32, 64, 24, 120) MFA_DKDV_SPLIT(T, TAG, 248, 32, 64, 8, 128) \
   MFA_DKDV_SPLIT(T, TAG, 256, 32, 64, 32, 128)
 
+#define MFA_APPLE9_f32(T, TAG) \
+  MFA_FWD(T, TAG, 16, 16, 64, 16) MFA_FWD(T, TAG, 24, 16, 32, 8)                           \
+  MFA_FWD(T, TAG, 32, 16, 32, 8) MFA_FWD(T, TAG, 40, 16, 32, 8)                            \
+  MFA_FWD(T, TAG, 48, 16, 32, 8) MFA_FWD(T, TAG, 56, 16, 64, 8)                            \
+  MFA_FWD(T, TAG, 64, 16, 64, 16) MFA_FWD(T, TAG, 72, 16, 64, 8)                           \
+  MFA_FWD(T, TAG, 80, 16, 64, 16) MFA_FWD(T, TAG, 88, 16, 64, 8)                           \
+  MFA_FWD(T, TAG, 96, 16, 64, 16) MFA_FWD(T, TAG, 104, 16, 64, 8)                          \
+  MFA_FWD(T, TAG, 112, 16, 64, 16) MFA_FWD(T, TAG, 120, 16, 64, 8)                         \
+  MFA_FWD(T, TAG, 128, 16, 64, 16) MFA_FWD(T, TAG, 136, 16, 64, 8)                         \
+  MFA_FWD(T, TAG, 144, 16, 64, 16) MFA_FWD(T, TAG, 152, 16, 64, 8)                         \
+  MFA_FWD(T, TAG, 160, 16, 64, 16) MFA_FWD(T, TAG, 168, 16, 64, 8)                         \
+  MFA_FWD(T, TAG, 176, 16, 64, 16) MFA_FWD(T, TAG, 184, 16, 64, 8)                         \
+  MFA_FWD(T, TAG, 192, 16, 64, 16) MFA_FWD(T, TAG, 200, 16, 120, 8)                        \
+  MFA_FWD(T, TAG, 208, 16, 112, 16) MFA_FWD(T, TAG, 216, 16, 112, 8)                       \
+  MFA_FWD(T, TAG, 224, 16, 104, 16) MFA_FWD(T, TAG, 232, 16, 96, 8)                        \
+  MFA_FWD(T, TAG, 240, 16, 96, 16) MFA_FWD(T, TAG, 248, 16, 88, 8)                         \
+  MFA_FWD(T, TAG, 256, 16, 80, 16) MFA_DQ(T, TAG, 16, 16, 64, 8)                           \
+  MFA_DQ(T, TAG, 24, 16, 64, 8) MFA_DQ(T, TAG, 32, 16, 64, 16)                             \
+  MFA_DQ(T, TAG, 40, 16, 64, 8) MFA_DQ(T, TAG, 48, 16, 64, 24)                             \
+  MFA_DQ(T, TAG, 56, 16, 64, 8) MFA_DQ(T, TAG, 64, 16, 64, 32)                             \
+  MFA_DQ(T, TAG, 72, 16, 64, 24) MFA_DQ(T, TAG, 80, 16, 64, 16)                            \
+  MFA_DQ(T, TAG, 88, 16, 64, 8) MFA_DQ(T, TAG, 96, 16, 64, 32)                             \
+  MFA_DQ(T, TAG, 104, 16, 64, 8) MFA_DQ(T, TAG, 112, 16, 64, 16)                           \
+  MFA_DQ(T, TAG, 120, 16, 64, 24) MFA_DQ(T, TAG, 128, 16, 64, 32)                          \
+  MFA_DQ(T, TAG, 136, 16, 64, 8) MFA_DQ(T, TAG, 144, 16, 64, 24)                           \
+  MFA_DQ(T, TAG, 152, 16, 64, 8) MFA_DQ(T, TAG, 160, 16, 64, 32)                           \
+  MFA_DQ(T, TAG, 168, 16, 64, 24) MFA_DQ(T, TAG, 176, 16, 64, 16)                          \
+  MFA_DQ(T, TAG, 184, 16, 64, 8) MFA_DQ(T, TAG, 192, 16, 64, 32)                           \
+  MFA_DQ(T, TAG, 200, 16, 88, 8) MFA_DQ(T, TAG, 208, 16, 88, 16)                           \
+  MFA_DQ(T, TAG, 216, 16, 80, 8) MFA_DQ(T, TAG, 224, 16, 80, 16)                           \
+  MFA_DQ(T, TAG, 232, 16, 72, 8) MFA_DQ(T, TAG, 240, 16, 72, 16)                           \
+  MFA_DQ(T, TAG, 248, 16, 64, 8) MFA_DQ(T, TAG, 256, 16, 64, 16)                           \
+  MFA_DKDV(T, TAG, 16, 16, 64, 8) MFA_DKDV(T, TAG, 24, 16, 32, 8)                          \
+  MFA_DKDV(T, TAG, 32, 16, 32, 16) MFA_DKDV(T, TAG, 40, 16, 32, 8)                         \
+  MFA_DKDV(T, TAG, 48, 16, 32, 16) MFA_DKDV(T, TAG, 56, 16, 32, 8)                         \
+  MFA_DKDV(T, TAG, 64, 16, 32, 16) MFA_DKDV(T, TAG, 72, 16, 120, 8)                        \
+  MFA_DKDV(T, TAG, 80, 16, 112, 16) MFA_DKDV(T, TAG, 88, 16, 104, 8)                       \
+  MFA_DKDV(T, TAG, 96, 16, 96, 16) MFA_DKDV(T, TAG, 104, 16, 88, 8)                        \
+  MFA_DKDV(T, TAG, 112, 16, 80, 16) MFA_DKDV(T, TAG, 120, 16, 72, 8)                       \
+  MFA_DKDV(T, TAG, 128, 16, 64, 16) MFA_DKDV(T, TAG, 136, 16, 56, 8)                       \
+  MFA_DKDV(T, TAG, 144, 16, 48, 16) MFA_DKDV(T, TAG, 152, 16, 40, 8)                       \
+  MFA_DKDV(T, TAG, 160, 16, 32, 16) MFA_DKDV_SPLIT(T, TAG, 168, 16, 104, 8, 88)            \
+  MFA_DKDV_SPLIT(T, TAG, 176, 16, 104, 8, 88) MFA_DKDV_SPLIT(T, TAG, 184, 16, 96, 8, 96)   \
+  MFA_DKDV_SPLIT(T, TAG, 192, 16, 96, 16, 96) MFA_DKDV_SPLIT(T, TAG, 200, 16, 88, 8, 104)  \
+  MFA_DKDV_SPLIT(T, TAG, 208, 16, 88, 8, 104) MFA_DKDV_SPLIT(T, TAG, 216, 16, 80, 8, 112)  \
+  MFA_DKDV_SPLIT(T, TAG, 224, 16, 80, 16, 112) MFA_DKDV_SPLIT(T, TAG, 232, 16, 72, 8, 120) \
+  MFA_DKDV_SPLIT(T, TAG, 240, 16, 72, 8, 120) MFA_DKDV_SPLIT(T, TAG, 248, 16, 64, 8, 128)  \
+  MFA_DKDV_SPLIT(T, TAG, 256, 16, 64, 16, 128)
+
+#define MFA_APPLE7_f32(T, TAG) \
+  MFA_FWD(T, TAG, 16, 32, 64, 16) MFA_FWD(T, TAG, 24, 32, 64, 24)                          \
+  MFA_FWD(T, TAG, 32, 32, 64, 32) MFA_FWD(T, TAG, 40, 32, 32, 40)                          \
+  MFA_FWD(T, TAG, 48, 32, 32, 48) MFA_FWD(T, TAG, 56, 32, 32, 56)                          \
+  MFA_FWD(T, TAG, 64, 32, 80, 16) MFA_FWD(T, TAG, 72, 32, 80, 8)                           \
+  MFA_FWD(T, TAG, 80, 32, 80, 16) MFA_FWD(T, TAG, 88, 32, 80, 8)                           \
+  MFA_FWD(T, TAG, 96, 32, 80, 16) MFA_FWD(T, TAG, 104, 32, 80, 8)                          \
+  MFA_FWD(T, TAG, 112, 32, 80, 16) MFA_FWD(T, TAG, 120, 32, 80, 8)                         \
+  MFA_FWD(T, TAG, 128, 32, 80, 16) MFA_FWD(T, TAG, 136, 32, 80, 8)                         \
+  MFA_FWD(T, TAG, 144, 32, 80, 16) MFA_FWD(T, TAG, 152, 32, 80, 8)                         \
+  MFA_FWD(T, TAG, 160, 32, 80, 16) MFA_FWD(T, TAG, 168, 32, 80, 8)                         \
+  MFA_FWD(T, TAG, 176, 32, 80, 16) MFA_FWD(T, TAG, 184, 32, 80, 8)                         \
+  MFA_FWD(T, TAG, 192, 32, 80, 16) MFA_FWD(T, TAG, 200, 32, 80, 8)                         \
+  MFA_FWD(T, TAG, 208, 32, 80, 16) MFA_FWD(T, TAG, 216, 32, 80, 8)                         \
+  MFA_FWD(T, TAG, 224, 32, 80, 16) MFA_FWD(T, TAG, 232, 32, 80, 8)                         \
+  MFA_FWD(T, TAG, 240, 32, 80, 16) MFA_FWD(T, TAG, 248, 32, 80, 8)                         \
+  MFA_FWD(T, TAG, 256, 32, 80, 16) MFA_DQ(T, TAG, 16, 32, 64, 16)                          \
+  MFA_DQ(T, TAG, 24, 32, 64, 24) MFA_DQ(T, TAG, 32, 32, 64, 32)                            \
+  MFA_DQ(T, TAG, 40, 32, 64, 8) MFA_DQ(T, TAG, 48, 32, 64, 24)                             \
+  MFA_DQ(T, TAG, 56, 32, 64, 8) MFA_DQ(T, TAG, 64, 32, 80, 16)                             \
+  MFA_DQ(T, TAG, 72, 32, 80, 8) MFA_DQ(T, TAG, 80, 32, 80, 16)                             \
+  MFA_DQ(T, TAG, 88, 32, 80, 8) MFA_DQ(T, TAG, 96, 32, 80, 16)                             \
+  MFA_DQ(T, TAG, 104, 32, 80, 8) MFA_DQ(T, TAG, 112, 32, 80, 16)                           \
+  MFA_DQ(T, TAG, 120, 32, 80, 8) MFA_DQ(T, TAG, 128, 32, 80, 16)                           \
+  MFA_DQ(T, TAG, 136, 32, 80, 8) MFA_DQ(T, TAG, 144, 32, 80, 16)                           \
+  MFA_DQ(T, TAG, 152, 32, 80, 8) MFA_DQ(T, TAG, 160, 32, 80, 16)                           \
+  MFA_DQ(T, TAG, 168, 32, 80, 8) MFA_DQ(T, TAG, 176, 32, 80, 16)                           \
+  MFA_DQ(T, TAG, 184, 32, 80, 8) MFA_DQ(T, TAG, 192, 32, 80, 16)                           \
+  MFA_DQ(T, TAG, 200, 32, 80, 8) MFA_DQ(T, TAG, 208, 32, 80, 16)                           \
+  MFA_DQ(T, TAG, 216, 32, 80, 8) MFA_DQ(T, TAG, 224, 32, 80, 16)                           \
+  MFA_DQ(T, TAG, 232, 32, 72, 8) MFA_DQ(T, TAG, 240, 32, 72, 16)                           \
+  MFA_DQ(T, TAG, 248, 32, 64, 8) MFA_DQ(T, TAG, 256, 32, 64, 16)                           \
+  MFA_DKDV(T, TAG, 16, 32, 32, 16) MFA_DKDV(T, TAG, 24, 32, 64, 24)                        \
+  MFA_DKDV(T, TAG, 32, 32, 80, 16) MFA_DKDV(T, TAG, 40, 32, 80, 8)                         \
+  MFA_DKDV(T, TAG, 48, 32, 80, 16) MFA_DKDV(T, TAG, 56, 32, 80, 8)                         \
+  MFA_DKDV(T, TAG, 64, 32, 64, 16) MFA_DKDV(T, TAG, 72, 32, 80, 8)                         \
+  MFA_DKDV(T, TAG, 80, 32, 80, 16) MFA_DKDV(T, TAG, 88, 32, 80, 8)                         \
+  MFA_DKDV(T, TAG, 96, 32, 80, 16) MFA_DKDV(T, TAG, 104, 32, 80, 8)                        \
+  MFA_DKDV(T, TAG, 112, 32, 80, 16) MFA_DKDV(T, TAG, 120, 32, 72, 8)                       \
+  MFA_DKDV(T, TAG, 128, 32, 64, 16) MFA_DKDV(T, TAG, 136, 32, 56, 8)                       \
+  MFA_DKDV(T, TAG, 144, 32, 48, 16) MFA_DKDV(T, TAG, 152, 32, 40, 8)                       \
+  MFA_DKDV(T, TAG, 160, 32, 32, 16) MFA_DKDV_SPLIT(T, TAG, 168, 32, 80, 8, 88)             \
+  MFA_DKDV_SPLIT(T, TAG, 176, 32, 80, 8, 88) MFA_DKDV_SPLIT(T, TAG, 184, 32, 80, 8, 96)    \
+  MFA_DKDV_SPLIT(T, TAG, 192, 32, 80, 16, 96) MFA_DKDV_SPLIT(T, TAG, 200, 32, 80, 8, 104)  \
+  MFA_DKDV_SPLIT(T, TAG, 208, 32, 80, 8, 104) MFA_DKDV_SPLIT(T, TAG, 216, 32, 80, 8, 112)  \
+  MFA_DKDV_SPLIT(T, TAG, 224, 32, 80, 16, 112) MFA_DKDV_SPLIT(T, TAG, 232, 32, 72, 8, 120) \
+  MFA_DKDV_SPLIT(T, TAG, 240, 32, 72, 8, 120) MFA_DKDV_SPLIT(T, TAG, 248, 32, 64, 8, 128)  \
+  MFA_DKDV_SPLIT(T, TAG, 256, 32, 64, 16, 128)
+
+#define MFA_APPLE9_f16 MFA_APPLE9_MIXED
+#define MFA_APPLE9_bf16 MFA_APPLE9_MIXED
+#define MFA_APPLE7_f16 MFA_APPLE7_MIXED
+#define MFA_APPLE7_bf16 MFA_APPLE7_MIXED
+
 #define MFA_FAMILIES(T, TAG) MFA_FAMILY9(T, TAG) MFA_FAMILY7(T, TAG) MFA_DECODE_KERNELS(T, TAG)
 #if JAX_MFA_METAL_FAMILIES & 2
-#define MFA_FAMILY9(T, TAG) MFA_APPLE9(T, TAG)
+#define MFA_FAMILY9(T, TAG) MFA_APPLE9_##TAG(T, TAG)
 #else
 #define MFA_FAMILY9(T, TAG)
 #endif
 #if JAX_MFA_METAL_FAMILIES & 1
-#define MFA_FAMILY7(T, TAG) MFA_APPLE7(T, TAG)
+#define MFA_FAMILY7(T, TAG) MFA_APPLE7_##TAG(T, TAG)
 #else
 #define MFA_FAMILY7(T, TAG)
 #endif

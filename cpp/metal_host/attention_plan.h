@@ -110,7 +110,9 @@ constexpr int kHeadBuckets[] = {16,  24,  32,  40,  48,  56,  64,  72,  80,  88,
 constexpr int kHeadBucketCount = int(sizeof(kHeadBuckets) / sizeof(kHeadBuckets[0]));
 // Head-dim bucket (one of kHeadBuckets); 0 if above kMaxHeadDim.
 int head_bucket(int64_t head_dim);
-BlockConfig block_config(Pass pass, GpuFamily family, int64_t head_dim);
+// MFA's mixed-precision tables for float16/bfloat16 storage, its float32
+// tables for float32 storage (attention_plan.cc).
+BlockConfig block_config(Pass pass, GpuFamily family, DType dtype, int64_t head_dim);
 // Host name of the instantiation, e.g. "mfa_fwd_f16_h64_p16_c128_d32".
 std::string kernel_name(Pass pass, DType dtype, const BlockConfig& config);
 // Threadgroup memory the kernel declares (bytes; tiles are staged in the

@@ -355,11 +355,12 @@ void test_group_split_plan() {
 // test_each_library_compiles_exactly_its_kernels) fits the register model's
 // budget; the model counts what the header says.
 void test_register_budget() {
+  for (DType t : {DType::F32, DType::F16, DType::BF16})
   for (GpuFamily f : {GpuFamily::Apple7, GpuFamily::Apple9})
     for (int h : kHeadBuckets)
       for (Pass pass : {Pass::Forward, Pass::BackwardQuery, Pass::BackwardKeyValue,
                         Pass::DecodePartial, Pass::DecodeMerge, Pass::BackwardKeyValueReduce}) {
-        const BlockConfig c = block_config(pass, f, h);
+        const BlockConfig c = block_config(pass, f, t, h);
         const RegisterEstimate r = register_estimate(pass, c);
         if (r.total() > kRegisterBudget)
           std::printf("over budget: pass %d family %d head %d: %d registers\n", int(pass), int(f), h,
@@ -372,12 +373,23 @@ void test_register_budget() {
       }
   // The counts themselves, on a configuration worked out by hand: M3 forward,
   // HP 64 (Q cached), C 128: O 16 + Q 16 + S 32 + flags 16 + 4 + scalars.
-  const RegisterEstimate r = register_estimate(Pass::Forward, block_config(Pass::Forward, GpuFamily::Apple9, 64));
+  const RegisterEstimate r = register_estimate(Pass::Forward, block_config(Pass::Forward, GpuFamily::Apple9, DType::F16, 64));
   CHECK(r.accumulators == 16 && r.cached_operands == 16 && r.score_tiles == 48 && r.transients == 4);
   CHECK(r.total() == 84 + kScalarRegisters);
   // dK/dV at HP 256 splits its head columns: two accumulators of 128 / 8 matrices.
-  const BlockConfig kv = block_config(Pass::BackwardKeyValue, GpuFamily::Apple9, 256);
+  const BlockConfig kv = block_config(Pass::BackwardKeyValue, GpuFamily::Apple9, DType::F16, 256);
   CHECK(kv.head_out == 128 && register_estimate(Pass::BackwardKeyValue, kv).accumulators == 64);
+  // Float32 storage takes MFA's float32 tables (M1 forward up to 56: P 32, C 32,
+  // DB 56 -> 40 for bucket 40); their C is lowered by rule where it leaves the
+  // budget (M3 forward 256: MFA's C 128 -> 80: O 64 + S 30 + 4 + scalars).
+  const BlockConfig f40 = block_config(Pass::Forward, GpuFamily::Apple7, DType::F32, 40);
+  CHECK(f40.rows == 32 && f40.cols == 32 && f40.head_block == 40);
+  const BlockConfig f256 = block_config(Pass::Forward, GpuFamily::Apple9, DType::F32, 256);
+  CHECK(f256.cols == 80 && register_estimate(Pass::Forward, f256).total() == 126);
+  // Uneven dK/dV head splits (test_uneven_dkdv_head_split runs these):
+  // 21 and 25 blocks of 8 head columns, 11 and 13 in the first part.
+  CHECK(block_config(Pass::BackwardKeyValue, GpuFamily::Apple7, DType::F32, 168).head_out == 88);
+  CHECK(block_config(Pass::BackwardKeyValue, GpuFamily::Apple9, DType::F32, 200).head_out == 104);
 }
 
 // mfa_tile_fully_visible (metal/attention_params.h: which tiles the kernels
