@@ -146,15 +146,16 @@ def test_structural_masks(rng, kw):
 @pytest.mark.parametrize("kw", [
     dict(is_causal=True),
     dict(local_window_size=(100, 90)),
-    dict(is_causal=True, query_seq_lengths=[150, 161], key_value_seq_lengths=[161, 97]),
+    dict(B=2, is_causal=True, query_seq_lengths=[130, 136], key_value_seq_lengths=[136, 97]),
 ], ids=["causal", "window", "causal-lengths"])
 def test_tile_classes(rng, monkeypatch, family, kw):
-    # Long enough that every kernel has fully visible tiles (no per-element
-    # masks) next to diagonal, window-edge and length-edge tiles (checked per
-    # element): a tile misclassified as visible lets masked keys through.
+    # Just long enough (136 > the forward's 128 keys per step) that every
+    # kernel has fully visible tiles (no per-element masks) next to diagonal,
+    # window-edge and length-edge tiles (checked per element): a tile
+    # misclassified as visible lets masked keys through.
     monkeypatch.setenv("JAX_MFA_EMULATED_FAMILY", family)
     kw = {k: jnp.asarray(v, jnp.int32) if k.endswith("lengths") else v for k, v in kw.items()}
-    compare(rng, B=2, T=161, S=161, N=1, K=1, H=8, against="xla", **kw)
+    compare(rng, T=136, S=136, N=1, K=1, H=8, against="xla", **kw)
 
 
 def test_lengths(rng):
