@@ -267,7 +267,7 @@ class OurKernels:
             m = re.fullmatch(rf"mfa_{kind}_{TAGS[self.dtype]}_h(\d+)_p(\d+)_c(\d+)_d(\d+)(?:_o(\d+))?", name)
             if m:
                 hp, rows, cols = (int(x) for x in m.groups()[:3])
-                return name, hp, rows, cols, hp // int(m.group(5) or hp)
+                return name, hp, rows, cols, -(-hp // int(m.group(5) or hp))
             m = re.fullmatch(rf"mfa_decode_{TAGS[self.dtype]}_h(\d+)_c(\d+)", name)
             if m and kind == "decode":
                 return name, int(m.group(1)), 8, int(m.group(2)), 1

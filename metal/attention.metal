@@ -10,10 +10,11 @@
 // JAX_MFA_METAL_DTYPES selects storage types: bit 0 float, 1 half, 2 bfloat16
 // (the emulated build compiles one translation unit per type, in parallel).
 // JAX_MFA_METAL_HEADS selects head-dim buckets: bit i for the i-th of
-// kHeadBuckets in cpp/metal_host/attention_plan.h (16, 32, 40, 48, 64, 72, 80,
-// 96, 112, 128, 160, 192, 256); default all. The Metal launcher compiles one
-// (type, bucket) library at a time, on first use (library_macros() in
-// host_policy.h).
+// kHeadBuckets in cpp/metal_host/attention_plan.h (every multiple of 8 from 16
+// to 256); default all. The Metal launcher compiles one (type, bucket) library
+// at a time, on first use (library_macros() in host_policy.h). The lists
+// below follow the plan's tables (test_each_library_compiles_exactly_its_kernels
+// in tests/host checks every library against them).
 #include <metal_stdlib>
 #ifndef JAX_MFA_EMBEDDED
 #include "jax_mfa_instantiate.h"
@@ -29,7 +30,7 @@
 #define JAX_MFA_METAL_DTYPES 7
 #endif
 #ifndef JAX_MFA_METAL_HEADS
-#define JAX_MFA_METAL_HEADS 8191
+#define JAX_MFA_METAL_HEADS 2147483647
 #endif
 
 // MFA_IF_H<HP>(x): x if bucket HP is selected, else nothing.
@@ -39,61 +40,151 @@
 #define MFA_IF_H16(x)
 #endif
 #if JAX_MFA_METAL_HEADS & 2
+#define MFA_IF_H24(x) x
+#else
+#define MFA_IF_H24(x)
+#endif
+#if JAX_MFA_METAL_HEADS & 4
 #define MFA_IF_H32(x) x
 #else
 #define MFA_IF_H32(x)
 #endif
-#if JAX_MFA_METAL_HEADS & 4
+#if JAX_MFA_METAL_HEADS & 8
 #define MFA_IF_H40(x) x
 #else
 #define MFA_IF_H40(x)
 #endif
-#if JAX_MFA_METAL_HEADS & 8
+#if JAX_MFA_METAL_HEADS & 16
 #define MFA_IF_H48(x) x
 #else
 #define MFA_IF_H48(x)
 #endif
-#if JAX_MFA_METAL_HEADS & 16
+#if JAX_MFA_METAL_HEADS & 32
+#define MFA_IF_H56(x) x
+#else
+#define MFA_IF_H56(x)
+#endif
+#if JAX_MFA_METAL_HEADS & 64
 #define MFA_IF_H64(x) x
 #else
 #define MFA_IF_H64(x)
 #endif
-#if JAX_MFA_METAL_HEADS & 32
+#if JAX_MFA_METAL_HEADS & 128
 #define MFA_IF_H72(x) x
 #else
 #define MFA_IF_H72(x)
 #endif
-#if JAX_MFA_METAL_HEADS & 64
+#if JAX_MFA_METAL_HEADS & 256
 #define MFA_IF_H80(x) x
 #else
 #define MFA_IF_H80(x)
 #endif
-#if JAX_MFA_METAL_HEADS & 128
+#if JAX_MFA_METAL_HEADS & 512
+#define MFA_IF_H88(x) x
+#else
+#define MFA_IF_H88(x)
+#endif
+#if JAX_MFA_METAL_HEADS & 1024
 #define MFA_IF_H96(x) x
 #else
 #define MFA_IF_H96(x)
 #endif
-#if JAX_MFA_METAL_HEADS & 256
+#if JAX_MFA_METAL_HEADS & 2048
+#define MFA_IF_H104(x) x
+#else
+#define MFA_IF_H104(x)
+#endif
+#if JAX_MFA_METAL_HEADS & 4096
 #define MFA_IF_H112(x) x
 #else
 #define MFA_IF_H112(x)
 #endif
-#if JAX_MFA_METAL_HEADS & 512
+#if JAX_MFA_METAL_HEADS & 8192
+#define MFA_IF_H120(x) x
+#else
+#define MFA_IF_H120(x)
+#endif
+#if JAX_MFA_METAL_HEADS & 16384
 #define MFA_IF_H128(x) x
 #else
 #define MFA_IF_H128(x)
 #endif
-#if JAX_MFA_METAL_HEADS & 1024
+#if JAX_MFA_METAL_HEADS & 32768
+#define MFA_IF_H136(x) x
+#else
+#define MFA_IF_H136(x)
+#endif
+#if JAX_MFA_METAL_HEADS & 65536
+#define MFA_IF_H144(x) x
+#else
+#define MFA_IF_H144(x)
+#endif
+#if JAX_MFA_METAL_HEADS & 131072
+#define MFA_IF_H152(x) x
+#else
+#define MFA_IF_H152(x)
+#endif
+#if JAX_MFA_METAL_HEADS & 262144
 #define MFA_IF_H160(x) x
 #else
 #define MFA_IF_H160(x)
 #endif
-#if JAX_MFA_METAL_HEADS & 2048
+#if JAX_MFA_METAL_HEADS & 524288
+#define MFA_IF_H168(x) x
+#else
+#define MFA_IF_H168(x)
+#endif
+#if JAX_MFA_METAL_HEADS & 1048576
+#define MFA_IF_H176(x) x
+#else
+#define MFA_IF_H176(x)
+#endif
+#if JAX_MFA_METAL_HEADS & 2097152
+#define MFA_IF_H184(x) x
+#else
+#define MFA_IF_H184(x)
+#endif
+#if JAX_MFA_METAL_HEADS & 4194304
 #define MFA_IF_H192(x) x
 #else
 #define MFA_IF_H192(x)
 #endif
-#if JAX_MFA_METAL_HEADS & 4096
+#if JAX_MFA_METAL_HEADS & 8388608
+#define MFA_IF_H200(x) x
+#else
+#define MFA_IF_H200(x)
+#endif
+#if JAX_MFA_METAL_HEADS & 16777216
+#define MFA_IF_H208(x) x
+#else
+#define MFA_IF_H208(x)
+#endif
+#if JAX_MFA_METAL_HEADS & 33554432
+#define MFA_IF_H216(x) x
+#else
+#define MFA_IF_H216(x)
+#endif
+#if JAX_MFA_METAL_HEADS & 67108864
+#define MFA_IF_H224(x) x
+#else
+#define MFA_IF_H224(x)
+#endif
+#if JAX_MFA_METAL_HEADS & 134217728
+#define MFA_IF_H232(x) x
+#else
+#define MFA_IF_H232(x)
+#endif
+#if JAX_MFA_METAL_HEADS & 268435456
+#define MFA_IF_H240(x) x
+#else
+#define MFA_IF_H240(x)
+#endif
+#if JAX_MFA_METAL_HEADS & 536870912
+#define MFA_IF_H248(x) x
+#else
+#define MFA_IF_H248(x)
+#endif
+#if JAX_MFA_METAL_HEADS & 1073741824
 #define MFA_IF_H256(x) x
 #else
 #define MFA_IF_H256(x)
@@ -116,61 +207,219 @@
   MFA_IF_H##HP(JAX_MFA_INSTANTIATE_KERNEL(MFA_NAME(dkdv, TAG, HP, P, C, DB) "_o" #HO,       \
                                           attention_backward_key_value, T, HP, P, C, DB, HO))
 
-// M3 and later (Apple9): metal-flash-attention's mixed-precision tables,
-// with the register-budget changes listed in attention_plan.cc.
-#define MFA_APPLE9(T, TAG)                                                       \
-  MFA_FWD(T, TAG, 16, 16, 128, 16) MFA_FWD(T, TAG, 32, 16, 128, 16)              \
-  MFA_FWD(T, TAG, 40, 16, 128, 8) MFA_FWD(T, TAG, 48, 16, 128, 24)               \
-  MFA_FWD(T, TAG, 64, 16, 128, 32) MFA_FWD(T, TAG, 72, 16, 128, 24)              \
-  MFA_FWD(T, TAG, 80, 16, 128, 16) MFA_FWD(T, TAG, 96, 16, 128, 32)              \
-  MFA_FWD(T, TAG, 112, 16, 128, 16) MFA_FWD(T, TAG, 128, 16, 128, 32)            \
-  MFA_FWD(T, TAG, 160, 16, 128, 32) MFA_FWD(T, TAG, 192, 16, 128, 32)            \
-  MFA_FWD(T, TAG, 256, 16, 64, 32) MFA_DQ(T, TAG, 16, 16, 64, 8)                 \
-  MFA_DQ(T, TAG, 32, 16, 64, 8) MFA_DQ(T, TAG, 40, 16, 64, 8)                    \
-  MFA_DQ(T, TAG, 48, 16, 64, 8) MFA_DQ(T, TAG, 64, 16, 64, 8)                    \
-  MFA_DQ(T, TAG, 72, 16, 64, 8) MFA_DQ(T, TAG, 80, 16, 64, 8)                    \
-  MFA_DQ(T, TAG, 96, 16, 64, 32) MFA_DQ(T, TAG, 112, 16, 64, 16)                 \
-  MFA_DQ(T, TAG, 128, 16, 64, 32) MFA_DQ(T, TAG, 160, 16, 64, 32)                \
-  MFA_DQ(T, TAG, 192, 16, 64, 32) MFA_DQ(T, TAG, 256, 16, 64, 32)                \
-  MFA_DKDV(T, TAG, 16, 16, 64, 8) MFA_DKDV(T, TAG, 32, 16, 64, 8)                \
-  MFA_DKDV(T, TAG, 40, 16, 64, 8) MFA_DKDV(T, TAG, 48, 16, 64, 8)                \
-  MFA_DKDV(T, TAG, 64, 16, 32, 16) MFA_DKDV(T, TAG, 72, 16, 32, 8)               \
-  MFA_DKDV(T, TAG, 80, 16, 32, 16) MFA_DKDV(T, TAG, 96, 16, 32, 16)              \
-  MFA_DKDV(T, TAG, 112, 16, 32, 16) MFA_DKDV(T, TAG, 128, 16, 32, 16)            \
-  MFA_DKDV(T, TAG, 160, 16, 32, 16) MFA_DKDV_SPLIT(T, TAG, 192, 16, 32, 16, 96)  \
+// M3 and later (Apple9): metal-flash-attention's mixed-precision tables
+// (float16 / bfloat16 storage) and its float32 tables (float32 storage), with
+// the register-budget changes listed in attention_plan.cc.
+#define MFA_APPLE9_MIXED(T, TAG) \
+  MFA_FWD(T, TAG, 16, 16, 128, 16) MFA_FWD(T, TAG, 24, 16, 128, 8)                         \
+  MFA_FWD(T, TAG, 32, 16, 128, 16) MFA_FWD(T, TAG, 40, 16, 128, 8)                         \
+  MFA_FWD(T, TAG, 48, 16, 128, 24) MFA_FWD(T, TAG, 56, 16, 128, 8)                         \
+  MFA_FWD(T, TAG, 64, 16, 128, 32) MFA_FWD(T, TAG, 72, 16, 128, 24)                        \
+  MFA_FWD(T, TAG, 80, 16, 128, 16) MFA_FWD(T, TAG, 88, 16, 128, 8)                         \
+  MFA_FWD(T, TAG, 96, 16, 128, 32) MFA_FWD(T, TAG, 104, 16, 128, 8)                        \
+  MFA_FWD(T, TAG, 112, 16, 128, 16) MFA_FWD(T, TAG, 120, 16, 128, 24)                      \
+  MFA_FWD(T, TAG, 128, 16, 128, 32) MFA_FWD(T, TAG, 136, 16, 128, 8)                       \
+  MFA_FWD(T, TAG, 144, 16, 128, 24) MFA_FWD(T, TAG, 152, 16, 128, 8)                       \
+  MFA_FWD(T, TAG, 160, 16, 128, 32) MFA_FWD(T, TAG, 168, 16, 128, 24)                      \
+  MFA_FWD(T, TAG, 176, 16, 128, 16) MFA_FWD(T, TAG, 184, 16, 128, 8)                       \
+  MFA_FWD(T, TAG, 192, 16, 128, 32) MFA_FWD(T, TAG, 200, 16, 64, 8)                        \
+  MFA_FWD(T, TAG, 208, 16, 64, 16) MFA_FWD(T, TAG, 216, 16, 64, 24)                        \
+  MFA_FWD(T, TAG, 224, 16, 64, 32) MFA_FWD(T, TAG, 232, 16, 64, 8)                         \
+  MFA_FWD(T, TAG, 240, 16, 64, 24) MFA_FWD(T, TAG, 248, 16, 64, 8)                         \
+  MFA_FWD(T, TAG, 256, 16, 64, 32) MFA_DQ(T, TAG, 16, 16, 64, 8)                           \
+  MFA_DQ(T, TAG, 24, 16, 64, 8) MFA_DQ(T, TAG, 32, 16, 64, 8)                              \
+  MFA_DQ(T, TAG, 40, 16, 64, 8) MFA_DQ(T, TAG, 48, 16, 64, 8)                              \
+  MFA_DQ(T, TAG, 56, 16, 64, 8) MFA_DQ(T, TAG, 64, 16, 64, 8)                              \
+  MFA_DQ(T, TAG, 72, 16, 64, 8) MFA_DQ(T, TAG, 80, 16, 64, 8)                              \
+  MFA_DQ(T, TAG, 88, 16, 64, 8) MFA_DQ(T, TAG, 96, 16, 64, 32)                             \
+  MFA_DQ(T, TAG, 104, 16, 64, 8) MFA_DQ(T, TAG, 112, 16, 64, 16)                           \
+  MFA_DQ(T, TAG, 120, 16, 64, 24) MFA_DQ(T, TAG, 128, 16, 64, 32)                          \
+  MFA_DQ(T, TAG, 136, 16, 64, 8) MFA_DQ(T, TAG, 144, 16, 64, 24)                           \
+  MFA_DQ(T, TAG, 152, 16, 64, 8) MFA_DQ(T, TAG, 160, 16, 64, 32)                           \
+  MFA_DQ(T, TAG, 168, 16, 64, 24) MFA_DQ(T, TAG, 176, 16, 64, 16)                          \
+  MFA_DQ(T, TAG, 184, 16, 64, 8) MFA_DQ(T, TAG, 192, 16, 64, 32)                           \
+  MFA_DQ(T, TAG, 200, 16, 64, 8) MFA_DQ(T, TAG, 208, 16, 64, 16)                           \
+  MFA_DQ(T, TAG, 216, 16, 64, 24) MFA_DQ(T, TAG, 224, 16, 64, 32)                          \
+  MFA_DQ(T, TAG, 232, 16, 64, 8) MFA_DQ(T, TAG, 240, 16, 64, 24)                           \
+  MFA_DQ(T, TAG, 248, 16, 64, 8) MFA_DQ(T, TAG, 256, 16, 64, 32)                           \
+  MFA_DKDV(T, TAG, 16, 16, 64, 8) MFA_DKDV(T, TAG, 24, 16, 64, 8)                          \
+  MFA_DKDV(T, TAG, 32, 16, 64, 8) MFA_DKDV(T, TAG, 40, 16, 64, 8)                          \
+  MFA_DKDV(T, TAG, 48, 16, 64, 8) MFA_DKDV(T, TAG, 56, 16, 64, 8)                          \
+  MFA_DKDV(T, TAG, 64, 16, 32, 16) MFA_DKDV(T, TAG, 72, 16, 32, 8)                         \
+  MFA_DKDV(T, TAG, 80, 16, 32, 16) MFA_DKDV(T, TAG, 88, 16, 32, 8)                         \
+  MFA_DKDV(T, TAG, 96, 16, 32, 16) MFA_DKDV(T, TAG, 104, 16, 32, 8)                        \
+  MFA_DKDV(T, TAG, 112, 16, 32, 16) MFA_DKDV(T, TAG, 120, 16, 32, 8)                       \
+  MFA_DKDV(T, TAG, 128, 16, 32, 16) MFA_DKDV(T, TAG, 136, 16, 32, 8)                       \
+  MFA_DKDV(T, TAG, 144, 16, 32, 16) MFA_DKDV(T, TAG, 152, 16, 32, 8)                       \
+  MFA_DKDV(T, TAG, 160, 16, 32, 16) MFA_DKDV_SPLIT(T, TAG, 168, 16, 32, 8, 88)             \
+  MFA_DKDV_SPLIT(T, TAG, 176, 16, 32, 8, 88) MFA_DKDV_SPLIT(T, TAG, 184, 16, 32, 8, 96)    \
+  MFA_DKDV_SPLIT(T, TAG, 192, 16, 32, 16, 96) MFA_DKDV_SPLIT(T, TAG, 200, 16, 32, 8, 104)  \
+  MFA_DKDV_SPLIT(T, TAG, 208, 16, 32, 8, 104) MFA_DKDV_SPLIT(T, TAG, 216, 16, 32, 8, 112)  \
+  MFA_DKDV_SPLIT(T, TAG, 224, 16, 32, 16, 112) MFA_DKDV_SPLIT(T, TAG, 232, 16, 32, 8, 120) \
+  MFA_DKDV_SPLIT(T, TAG, 240, 16, 32, 24, 120) MFA_DKDV_SPLIT(T, TAG, 248, 16, 32, 8, 128) \
   MFA_DKDV_SPLIT(T, TAG, 256, 16, 32, 32, 128)
 
 // M1 and M2 (Apple7/Apple8).
-#define MFA_APPLE7(T, TAG)                                                                 \
-  MFA_FWD(T, TAG, 16, 32, 128, 16) MFA_FWD(T, TAG, 32, 32, 128, 32)                        \
-  MFA_FWD(T, TAG, 40, 32, 128, 8) MFA_FWD(T, TAG, 48, 32, 128, 24)                         \
+#define MFA_APPLE7_MIXED(T, TAG) \
+  MFA_FWD(T, TAG, 16, 32, 128, 16) MFA_FWD(T, TAG, 24, 32, 128, 24)                        \
+  MFA_FWD(T, TAG, 32, 32, 128, 32) MFA_FWD(T, TAG, 40, 32, 128, 8)                         \
+  MFA_FWD(T, TAG, 48, 32, 128, 24) MFA_FWD(T, TAG, 56, 32, 128, 8)                         \
   MFA_FWD(T, TAG, 64, 32, 128, 32) MFA_FWD(T, TAG, 72, 32, 128, 24)                        \
-  MFA_FWD(T, TAG, 80, 32, 128, 16) MFA_FWD(T, TAG, 96, 32, 128, 32)                        \
-  MFA_FWD(T, TAG, 112, 32, 128, 16) MFA_FWD(T, TAG, 128, 32, 128, 32)                      \
-  MFA_FWD(T, TAG, 160, 32, 128, 32) MFA_FWD(T, TAG, 192, 32, 128, 32)                      \
+  MFA_FWD(T, TAG, 80, 32, 128, 16) MFA_FWD(T, TAG, 88, 32, 128, 8)                         \
+  MFA_FWD(T, TAG, 96, 32, 128, 32) MFA_FWD(T, TAG, 104, 32, 128, 8)                        \
+  MFA_FWD(T, TAG, 112, 32, 128, 16) MFA_FWD(T, TAG, 120, 32, 128, 24)                      \
+  MFA_FWD(T, TAG, 128, 32, 128, 32) MFA_FWD(T, TAG, 136, 32, 128, 8)                       \
+  MFA_FWD(T, TAG, 144, 32, 128, 24) MFA_FWD(T, TAG, 152, 32, 128, 8)                       \
+  MFA_FWD(T, TAG, 160, 32, 128, 32) MFA_FWD(T, TAG, 168, 32, 128, 24)                      \
+  MFA_FWD(T, TAG, 176, 32, 128, 16) MFA_FWD(T, TAG, 184, 32, 128, 8)                       \
+  MFA_FWD(T, TAG, 192, 32, 128, 32) MFA_FWD(T, TAG, 200, 32, 64, 8)                        \
+  MFA_FWD(T, TAG, 208, 32, 64, 16) MFA_FWD(T, TAG, 216, 32, 64, 24)                        \
+  MFA_FWD(T, TAG, 224, 32, 64, 32) MFA_FWD(T, TAG, 232, 32, 64, 8)                         \
+  MFA_FWD(T, TAG, 240, 32, 64, 24) MFA_FWD(T, TAG, 248, 32, 64, 8)                         \
   MFA_FWD(T, TAG, 256, 32, 64, 32) MFA_DQ(T, TAG, 16, 32, 64, 16)                          \
-  MFA_DQ(T, TAG, 32, 32, 64, 32) MFA_DQ(T, TAG, 40, 32, 64, 8)                             \
-  MFA_DQ(T, TAG, 48, 32, 64, 24) MFA_DQ(T, TAG, 64, 32, 64, 32)                            \
+  MFA_DQ(T, TAG, 24, 32, 64, 24) MFA_DQ(T, TAG, 32, 32, 64, 32)                            \
+  MFA_DQ(T, TAG, 40, 32, 64, 8) MFA_DQ(T, TAG, 48, 32, 64, 24)                             \
+  MFA_DQ(T, TAG, 56, 32, 64, 8) MFA_DQ(T, TAG, 64, 32, 64, 32)                             \
   MFA_DQ(T, TAG, 72, 32, 64, 24) MFA_DQ(T, TAG, 80, 32, 64, 16)                            \
-  MFA_DQ(T, TAG, 96, 32, 64, 32) MFA_DQ(T, TAG, 112, 32, 64, 16)                           \
-  MFA_DQ(T, TAG, 128, 32, 64, 32) MFA_DQ(T, TAG, 160, 32, 64, 32)                          \
-  MFA_DQ(T, TAG, 192, 32, 64, 32) MFA_DQ(T, TAG, 256, 32, 64, 32)                          \
-  MFA_DKDV(T, TAG, 16, 32, 64, 16) MFA_DKDV(T, TAG, 32, 32, 64, 32)                        \
-  MFA_DKDV(T, TAG, 40, 32, 80, 8) MFA_DKDV(T, TAG, 48, 32, 80, 24)                         \
+  MFA_DQ(T, TAG, 88, 32, 64, 8) MFA_DQ(T, TAG, 96, 32, 64, 32)                             \
+  MFA_DQ(T, TAG, 104, 32, 64, 8) MFA_DQ(T, TAG, 112, 32, 64, 16)                           \
+  MFA_DQ(T, TAG, 120, 32, 64, 24) MFA_DQ(T, TAG, 128, 32, 64, 32)                          \
+  MFA_DQ(T, TAG, 136, 32, 64, 8) MFA_DQ(T, TAG, 144, 32, 64, 24)                           \
+  MFA_DQ(T, TAG, 152, 32, 64, 8) MFA_DQ(T, TAG, 160, 32, 64, 32)                           \
+  MFA_DQ(T, TAG, 168, 32, 64, 24) MFA_DQ(T, TAG, 176, 32, 64, 16)                          \
+  MFA_DQ(T, TAG, 184, 32, 64, 8) MFA_DQ(T, TAG, 192, 32, 64, 32)                           \
+  MFA_DQ(T, TAG, 200, 32, 64, 8) MFA_DQ(T, TAG, 208, 32, 64, 16)                           \
+  MFA_DQ(T, TAG, 216, 32, 64, 24) MFA_DQ(T, TAG, 224, 32, 64, 32)                          \
+  MFA_DQ(T, TAG, 232, 32, 64, 8) MFA_DQ(T, TAG, 240, 32, 64, 24)                           \
+  MFA_DQ(T, TAG, 248, 32, 64, 8) MFA_DQ(T, TAG, 256, 32, 64, 32)                           \
+  MFA_DKDV(T, TAG, 16, 32, 64, 16) MFA_DKDV(T, TAG, 24, 32, 64, 24)                        \
+  MFA_DKDV(T, TAG, 32, 32, 64, 32) MFA_DKDV(T, TAG, 40, 32, 80, 8)                         \
+  MFA_DKDV(T, TAG, 48, 32, 80, 24) MFA_DKDV(T, TAG, 56, 32, 80, 8)                         \
   MFA_DKDV(T, TAG, 64, 32, 64, 32) MFA_DKDV(T, TAG, 72, 32, 64, 24)                        \
-  MFA_DKDV(T, TAG, 80, 32, 64, 16) MFA_DKDV(T, TAG, 96, 32, 64, 32)                        \
-  MFA_DKDV(T, TAG, 112, 32, 64, 16) MFA_DKDV(T, TAG, 128, 32, 64, 32)                      \
-  MFA_DKDV_SPLIT(T, TAG, 160, 32, 64, 16, 80) MFA_DKDV_SPLIT(T, TAG, 192, 32, 64, 32, 96)  \
+  MFA_DKDV(T, TAG, 80, 32, 64, 16) MFA_DKDV(T, TAG, 88, 32, 64, 8)                         \
+  MFA_DKDV(T, TAG, 96, 32, 64, 32) MFA_DKDV(T, TAG, 104, 32, 64, 8)                        \
+  MFA_DKDV(T, TAG, 112, 32, 64, 16) MFA_DKDV(T, TAG, 120, 32, 64, 24)                      \
+  MFA_DKDV(T, TAG, 128, 32, 64, 32) MFA_DKDV(T, TAG, 136, 32, 56, 8)                       \
+  MFA_DKDV(T, TAG, 144, 32, 48, 24) MFA_DKDV(T, TAG, 152, 32, 40, 8)                       \
+  MFA_DKDV(T, TAG, 160, 32, 32, 32) MFA_DKDV_SPLIT(T, TAG, 168, 32, 64, 8, 88)             \
+  MFA_DKDV_SPLIT(T, TAG, 176, 32, 64, 8, 88) MFA_DKDV_SPLIT(T, TAG, 184, 32, 64, 8, 96)    \
+  MFA_DKDV_SPLIT(T, TAG, 192, 32, 64, 32, 96) MFA_DKDV_SPLIT(T, TAG, 200, 32, 64, 8, 104)  \
+  MFA_DKDV_SPLIT(T, TAG, 208, 32, 64, 8, 104) MFA_DKDV_SPLIT(T, TAG, 216, 32, 64, 8, 112)  \
+  MFA_DKDV_SPLIT(T, TAG, 224, 32, 64, 16, 112) MFA_DKDV_SPLIT(T, TAG, 232, 32, 64, 8, 120) \
+  MFA_DKDV_SPLIT(T, TAG, 240, 32, 64, 24, 120) MFA_DKDV_SPLIT(T, TAG, 248, 32, 64, 8, 128) \
   MFA_DKDV_SPLIT(T, TAG, 256, 32, 64, 32, 128)
+
+#define MFA_APPLE9_f32(T, TAG) \
+  MFA_FWD(T, TAG, 16, 16, 64, 16) MFA_FWD(T, TAG, 24, 16, 32, 8)                           \
+  MFA_FWD(T, TAG, 32, 16, 32, 8) MFA_FWD(T, TAG, 40, 16, 32, 8)                            \
+  MFA_FWD(T, TAG, 48, 16, 32, 8) MFA_FWD(T, TAG, 56, 16, 64, 8)                            \
+  MFA_FWD(T, TAG, 64, 16, 64, 16) MFA_FWD(T, TAG, 72, 16, 64, 8)                           \
+  MFA_FWD(T, TAG, 80, 16, 64, 16) MFA_FWD(T, TAG, 88, 16, 64, 8)                           \
+  MFA_FWD(T, TAG, 96, 16, 64, 16) MFA_FWD(T, TAG, 104, 16, 64, 8)                          \
+  MFA_FWD(T, TAG, 112, 16, 64, 16) MFA_FWD(T, TAG, 120, 16, 64, 8)                         \
+  MFA_FWD(T, TAG, 128, 16, 64, 16) MFA_FWD(T, TAG, 136, 16, 64, 8)                         \
+  MFA_FWD(T, TAG, 144, 16, 64, 16) MFA_FWD(T, TAG, 152, 16, 64, 8)                         \
+  MFA_FWD(T, TAG, 160, 16, 64, 16) MFA_FWD(T, TAG, 168, 16, 64, 8)                         \
+  MFA_FWD(T, TAG, 176, 16, 64, 16) MFA_FWD(T, TAG, 184, 16, 64, 8)                         \
+  MFA_FWD(T, TAG, 192, 16, 64, 16) MFA_FWD(T, TAG, 200, 16, 120, 8)                        \
+  MFA_FWD(T, TAG, 208, 16, 112, 16) MFA_FWD(T, TAG, 216, 16, 112, 8)                       \
+  MFA_FWD(T, TAG, 224, 16, 104, 16) MFA_FWD(T, TAG, 232, 16, 96, 8)                        \
+  MFA_FWD(T, TAG, 240, 16, 96, 16) MFA_FWD(T, TAG, 248, 16, 88, 8)                         \
+  MFA_FWD(T, TAG, 256, 16, 80, 16) MFA_DQ(T, TAG, 16, 16, 64, 8)                           \
+  MFA_DQ(T, TAG, 24, 16, 64, 8) MFA_DQ(T, TAG, 32, 16, 64, 16)                             \
+  MFA_DQ(T, TAG, 40, 16, 64, 8) MFA_DQ(T, TAG, 48, 16, 64, 24)                             \
+  MFA_DQ(T, TAG, 56, 16, 64, 8) MFA_DQ(T, TAG, 64, 16, 64, 32)                             \
+  MFA_DQ(T, TAG, 72, 16, 64, 24) MFA_DQ(T, TAG, 80, 16, 64, 16)                            \
+  MFA_DQ(T, TAG, 88, 16, 64, 8) MFA_DQ(T, TAG, 96, 16, 64, 32)                             \
+  MFA_DQ(T, TAG, 104, 16, 64, 8) MFA_DQ(T, TAG, 112, 16, 64, 16)                           \
+  MFA_DQ(T, TAG, 120, 16, 64, 24) MFA_DQ(T, TAG, 128, 16, 64, 32)                          \
+  MFA_DQ(T, TAG, 136, 16, 64, 8) MFA_DQ(T, TAG, 144, 16, 64, 24)                           \
+  MFA_DQ(T, TAG, 152, 16, 64, 8) MFA_DQ(T, TAG, 160, 16, 64, 32)                           \
+  MFA_DQ(T, TAG, 168, 16, 64, 24) MFA_DQ(T, TAG, 176, 16, 64, 16)                          \
+  MFA_DQ(T, TAG, 184, 16, 64, 8) MFA_DQ(T, TAG, 192, 16, 64, 32)                           \
+  MFA_DQ(T, TAG, 200, 16, 88, 8) MFA_DQ(T, TAG, 208, 16, 88, 16)                           \
+  MFA_DQ(T, TAG, 216, 16, 80, 8) MFA_DQ(T, TAG, 224, 16, 80, 16)                           \
+  MFA_DQ(T, TAG, 232, 16, 72, 8) MFA_DQ(T, TAG, 240, 16, 72, 16)                           \
+  MFA_DQ(T, TAG, 248, 16, 64, 8) MFA_DQ(T, TAG, 256, 16, 64, 16)                           \
+  MFA_DKDV(T, TAG, 16, 16, 64, 8) MFA_DKDV(T, TAG, 24, 16, 32, 8)                          \
+  MFA_DKDV(T, TAG, 32, 16, 32, 16) MFA_DKDV(T, TAG, 40, 16, 32, 8)                         \
+  MFA_DKDV(T, TAG, 48, 16, 32, 16) MFA_DKDV(T, TAG, 56, 16, 32, 8)                         \
+  MFA_DKDV(T, TAG, 64, 16, 32, 16) MFA_DKDV(T, TAG, 72, 16, 120, 8)                        \
+  MFA_DKDV(T, TAG, 80, 16, 112, 16) MFA_DKDV(T, TAG, 88, 16, 104, 8)                       \
+  MFA_DKDV(T, TAG, 96, 16, 96, 16) MFA_DKDV(T, TAG, 104, 16, 88, 8)                        \
+  MFA_DKDV(T, TAG, 112, 16, 80, 16) MFA_DKDV(T, TAG, 120, 16, 72, 8)                       \
+  MFA_DKDV(T, TAG, 128, 16, 64, 16) MFA_DKDV(T, TAG, 136, 16, 56, 8)                       \
+  MFA_DKDV(T, TAG, 144, 16, 48, 16) MFA_DKDV(T, TAG, 152, 16, 40, 8)                       \
+  MFA_DKDV(T, TAG, 160, 16, 32, 16) MFA_DKDV_SPLIT(T, TAG, 168, 16, 104, 8, 88)            \
+  MFA_DKDV_SPLIT(T, TAG, 176, 16, 104, 8, 88) MFA_DKDV_SPLIT(T, TAG, 184, 16, 96, 8, 96)   \
+  MFA_DKDV_SPLIT(T, TAG, 192, 16, 96, 16, 96) MFA_DKDV_SPLIT(T, TAG, 200, 16, 88, 8, 104)  \
+  MFA_DKDV_SPLIT(T, TAG, 208, 16, 88, 8, 104) MFA_DKDV_SPLIT(T, TAG, 216, 16, 80, 8, 112)  \
+  MFA_DKDV_SPLIT(T, TAG, 224, 16, 80, 16, 112) MFA_DKDV_SPLIT(T, TAG, 232, 16, 72, 8, 120) \
+  MFA_DKDV_SPLIT(T, TAG, 240, 16, 72, 8, 120) MFA_DKDV_SPLIT(T, TAG, 248, 16, 64, 8, 128)  \
+  MFA_DKDV_SPLIT(T, TAG, 256, 16, 64, 16, 128)
+
+#define MFA_APPLE7_f32(T, TAG) \
+  MFA_FWD(T, TAG, 16, 32, 64, 16) MFA_FWD(T, TAG, 24, 32, 64, 24)                          \
+  MFA_FWD(T, TAG, 32, 32, 64, 32) MFA_FWD(T, TAG, 40, 32, 32, 40)                          \
+  MFA_FWD(T, TAG, 48, 32, 32, 48) MFA_FWD(T, TAG, 56, 32, 32, 56)                          \
+  MFA_FWD(T, TAG, 64, 32, 80, 16) MFA_FWD(T, TAG, 72, 32, 80, 8)                           \
+  MFA_FWD(T, TAG, 80, 32, 80, 16) MFA_FWD(T, TAG, 88, 32, 80, 8)                           \
+  MFA_FWD(T, TAG, 96, 32, 80, 16) MFA_FWD(T, TAG, 104, 32, 80, 8)                          \
+  MFA_FWD(T, TAG, 112, 32, 80, 16) MFA_FWD(T, TAG, 120, 32, 80, 8)                         \
+  MFA_FWD(T, TAG, 128, 32, 80, 16) MFA_FWD(T, TAG, 136, 32, 80, 8)                         \
+  MFA_FWD(T, TAG, 144, 32, 80, 16) MFA_FWD(T, TAG, 152, 32, 80, 8)                         \
+  MFA_FWD(T, TAG, 160, 32, 80, 16) MFA_FWD(T, TAG, 168, 32, 80, 8)                         \
+  MFA_FWD(T, TAG, 176, 32, 80, 16) MFA_FWD(T, TAG, 184, 32, 80, 8)                         \
+  MFA_FWD(T, TAG, 192, 32, 80, 16) MFA_FWD(T, TAG, 200, 32, 80, 8)                         \
+  MFA_FWD(T, TAG, 208, 32, 80, 16) MFA_FWD(T, TAG, 216, 32, 80, 8)                         \
+  MFA_FWD(T, TAG, 224, 32, 80, 16) MFA_FWD(T, TAG, 232, 32, 80, 8)                         \
+  MFA_FWD(T, TAG, 240, 32, 80, 16) MFA_FWD(T, TAG, 248, 32, 80, 8)                         \
+  MFA_FWD(T, TAG, 256, 32, 80, 16) MFA_DQ(T, TAG, 16, 32, 64, 16)                          \
+  MFA_DQ(T, TAG, 24, 32, 64, 24) MFA_DQ(T, TAG, 32, 32, 64, 32)                            \
+  MFA_DQ(T, TAG, 40, 32, 64, 8) MFA_DQ(T, TAG, 48, 32, 64, 24)                             \
+  MFA_DQ(T, TAG, 56, 32, 64, 8) MFA_DQ(T, TAG, 64, 32, 80, 16)                             \
+  MFA_DQ(T, TAG, 72, 32, 80, 8) MFA_DQ(T, TAG, 80, 32, 80, 16)                             \
+  MFA_DQ(T, TAG, 88, 32, 80, 8) MFA_DQ(T, TAG, 96, 32, 80, 16)                             \
+  MFA_DQ(T, TAG, 104, 32, 80, 8) MFA_DQ(T, TAG, 112, 32, 80, 16)                           \
+  MFA_DQ(T, TAG, 120, 32, 80, 8) MFA_DQ(T, TAG, 128, 32, 80, 16)                           \
+  MFA_DQ(T, TAG, 136, 32, 80, 8) MFA_DQ(T, TAG, 144, 32, 80, 16)                           \
+  MFA_DQ(T, TAG, 152, 32, 80, 8) MFA_DQ(T, TAG, 160, 32, 80, 16)                           \
+  MFA_DQ(T, TAG, 168, 32, 80, 8) MFA_DQ(T, TAG, 176, 32, 80, 16)                           \
+  MFA_DQ(T, TAG, 184, 32, 80, 8) MFA_DQ(T, TAG, 192, 32, 80, 16)                           \
+  MFA_DQ(T, TAG, 200, 32, 80, 8) MFA_DQ(T, TAG, 208, 32, 80, 16)                           \
+  MFA_DQ(T, TAG, 216, 32, 80, 8) MFA_DQ(T, TAG, 224, 32, 80, 16)                           \
+  MFA_DQ(T, TAG, 232, 32, 72, 8) MFA_DQ(T, TAG, 240, 32, 72, 16)                           \
+  MFA_DQ(T, TAG, 248, 32, 64, 8) MFA_DQ(T, TAG, 256, 32, 64, 16)                           \
+  MFA_DKDV(T, TAG, 16, 32, 32, 16) MFA_DKDV(T, TAG, 24, 32, 64, 24)                        \
+  MFA_DKDV(T, TAG, 32, 32, 80, 16) MFA_DKDV(T, TAG, 40, 32, 80, 8)                         \
+  MFA_DKDV(T, TAG, 48, 32, 80, 16) MFA_DKDV(T, TAG, 56, 32, 80, 8)                         \
+  MFA_DKDV(T, TAG, 64, 32, 64, 16) MFA_DKDV(T, TAG, 72, 32, 80, 8)                         \
+  MFA_DKDV(T, TAG, 80, 32, 80, 16) MFA_DKDV(T, TAG, 88, 32, 80, 8)                         \
+  MFA_DKDV(T, TAG, 96, 32, 80, 16) MFA_DKDV(T, TAG, 104, 32, 80, 8)                        \
+  MFA_DKDV(T, TAG, 112, 32, 80, 16) MFA_DKDV(T, TAG, 120, 32, 72, 8)                       \
+  MFA_DKDV(T, TAG, 128, 32, 64, 16) MFA_DKDV(T, TAG, 136, 32, 56, 8)                       \
+  MFA_DKDV(T, TAG, 144, 32, 48, 16) MFA_DKDV(T, TAG, 152, 32, 40, 8)                       \
+  MFA_DKDV(T, TAG, 160, 32, 32, 16) MFA_DKDV_SPLIT(T, TAG, 168, 32, 80, 8, 88)             \
+  MFA_DKDV_SPLIT(T, TAG, 176, 32, 80, 8, 88) MFA_DKDV_SPLIT(T, TAG, 184, 32, 80, 8, 96)    \
+  MFA_DKDV_SPLIT(T, TAG, 192, 32, 80, 16, 96) MFA_DKDV_SPLIT(T, TAG, 200, 32, 80, 8, 104)  \
+  MFA_DKDV_SPLIT(T, TAG, 208, 32, 80, 8, 104) MFA_DKDV_SPLIT(T, TAG, 216, 32, 80, 8, 112)  \
+  MFA_DKDV_SPLIT(T, TAG, 224, 32, 80, 16, 112) MFA_DKDV_SPLIT(T, TAG, 232, 32, 72, 8, 120) \
+  MFA_DKDV_SPLIT(T, TAG, 240, 32, 72, 8, 120) MFA_DKDV_SPLIT(T, TAG, 248, 32, 64, 8, 128)  \
+  MFA_DKDV_SPLIT(T, TAG, 256, 32, 64, 16, 128)
+
+#define MFA_APPLE9_f16 MFA_APPLE9_MIXED
+#define MFA_APPLE9_bf16 MFA_APPLE9_MIXED
+#define MFA_APPLE7_f16 MFA_APPLE7_MIXED
+#define MFA_APPLE7_bf16 MFA_APPLE7_MIXED
 
 #define MFA_FAMILIES(T, TAG) MFA_FAMILY9(T, TAG) MFA_FAMILY7(T, TAG) MFA_DECODE_KERNELS(T, TAG)
 #if JAX_MFA_METAL_FAMILIES & 2
-#define MFA_FAMILY9(T, TAG) MFA_APPLE9(T, TAG)
+#define MFA_FAMILY9(T, TAG) MFA_APPLE9_##TAG(T, TAG)
 #else
 #define MFA_FAMILY9(T, TAG)
 #endif
 #if JAX_MFA_METAL_FAMILIES & 1
-#define MFA_FAMILY7(T, TAG) MFA_APPLE7(T, TAG)
+#define MFA_FAMILY7(T, TAG) MFA_APPLE7_##TAG(T, TAG)
 #else
 #define MFA_FAMILY7(T, TAG)
 #endif
@@ -181,13 +430,19 @@
 #define MFA_DECODE(T, TAG, HP)                                                                \
   MFA_IF_H##HP(JAX_MFA_INSTANTIATE_KERNEL("mfa_decode_" #TAG "_h" #HP "_c32",                  \
                                           attention_decode_partial, T, HP, 32))
-#define MFA_DECODE_KERNELS(T, TAG)                                                            \
-  MFA_DECODE(T, TAG, 16) MFA_DECODE(T, TAG, 32) MFA_DECODE(T, TAG, 40)                        \
-  MFA_DECODE(T, TAG, 48) MFA_DECODE(T, TAG, 64) MFA_DECODE(T, TAG, 72)                        \
-  MFA_DECODE(T, TAG, 80) MFA_DECODE(T, TAG, 96) MFA_DECODE(T, TAG, 112)                       \
-  MFA_DECODE(T, TAG, 128) MFA_DECODE(T, TAG, 160) MFA_DECODE(T, TAG, 192)                     \
-  MFA_DECODE(T, TAG, 256)                                                                     \
-  JAX_MFA_INSTANTIATE_KERNEL("mfa_decode_merge_" #TAG, attention_decode_merge, T)         \
+#define MFA_DECODE_KERNELS(T, TAG) \
+  MFA_DECODE(T, TAG, 16) MFA_DECODE(T, TAG, 24) MFA_DECODE(T, TAG, 32)                 \
+  MFA_DECODE(T, TAG, 40) MFA_DECODE(T, TAG, 48) MFA_DECODE(T, TAG, 56)                 \
+  MFA_DECODE(T, TAG, 64) MFA_DECODE(T, TAG, 72) MFA_DECODE(T, TAG, 80)                 \
+  MFA_DECODE(T, TAG, 88) MFA_DECODE(T, TAG, 96) MFA_DECODE(T, TAG, 104)                \
+  MFA_DECODE(T, TAG, 112) MFA_DECODE(T, TAG, 120) MFA_DECODE(T, TAG, 128)              \
+  MFA_DECODE(T, TAG, 136) MFA_DECODE(T, TAG, 144) MFA_DECODE(T, TAG, 152)              \
+  MFA_DECODE(T, TAG, 160) MFA_DECODE(T, TAG, 168) MFA_DECODE(T, TAG, 176)              \
+  MFA_DECODE(T, TAG, 184) MFA_DECODE(T, TAG, 192) MFA_DECODE(T, TAG, 200)              \
+  MFA_DECODE(T, TAG, 208) MFA_DECODE(T, TAG, 216) MFA_DECODE(T, TAG, 224)              \
+  MFA_DECODE(T, TAG, 232) MFA_DECODE(T, TAG, 240) MFA_DECODE(T, TAG, 248)              \
+  MFA_DECODE(T, TAG, 256)                                                              \
+  JAX_MFA_INSTANTIATE_KERNEL("mfa_decode_merge_" #TAG, attention_decode_merge, T)      \
   JAX_MFA_INSTANTIATE_KERNEL("mfa_dkdv_reduce_" #TAG, attention_backward_kv_reduce, T)
 
 #if JAX_MFA_METAL_DTYPES & 1

@@ -109,7 +109,10 @@ template <typename T, int HP, int C>
       }
     }
 
-    // Logit rules and the online softmax in base 2, as in attention_forward.
+    // Logit rules and the online softmax in base 2, as in attention_forward;
+    // the rules run per element only where the tile needs them (a whole step
+    // of keys inside the split that every query attends to is visible).
+    const bool visible = j0 + C <= hi && mfa_tile_visible(p, 0, TQ, j0, j0 + C, q_valid, kv_valid);
     float block_max = kMaskedLogit;
     bool ok[CB][2];
 #pragma clang loop unroll(full)
@@ -118,8 +121,9 @@ template <typename T, int HP, int C>
         float tanh_unused;
         bool valid;
         const int j = j0 + c * 8 + lc + e;
-        const float x = mfa_logit(p, bias, mask, line, j, j, keys,
-                                  S[c].thread_elements()[e], valid, tanh_unused);
+        // No segment ids here (use_decode): the segment check passes.
+        const float x = mfa_tile_logit(p, visible, bias, mask, nullptr, nullptr, line, j, b, t, j,
+                                       keys, S[c].thread_elements()[e], valid, tanh_unused);
         ok[c][e] = valid && row_ok;
         S[c].thread_elements()[e] = x;
         if (ok[c][e]) block_max = max(block_max, x);

@@ -323,6 +323,33 @@ inline bool mfa_tile_segments_meet(constant AttentionParams& p, device const int
   return mfa_sorted_segments_meet(qs[i0], qs[i1 - 1], ks[j0], ks[j1 - 1]);
 }
 
+// Whether a tile of rows [i0, i1) and keys [j0, j1) needs no per-element
+// logit work (mfa_tile_fully_visible, and none of bias, bool mask, softcap and
+// segment ids); uniform across the simdgroup (or threadgroup) that asks.
+METAL_FUNC bool mfa_tile_visible(constant AttentionParams& p, int i0, int i1, int j0, int j1,
+                                 int q_valid, int kv_valid) {
+  return !p.has_bias && !p.has_mask && !p.has_softcap && !p.has_segment_ids &&
+         mfa_tile_fully_visible(i0, i1, j0, j1, q_valid, kv_valid, p.causal, p.window_left,
+                                p.window_right);
+}
+
+// mfa_logit and the segment check for entry (i, j) of a tile, or, in a fully
+// visible tile (`visible`, uniform), just the scaled logit.
+METAL_FUNC float mfa_tile_logit(constant AttentionParams& p, bool visible,
+                                device const float* bias, device const uchar* mask,
+                                device const int* q_segments, device const int* kv_segments,
+                                MfaLogitLine line, int along, int b, int i, int j, MfaSpan keys,
+                                float s, thread bool& valid, thread float& t) {
+  if (visible) {
+    valid = true;
+    t = 0.0f;
+    return s * p.scale_log2;
+  }
+  const float x = mfa_logit(p, bias, mask, line, along, j, keys, s, valid, t);
+  valid = valid && mfa_same_segment(p, q_segments, kv_segments, b, i, j);
+  return x;
+}
+
 // Running max and sum that start a row's online softmax (base-2 units): the
 // sink's logit and exp2(0) = 1 with sinks, else "nothing yet".
 inline void mfa_softmax_start(constant AttentionParams& p, device const float* sinks, int b,
@@ -432,7 +459,9 @@ template <typename T, int HP, int P, int C, int DB>
     mfa_accumulate_abt<T, HP, C, DB, NT, kCacheQ>(S, Qc, q_row, row_ok, k_base, kv_stride, cols,
                                                   sg_cols, H, lc, tile, tid);
 
-    // Masks, then the online softmax in base 2.
+    // Masks (only on tiles that need them), then the online softmax in base 2.
+    const bool visible = mfa_tile_visible(p, i0 + int(sg) * 8, i0 + int(sg) * 8 + 8, j0, j0 + C,
+                                          q_valid, kv_valid);
     float block_max = kMaskedLogit;
     bool ok[CB][2];
     #pragma clang loop unroll(full)
@@ -442,9 +471,8 @@ template <typename T, int HP, int P, int C, int DB>
         const int j = j0 + c * 8 + lc + e;
         float t;
         bool valid;
-        const float x = mfa_logit(p, bias, mask, line, j, j, keys, S[c].thread_elements()[e],
-                                  valid, t);
-        valid = valid && mfa_same_segment(p, q_segments, kv_segments, b, i, j);
+        const float x = mfa_tile_logit(p, visible, bias, mask, q_segments, kv_segments, line, j,
+                                       b, i, j, keys, S[c].thread_elements()[e], valid, t);
         ok[c][e] = valid;
         S[c].thread_elements()[e] = x;
         if (valid) block_max = max(block_max, x);
@@ -584,7 +612,9 @@ template <typename T, int HP, int P, int C, int DB>
                                                  cols, sg_cols, H, lc, tile, tid);
 
     // P = exp2(logit - L), dS = P (dP Z - delta) with dropout factors Z;
-    // S becomes dS * d(logit)/d(q.k).
+    // S becomes dS * d(logit)/d(q.k). Masks only on tiles that need them.
+    const bool visible = mfa_tile_visible(p, i0 + int(sg) * 8, i0 + int(sg) * 8 + 8, j0, j0 + C,
+                                          q_valid, kv_valid);
     #pragma clang loop unroll(full)
     for (int c = 0; c < CB; ++c) {
       MfaFactorPair z;
@@ -595,9 +625,8 @@ template <typename T, int HP, int P, int C, int DB>
         const int j = j0 + c * 8 + lc + e;
         float t;
         bool valid;
-        const float x = mfa_logit(p, bias, mask, line, j, j, keys, S[c].thread_elements()[e],
-                                  valid, t);
-        valid = valid && mfa_same_segment(p, q_segments, kv_segments, b, i, j);
+        const float x = mfa_tile_logit(p, visible, bias, mask, q_segments, kv_segments, line, j,
+                                       b, i, j, keys, S[c].thread_elements()[e], valid, t);
         const float pr = (valid && !row_empty) ? exp2(x - row_lse2) : 0.0f;
         const float ds = pr * (dP[c].thread_elements()[e] * (e == 0 ? z.first : z.second) -
                                row_delta);
@@ -641,7 +670,7 @@ METAL_FUNC void mfa_store_key_rows(thread mfa_mat* dK, thread mfa_mat* dV,
 // When B * K is small (or one group is too much serial work), the G query
 // heads of the group are split over group_splits threadgroups instead, each
 // writing float32 partial dK and dV that attention_backward_kv_reduce sums.
-// HO < HP splits the head columns of dK and dV over HP / HO threadgroups per
+// HO < HP splits the head columns of dK and dV over ceil(HP / HO) threadgroups per
 // key block (each recomputes S^T and dP^T; the first one accumulates dbias),
 // so that both accumulators fit in registers at large head dims.
 template <typename T, int HP, int P, int C, int DB, int HO>
@@ -677,9 +706,10 @@ template <typename T, int HP, int P, int C, int DB, int HO>
   threadgroup float delta_t[C];
 
   const int h_tasks = p.merge_heads ? 1 : p.kv_heads;
-  const int head_part = (p.group_offset + int(group)) % (HP / HO);
+  constexpr int kHeadParts = (HP + HO - 1) / HO;  // the last may end past HP (zero columns)
+  const int head_part = (p.group_offset + int(group)) % kHeadParts;
   const int h_out = head_part * HO;  // first head column of dK and dV this threadgroup owns
-  const int linear = (p.group_offset + int(group)) / (HP / HO);
+  const int linear = (p.group_offset + int(group)) / kHeadParts;
   const int kb = linear % p.num_row_blocks;
   const int gsplit = (linear / p.num_row_blocks) % p.group_splits;  // slice of the GQA group
   const int kv_linear = linear / (p.num_row_blocks * p.group_splits);
@@ -769,6 +799,10 @@ template <typename T, int HP, int P, int C, int DB, int HO>
                                                        q_stride, cnt, cnt, H, lc, tile, tid);
 
           // P^T and dS^T; ST becomes P^T, dPT becomes dS^T * d(logit)/d(q.k).
+          // Masks only on tiles that need them (this simdgroup's 8 keys x C
+          // queries); a visible tile also skips each query's key span.
+          const bool visible = mfa_tile_visible(p, i0, i0 + C, j0 + int(sg) * 8,
+                                                j0 + int(sg) * 8 + 8, q_valid, kv_valid);
           float ds_row = 0.0f;
           #pragma clang loop unroll(full)
           for (int c = 0; c < CB; ++c) {
@@ -776,13 +810,13 @@ template <typename T, int HP, int P, int C, int DB, int HO>
             for (int e = 0; e < 2; ++e) {
               const int col = c * 8 + lc + e;
               const int i = i0 + col;
-              const MfaSpan keys = mfa_key_span(i, q_valid, kv_valid, p.causal, p.window_left,
-                                                p.window_right);
+              MfaSpan keys = {0, 0};
+              if (!visible)
+                keys = mfa_key_span(i, q_valid, kv_valid, p.causal, p.window_left, p.window_right);
               float t;
               bool valid;
-              const float x = mfa_logit(p, bias, mask, line, i, j, keys,
-                                        ST[c].thread_elements()[e], valid, t);
-              valid = valid && mfa_same_segment(p, q_segments, kv_segments, b, i, j);
+              const float x = mfa_tile_logit(p, visible, bias, mask, q_segments, kv_segments, line,
+                                             i, b, i, j, keys, ST[c].thread_elements()[e], valid, t);
               const float l2 = lse_t[col];
               const bool live = valid && !(l2 <= kMaskedLogit);
               const float pr = live ? exp2(x - l2) : 0.0f;

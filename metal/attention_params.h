@@ -171,4 +171,23 @@ inline MfaSpan mfa_query_span_of_keys(mfa_int j0, mfa_int j1, mfa_int q_valid, m
   return s;
 }
 
+// Tile classes (as MLX masks only edge and diagonal tiles): a tile of query
+// rows [i0, i1) and keys [j0, j1) is *fully visible* when every row may attend
+// to every key under lengths, causal and window; its logits need no
+// per-element span checks. Row spans' begins and ends are non-decreasing in
+// the row, so the last row's begin and the first row's end decide. A tile
+// with a row at or past q_valid or a key at or past kv_valid is not (those
+// entries are masked). Fully hidden tiles never run (the block spans above
+// end the loops before them); everything else is an edge tile, checked per
+// element. Bias, bool mask, softcap and segment ids are per-element work on
+// every tile (the kernels add them to the class: mfa_tile_visible).
+inline bool mfa_tile_fully_visible(mfa_int i0, mfa_int i1, mfa_int j0, mfa_int j1,
+                                   mfa_int q_valid, mfa_int kv_valid, mfa_int causal,
+                                   mfa_int window_left, mfa_int window_right) {
+  if (i0 >= i1 || j0 >= j1 || i0 < 0 || j0 < 0 || i1 > q_valid) return false;
+  const MfaSpan first = mfa_key_span(i0, q_valid, kv_valid, causal, window_left, window_right);
+  const MfaSpan last = mfa_key_span(i1 - 1, q_valid, kv_valid, causal, window_left, window_right);
+  return last.begin <= j0 && first.end >= j1;
+}
+
 #endif  // JAX_MFA_METAL_ATTENTION_PARAMS_H

@@ -32,7 +32,7 @@ def test_gqa_single_query(rng, dtype):
     compare(rng, B=2, T=1, S=300, N=8, K=1, H=64, dtype=dtype)
 
 
-@pytest.mark.parametrize("H", [8, 80, 256])
+@pytest.mark.parametrize("H", [8, 56, 80, 104, 256])
 def test_head_dims(rng, H):
     compare(rng, B=1, T=2, S=261, N=4, K=2, H=H)
 
@@ -61,6 +61,13 @@ def test_lengths_and_empty_rows(rng):
     out, lse, _ = compare(rng, B=3, T=4, S=260, N=2, K=1, H=16, query_seq_lengths=ql,
                           key_value_seq_lengths=kl)
     assert np.all(np.asarray(out)[2] == 0) and np.all(np.isneginf(np.asarray(lse)[2]))
+
+
+def test_key_lengths_cut_visible_steps(rng):
+    # Every query valid: steps before the key length are visible (no
+    # per-element rules), the step holding it is an edge step.
+    kl = jnp.asarray([200, 131], jnp.int32)
+    compare(rng, B=2, T=2, S=260, N=4, K=2, H=16, key_value_seq_lengths=kl)
 
 
 def test_random_schedule(rng, monkeypatch):

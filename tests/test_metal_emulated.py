@@ -99,9 +99,20 @@ def test_head_dims_and_dtypes(rng, H, dtype):
             is_causal=True)
 
 
-@pytest.mark.parametrize("H", [1, 3, 20, 33, 44, 100, 150, 200])
+@pytest.mark.parametrize("H", [1, 3, 20, 33, 44, 56, 88, 100, 104, 150, 200])
 def test_odd_head_dims(rng, H):
+    # 56, 88, 104: buckets of their own (every multiple of 8), staged with DB 8.
     compare(rng, T=9, S=21, N=2, K=2, H=H)
+
+
+@pytest.mark.parametrize("H,family", [(168, "apple7"), (200, "apple9")])
+def test_uneven_dkdv_head_split(rng, monkeypatch, H, family):
+    # An odd number of 8-column head blocks split over two dK/dV threadgroups
+    # (168 = 88 + 80, 200 = 104 + 96; float32 tables, test_register_budget in
+    # tests/host checks that these split): the second one's columns past H
+    # read as zero; the first one owns dbias.
+    monkeypatch.setenv("JAX_MFA_EMULATED_FAMILY", family)
+    compare(rng, T=9, S=21, N=2, K=1, H=H, bias_shape=(1, 2, 9, 21))
 
 
 @pytest.mark.parametrize("T,S", [(1, 1), (1, 130), (130, 1), (65, 129)])
@@ -129,6 +140,22 @@ def test_structural_masks(rng, kw):
     # the CPU kernels' block span (problem.h key_span_of_rows) over-reaches.
     compare(rng, B=1, T=45, S=70, N=2, K=1, H=16, against="xla", **kw)
     compare(rng, B=1, T=70, S=23, N=2, K=1, H=16, against="xla", **kw)
+
+
+@pytest.mark.parametrize("family", ["apple9", "apple7"])
+@pytest.mark.parametrize("kw", [
+    dict(is_causal=True),
+    dict(local_window_size=(100, 90)),
+    dict(B=2, is_causal=True, query_seq_lengths=[130, 136], key_value_seq_lengths=[136, 97]),
+], ids=["causal", "window", "causal-lengths"])
+def test_tile_classes(rng, monkeypatch, family, kw):
+    # Just long enough (136 > the forward's 128 keys per step) that every
+    # kernel has fully visible tiles (no per-element masks) next to diagonal,
+    # window-edge and length-edge tiles (checked per element): a tile
+    # misclassified as visible lets masked keys through.
+    monkeypatch.setenv("JAX_MFA_EMULATED_FAMILY", family)
+    kw = {k: jnp.asarray(v, jnp.int32) if k.endswith("lengths") else v for k, v in kw.items()}
+    compare(rng, T=136, S=136, N=1, K=1, H=8, against="xla", **kw)
 
 
 def test_lengths(rng):
@@ -300,8 +327,10 @@ def test_embedded_source_is_self_contained(tmp_path):
     src = embedded_source()
     # Compiled from a directory without the headers: nothing may be included
     # but <metal_stdlib>. One type, one family and four head buckets (bits of
-    # kHeadBuckets: 16, 72, 80, 256) keep the build short.
-    buckets = {16: 0, 72: 5, 80: 6, 256: 12}
+    # kHeadBuckets, whose order model_metal.py reads) keep the build short.
+    plan = (ROOT / "cpp/metal_host/attention_plan.h").read_text()
+    order = [int(x) for x in re.search(r"kHeadBuckets\[\] = \{([^}]*)\}", plan).group(1).split(",")]
+    buckets = {hp: order.index(hp) for hp in (16, 72, 80, 256)}
     lib = metal_emulator.compile_source(
         src, {"JAX_MFA_METAL_FAMILIES": 2, "JAX_MFA_METAL_DTYPES": 2,
               "JAX_MFA_METAL_HEADS": sum(1 << bit for bit in buckets.values())},

@@ -5,6 +5,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <numeric>
 
 namespace jax_mfa {
 namespace metal_host {
@@ -29,12 +30,14 @@ struct TableRow {
 // spills O, dQ, dK or dV to memory at large head dims; these kernels always
 // keep them), the traversal block C is smaller than MFA's so that the
 // register model stays within kRegisterBudget (test_register_budget in
-// tests/host/host_policy_test.cc checks every instantiated row):
-// forward 256: C 128 -> 64; M3 dQ 256: 128 -> 64; M3 dK/dV 96 and 128:
-// 128 -> 32; dK/dV 192 and 256 also split dK/dV's head columns in two (HO).
+// tests/host/host_policy_test.cc checks every instantiated row). In these
+// mixed-precision rows by hand: forward above 192: C 128 -> 64 (MFA's row
+// ends at 224); M3 dQ 256: 128 -> 64; M3 dK/dV 96 and 128: 128 -> 32; the
+// rest by block_config's rule (M1 dK/dV 136..160: C 56..32; dK/dV from 168
+// splits its head columns in two, HO).
 constexpr TableRow kForwardApple9[] = {
-    {32, 16, 128, 16}, {96, 16, 128, 32}, {160, 16, 128, 32}, {224, 16, 128, 32}, {384, 16, 64, 32}};
-constexpr TableRow kForwardApple7[] = {{96, 32, 128, 32}, {128, 32, 128, 32}, {224, 32, 128, 32},
+    {32, 16, 128, 16}, {96, 16, 128, 32}, {160, 16, 128, 32}, {192, 16, 128, 32}, {384, 16, 64, 32}};
+constexpr TableRow kForwardApple7[] = {{96, 32, 128, 32}, {128, 32, 128, 32}, {192, 32, 128, 32},
                                        {384, 32, 64, 32}};
 constexpr TableRow kQueryApple9[] = {{80, 16, 64, 8}, {192, 16, 64, 32}, {384, 16, 64, 32}};
 constexpr TableRow kQueryApple7[] = {{32, 32, 64, 32}, {96, 32, 64, 32}, {384, 32, 64, 32}};
@@ -42,6 +45,23 @@ constexpr TableRow kKeyValueApple9[] = {
     {56, 16, 64, 8}, {80, 16, 32, 16}, {144, 16, 32, 16}, {224, 16, 32, 16}, {384, 16, 32, 32}};
 constexpr TableRow kKeyValueApple7[] = {
     {16, 32, 64, 16}, {32, 32, 64, 32}, {56, 32, 80, 32}, {96, 32, 64, 32}, {384, 32, 64, 32}};
+
+// MFA's separate tables for float32 (operands and registers in float32),
+// used for float32 storage. Where a row of either set leaves the register
+// budget, block_config lowers C and then splits dK/dV's head columns, by rule.
+constexpr TableRow kForwardApple9F32[] = {
+    {8, 16, 128, 16}, {16, 16, 64, 16}, {48, 16, 32, 8}, {192, 16, 64, 16}, {384, 16, 128, 16}};
+constexpr TableRow kForwardApple7F32[] = {
+    {24, 32, 64, 24}, {32, 32, 64, 32}, {56, 32, 32, 56}, {384, 32, 80, 16}};
+constexpr TableRow kQueryApple9F32[] = {
+    {16, 16, 64, 8}, {32, 16, 64, 16}, {192, 16, 64, 32}, {384, 16, 128, 16}};
+constexpr TableRow kQueryApple7F32[] = {
+    {16, 32, 64, 16}, {32, 32, 64, 32}, {56, 32, 64, 24}, {384, 32, 80, 16}};
+constexpr TableRow kKeyValueApple9F32[] = {{16, 16, 64, 8},   {32, 16, 32, 16},
+                                           {64, 16, 32, 16},  {128, 16, 128, 16},
+                                           {160, 16, 128, 16}, {384, 16, 128, 16}};
+constexpr TableRow kKeyValueApple7F32[] = {
+    {16, 32, 32, 16}, {24, 32, 64, 24}, {56, 32, 80, 16}, {384, 32, 80, 16}};
 
 // Every table row fits Metal's 32 KiB of threadgroup memory (the dK/dV kernel
 // adds lse and delta for C queries) and tiles the head dim by whole 8x8 blocks.
@@ -54,7 +74,9 @@ constexpr bool fits(const TableRow (&table)[N]) {
   return true;
 }
 static_assert(fits(kForwardApple9) && fits(kForwardApple7) && fits(kQueryApple9) &&
-                  fits(kQueryApple7) && fits(kKeyValueApple9) && fits(kKeyValueApple7),
+                  fits(kQueryApple7) && fits(kKeyValueApple9) && fits(kKeyValueApple7) &&
+                  fits(kForwardApple9F32) && fits(kForwardApple7F32) && fits(kQueryApple9F32) &&
+                  fits(kQueryApple7F32) && fits(kKeyValueApple9F32) && fits(kKeyValueApple7F32),
               "a block-size table row exceeds threadgroup memory or breaks 8x8 tiling");
 
 // The head block of a table row for `head_cols` head columns: the table's,
@@ -172,7 +194,7 @@ void set_chunks(KernelLaunch& l, int64_t work_per_group) {
 KernelLaunch base_launch(Pass pass, const AttentionProblem& p, DType dtype, GpuFamily family) {
   KernelLaunch l;
   l.pass = pass;
-  l.config = block_config(pass, family, p.head_dim);
+  l.config = block_config(pass, family, dtype, p.head_dim);
   l.kernel = kernel_name(pass, dtype, l.config);
   l.threads_per_group = 32 * l.config.rows / 8;
   l.threadgroup_memory = threadgroup_memory_bytes(pass, l.config, dtype);
@@ -205,29 +227,44 @@ int head_bucket(int64_t head_dim) {
   return 0;
 }
 
-BlockConfig block_config(Pass pass, GpuFamily family, int64_t head_dim) {
+BlockConfig block_config(Pass pass, GpuFamily family, DType dtype, int64_t head_dim) {
   const int hp = head_bucket(head_dim);
   if (hp == 0) return {};
-  const bool m3 = family == GpuFamily::Apple9;
+  const bool m3 = family == GpuFamily::Apple9, f32 = dtype == DType::F32;
+  BlockConfig c;
   switch (pass) {
-    case Pass::Forward: return m3 ? lookup(kForwardApple9, hp) : lookup(kForwardApple7, hp);
-    case Pass::BackwardQuery: return m3 ? lookup(kQueryApple9, hp) : lookup(kQueryApple7, hp);
-    case Pass::BackwardKeyValue: {
-      BlockConfig c = m3 ? lookup(kKeyValueApple9, hp) : lookup(kKeyValueApple7, hp);
-      // dK's and dV's accumulators take 4 x HO / 8 registers: where the whole
-      // head would exceed the register budget (buckets 160 and up), each
-      // threadgroup owns half the head columns of dK and dV.
-      if (register_estimate(pass, c).total() > kRegisterBudget) {
-        c.head_out = hp / 2;
-        c.head_block = head_block_for(c.head_block, c.head_out);
-      }
-      return c;
-    }
+    case Pass::Forward:
+      c = f32 ? (m3 ? lookup(kForwardApple9F32, hp) : lookup(kForwardApple7F32, hp))
+              : (m3 ? lookup(kForwardApple9, hp) : lookup(kForwardApple7, hp));
+      break;
+    case Pass::BackwardQuery:
+      c = f32 ? (m3 ? lookup(kQueryApple9F32, hp) : lookup(kQueryApple7F32, hp))
+              : (m3 ? lookup(kQueryApple9, hp) : lookup(kQueryApple7, hp));
+      break;
+    case Pass::BackwardKeyValue:
+      c = f32 ? (m3 ? lookup(kKeyValueApple9F32, hp) : lookup(kKeyValueApple7F32, hp))
+              : (m3 ? lookup(kKeyValueApple9, hp) : lookup(kKeyValueApple7, hp));
+      break;
     case Pass::DecodePartial:
     case Pass::DecodeMerge: return {hp, 8, kDecodeCols, 0, hp};
     case Pass::BackwardKeyValueReduce: return {hp, 0, 0, 0, hp};
   }
-  return {};
+  // Over the register budget (MFA spills an accumulator there; these kernels
+  // keep them all): first fewer columns per step, 8 at a time down to 32.
+  const BlockConfig table = c;
+  auto over = [&] { return register_estimate(pass, c).total() > kRegisterBudget; };
+  while (over() && c.cols > 32) c.cols -= 8;
+  if (over() && pass == Pass::BackwardKeyValue) {
+    // dK's and dV's accumulators take 4 x HO / 8 registers: each threadgroup
+    // owns half the head's 8-column blocks of dK and dV (rounded up: 136 =
+    // 72 + 64), at the table's C if that fits now. The head block tiles both
+    // S^T's HP and the accumulators' HO columns.
+    c = table;
+    c.head_out = (hp / 8 + 1) / 2 * 8;
+    c.head_block = head_block_for(c.head_block, std::gcd(hp, c.head_out));
+    while (over() && c.cols > 32) c.cols -= 8;
+  }
+  return c;
 }
 
 RegisterEstimate register_estimate(Pass pass, const BlockConfig& c) {
@@ -399,7 +436,7 @@ std::vector<KernelLaunch> plan_backward(const AttentionProblem& p, DType dtype,
   kv.args.push_back({Arg::DBias, Access::ReadWrite,
                      dbias_keys ? size_t(splits * p.bias.size()) * 4 : 0});
   append(kv.args, feature_args(p));
-  const int64_t head_parts = kv.config.head_pad / kv.config.head_out;
+  const int64_t head_parts = ceil_div(kv.config.head_pad, kv.config.head_out);
 
   // Split GQA group (kKeyValueTargetGroups): not where a bias broadcast
   // merges pairs (its dbias elements are shared by the group's heads), so
@@ -432,7 +469,7 @@ std::vector<KernelLaunch> plan_backward(const AttentionProblem& p, DType dtype,
 
   KernelLaunch reduce;
   reduce.pass = Pass::BackwardKeyValueReduce;
-  reduce.config = block_config(reduce.pass, family, p.head_dim);
+  reduce.config = block_config(reduce.pass, family, dtype, p.head_dim);
   reduce.kernel = kernel_name(reduce.pass, dtype, reduce.config);
   reduce.threads_per_group = MFA_REDUCE_THREADS;
   reduce.params = kv.params;

@@ -65,9 +65,10 @@ struct BlockConfig {
   int cols = 0;        // C: traversal block
   int head_block = 0;  // DB: head-dim block staged through threadgroup memory
   // HO: dK/dV only, head-dim columns of dK and dV one threadgroup owns
-  // (HP, or HP / 2 when both accumulators would not fit the register budget:
-  // the grid then has HP / HO threadgroups per key block, each recomputing
-  // S^T and dP^T). Equal to head_pad elsewhere.
+  // (HP, or half of HP's 8-column blocks rounded up when both accumulators
+  // would not fit the register budget: the grid then has ceil(HP / HO)
+  // threadgroups per key block, each recomputing S^T and dP^T; the last one's
+  // columns past HP read as zero). Equal to head_pad elsewhere.
   int head_out = 0;
 };
 
@@ -97,17 +98,21 @@ struct RegisterEstimate {
 };
 RegisterEstimate register_estimate(Pass pass, const BlockConfig& config);
 
-// The head dims the kernels are compiled for (HP): a head dim runs in the
-// first bucket at least as large, its columns past the real head dim reading
-// as zero. Multiples of 8, as MFA pads, with the sizes models use (40, 80 and
-// 160 in Stable Diffusion, 72 and 80 as MLX instantiates) so they pay no
-// padding; metal/attention.metal's JAX_MFA_METAL_HEADS bits follow this order
-// and benchmarks/model_metal.py reads this line.
-constexpr int kHeadBuckets[] = {16, 32, 40, 48, 64, 72, 80, 96, 112, 128, 160, 192, 256};
+// The head dims the kernels are compiled for (HP): every multiple of 8 from
+// 16 to 256, as MFA pads (a head dim runs in the first bucket at least as
+// large, its columns past the real head dim reading as zero; 8 runs as 16).
+// metal/attention.metal's JAX_MFA_METAL_HEADS bits follow this order (31
+// buckets: bit 30 is the last that fits the int macro values) and
+// benchmarks/model_metal.py reads this line.
+constexpr int kHeadBuckets[] = {16,  24,  32,  40,  48,  56,  64,  72,  80,  88,  96,
+                                104, 112, 120, 128, 136, 144, 152, 160, 168, 176, 184,
+                                192, 200, 208, 216, 224, 232, 240, 248, 256};
 constexpr int kHeadBucketCount = int(sizeof(kHeadBuckets) / sizeof(kHeadBuckets[0]));
 // Head-dim bucket (one of kHeadBuckets); 0 if above kMaxHeadDim.
 int head_bucket(int64_t head_dim);
-BlockConfig block_config(Pass pass, GpuFamily family, int64_t head_dim);
+// MFA's mixed-precision tables for float16/bfloat16 storage, its float32
+// tables for float32 storage (attention_plan.cc).
+BlockConfig block_config(Pass pass, GpuFamily family, DType dtype, int64_t head_dim);
 // Host name of the instantiation, e.g. "mfa_fwd_f16_h64_p16_c128_d32".
 std::string kernel_name(Pass pass, DType dtype, const BlockConfig& config);
 // Threadgroup memory the kernel declares (bytes; tiles are staged in the

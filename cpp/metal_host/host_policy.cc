@@ -99,7 +99,7 @@ std::vector<std::pair<std::string, int>> library_macros(const LibraryKey& key, G
 std::vector<std::string> library_kernels(const LibraryKey& key, GpuFamily family) {
   std::vector<std::string> names;
   for (Pass pass : {Pass::Forward, Pass::BackwardQuery, Pass::BackwardKeyValue})
-    names.push_back(kernel_name(pass, key.dtype, block_config(pass, family, key.head_pad)));
+    names.push_back(kernel_name(pass, key.dtype, block_config(pass, family, key.dtype, key.head_pad)));
   // The split-key decode's partial and merge kernels (plan_decode).
   const BlockConfig decode{key.head_pad, 8, kDecodeCols, 0};
   names.push_back(kernel_name(Pass::DecodePartial, key.dtype, decode));

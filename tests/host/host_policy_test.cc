@@ -214,7 +214,7 @@ void test_libraries() {
       }
     }
   }
-  CHECK(indices.size() == 3 * 7);  // buckets hit above: 16, 32, 64, 72, 80, 128, 256
+  CHECK(indices.size() == 3 * 8);  // buckets hit above: 16, 24, 64, 72, 80, 128, 200, 256
 }
 
 AttentionProblem merged_bias_problem(int64_t B, int64_t N, int64_t K, int64_t T, int64_t S) {
@@ -312,7 +312,7 @@ void test_group_split_plan() {
     CHECK(plan.size() == 3);
     const KernelLaunch& kv = plan[1];
     const int64_t blocks = kv.params.num_row_blocks;
-    const int64_t parts = kv.config.head_pad / kv.config.head_out;
+    const int64_t parts = (kv.config.head_pad + kv.config.head_out - 1) / kv.config.head_out;
     CHECK(kv.params.group_splits == 8 && kv.params.heads_per_group_split == 1);
     CHECK(kv.total_groups == 8 * blocks * parts);       // the grid grows 8x
     CHECK(kv.work_per_group == one.work_per_group);     // one query head each
@@ -355,27 +355,78 @@ void test_group_split_plan() {
 // test_each_library_compiles_exactly_its_kernels) fits the register model's
 // budget; the model counts what the header says.
 void test_register_budget() {
+  for (DType t : {DType::F32, DType::F16, DType::BF16})
   for (GpuFamily f : {GpuFamily::Apple7, GpuFamily::Apple9})
     for (int h : kHeadBuckets)
       for (Pass pass : {Pass::Forward, Pass::BackwardQuery, Pass::BackwardKeyValue,
                         Pass::DecodePartial, Pass::DecodeMerge, Pass::BackwardKeyValueReduce}) {
-        const BlockConfig c = block_config(pass, f, h);
+        const BlockConfig c = block_config(pass, f, t, h);
         const RegisterEstimate r = register_estimate(pass, c);
         if (r.total() > kRegisterBudget)
           std::printf("over budget: pass %d family %d head %d: %d registers\n", int(pass), int(f), h,
                       r.total());
         CHECK(r.total() <= kRegisterBudget);
-        CHECK(c.head_out > 0 && c.head_pad % c.head_out == 0 && c.head_out % 8 == 0);
-        if (pass != Pass::DecodeMerge && pass != Pass::BackwardKeyValueReduce) CHECK(c.head_block == 0 || c.head_out % c.head_block == 0);
+        CHECK(c.head_out > 0 && c.head_out % 8 == 0 && (c.head_out == c.head_pad ||
+              (2 * c.head_out >= c.head_pad && 2 * c.head_out - c.head_pad < 16)));  // whole or halves
+        if (pass != Pass::DecodeMerge && pass != Pass::BackwardKeyValueReduce)
+          CHECK(c.head_block == 0 || (c.head_out % c.head_block == 0 && h % c.head_block == 0));
       }
   // The counts themselves, on a configuration worked out by hand: M3 forward,
   // HP 64 (Q cached), C 128: O 16 + Q 16 + S 32 + flags 16 + 4 + scalars.
-  const RegisterEstimate r = register_estimate(Pass::Forward, block_config(Pass::Forward, GpuFamily::Apple9, 64));
+  const RegisterEstimate r = register_estimate(Pass::Forward, block_config(Pass::Forward, GpuFamily::Apple9, DType::F16, 64));
   CHECK(r.accumulators == 16 && r.cached_operands == 16 && r.score_tiles == 48 && r.transients == 4);
   CHECK(r.total() == 84 + kScalarRegisters);
   // dK/dV at HP 256 splits its head columns: two accumulators of 128 / 8 matrices.
-  const BlockConfig kv = block_config(Pass::BackwardKeyValue, GpuFamily::Apple9, 256);
+  const BlockConfig kv = block_config(Pass::BackwardKeyValue, GpuFamily::Apple9, DType::F16, 256);
   CHECK(kv.head_out == 128 && register_estimate(Pass::BackwardKeyValue, kv).accumulators == 64);
+  // Float32 storage takes MFA's float32 tables (M1 forward up to 56: P 32, C 32,
+  // DB 56 -> 40 for bucket 40); their C is lowered by rule where it leaves the
+  // budget (M3 forward 256: MFA's C 128 -> 80: O 64 + S 30 + 4 + scalars).
+  const BlockConfig f40 = block_config(Pass::Forward, GpuFamily::Apple7, DType::F32, 40);
+  CHECK(f40.rows == 32 && f40.cols == 32 && f40.head_block == 40);
+  const BlockConfig f256 = block_config(Pass::Forward, GpuFamily::Apple9, DType::F32, 256);
+  CHECK(f256.cols == 80 && register_estimate(Pass::Forward, f256).total() == 126);
+  // Uneven dK/dV head splits (test_uneven_dkdv_head_split runs these):
+  // 21 and 25 blocks of 8 head columns, 11 and 13 in the first part.
+  CHECK(block_config(Pass::BackwardKeyValue, GpuFamily::Apple7, DType::F32, 168).head_out == 88);
+  CHECK(block_config(Pass::BackwardKeyValue, GpuFamily::Apple9, DType::F32, 200).head_out == 104);
+}
+
+// mfa_tile_fully_visible (metal/attention_params.h: which tiles the kernels
+// run without per-element masks) against a brute force over problem.h's
+// key_span: true exactly when every entry of the tile is allowed, on random
+// lengths, causal and windows, with tiles reaching past both valid lengths.
+void test_tile_classes() {
+  std::mt19937 gen(11);
+  auto uniform = [&](int lo, int hi) { return std::uniform_int_distribution<int>(lo, hi)(gen); };
+  int visible = 0, edge = 0;
+  for (int trial = 0; trial < 400; ++trial) {
+    AttentionProblem p;
+    p.q_len = uniform(1, 80);
+    p.kv_len = uniform(1, 80);
+    p.causal = uniform(0, 1);
+    p.window_left = uniform(0, 2) ? -1 : uniform(0, 40);
+    p.window_right = uniform(0, 2) ? -1 : uniform(0, 40);
+    const int q_valid = uniform(0, int(p.q_len)), kv_valid = uniform(0, int(p.kv_len));
+    for (int tile = 0; tile < 20; ++tile) {
+      const int i0 = uniform(0, int(p.q_len)), i1 = i0 + uniform(1, 24);
+      const int j0 = uniform(0, int(p.kv_len)), j1 = j0 + uniform(1, 40);
+      bool all = true;
+      for (int i = i0; i < i1 && all; ++i) {
+        const Span keys = p.key_span(i, q_valid, kv_valid);
+        all = i < q_valid && keys.begin <= j0 && keys.end >= j1 && j1 <= kv_valid;
+      }
+      const bool got = mfa_tile_fully_visible(i0, i1, j0, j1, q_valid, kv_valid, p.causal,
+                                              int(p.window_left), int(p.window_right));
+      if (got != all)
+        std::printf("tile class: rows [%d, %d) keys [%d, %d) q_valid %d kv_valid %d causal %d "
+                    "window (%d, %d): got %d\n", i0, i1, j0, j1, q_valid, kv_valid, int(p.causal),
+                    int(p.window_left), int(p.window_right), int(got));
+      CHECK(got == all);
+      (all ? visible : edge) += 1;
+    }
+  }
+  CHECK(visible > 100 && edge > 100);  // both classes were exercised
 }
 
 void print_libraries() {
@@ -405,6 +456,7 @@ int main(int argc, char** argv) {
   test_decode_plan();
   test_group_split_plan();
   test_register_budget();
+  test_tile_classes();
   std::printf("%s\n", failures == 0 ? "all host policy tests passed" : "host policy tests FAILED");
   return failures == 0 ? 0 : 1;
 }

@@ -57,18 +57,24 @@ def _instantiated(macros: list[str]) -> set[str]:
 def test_each_library_compiles_exactly_its_kernels(binary):
     lines = subprocess.run([str(binary), "--libraries"], capture_output=True, text=True,
                            check=True).stdout.splitlines()
-    assert len(lines) == 3 * 13 * 2  # dtypes x head buckets x GPU families
-    for line in lines:
+    assert len(lines) == 3 * 31 * 2  # dtypes x head buckets x GPU families
+    every = set()
+    for index, line in enumerate(lines):
         words = line.split()
         macros = [w for w in words if w.startswith("-D")]
         kernels = {w for w in words if not w.startswith("-D")}
         assert len(kernels) == 6
-        # Every (bucket, family) library of float16, and one bucket (64) of the
-        # other types: the dtype switch is independent of the head switch, and
-        # each preprocessor run costs a fraction of a second.
-        if "-DJAX_MFA_METAL_DTYPES=2" in macros or any("_h64_" in k for k in kernels):
+        every |= kernels
+        # Every bucket's switch once (float16, the family alternating with the
+        # bucket), and one bucket (64) of every type and family: the switches
+        # are independent, and each preprocessor run costs a fraction of a second.
+        bucket, family = divmod(index % (31 * 2), 2)
+        if ("-DJAX_MFA_METAL_DTYPES=2" in macros and family == bucket % 2) or \
+                any("_h64_" in k for k in kernels):
             assert _instantiated(macros) == kernels, line
-    # Without the switches: every kernel of both families (3 kernels x 3 dtypes
-    # x 13 buckets x 2 families), the decode partial kernels (3 dtypes x 13
-    # buckets), merge kernels (3) and split-group dK/dV reductions (3).
-    assert len(_instantiated([])) == 234 + 39 + 3 + 3
+    # Without the switches: exactly the kernels of every library (3 kernels x
+    # 3 dtypes x 31 buckets x 2 families, the decode partial kernels of 3 dtypes
+    # x 31 buckets, 3 merge kernels and 3 split-group dK/dV reductions).
+    everything = _instantiated([])
+    assert everything == every
+    assert len(everything) == 558 + 93 + 3 + 3
