@@ -67,6 +67,10 @@ CASES = [
     Case("window_odd_edges", T=300, S=283, N=2, K=1, H=33, window=(37, 5), batch=1),
     Case("causal_sub_tiles", T=300, S=290, N=2, K=1, H=64, causal=True, batch=1),
     Case("decode_split_keys", T=1, S=1301, N=8, K=1, H=64, batch=1),
+    # One query block: the float path converts each key block in its task
+    # (kv heads interleaved in memory with K > 1, causal sub-tiles).
+    Case("decode_kv_heads_interleaved", T=3, S=777, N=6, K=3, H=19, batch=2),
+    Case("one_query_block_causal", T=40, S=333, N=2, K=1, H=24, causal=True, batch=1),
     # 8 positions x 8 heads: enough stacked rows for the dot-product path.
     Case("short_prefill_split_keys", T=8, S=1301, N=8, K=1, H=64, batch=1),
     Case("transforms", T=70, S=129, N=2, K=2, H=40, bias="BNTS", softcap=3.0, mask="B11S",

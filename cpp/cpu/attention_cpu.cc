@@ -26,7 +26,8 @@
 // (use_f16_split, opt-in: JAX_MFA_F16_SPLIT=1): every float16 operand is split
 // exactly into bfloat16 hi + lo parts and each product is three (hi hi' +
 // hi lo' + lo hi'), P keeping 16 significant bits. Otherwise float16/bfloat16
-// inputs are converted to float once per call (per chunk of heads); float64
+// inputs are converted to float: in the forward by each task, key block by
+// key block; in the backward once per call (per chunk of heads). float64
 // runs in float64 throughout.
 #include "cpu/attention_cpu.h"
 
@@ -461,6 +462,22 @@ std::array<const uint16_t*, 2> split_rows(const void* src, int64_t src_stride, i
   return {hi, lo};
 }
 
+// Keys [keys.begin, keys.end) of (batch b, kv head kvh) of a (B, S, K, H)
+// key or value tensor, converted into dst (row stride H); the view addresses
+// them by key index like the whole tensor's.
+template <typename T, typename Acc>
+Rows<Acc> convert_keys(const T* src, int64_t S, int64_t K, int64_t H, int64_t b, int64_t kvh,
+                       Span keys, Acc* dst, const RowOps& ops) {
+  const T* first = src + ((b * S + keys.begin) * K + kvh) * H;
+  const int64_t n = keys.end - keys.begin;
+  if (K == 1) {
+    convert(first, dst, n * H, ops);
+  } else {
+    for (int64_t j = 0; j < n; ++j) convert(first + j * K * H, dst + j * H, H, ops);
+  }
+  return Rows<Acc>{dst, 0, 0, H, 0, keys.begin * H};
+}
+
 template <typename T, typename Acc>
 void forward_typed(const AttentionProblem& p, const ForwardBuffers& buf, TaskRunner& runner) {
   const int64_t B = p.batch, T_ = p.q_len, S_ = p.kv_len, N = p.q_heads, K = p.kv_heads,
@@ -497,11 +514,17 @@ void forward_typed(const AttentionProblem& p, const ForwardBuffers& buf, TaskRun
     SP = std::clamp<int64_t>(ceil_div(4 * threads, pairs * QB), 1,
                              std::max<int64_t>(1, S_ / (2 * Bk)));
 
-  // Chunks of pairs bound the float copies of float16/bfloat16 keys/values.
+  // float16/bfloat16 on the float path: each task converts the key/value
+  // blocks it visits into per-thread scratch (convert_keys). Converting is a
+  // few instructions per value against 2 * rows flops of the tile products,
+  // and a float copy of the whole K and V staged first cost a write and a
+  // re-read of twice the input's bytes: decoding (one query block, memory
+  // bound) ran 2.6x slower than float32 with it (RESULTS.md).
+  // Chunks of pairs bound the bfloat16 repacks of the dot-product path.
   const bool direct = std::is_same_v<T, Acc>;
   const int64_t per_pair = 2 * S_ * H * int64_t(sizeof(Acc));
-  const int64_t chunk = direct ? pairs : std::clamp<int64_t>((64 << 20) / per_pair, 1, pairs);
-  std::vector<Acc> kbuf, vbuf, part;
+  const int64_t chunk = dot ? std::clamp<int64_t>((64 << 20) / per_pair, 1, pairs) : pairs;
+  std::vector<Acc> part;
   // Pair layouts (cpu_bf16.h) of K^T and V per pair; [1]: lo parts (split).
   std::vector<uint32_t> kpack[2], vpack[2];
   if (SP > 1) part.resize(size_t(std::min(chunk, pairs) * QB * SP * rows_max * (H + 2)));
@@ -535,9 +558,9 @@ void forward_typed(const AttentionProblem& p, const ForwardBuffers& buf, TaskRun
                                       vpack[i].data() + (pl * Vpairs + s0 / 2) * H, H, 1);
         }
       });
-    } else {
-      kv = stage<T, Acc>(static_cast<const T*>(buf.k), S_, K, 1, H, p0, p1, kbuf, runner, ops);
-      vv = stage<T, Acc>(static_cast<const T*>(buf.v), S_, K, 1, H, p0, p1, vbuf, runner, ops);
+    } else if constexpr (std::is_same_v<T, Acc>) {
+      kv = Rows<Acc>{static_cast<const Acc*>(buf.k), S_ * K * H, H, K * H, H, 0};
+      vv = Rows<Acc>{static_cast<const Acc*>(buf.v), S_ * K * H, H, K * H, H, 0};
     }
     const int64_t ntasks = cp * QB * SP;
     parallel_for_slots(runner, ntasks, helpers_for(runner, ntasks), [&](int64_t slot, int64_t task) {
@@ -583,6 +606,9 @@ void forward_typed(const AttentionProblem& p, const ForwardBuffers& buf, TaskRun
         for (int64_t t = 0; t < tq; ++t)
           convert(q + ((b * T_ + t0 + t) * N + kvh * G) * H, Qs + t * G * H, G * H, ops);
       }
+      // Keys and values of the current key block on the float path: the
+      // inputs in place (float32/float64) or their float copies.
+      Rows<Acc> kb = kv, vb = vv;
       const uint32_t* Kw[2] = {}, *Vw[2] = {};
       for (int i = 0; dot && i < parts; ++i) {
         Kw[i] = kpack[i].data() + pl * hpairs * Sld;
@@ -603,8 +629,8 @@ void forward_typed(const AttentionProblem& p, const ForwardBuffers& buf, TaskRun
             });
         }
         if (!dot)
-          timed_gemm(prof, 0, false, true, nr, cols, H, scale, Qs + r0 * H, H, kv.at(b, kvh, j0),
-                     kv.sp, Acc(0), Sb, Bk);
+          timed_gemm(prof, 0, false, true, nr, cols, H, scale, Qs + r0 * H, H, kb.at(b, kvh, j0),
+                     kb.sp, Acc(0), Sb, Bk);
         if (!rules.plain(u0, uq, j0, cols)) rules.apply(b, kvh, u0, uq, j0, cols, Sb, Bk, th);
         for (int64_t r = 0; r < nr; ++r) {  // online softmax
           Acc* s = Sb + r * Bk;
@@ -654,14 +680,20 @@ void forward_typed(const AttentionProblem& p, const ForwardBuffers& buf, TaskRun
           }
         }
         if (!dot)
-          timed_gemm(prof, 1, false, false, nr, H, cols, Acc(1), Sb, Bk, vv.at(b, kvh, j0),
-                     vv.sp, Acc(1), a, H);
+          timed_gemm(prof, 1, false, false, nr, H, cols, Acc(1), Sb, Bk, vb.at(b, kvh, j0),
+                     vb.sp, Acc(1), a, H);
       };
       const int64_t sub = std::max<int64_t>(1, 64 / G);  // positions per sub-tile
       for (int64_t j0 = span.begin; j0 < span.end; j0 += Bk) {
         const int64_t cols = std::min(Bk, span.end - j0);
         const Span seg = rules.segment_keys(t0, tq, j0, cols);
         if (seg.empty()) continue;  // no segment of these queries among these keys
+        if (!direct && !dot) {
+          const T* k = static_cast<const T*>(buf.k);
+          const T* v = static_cast<const T*>(buf.v);
+          kb = convert_keys(k, S_, K, H, b, kvh, seg, scratch<Acc>(11, Bk * H), ops);
+          vb = convert_keys(v, S_, K, H, b, kvh, seg, scratch<Acc>(12, Bk * H), ops);
+        }
         const bool ragged =
             t0 + tq > rules.q_valid ||
             p.key_span(t0 + tq - 1, rules.q_valid, rules.kv_valid).begin > j0 ||
