@@ -24,11 +24,11 @@
 // rounded to bfloat16 for the products that take them, softmax and
 // accumulation stay in float. The float16 forward can take the same path
 // (use_f16_split, opt-in: JAX_MFA_F16_SPLIT=1): every float16 operand is split
-// exactly into bfloat16 hi + lo parts and each product is three (hi hi' +
-// hi lo' + lo hi'), P keeping 16 significant bits. Otherwise float16/bfloat16
-// inputs are converted to float: in the forward by each task, key block by
-// key block; in the backward once per call (per chunk of heads). float64
-// runs in float64 throughout.
+// exactly into bfloat16 hi + lo parts; Q K^T sums all four products of the
+// parts, P V three (see qk_terms), P keeping 16 significant bits. Otherwise
+// float16/bfloat16 inputs are converted to float: in the forward by each
+// task, key block by key block; in the backward once per call (per chunk of
+// heads). float64 runs in float64 throughout.
 #include "cpu/attention_cpu.h"
 
 #include <algorithm>
@@ -144,14 +144,14 @@ bool use_f16_split(const AttentionProblem& p, int64_t stacked_rows) {
 }
 
 // A B on the bfloat16 instructions (cpu::bf16_gemm's layouts). With split
-// operands (A[1], B[1] the lo parts) the three products A0 B0 + A0 B1 + A1 B0.
-void dot_product(bool split, int64_t M, int64_t N, int64_t pairs, float alpha,
+// operands (A[1], B[1] the lo parts) the sum of `terms` products: 3 is
+// A0 B0 + A0 B1 + A1 B0, 4 adds A1 B1.
+void dot_product(int terms, int64_t M, int64_t N, int64_t pairs, float alpha,
                  const uint32_t* const A[2], int64_t lda, const uint32_t* const B[2], int64_t ldb,
                  bool accumulate, float* C, int64_t ldc) {
-  cpu::bf16_gemm(M, N, pairs, alpha, A[0], lda, B[0], ldb, accumulate, C, ldc);
-  if (!split) return;
-  cpu::bf16_gemm(M, N, pairs, alpha, A[0], lda, B[1], ldb, true, C, ldc);
-  cpu::bf16_gemm(M, N, pairs, alpha, A[1], lda, B[0], ldb, true, C, ldc);
+  const uint32_t* as[4] = {A[0], A[0], A[1], A[1]};
+  const uint32_t* bs[4] = {B[0], B[1], B[0], B[1]};
+  cpu::bf16_gemm_sum(M, N, pairs, alpha, terms, as, lda, bs, ldb, accumulate, C, ldc);
 }
 
 // Tile shape: stacked query rows x key columns per tile. Overridable for
@@ -502,6 +502,11 @@ void forward_typed(const AttentionProblem& p, const ForwardBuffers& buf, TaskRun
   const bool split = use_f16_split<T>(p, T_ * G);
   const bool dot = split || use_bf16_dot<T>(p, T_ * G, ops);
   const int parts = split ? 2 : 1;
+  // Products per tile product on the split path. Q K^T takes all four: the
+  // logits, hence lse, as accurate as float32's. P V drops P_lo V_lo (at most
+  // 2^-18 of |P V|): P itself keeps only 16 significant bits (2^-17) and the
+  // output is rounded to float16 (2^-11).
+  const int qk_terms = split ? 4 : 1, pv_terms = split ? 3 : 1;
   const int64_t Bk = dot ? (tile.cols + 1) / 2 * 2 : tile.cols;
   const int64_t QB = ceil_div(T_, Tq), pairs = B * K;
   const int64_t hpairs = (H + 1) / 2, kpairs_max = Bk / 2;  // words per row of Q, of P
@@ -625,7 +630,7 @@ void forward_typed(const AttentionProblem& p, const ForwardBuffers& buf, TaskRun
             timed(prof, 0, nr, cols, H, [&] {
               const uint32_t* A[2] = {Qw[0] + r0 * hpairs, split ? Qw[1] + r0 * hpairs : nullptr};
               const uint32_t* B[2] = {Kw[0] + j0, split ? Kw[1] + j0 : nullptr};
-              dot_product(split, nr, cols, hpairs, scale, A, hpairs, B, Sld, false, Sb, Bk);
+              dot_product(qk_terms, nr, cols, hpairs, scale, A, hpairs, B, Sld, false, Sb, Bk);
             });
         }
         if (!dot)
@@ -675,7 +680,7 @@ void forward_typed(const AttentionProblem& p, const ForwardBuffers& buf, TaskRun
             const int64_t kp = (cols + 1) / 2;
             timed(prof, 1, nr, H, cols, [&] {
               const uint32_t* B[2] = {Vw[0] + (j0 / 2) * H, split ? Vw[1] + (j0 / 2) * H : nullptr};
-              dot_product(split, nr, H, kp, 1.0f, Pw, kpairs_max, B, H, true, a, H);
+              dot_product(pv_terms, nr, H, kp, 1.0f, Pw, kpairs_max, B, H, true, a, H);
             });
           }
         }
