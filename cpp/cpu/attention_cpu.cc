@@ -529,19 +529,25 @@ void forward_typed(const AttentionProblem& p, const ForwardBuffers& buf, TaskRun
   const bool direct = std::is_same_v<T, Acc>;
   const int64_t per_pair = 2 * S_ * H * int64_t(sizeof(Acc));
   const int64_t chunk = dot ? std::clamp<int64_t>((64 << 20) / per_pair, 1, pairs) : pairs;
-  std::vector<Acc> part;
+  // Buffers written in full (or where read) before they are read: left
+  // uninitialised, as zeroing them on the calling thread took a large share
+  // of short calls (a decode's partial results, a 2048-key bfloat16 repack).
+  // Partial results of key slices: per slice, rows of acc, then m, then l,
+  // for the stacked rows of one query block (T * G when decoding).
+  const int64_t part_rows = std::min(Tq, T_) * G, part_size = part_rows * (H + 2);
+  std::unique_ptr<Acc[]> part(SP > 1 ? new Acc[size_t(chunk * QB * SP * part_size)] : nullptr);
   // Pair layouts (cpu_bf16.h) of K^T and V per pair; [1]: lo parts (split).
-  std::vector<uint32_t> kpack[2], vpack[2];
-  if (SP > 1) part.resize(size_t(std::min(chunk, pairs) * QB * SP * rows_max * (H + 2)));
+  // Columns S.. of a K^T row are padding that no product reads.
+  std::unique_ptr<uint32_t[]> kpack[2], vpack[2];
+  for (int i = 0; dot && i < parts; ++i) {
+    kpack[i].reset(new uint32_t[size_t(chunk * hpairs * Sld)]);
+    vpack[i].reset(new uint32_t[size_t(chunk * Vpairs * H)]);
+  }
 
   for (int64_t p0 = 0; p0 < pairs; p0 += chunk) {
     const int64_t p1 = std::min(pairs, p0 + chunk), cp = p1 - p0;
     Rows<Acc> kv, vv;
     if (dot) {
-      for (int i = 0; i < parts; ++i) {
-        kpack[i].resize(size_t(cp * hpairs * Sld));
-        vpack[i].resize(size_t(cp * Vpairs * H));
-      }
       const int64_t block = 512, blocks = ceil_div(S_, block);
       parallel_for_slots(runner, cp * blocks, helpers_for(runner, cp * blocks),
                          [&](int64_t, int64_t task) {
@@ -557,10 +563,10 @@ void forward_typed(const AttentionProblem& p, const ForwardBuffers& buf, TaskRun
           stride = H;
         }
         for (int i = 0; i < parts; ++i) {
-          cpu::pack_pairs_in_rows(ks[i], stride, n, H, kpack[i].data() + pl * hpairs * Sld + s0,
+          cpu::pack_pairs_in_rows(ks[i], stride, n, H, kpack[i].get() + pl * hpairs * Sld + s0,
                                   Sld, 1);
           cpu::pack_pairs_across_rows(vs[i], stride, n, H,
-                                      vpack[i].data() + (pl * Vpairs + s0 / 2) * H, H, 1);
+                                      vpack[i].get() + (pl * Vpairs + s0 / 2) * H, H, 1);
         }
       });
     } else if constexpr (std::is_same_v<T, Acc>) {
@@ -616,8 +622,8 @@ void forward_typed(const AttentionProblem& p, const ForwardBuffers& buf, TaskRun
       Rows<Acc> kb = kv, vb = vv;
       const uint32_t* Kw[2] = {}, *Vw[2] = {};
       for (int i = 0; dot && i < parts; ++i) {
-        Kw[i] = kpack[i].data() + pl * hpairs * Sld;
-        Vw[i] = vpack[i].data() + pl * Vpairs * H;
+        Kw[i] = kpack[i].get() + pl * hpairs * Sld;
+        Vw[i] = vpack[i].get() + pl * Vpairs * H;
       }
 
       // One tile: query positions [u0, u0 + uq) (stacked rows from
@@ -731,10 +737,10 @@ void forward_typed(const AttentionProblem& p, const ForwardBuffers& buf, TaskRun
           lse[(b * T_ + t0 + t) * N + kvh * G + g] = empty ? neg_inf : m[r] + std::log(l[r]);
         }
       } else {  // keep the unnormalised partial result for the merge
-        Acc* dst = part.data() + ((pl * QB + qb) * SP + sp) * rows_max * (H + 2);
+        Acc* dst = part.get() + ((pl * QB + qb) * SP + sp) * part_size;
         std::copy(acc, acc + rows * H, dst);
-        std::copy(m, m + rows, dst + rows_max * H);
-        std::copy(l, l + rows, dst + rows_max * (H + 1));
+        std::copy(m, m + rows, dst + part_rows * H);
+        std::copy(l, l + rows, dst + part_rows * (H + 1));
       }
       if (prof) prof->task_done(slot, task_start);
     });
@@ -744,22 +750,22 @@ void forward_typed(const AttentionProblem& p, const ForwardBuffers& buf, TaskRun
         const int64_t pl = task / QB, qb = task % QB;
         const int64_t pr = p0 + pl, b = pr / K, kvh = pr % K;
         const int64_t t0 = qb * Tq, tq = std::min(Tq, T_ - t0), rows = tq * G;
-        const Acc* base = part.data() + (pl * QB + qb) * SP * rows_max * (H + 2);
+        const Acc* base = part.get() + (pl * QB + qb) * SP * part_size;
         Acc* o = scratch<Acc>(6, H);
         for (int64_t r = 0; r < rows; ++r) {
           Acc mx = neg_inf;  // a NaN slice maximum (NaN logit) wins: the row is NaN
           for (int64_t s = 0; s < SP; ++s) {
-            const Acc ms = base[s * rows_max * (H + 2) + rows_max * H + r];
+            const Acc ms = base[s * part_size + part_rows * H + r];
             if (std::isnan(ms) || ms > mx) mx = ms;
           }
           Acc sum = 0;
           std::fill(o, o + H, Acc(0));
           if (mx != neg_inf)
             for (int64_t s = 0; s < SP; ++s) {
-              const Acc* ps = base + s * rows_max * (H + 2);
-              const Acc w = std::exp(ps[rows_max * H + r] - mx);
+              const Acc* ps = base + s * part_size;
+              const Acc w = std::exp(ps[part_rows * H + r] - mx);
               if (w == Acc(0)) continue;
-              sum += w * ps[rows_max * (H + 1) + r];
+              sum += w * ps[part_rows * (H + 1) + r];
               for (int64_t h = 0; h < H; ++h) o[h] += w * ps[r * H + h];
             }
           const int64_t t = r / G, g = r % G;
