@@ -7,6 +7,7 @@ table and writes a plot of time against sequence length. Without torch (an
 optional dependency: `pip install .[bench]`) its rows are skipped with a note.
 
     python benchmarks/bench_cpu.py [--quick] [--out DIR] [--repeats N] [--no-torch]
+        [--only STEPS] [--torch-lengths L,..] [--dtypes float16,bfloat16] [--passes fwd]
 
 Timing helpers live in jax_mfa/_benchmark.py (shared with ``python -m jax_mfa``).
 """
@@ -330,6 +331,10 @@ if torch is not None:
                     "bfloat16": torch.bfloat16}
 
 
+# Filters of the torch comparison (--dtypes, --passes): all by default.
+TORCH_FILTER = {"dtypes": ("float32", "float16", "bfloat16"), "passes": ("fwd", "fwd+bwd")}
+
+
 def torch_rows(b: Bench, lengths, head_dims, decode_len):
     """jax_mfa, XLA and torch side by side on the same inputs (interleaved):
     every dtype, head dim, length, causal or not, forward and forward+backward;
@@ -342,12 +347,15 @@ def torch_rows(b: Bench, lengths, head_dims, decode_len):
                           else os.cpu_count())
     b.notes.append(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU "
                    f"capability {torch.backends.cpu.get_cpu_capability()}.")
-    configs = [(dt, H, L, L, 8, 8, causal) for dt in ("float32", "float16", "bfloat16")
+    dtypes = TORCH_FILTER["dtypes"]
+    configs = [(dt, H, L, L, 8, 8, causal) for dt in dtypes
                for H in head_dims for L in lengths for causal in (False, True)]
-    configs += [(dt, 64, 1, decode_len, 8, 1, False) for dt in ("float32", "float16", "bfloat16")]
+    configs += [(dt, 64, 1, decode_len, 8, 1, False) for dt in dtypes]
+    passes = [backward for backward in (False, True)
+              if ("fwd+bwd" if backward else "fwd") in TORCH_FILTER["passes"]]
     for dt, H, T, S, N, K, causal in tqdm(configs, desc="torch rows", unit="case", leave=False):
         x = bm.make_inputs(1, T, S, N, K, H, dtype=getattr(jnp, dt))
-        for backward in (False, True):
+        for backward in passes:
             calls = [call("cpu", x, backward=backward, is_causal=causal),
                      torch_call(*x, backward=backward, is_causal=causal)]
             if dt != "float16":
@@ -452,7 +460,20 @@ def main():
     ap.add_argument("--only", default=None,
                     help="run only these steps, comma-separated: main, curve, masks, window, "
                          "head_dim, dtype, decode, scaling, memory, packed, accuracy, torch")
+    ap.add_argument("--dtypes", default=None,
+                    help="dtypes of the torch comparison, comma-separated (default "
+                         "float32,float16,bfloat16)")
+    ap.add_argument("--passes", default=None,
+                    help="passes of the torch comparison: fwd, fwd+bwd or both (default)")
     args = ap.parse_args()
+    for name in ("dtypes", "passes"):
+        if getattr(args, name):
+            chosen = tuple(getattr(args, name).split(","))
+            unknown = set(chosen) - set(TORCH_FILTER[name])
+            if unknown:
+                ap.error(f"--{name}: unknown {sorted(unknown)}; expected some of "
+                         f"{','.join(TORCH_FILTER[name])}")
+            TORCH_FILTER[name] = chosen
     global torch
     if args.no_torch:
         torch = None

@@ -24,10 +24,11 @@
 // rounded to bfloat16 for the products that take them, softmax and
 // accumulation stay in float. The float16 forward can take the same path
 // (use_f16_split, opt-in: JAX_MFA_F16_SPLIT=1): every float16 operand is split
-// exactly into bfloat16 hi + lo parts and each product is three (hi hi' +
-// hi lo' + lo hi'), P keeping 16 significant bits. Otherwise float16/bfloat16
-// inputs are converted to float once per call (per chunk of heads); float64
-// runs in float64 throughout.
+// exactly into bfloat16 hi + lo parts; Q K^T sums all four products of the
+// parts, P V three (see qk_terms), P keeping 16 significant bits. Otherwise
+// float16/bfloat16 inputs are converted to float: in the forward by each
+// task, key block by key block; in the backward once per call (per chunk of
+// heads). float64 runs in float64 throughout.
 #include "cpu/attention_cpu.h"
 
 #include <algorithm>
@@ -144,14 +145,14 @@ bool use_f16_split(const AttentionProblem& p, int64_t stacked_rows) {
 }
 
 // A B on the bfloat16 instructions (cpu::bf16_gemm's layouts). With split
-// operands (A[1], B[1] the lo parts) the three products A0 B0 + A0 B1 + A1 B0.
-void dot_product(bool split, int64_t M, int64_t N, int64_t pairs, float alpha,
+// operands (A[1], B[1] the lo parts) the sum of `terms` products: 3 is
+// A0 B0 + A0 B1 + A1 B0, 4 adds A1 B1.
+void dot_product(int terms, int64_t M, int64_t N, int64_t pairs, float alpha,
                  const uint32_t* const A[2], int64_t lda, const uint32_t* const B[2], int64_t ldb,
                  bool accumulate, float* C, int64_t ldc) {
-  cpu::bf16_gemm(M, N, pairs, alpha, A[0], lda, B[0], ldb, accumulate, C, ldc);
-  if (!split) return;
-  cpu::bf16_gemm(M, N, pairs, alpha, A[0], lda, B[1], ldb, true, C, ldc);
-  cpu::bf16_gemm(M, N, pairs, alpha, A[1], lda, B[0], ldb, true, C, ldc);
+  const uint32_t* as[4] = {A[0], A[0], A[1], A[1]};
+  const uint32_t* bs[4] = {B[0], B[1], B[0], B[1]};
+  cpu::bf16_gemm_sum(M, N, pairs, alpha, terms, as, lda, bs, ldb, accumulate, C, ldc);
 }
 
 // Tile shape: stacked query rows x key columns per tile. Overridable for
@@ -484,6 +485,22 @@ std::array<const uint16_t*, 2> split_rows(const void* src, int64_t src_stride, i
   return {hi, lo};
 }
 
+// Keys [keys.begin, keys.end) of (batch b, kv head kvh) of a (B, S, K, H)
+// key or value tensor, converted into dst (row stride H); the view addresses
+// them by key index like the whole tensor's.
+template <typename T, typename Acc>
+Rows<Acc> convert_keys(const T* src, int64_t S, int64_t K, int64_t H, int64_t b, int64_t kvh,
+                       Span keys, Acc* dst, const RowOps& ops) {
+  const T* first = src + ((b * S + keys.begin) * K + kvh) * H;
+  const int64_t n = keys.end - keys.begin;
+  if (K == 1) {
+    convert(first, dst, n * H, ops);
+  } else {
+    for (int64_t j = 0; j < n; ++j) convert(first + j * K * H, dst + j * H, H, ops);
+  }
+  return Rows<Acc>{dst, 0, 0, H, 0, keys.begin * H};
+}
+
 template <typename T, typename Acc>
 void forward_typed(const AttentionProblem& p, const ForwardBuffers& buf, TaskRunner& runner) {
   const int64_t B = p.batch, T_ = p.q_len, S_ = p.kv_len, N = p.q_heads, K = p.kv_heads,
@@ -508,6 +525,11 @@ void forward_typed(const AttentionProblem& p, const ForwardBuffers& buf, TaskRun
   const bool split = use_f16_split<T>(p, T_ * G);
   const bool dot = split || use_bf16_dot<T>(p, T_ * G, ops);
   const int parts = split ? 2 : 1;
+  // Products per tile product on the split path. Q K^T takes all four: the
+  // logits, hence lse, as accurate as float32's. P V drops P_lo V_lo (at most
+  // 2^-18 of |P V|): P itself keeps only 16 significant bits (2^-17) and the
+  // output is rounded to float16 (2^-11).
+  const int qk_terms = split ? 4 : 1, pv_terms = split ? 3 : 1;
   const int64_t Bk = dot ? (tile.cols + 1) / 2 * 2 : tile.cols;
   const int64_t QB = ceil_div(T_, Tq), pairs = B * K;
   const int64_t hpairs = (H + 1) / 2, kpairs_max = Bk / 2;  // words per row of Q, of P
@@ -520,23 +542,35 @@ void forward_typed(const AttentionProblem& p, const ForwardBuffers& buf, TaskRun
     SP = std::clamp<int64_t>(ceil_div(4 * threads, pairs * QB), 1,
                              std::max<int64_t>(1, S_ / (2 * Bk)));
 
-  // Chunks of pairs bound the float copies of float16/bfloat16 keys/values.
+  // float16/bfloat16 on the float path: each task converts the key/value
+  // blocks it visits into per-thread scratch (convert_keys). Converting is a
+  // few instructions per value against 2 * rows flops of the tile products,
+  // and a float copy of the whole K and V staged first cost a write and a
+  // re-read of twice the input's bytes: decoding (one query block, memory
+  // bound) ran 2.6x slower than float32 with it (RESULTS.md).
+  // Chunks of pairs bound the bfloat16 repacks of the dot-product path.
   const bool direct = std::is_same_v<T, Acc>;
   const int64_t per_pair = 2 * S_ * H * int64_t(sizeof(Acc));
-  const int64_t chunk = direct ? pairs : std::clamp<int64_t>((64 << 20) / per_pair, 1, pairs);
-  std::vector<Acc> kbuf, vbuf, part;
+  const int64_t chunk = dot ? std::clamp<int64_t>((64 << 20) / per_pair, 1, pairs) : pairs;
+  // Buffers written in full (or where read) before they are read: left
+  // uninitialised, as zeroing them on the calling thread took a large share
+  // of short calls (a decode's partial results, a 2048-key bfloat16 repack).
+  // Partial results of key slices: per slice, rows of acc, then m, then l,
+  // for the stacked rows of one query block (T * G when decoding).
+  const int64_t part_rows = std::min(Tq, T_) * G, part_size = part_rows * (H + 2);
+  std::unique_ptr<Acc[]> part(SP > 1 ? new Acc[size_t(chunk * QB * SP * part_size)] : nullptr);
   // Pair layouts (cpu_bf16.h) of K^T and V per pair; [1]: lo parts (split).
-  std::vector<uint32_t> kpack[2], vpack[2];
-  if (SP > 1) part.resize(size_t(std::min(chunk, pairs) * QB * SP * rows_max * (H + 2)));
+  // Columns S.. of a K^T row are padding that no product reads.
+  std::unique_ptr<uint32_t[]> kpack[2], vpack[2];
+  for (int i = 0; dot && i < parts; ++i) {
+    kpack[i].reset(new uint32_t[size_t(chunk * hpairs * Sld)]);
+    vpack[i].reset(new uint32_t[size_t(chunk * Vpairs * H)]);
+  }
 
   for (int64_t p0 = 0; p0 < pairs; p0 += chunk) {
     const int64_t p1 = std::min(pairs, p0 + chunk), cp = p1 - p0;
     Rows<Acc> kv, vv;
     if (dot) {
-      for (int i = 0; i < parts; ++i) {
-        kpack[i].resize(size_t(cp * hpairs * Sld));
-        vpack[i].resize(size_t(cp * Vpairs * H));
-      }
       const int64_t block = 512, blocks = ceil_div(S_, block);
       parallel_for_slots(runner, cp * blocks, helpers_for(runner, cp * blocks),
                          [&](int64_t, int64_t task) {
@@ -552,15 +586,15 @@ void forward_typed(const AttentionProblem& p, const ForwardBuffers& buf, TaskRun
           stride = H;
         }
         for (int i = 0; i < parts; ++i) {
-          cpu::pack_pairs_in_rows(ks[i], stride, n, H, kpack[i].data() + pl * hpairs * Sld + s0,
+          cpu::pack_pairs_in_rows(ks[i], stride, n, H, kpack[i].get() + pl * hpairs * Sld + s0,
                                   Sld, 1);
           cpu::pack_pairs_across_rows(vs[i], stride, n, H,
-                                      vpack[i].data() + (pl * Vpairs + s0 / 2) * H, H, 1);
+                                      vpack[i].get() + (pl * Vpairs + s0 / 2) * H, H, 1);
         }
       });
-    } else {
-      kv = stage<T, Acc>(static_cast<const T*>(buf.k), S_, K, 1, H, p0, p1, kbuf, runner, ops);
-      vv = stage<T, Acc>(static_cast<const T*>(buf.v), S_, K, 1, H, p0, p1, vbuf, runner, ops);
+    } else if constexpr (std::is_same_v<T, Acc>) {
+      kv = Rows<Acc>{static_cast<const Acc*>(buf.k), S_ * K * H, H, K * H, H, 0};
+      vv = Rows<Acc>{static_cast<const Acc*>(buf.v), S_ * K * H, H, K * H, H, 0};
     }
     const int64_t ntasks = cp * QB * SP;
     if (prof) prof->mark("stage");
@@ -607,10 +641,13 @@ void forward_typed(const AttentionProblem& p, const ForwardBuffers& buf, TaskRun
         for (int64_t t = 0; t < tq; ++t)
           convert(q + ((b * T_ + t0 + t) * N + kvh * G) * H, Qs + t * G * H, G * H, ops);
       }
+      // Keys and values of the current key block on the float path: the
+      // inputs in place (float32/float64) or their float copies.
+      Rows<Acc> kb = kv, vb = vv;
       const uint32_t* Kw[2] = {}, *Vw[2] = {};
       for (int i = 0; dot && i < parts; ++i) {
-        Kw[i] = kpack[i].data() + pl * hpairs * Sld;
-        Vw[i] = vpack[i].data() + pl * Vpairs * H;
+        Kw[i] = kpack[i].get() + pl * hpairs * Sld;
+        Vw[i] = vpack[i].get() + pl * Vpairs * H;
       }
 
       // One tile: query positions [u0, u0 + uq) (stacked rows from
@@ -623,12 +660,12 @@ void forward_typed(const AttentionProblem& p, const ForwardBuffers& buf, TaskRun
             timed(prof, 0, nr, cols, H, [&] {
               const uint32_t* A[2] = {Qw[0] + r0 * hpairs, split ? Qw[1] + r0 * hpairs : nullptr};
               const uint32_t* B[2] = {Kw[0] + j0, split ? Kw[1] + j0 : nullptr};
-              dot_product(split, nr, cols, hpairs, scale, A, hpairs, B, Sld, false, Sb, Bk);
+              dot_product(qk_terms, nr, cols, hpairs, scale, A, hpairs, B, Sld, false, Sb, Bk);
             });
         }
         if (!dot)
-          timed_gemm(prof, 0, false, true, nr, cols, H, scale, Qs + r0 * H, H, kv.at(b, kvh, j0),
-                     kv.sp, Acc(0), Sb, Bk);
+          timed_gemm(prof, 0, false, true, nr, cols, H, scale, Qs + r0 * H, H, kb.at(b, kvh, j0),
+                     kb.sp, Acc(0), Sb, Bk);
         if (!rules.plain(u0, uq, j0, cols)) rules.apply(b, kvh, u0, uq, j0, cols, Sb, Bk, th);
         for (int64_t r = 0; r < nr; ++r) {  // online softmax
           Acc* s = Sb + r * Bk;
@@ -673,19 +710,25 @@ void forward_typed(const AttentionProblem& p, const ForwardBuffers& buf, TaskRun
             const int64_t kp = (cols + 1) / 2;
             timed(prof, 1, nr, H, cols, [&] {
               const uint32_t* B[2] = {Vw[0] + (j0 / 2) * H, split ? Vw[1] + (j0 / 2) * H : nullptr};
-              dot_product(split, nr, H, kp, 1.0f, Pw, kpairs_max, B, H, true, a, H);
+              dot_product(pv_terms, nr, H, kp, 1.0f, Pw, kpairs_max, B, H, true, a, H);
             });
           }
         }
         if (!dot)
-          timed_gemm(prof, 1, false, false, nr, H, cols, Acc(1), Sb, Bk, vv.at(b, kvh, j0),
-                     vv.sp, Acc(1), a, H);
+          timed_gemm(prof, 1, false, false, nr, H, cols, Acc(1), Sb, Bk, vb.at(b, kvh, j0),
+                     vb.sp, Acc(1), a, H);
       };
       const int64_t sub = std::max<int64_t>(1, 64 / G);  // positions per sub-tile
       for (int64_t j0 = span.begin; j0 < span.end; j0 += Bk) {
         const int64_t cols = std::min(Bk, span.end - j0);
         const Span seg = rules.segment_keys(t0, tq, j0, cols);
         if (seg.empty()) continue;  // no segment of these queries among these keys
+        if (!direct && !dot) {
+          const T* k = static_cast<const T*>(buf.k);
+          const T* v = static_cast<const T*>(buf.v);
+          kb = convert_keys(k, S_, K, H, b, kvh, seg, scratch<Acc>(11, Bk * H), ops);
+          vb = convert_keys(v, S_, K, H, b, kvh, seg, scratch<Acc>(12, Bk * H), ops);
+        }
         const bool ragged =
             t0 + tq > rules.q_valid ||
             p.key_span(t0 + tq - 1, rules.q_valid, rules.kv_valid).begin > j0 ||
@@ -718,10 +761,10 @@ void forward_typed(const AttentionProblem& p, const ForwardBuffers& buf, TaskRun
           lse[(b * T_ + t0 + t) * N + kvh * G + g] = empty ? neg_inf : m[r] + std::log(l[r]);
         }
       } else {  // keep the unnormalised partial result for the merge
-        Acc* dst = part.data() + ((pl * QB + qb) * SP + sp) * rows_max * (H + 2);
+        Acc* dst = part.get() + ((pl * QB + qb) * SP + sp) * part_size;
         std::copy(acc, acc + rows * H, dst);
-        std::copy(m, m + rows, dst + rows_max * H);
-        std::copy(l, l + rows, dst + rows_max * (H + 1));
+        std::copy(m, m + rows, dst + part_rows * H);
+        std::copy(l, l + rows, dst + part_rows * (H + 1));
       }
       if (prof) prof->task_done(slot, task_start);
     });
@@ -732,22 +775,22 @@ void forward_typed(const AttentionProblem& p, const ForwardBuffers& buf, TaskRun
         const int64_t pl = task / QB, qb = task % QB;
         const int64_t pr = p0 + pl, b = pr / K, kvh = pr % K;
         const int64_t t0 = qb * Tq, tq = std::min(Tq, T_ - t0), rows = tq * G;
-        const Acc* base = part.data() + (pl * QB + qb) * SP * rows_max * (H + 2);
+        const Acc* base = part.get() + (pl * QB + qb) * SP * part_size;
         Acc* o = scratch<Acc>(6, H);
         for (int64_t r = 0; r < rows; ++r) {
           Acc mx = neg_inf;  // a NaN slice maximum (NaN logit) wins: the row is NaN
           for (int64_t s = 0; s < SP; ++s) {
-            const Acc ms = base[s * rows_max * (H + 2) + rows_max * H + r];
+            const Acc ms = base[s * part_size + part_rows * H + r];
             if (std::isnan(ms) || ms > mx) mx = ms;
           }
           Acc sum = 0;
           std::fill(o, o + H, Acc(0));
           if (mx != neg_inf)
             for (int64_t s = 0; s < SP; ++s) {
-              const Acc* ps = base + s * rows_max * (H + 2);
-              const Acc w = std::exp(ps[rows_max * H + r] - mx);
+              const Acc* ps = base + s * part_size;
+              const Acc w = std::exp(ps[part_rows * H + r] - mx);
               if (w == Acc(0)) continue;
-              sum += w * ps[rows_max * (H + 1) + r];
+              sum += w * ps[part_rows * (H + 1) + r];
               for (int64_t h = 0; h < H; ++h) o[h] += w * ps[r * H + h];
             }
           const int64_t t = r / G, g = r % G;

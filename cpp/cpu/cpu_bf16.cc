@@ -196,9 +196,7 @@ struct alignas(64) TileConfig {
 // zero-padded at the edges: every tile load reads 16 consecutive 64-byte rows
 // (in place, the rows of a K^T operand lie S words apart, 16 KiB at S = 4096)
 // and edges need no special case. The copy is cheap next to the products
-// (each copied word takes part in 4 M or 4 N flops); on the 16-core Xeon the
-// per-thread rates stayed within that machine's noise of the in-place
-// version's (JAX_MFA_PROFILE: Q K^T 210-250 GFLOP/s, P V 270-440).
+// (each copied word takes part in 4 M or 4 N flops).
 //
 // Tile (rt, ct) of X (rows x cols words, row stride ld), rows 16 rt.. and
 // columns 16 ct.., goes to dst + (rt * rt_stride + ct * ct_stride) * 256.
@@ -216,16 +214,36 @@ AMX_TARGET void pack_tiles(const uint32_t* X, int64_t ld, int64_t rows, int64_t 
 }
 
 // C block of MT x NT tiles at (m0, n0) from the packed tiles of its A rows
-// (At) and B columns (Bt), k_tiles each: the K loop on the tile unit, then
-// C = alpha * AB (+ C) through a float copy, masked at the edges.
+// (At) and B columns (Bt), k_tiles each. A C tile wholly inside C lives in
+// C itself: with alpha = 1 the accumulator is loaded from C (accumulate) or
+// zeroed, and stored back in place; with alpha != 1 and no accumulation it is
+// stored in place and scaled there. Edge tiles, and alpha != 1 with
+// accumulation, go through the float copy c: C = alpha * AB (+ C), masked.
 template <int MT, int NT>
 AMX_TARGET void amx_block(int64_t M, int64_t N, int64_t k_tiles, float alpha, const uint32_t* At,
                           const uint32_t* Bt, bool accumulate, float* C, int64_t ldc, int64_t m0,
                           int64_t n0, float (*c)[256]) {
-  _tile_zero(0);
-  if constexpr (NT > 1) _tile_zero(1);
-  if constexpr (MT > 1) _tile_zero(2);
-  if constexpr (MT > 1 && NT > 1) _tile_zero(3);
+  const bool unit = alpha == 1.0f;
+  const bool in_place_ok = unit || !accumulate;
+  bool in_place[2][2];
+  float* at[2][2];
+  for (int i = 0; i < 2; ++i)
+    for (int j = 0; j < 2; ++j) {
+      in_place[i][j] = in_place_ok && m0 + 16 * i + 16 <= M && n0 + 16 * j + 16 <= N;
+      at[i][j] = C + (m0 + 16 * i) * ldc + n0 + 16 * j;
+    }
+  const int64_t stride = ldc * int64_t(sizeof(float));
+  // Tile numbers are immediates: one macro use per accumulator.
+#define JAX_MFA_AMX_START(t, i, j)                                  \
+  if (unit && accumulate && in_place[i][j]) _tile_loadd(t, at[i][j], stride); \
+  else _tile_zero(t)
+#define JAX_MFA_AMX_FINISH(t, i, j)                                  \
+  if (in_place[i][j]) _tile_stored(t, at[i][j], stride);             \
+  else _tile_stored(t, c[t], 64)
+  JAX_MFA_AMX_START(0, 0, 0);
+  if constexpr (NT > 1) JAX_MFA_AMX_START(1, 0, 1);
+  if constexpr (MT > 1) JAX_MFA_AMX_START(2, 1, 0);
+  if constexpr (MT > 1 && NT > 1) JAX_MFA_AMX_START(3, 1, 1);
   for (int64_t kt = 0; kt < k_tiles; ++kt) {
     _tile_loadd(4, At + kt * 256, 64);
     if constexpr (MT > 1) _tile_loadd(5, At + (k_tiles + kt) * 256, 64);
@@ -236,13 +254,22 @@ AMX_TARGET void amx_block(int64_t M, int64_t N, int64_t k_tiles, float alpha, co
     if constexpr (MT > 1) _tile_dpbf16ps(2, 5, 6);
     if constexpr (MT > 1 && NT > 1) _tile_dpbf16ps(3, 5, 7);
   }
-  _tile_stored(0, c[0], 64);
-  if constexpr (NT > 1) _tile_stored(1, c[1], 64);
-  if constexpr (MT > 1) _tile_stored(2, c[2], 64);
-  if constexpr (MT > 1 && NT > 1) _tile_stored(3, c[3], 64);
+  JAX_MFA_AMX_FINISH(0, 0, 0);
+  if constexpr (NT > 1) JAX_MFA_AMX_FINISH(1, 0, 1);
+  if constexpr (MT > 1) JAX_MFA_AMX_FINISH(2, 1, 0);
+  if constexpr (MT > 1 && NT > 1) JAX_MFA_AMX_FINISH(3, 1, 1);
+#undef JAX_MFA_AMX_START
+#undef JAX_MFA_AMX_FINISH
   const __m512 al = _mm512_set1_ps(alpha);
   for (int i = 0; i < MT; ++i)
     for (int j = 0; j < NT; ++j) {
+      if (in_place[i][j]) {
+        if (!unit)
+          for (int r = 0; r < 16; ++r)
+            _mm512_storeu_ps(at[i][j] + r * ldc,
+                             _mm512_mul_ps(_mm512_loadu_ps(at[i][j] + r * ldc), al));
+        continue;
+      }
       const int64_t r0 = m0 + 16 * i, c0 = n0 + 16 * j;
       const int64_t nr = std::min<int64_t>(16, M - r0);
       const __mmask16 k = tail_mask(N - c0);
@@ -255,10 +282,12 @@ AMX_TARGET void amx_block(int64_t M, int64_t N, int64_t k_tiles, float alpha, co
     }
 }
 
-AMX_TARGET void amx_gemm(int64_t M, int64_t N, int64_t pairs, float alpha, const uint32_t* A,
-                         int64_t lda, const uint32_t* B, int64_t ldb, bool accumulate, float* C,
-                         int64_t ldc) {
-  const int64_t m_tiles = (M + 15) / 16, n_tiles = (N + 15) / 16, k_tiles = (pairs + 15) / 16;
+AMX_TARGET void amx_gemm(int64_t M, int64_t N, int64_t pairs, float alpha, int terms,
+                         const uint32_t* const* A, int64_t lda, const uint32_t* const* B,
+                         int64_t ldb, bool accumulate, float* C, int64_t ldc) {
+  // The terms' products are one K loop: term t's tiles follow term t - 1's.
+  const int64_t m_tiles = (M + 15) / 16, n_tiles = (N + 15) / 16;
+  const int64_t term_tiles = (pairs + 15) / 16, k_tiles = terms * term_tiles;
   struct Aligned {
     alignas(64) uint32_t words[256];
   };
@@ -267,8 +296,11 @@ AMX_TARGET void amx_gemm(int64_t M, int64_t N, int64_t pairs, float alpha, const
   if (b_tiles.size() < size_t(n_tiles * k_tiles)) b_tiles.resize(size_t(n_tiles * k_tiles));
   uint32_t* At = a_tiles.data()->words;
   uint32_t* Bt = b_tiles.data()->words;
-  pack_tiles(A, lda, M, pairs, At, k_tiles, 1);  // A row tile mt: k_tiles tiles from mt * k_tiles
-  pack_tiles(B, ldb, pairs, N, Bt, 1, k_tiles);  // B column tile nt: likewise
+  for (int t = 0; t < terms; ++t) {
+    // A row tile mt: k_tiles tiles from mt * k_tiles; B column tile nt: likewise.
+    pack_tiles(A[t], lda, M, pairs, At + t * term_tiles * 256, k_tiles, 1);
+    pack_tiles(B[t], ldb, pairs, N, Bt + t * term_tiles * 256, 1, k_tiles);
+  }
 
   // Configured on every call: other code on this thread (oneDNN in XLA or
   // torch) may use the tiles with another shape in between.
@@ -298,13 +330,20 @@ AMX_TARGET void amx_gemm(int64_t M, int64_t N, int64_t pairs, float alpha, const
 
 }  // namespace
 
-void bf16_gemm(int64_t M, int64_t N, int64_t pairs, float alpha, const uint32_t* A, int64_t lda,
-               const uint32_t* B, int64_t ldb, bool accumulate, float* C, int64_t ldc) {
+void bf16_gemm_sum(int64_t M, int64_t N, int64_t pairs, float alpha, int terms,
+                   const uint32_t* const* A, int64_t lda, const uint32_t* const* B, int64_t ldb,
+                   bool accumulate, float* C, int64_t ldc) {
 #ifdef JAX_MFA_AMX
   if (bf16_dot_kind() == Bf16Dot::Amx)
-    return amx_gemm(M, N, pairs, alpha, A, lda, B, ldb, accumulate, C, ldc);
+    return amx_gemm(M, N, pairs, alpha, terms, A, lda, B, ldb, accumulate, C, ldc);
 #endif
-  avx512_gemm(M, N, pairs, alpha, A, lda, B, ldb, accumulate, C, ldc);
+  for (int t = 0; t < terms; ++t)
+    avx512_gemm(M, N, pairs, alpha, A[t], lda, B[t], ldb, accumulate || t > 0, C, ldc);
+}
+
+void bf16_gemm(int64_t M, int64_t N, int64_t pairs, float alpha, const uint32_t* A, int64_t lda,
+               const uint32_t* B, int64_t ldb, bool accumulate, float* C, int64_t ldc) {
+  bf16_gemm_sum(M, N, pairs, alpha, 1, &A, lda, &B, ldb, accumulate, C, ldc);
 }
 
 BF16_TARGET void float_to_pairs_in_rows(const float* src, int64_t src_stride, int64_t rows,
@@ -368,9 +407,13 @@ void float_to_pairs_in_rows(const float*, int64_t, int64_t, int64_t, uint32_t*, 
 void float_to_pairs_across_rows(const float*, int64_t, int64_t, int64_t, uint32_t*, int64_t) {
   std::abort();
 }
+void bf16_gemm_sum(int64_t, int64_t, int64_t, float, int, const uint32_t* const*, int64_t,
+                   const uint32_t* const*, int64_t, bool, float*, int64_t) {
+  std::abort();  // bf16_dot_available() is false here
+}
 void bf16_gemm(int64_t, int64_t, int64_t, float, const uint32_t*, int64_t, const uint32_t*,
                int64_t, bool, float*, int64_t) {
-  std::abort();  // bf16_dot_available() is false here
+  std::abort();
 }
 #endif
 

@@ -33,11 +33,9 @@ enum class Bf16Dot { None, Avx512, Amx };
 Bf16Dot bf16_dot_kind();
 inline bool bf16_dot_available() { return bf16_dot_kind() != Bf16Dot::None; }
 // Whether float16 forwards run on the bfloat16 instructions through hi/lo
-// splits (three products for one). Opt-in: JAX_MFA_F16_SPLIT=1 (read on
-// every call) wherever bf16_dot_available(); off by default, because on AMX it
-// was no faster than float32 (RESULTS.md) and dropping the lo*lo' product
-// leaves lse errors of ~2e-6 relative, above the float32-accumulation bound
-// the float16 tests hold the other paths to.
+// splits (Q K^T as four products, P V as three: attention_cpu.cc). Opt-in:
+// JAX_MFA_F16_SPLIT=1 (read on every call) wherever bf16_dot_available(); off
+// by default, because it was not faster than the float path (RESULTS.md).
 bool f16_split_available();
 
 // "Pair layout" of a K x N operand B: word (k / 2) * ld + n holds B[k][n] in
@@ -69,9 +67,9 @@ void float_to_pairs_across_rows(const float* src, int64_t src_stride, int64_t K,
 
 // float16 on the bfloat16 instructions: x = hi + lo, hi = bfloat16(x),
 // lo = bfloat16(x - hi). Exact for every finite float16 (11 significant bits
-// = 8 + 3, exponents inside bfloat16's range), so hi*hi' + hi*lo' + lo*hi'
-// gives a float16 product to within lo*lo' (2^-16 relative); for a float x it
-// keeps 16 significant bits. lo is 0 where x is infinite (NaN stays NaN).
+// = 8 + 3, exponents inside bfloat16's range), so the four products of the
+// parts give a float16 product exactly (lo*lo' alone is up to 2^-16 of it);
+// for a float x the parts keep 16 significant bits. lo is 0 where x is infinite (NaN stays NaN).
 // Contiguous runs of n values; only where bf16_dot_available().
 void half_to_bf16_hi_lo(const uint16_t* src, int64_t n, uint16_t* hi, uint16_t* lo);
 void float_to_bf16_hi_lo(const float* src, int64_t n, uint16_t* hi, uint16_t* lo);
@@ -82,6 +80,11 @@ void float_to_bf16_hi_lo(const float* src, int64_t n, uint16_t* hi, uint16_t* lo
 // bf16_dot_kind() names.
 void bf16_gemm(int64_t M, int64_t N, int64_t pairs, float alpha, const uint32_t* A, int64_t lda,
                const uint32_t* B, int64_t ldb, bool accumulate, float* C, int64_t ldc);
+// C = alpha * sum over t < terms of A[t] B[t] (+ C), the same layouts for
+// every term: on AMX one accumulation in the tiles (the float16 splits).
+void bf16_gemm_sum(int64_t M, int64_t N, int64_t pairs, float alpha, int terms,
+                   const uint32_t* const* A, int64_t lda, const uint32_t* const* B, int64_t ldb,
+                   bool accumulate, float* C, int64_t ldc);
 
 }  // namespace cpu
 }  // namespace jax_mfa
