@@ -75,7 +75,7 @@ def cases(kind: str, n: int) -> dict:
             "causal_gqa_odd": dict(size=(2, L, L, 4, 1, 8), is_causal=True, bias=(2, 1, L, L),
                                    lengths=True, segments=True, sinks=True, dropout=0.3),
             "full_t_ne_s_mask": dict(size=(2, 3 * n, L, 4, 2, 8), mask=(2, 1, 3 * n, L),
-                                     bias=(1, 1, 1, L), segments=True),
+                                     bias=(1, 1, 1, L), segments=True, dropout=0.3),
             "window_odd": dict(size=(2, L, L, 2, 1, 8), local_window_size=(3, 2),
                                bias=(1, 2, L, L), sinks=True),
             "causal_t_ne_s_softcap": dict(size=(1, 3 * n, L, 2, 2, 8), is_causal=True,
