@@ -232,16 +232,21 @@ def attention(query, key, value, bias=None, mask=None, *, scale=None, is_causal=
     with _forward_mode_errors(impl):
         if routed:
             out, lse = _non_cpu_attention(ops, options, return_residual)
-        elif impl == "xla":
-            out, lse = _xla.attention(ops, options)
-        elif impl == "xla-blockwise":
-            out, lse = _blockwise.attention(ops, options)
         else:
-            out, lse = _primitives.attention(ops, options, impl)
+            out, lse = call_implementation(impl, ops, options)
     if was_3d:
         out = out[0]
         lse = None if lse is None else lse[0]
     return (out, lse) if return_residual else out
+
+
+def call_implementation(impl: str, ops: Operands, options) -> tuple:
+    """(out, lse) of checked operands on implementation `impl` (differentiable)."""
+    if impl == "xla":
+        return _xla.attention(ops, options)
+    if impl == "xla-blockwise":
+        return _blockwise.attention(ops, options)
+    return _primitives.attention(ops, options, impl)
 
 
 # ----------------------------------------------------------------------------
@@ -270,17 +275,16 @@ def ring_attention(query, key, value, bias=None, mask=None, *, axis_name, scale=
 
     ``query_segment_ids`` / ``key_value_segment_ids`` are this device's rows
     ``(B, T/n)`` / ``(B, S/n)`` (they travel with the key/value blocks);
-    ``sinks`` ``(N,)`` are folded into the final merge. Dropout is not
-    supported (ValueError): its mask is drawn from global head and position
-    indices that the kernels only know unsharded.
+    ``sinks`` ``(N,)`` are folded into the final merge. Dropout
+    (``dropout_rate``, ``dropout_rng``) draws the mask of the whole sequence:
+    the same as :func:`attention` on the unsharded rows with the same key.
+    Along other shard_map axes the batch rows and heads are the local ones
+    (every batch or head shard draws the mask of local index 0, 1, ...): fold
+    those axes' ``jax.lax.axis_index`` into ``dropout_rng`` for distinct masks.
 
     Returns this device's rows of the output (and of the lse with
     ``return_residual=True``).
     """
-    if dropout_rate != 0:
-        raise ValueError("ring_attention does not support dropout_rate != 0 (its mask uses "
-                         "global positions); use jax_mfa.attention on the whole sequence")
-    del dropout_rng  # only meaningful with dropout_rate > 0
     axes = (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
     try:
         size = jax.lax.axis_size(axes)
@@ -293,10 +297,10 @@ def ring_attention(query, key, value, bias=None, mask=None, *, axis_name, scale=
         scale=scale, is_causal=is_causal, local_window_size=local_window_size,
         softcap=softcap, implementation=implementation, key_columns=size * key_rows,
         query_segment_ids=query_segment_ids, key_value_segment_ids=key_value_segment_ids,
-        sinks=sinks)
+        sinks=sinks, dropout_rate=dropout_rate, dropout_rng=dropout_rng)
     ops = Operands(*_vary(ops.as_tuple(), axes))
     ring = _ring.Ring.make(axes, size, ops.query.shape[1], ops.key.shape[1], options)
-    out, lse = _ring_attention(*ops.as_tuple()[:RING_OPERANDS], options, impl, ring)
+    out, lse = _ring_attention(*ops.as_tuple(), options, impl, ring)
     if was_3d:
         out, lse = out[0], lse[0]
     return (out, lse) if return_residual else out
@@ -334,13 +338,8 @@ def _vary_like(ref):
     return lambda x: _vary((x,), axes)[0]
 
 
-# Operands of the ring (all but the dropout seed): q, k, v, bias, mask, the
-# lengths, the segment ids and the sinks.
-RING_OPERANDS = NUM_OPERANDS - 1
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(RING_OPERANDS, RING_OPERANDS + 1,
-                                                    RING_OPERANDS + 2))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(NUM_OPERANDS, NUM_OPERANDS + 1,
+                                                    NUM_OPERANDS + 2))
 def _ring_attention(*args):
     *ops, options, impl, ring = args
     return _ring.forward(_kernels(impl), ring, options, Operands(*ops), _vary_like(ops[0]))
@@ -348,22 +347,23 @@ def _ring_attention(*args):
 
 def _ring_fwd(*args):
     out, lse = _ring_attention(*args)
-    return (out, lse), (*args[:RING_OPERANDS], out, lse)
+    return (out, lse), (*args[:NUM_OPERANDS], out, lse)
 
 
 def _ring_bwd(options, impl, ring, residuals, cotangents):
     *args, out, lse = residuals
+    ops = Operands(*args)
     dout, dlse = cotangents
     acc = accumulation_dtype(out.dtype)
     delta = jnp.sum(dout.astype(acc) * out.astype(acc), axis=-1) - dlse.astype(acc)
-    grads = _ring.backward(_kernels(impl), ring, options, Operands(*args), lse,
-                           dout.astype(out.dtype), delta, _vary_like(out))
-    sinks = args[-1]
-    dsinks = (_xla.sinks_gradient(sinks, lse, delta).astype(sinks.dtype) if options.has_sinks
-              else jnp.zeros_like(sinks))
-    # mask, lengths and segment ids: no gradient.
-    no_gradient = tuple(np.zeros(a.shape, jax.dtypes.float0) for a in args[4:-1])
-    return grads + no_gradient + (dsinks,)
+    grads = _ring.backward(_kernels(impl), ring, options, ops, lse, dout.astype(out.dtype),
+                           delta, _vary_like(out))
+    dsinks = (_xla.sinks_gradient(ops.sinks, lse, delta).astype(ops.sinks.dtype)
+              if options.has_sinks else jnp.zeros_like(ops.sinks))
+    zero = lambda x: np.zeros(x.shape, jax.dtypes.float0)  # noqa: E731
+    return grads + (zero(ops.mask), zero(ops.q_lengths), zero(ops.kv_lengths),
+                    zero(ops.q_segments), zero(ops.kv_segments), dsinks,
+                    zero(ops.dropout_seed))
 
 
 _ring_attention.defvjp(_ring_fwd, _ring_bwd)

@@ -75,7 +75,7 @@ class Operands:
     q_segments: jax.Array = None  # (B, T) int32
     kv_segments: jax.Array = None  # (B, S) int32
     sinks: jax.Array = None  # (1 or B, N), accumulation dtype
-    dropout_seed: jax.Array = None  # (B, 3) uint32: Philox key words, counter batch index
+    dropout_seed: jax.Array = None  # (B, 6) uint32: key words, counter origin (_philox)
 
     def __post_init__(self):
         # Placeholders for the optional operands a caller left out.
@@ -87,7 +87,7 @@ class Operands:
             acc = np.float32 if self.query is None else accumulation_dtype(self.query.dtype)
             self.sinks = jnp.zeros((1, 1), acc)
         if self.dropout_seed is None:
-            self.dropout_seed = jnp.zeros((1, 3), jnp.uint32)
+            self.dropout_seed = jnp.zeros((1, _philox.SEED_WORDS), jnp.uint32)
 
     def as_tuple(self):
         return (self.query, self.key, self.value, self.bias, self.mask, self.q_lengths,
@@ -251,7 +251,7 @@ def _sinks(sinks, N: int, acc):
 
 
 def _dropout(rate, rng, B: int, broadcast: bool):
-    """(rate, seed (B, 3) uint32 or None) from dropout_rate and dropout_rng.
+    """(rate, seed (B, 6) uint32 or None) from dropout_rate and dropout_rng.
     With `broadcast`, every batch row draws the mask of batch index 0."""
     rate = _static_real(rate, "dropout_rate")
     if not 0.0 <= rate < 1.0:
@@ -269,9 +269,8 @@ def _dropout(rate, rng, B: int, broadcast: bool):
     if typed and rng_shape != ():
         raise ValueError(f"dropout_rng must be a single key, got shape {rng_shape}")
     words = _philox.key_words(rng)
-    rows = jnp.zeros((B, 1), jnp.uint32) if broadcast else jnp.arange(B, dtype=jnp.uint32)[:, None]
-    seed = jnp.concatenate([jnp.broadcast_to(words, (B, 2)), rows], axis=1)
-    return rate, seed
+    rows = (jnp.zeros if broadcast else jnp.arange)(B, dtype=jnp.uint32)
+    return rate, _philox.make_seed(words, rows)
 
 
 def prepare(query, key, value, bias, mask, *, scale, is_causal, query_seq_lengths,

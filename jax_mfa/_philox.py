@@ -5,6 +5,11 @@ Philox4x32-10 keyed by two 32-bit words of the PRNG key, counter
 ``(key // 4, query, head, batch)``, output word ``key % 4``; entry dropped iff
 that word < ``threshold(rate)``. Works in uint32 only (no uint64), so it runs
 without ``jax_enable_x64``.
+
+The kernels' seed operand is (B, SEED_WORDS) uint32; per batch row: the two
+key words and the counter origin, the global index of the row's batch and of
+the call's first head, query and key (a kernel call on a part of the problem,
+e.g. one device's heads or one ring block, adds it to its local indices).
 """
 
 from __future__ import annotations
@@ -15,6 +20,10 @@ import numpy as np
 
 _M0, _M1 = 0xD2511F53, 0xCD9E8D57
 _W0, _W1 = 0x9E3779B9, 0xBB67AE85
+
+# Columns of the seed operand (MfaDropoutSeed in metal/dropout_philox.h).
+KEY0, KEY1, BATCH, HEAD, QUERY, KEY = range(6)
+SEED_WORDS = 6
 
 
 def _mulhilo(a: int, b):
@@ -77,20 +86,36 @@ def dropout_words(k0, k1, batch, head, query, key):
                                                    jnp.where(sel == 2, words[2], words[3])))
 
 
+def make_seed(words, batch_rows) -> jax.Array:
+    """The seed operand: key words (2,) and the counter's batch index of each
+    row (B,), with head, query and key origins 0 (the whole problem)."""
+    B = batch_rows.shape[0]
+    return jnp.concatenate([jnp.broadcast_to(jnp.asarray(words, jnp.uint32), (B, 2)),
+                            jnp.asarray(batch_rows, jnp.uint32)[:, None],
+                            jnp.zeros((B, SEED_WORDS - 3), jnp.uint32)], axis=1)
+
+
+def shift_origin(seed, *, head=0, query=0, key=0) -> jax.Array:
+    """The seed of a part of the problem whose first head, query and key are
+    (traced or static) `head`, `query`, `key` in the current part's indices."""
+    offsets = [jnp.asarray(x).astype(jnp.uint32) for x in (head, query, key)]
+    return seed.at[:, HEAD:KEY + 1].add(jnp.stack(offsets)[None, :])
+
+
 def keep_mask(seed, rate: float, shape, *, broadcast: bool = False, q_start=0,
               k_start=0) -> jax.Array:
-    """Boolean (B, N, T, S) keep mask. `seed` is the kernels' (B, 3) uint32
-    operand: per batch row the two key words and the batch index the counter
-    uses. With `broadcast`, the head index is 0 (one mask for all heads).
-    Queries and keys are at absolute positions q_start + i and k_start + j (a
-    block of the whole problem)."""
+    """Boolean (B, N, T, S) keep mask. `seed` is the kernels' (B, SEED_WORDS)
+    uint32 operand (see the module doc). With `broadcast`, the head index is 0
+    (one mask for all heads). Queries and keys are at positions q_start + i and
+    k_start + j from the seed's origin (a block of the call)."""
     B, N, T, S = shape
     seed = jnp.asarray(seed, jnp.uint32)
-    k0 = seed[:, 0].reshape(B, 1, 1, 1)
-    k1 = seed[:, 1].reshape(B, 1, 1, 1)
-    b = seed[:, 2].reshape(B, 1, 1, 1)
-    n = (jnp.zeros if broadcast else jnp.arange)(N, dtype=jnp.uint32).reshape(1, N, 1, 1)
-    i = (jnp.asarray(q_start, jnp.uint32) + jnp.arange(T, dtype=jnp.uint32)).reshape(1, 1, T, 1)
-    j = (jnp.asarray(k_start, jnp.uint32) + jnp.arange(S, dtype=jnp.uint32)).reshape(1, 1, 1, S)
-    words = dropout_words(k0, k1, b, n, i, j)
+    column = lambda c: seed[:, c].reshape(B, 1, 1, 1)  # noqa: E731
+    n = jnp.arange(N, dtype=jnp.uint32).reshape(1, N, 1, 1)
+    n = jnp.zeros_like(n) if broadcast else column(HEAD) + n
+    i = column(QUERY) + (jnp.asarray(q_start, jnp.uint32)
+                         + jnp.arange(T, dtype=jnp.uint32)).reshape(1, 1, T, 1)
+    j = column(KEY) + (jnp.asarray(k_start, jnp.uint32)
+                       + jnp.arange(S, dtype=jnp.uint32)).reshape(1, 1, 1, S)
+    words = dropout_words(column(KEY0), column(KEY1), column(BATCH), n, i, j)
     return words >= np.uint32(threshold(rate))

@@ -40,7 +40,10 @@ boolean mask built per block from the absolute positions (T/n x S/n bytes).
 Padded query rows are zero and their results are dropped; with a zero output
 gradient they add nothing to the key/value gradients. Segment ids are
 position-free: a key/value block's ids travel with it. Sinks are one more key
-without value: they join once, in the final merge (add_sinks).
+without value: they join once, in the final merge (add_sinks). Dropout draws
+from absolute indices: each kernel call's seed carries the absolute position
+of its first query and key row (Block.q_start, Block.kv_start); every call
+covers one chunk of contiguous absolute rows.
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jax_mfa import _xla
+from jax_mfa import _philox, _xla
 from jax_mfa._arguments import Operands, Options, accumulation_dtype
 
 
@@ -99,6 +102,8 @@ class Block(NamedTuple):
     q_len: jax.Array | None  # (B,) valid query rows, when query lengths are given
     kv_len: jax.Array  # (B,) valid key rows (lengths and padding)
     allowed: jax.Array | None  # (1, 1, rows, keys) bool from absolute positions
+    q_start: jax.Array  # absolute position of the first query row (dropout's origin)
+    kv_start: jax.Array  # and of the first key row
 
 
 # ----------------------------------------------------------------------------
@@ -201,11 +206,15 @@ class _Limits(NamedTuple):
     kv: jax.Array  # (B,) key/value lengths (absolute; S if not given)
 
 
+def _chunk_start(ring: Ring, chunk):
+    """Absolute position of the first row of (absolute) `chunk`."""
+    return (chunk // 2) * ring.q_rows + (chunk % 2) * ring.chunk
+
+
 def _chunk_len(ring: Ring, limit, chunk):
     """Rows of (absolute) `chunk` below the absolute length `limit` (padding excluded)."""
     valid = jnp.where(chunk % 2 == 0, ring.chunk, ring.q_rows - ring.chunk)
-    start = (chunk // 2) * ring.q_rows + (chunk % 2) * ring.chunk
-    return _clip(limit, start, valid)
+    return _clip(limit, _chunk_start(ring, chunk), valid)
 
 
 def _chunk_of(ring: Ring, device, half: int):
@@ -235,10 +244,14 @@ def _balanced_blocks(ring: Ring, options: Options, limits: _Limits, d, j, case: 
     def length(limit, device, half):
         return _chunk_len(ring, limit, _chunk_of(ring, device, half))
 
+    def start(device, half):
+        return _chunk_start(ring, _chunk_of(ring, device, half))
+
     def block(q_half, kv_half, causal):
         q_len = None if limits.q is None else length(limits.q, d, q_half)
         return Block(q_half, kv_half, slice(q_half * c, (q_half + 1) * c), causal,
-                     (2 * j + kv_half) * c, q_len, length(limits.kv, j, kv_half), None)
+                     (2 * j + kv_half) * c, q_len, length(limits.kv, j, kv_half), None,
+                     start(d, q_half), start(j, kv_half))
 
     return [block(*pair) for pair in _PAIRS[case]]
 
@@ -252,7 +265,8 @@ def _contiguous_block(ring: Ring, options: Options, limits: _Limits, d, j) -> Bl
                                          has_kv_lengths=False)
         allowed = _xla.allowed_keys(None, structural, (1, T, 1, S), q_start=d * T,
                                     k_start=j * S)
-    return Block(0, 0, slice(0, T), False, j * S, q_len, _clip(limits.kv, j * S, S), allowed)
+    return Block(0, 0, slice(0, T), False, j * S, q_len, _clip(limits.kv, j * S, S), allowed,
+                 d * T, j * S)
 
 
 def _block_options(options: Options, block: Block) -> Options:
@@ -283,10 +297,12 @@ def _block_operands(ops: Operands, visiting: "_Visiting", block: Block, options:
     if block.allowed is not None:
         mask = block.allowed & mask if options.has_mask else block.allowed
     q_len = ops.q_lengths if block.q_len is None else block.q_len
-    # Sinks enter once, in the final merge (see forward); dropout is never on
-    # here (see unsupported_features): placeholders.
+    seed = ops.dropout_seed
+    if options.dropout_rate > 0:  # the counter origin of this block's rows
+        seed = _philox.shift_origin(seed, query=block.q_start, key=block.kv_start)
+    # Sinks enter once, in the final merge (see forward): a placeholder.
     return Operands(q, k, v, bias, mask, q_len, block.kv_len, q_segments,
-                    kv_segments).as_tuple()
+                    kv_segments, dropout_seed=seed).as_tuple()
 
 
 # ----------------------------------------------------------------------------
@@ -329,7 +345,7 @@ def _prepare(ring: Ring, ops: Operands, options: Options, *row_arrays):
         bias, mask = (_to_balanced(ring, x, 2) if x.shape[2] > 1 else x for x in (bias, mask))
     row_arrays = tuple(_parts(ring, x, 1) for x in row_arrays)
     local = _Local(Operands(q, k, v, bias, mask, ops.q_lengths, ops.kv_lengths, q_segments,
-                            kv_segments, ops.sinks), limits, _index(ring))
+                            kv_segments, ops.sinks, ops.dropout_seed), limits, _index(ring))
     return local, row_arrays
 
 
@@ -357,7 +373,7 @@ def _chosen(blocks: list, index) -> Block:
         return blocks[0]
     pick = lambda values: jnp.stack([jnp.asarray(v) for v in values])[index]  # noqa: E731
     fields = {name: pick([getattr(b, name) for b in blocks])
-              for name in ("q_part", "kv_part", "column", "kv_len")}
+              for name in ("q_part", "kv_part", "column", "kv_len", "q_start", "kv_start")}
     q_len = None if blocks[0].q_len is None else pick([b.q_len for b in blocks])
     return Block(q_rows=None, causal=False, q_len=q_len, allowed=None, **fields)
 
@@ -414,13 +430,6 @@ def merge(out, lse, part_out, part_lse):
     return out * weight(lse) + part_out.astype(out.dtype) * weight(part_lse), new
 
 
-def unsupported_features(options: Options) -> list[str]:
-    """The options ring attention does not implement: dropout (its Philox
-    counters are the global head, row and key indices; the kernels only know
-    block-local ones)."""
-    return ["dropout"] if options.dropout_rate > 0 else []
-
-
 def add_sinks(out, lse, sinks):
     """(out, lse) with the sinks (1|B, N) as one more key that carries no value:
     the merge with an empty partial result whose lse is the sink logit."""
@@ -431,8 +440,6 @@ def add_sinks(out, lse, sinks):
 def forward(kernels: Kernels, ring: Ring, options: Options, ops: Operands, vary=lambda x: x):
     """(out, lse) of the whole sequence for this device's query rows.
     `vary` marks arrays made here as varying over the manual axes (shard_map)."""
-    if unsupported_features(options):
-        raise ValueError(f"ring attention does not support {', '.join(unsupported_features(options))}")
     local, _ = _prepare(ring, ops, options)
     dtype = ops.query.dtype
     acc = accumulation_dtype(dtype)

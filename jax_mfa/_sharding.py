@@ -11,6 +11,9 @@ The query's sharding decides the plan (:class:`Plan`):
     one per query head); their gradients are summed over the head shards;
   * sequence: ring attention over the sequence axes (jax_mfa/_ring.py); a
     ring size that does not divide T or S pads the blocks (_pad_ring).
+Dropout draws from global indices: the seed operand carries each row's global
+batch index and the counter origin, which a device's program moves to its
+first head (and the ring to each block's first query and key row).
 Every operand dim has a role (:data:`ROLES`); a role maps to the plan's mesh
 axes, so an operand's sharding follows from its roles. A broadcast dim (size 1)
 stays replicated, and the gradient of a broadcast bias is summed over the
@@ -30,7 +33,7 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jax_mfa import _ring
+from jax_mfa import _philox, _ring
 from jax_mfa._arguments import NUM_OPERANDS, Operands
 
 # Roles of each dim of every operand and result of the two primitives. A new
@@ -50,7 +53,7 @@ ROLES = {
     "kv_segments": ("batch", "kv_seq"),
     # (1 or B, N): one logit per query head.
     "sinks": ("batch", "q_heads"),
-    # (B, 3): key words and the (global) batch index of each row's mask.
+    # (B, 6): key words, (global) batch index and counter origin of each row.
     "dropout_seed": ("batch", None),
     "lse": ("batch", "q_seq", "q_heads"),
     "dout": ("batch", "q_seq", "q_heads", None),
@@ -59,6 +62,7 @@ ROLES = {
 FWD_OPERANDS = ("query", "key", "value", "bias", "mask", "q_lengths", "kv_lengths",
                 "q_segments", "kv_segments", "sinks", "dropout_seed")
 OPERANDS = {"fwd": FWD_OPERANDS, "bwd": FWD_OPERANDS + ("lse", "dout", "delta")}
+SEED = FWD_OPERANDS.index("dropout_seed")
 # Results share the roles of the operand they mirror.
 RESULTS = {"fwd": ("query", "lse"), "bwd": ("query", "key", "value", "bias")}
 
@@ -107,12 +111,10 @@ def _spec_entry(axes):
     return None if not axes else axes[0] if len(axes) == 1 else axes
 
 
-def make_plan(mesh, shapes, specs, fused: bool = True, options=None) -> Plan:
+def make_plan(mesh, shapes, specs, fused: bool = True) -> Plan:
     """The plan for a call whose query and key have PartitionSpecs specs[0:2].
-    The dropout mask is drawn from global head and position indices, which the
-    kernels only know unsharded: with dropout, heads and sequence stay whole
-    on every device (gathered). Segment ids travel with the ring's blocks and
-    sinks shard with the query heads."""
+    Segment ids travel with the ring's blocks and sinks shard with the query
+    heads."""
     sizes = _role_sizes(shapes)
     size = lambda axes: math.prod(mesh.shape[a] for a in axes)  # noqa: E731
     padded = [tuple(s) + (None,) * (4 - len(s)) for s in specs[:2]]
@@ -120,13 +122,12 @@ def make_plan(mesh, shapes, specs, fused: bool = True, options=None) -> Plan:
     batch = _axes(q_spec[0])
     if sizes["batch"] % size(batch):
         batch = ()
-    dropout = options is not None and options.dropout_rate > 0
     heads = _axes(q_spec[2])
-    if set(heads) & set(batch) or sizes["q_heads"] % size(heads) or dropout:
+    if set(heads) & set(batch) or sizes["q_heads"] % size(heads):
         heads = ()
     seq = _axes(q_spec[1]) or _axes(k_spec[1])
     # Lengths that the ring size does not divide are padded (_pad_ring).
-    if not fused or set(seq) & (set(batch) | set(heads)) or dropout:
+    if not fused or set(seq) & (set(batch) | set(heads)):
         seq = ()
     return Plan(batch, heads, seq, kv_heads_sharded=sizes["kv_heads"] % size(heads) == 0)
 
@@ -198,6 +199,10 @@ def _local_program(kind, options, backend, kernel_call, plan: Plan, mesh, shapes
         if pick_heads:
             heads = _kv_head_index(plan, mesh, N, K)
             args[1], args[2] = (jnp.take(a, heads, axis=2) for a in args[1:3])
+        if plan.heads and options.dropout_rate > 0:  # the mask of this device's heads
+            local = args[0].shape[2]
+            args[SEED] = _philox.shift_origin(args[SEED],
+                                              head=jax.lax.axis_index(plan.heads) * local)
         if plan.seq:
             ring_options = options
             padded = n * args[0].shape[1] != T_rows or n * args[1].shape[1] != S_rows
@@ -248,7 +253,7 @@ def _plan_for(kind, options, backend, mesh, arg_shapes, result_shape):
     results = result_shape if isinstance(result_shape, (tuple, list)) else (result_shape,)
     shapes = [tuple(a.shape) for a in (*arg_shapes, *results)]
     specs = [getattr(a.sharding, "spec", P()) for a in arg_shapes[:2]]
-    return make_plan(mesh, shapes, specs, fused=backend != "xla", options=options), shapes
+    return make_plan(mesh, shapes, specs, fused=backend != "xla"), shapes
 
 
 def _partition(kernel_call, kind, options, backend, mesh, arg_shapes, result_shape):

@@ -365,20 +365,31 @@ inline void mfa_softmax_start(constant AttentionParams& p, device const float* s
   }
 }
 
+// The dropout seed row of batch b and the global head of local head n
+// (metal/dropout_philox.h: the seed carries the counter origin).
+inline device const uint* mfa_dropout_seed_row(device const uint* seed, int b) {
+  return seed + MFA_DROPOUT_SEED_WORDS * mfa_long(b);
+}
+inline uint mfa_dropout_head(constant AttentionParams& p, device const uint* s, int n) {
+  return p.dropout_broadcast_heads ? 0u : s[MFA_SEED_HEAD] + uint(n);
+}
 // Dropout factors of this lane's two neighbouring keys j, j + 1 (j even) in
-// query row i of head n: 0 or 1 / (1 - rate) (metal/dropout_philox.h).
+// query row i of head n: 0 or 1 / (1 - rate).
 inline MfaFactorPair mfa_dropout_keys(constant AttentionParams& p, device const uint* seed, int b,
                                       int n, int i, int j) {
-  device const uint* s = seed + 3 * mfa_long(b);
-  return mfa_dropout_factor_pair(s[0], s[1], s[2], p.dropout_broadcast_heads ? 0u : uint(n),
-                                 uint(i), uint(j), p.dropout_threshold, p.dropout_keep_scale);
+  device const uint* s = mfa_dropout_seed_row(seed, b);
+  return mfa_dropout_factor_pair(s[MFA_SEED_KEY0], s[MFA_SEED_KEY1], s[MFA_SEED_BATCH],
+                                 mfa_dropout_head(p, s, n), s[MFA_SEED_QUERY] + uint(i),
+                                 s[MFA_SEED_KEY] + uint(j), p.dropout_threshold,
+                                 p.dropout_keep_scale);
 }
 // The factor of one entry (b, n, i, j).
 inline float mfa_dropout_entry(constant AttentionParams& p, device const uint* seed, int b, int n,
                                int i, int j) {
-  device const uint* s = seed + 3 * mfa_long(b);
-  return mfa_dropout_factor(s[0], s[1], s[2], p.dropout_broadcast_heads ? 0u : uint(n), uint(i),
-                            uint(j), p.dropout_threshold, p.dropout_keep_scale);
+  device const uint* s = mfa_dropout_seed_row(seed, b);
+  return mfa_dropout_factor(s[MFA_SEED_KEY0], s[MFA_SEED_KEY1], s[MFA_SEED_BATCH],
+                            mfa_dropout_head(p, s, n), s[MFA_SEED_QUERY] + uint(i),
+                            s[MFA_SEED_KEY] + uint(j), p.dropout_threshold, p.dropout_keep_scale);
 }
 
 // ---------------------------------------------------------------------------

@@ -72,7 +72,7 @@ struct AttentionParams {
   mfa_int has_segment_ids, segments_sorted;
   // Sinks (sinks_batched ? B : 1, N), float, natural-log units.
   mfa_int has_sinks, sinks_batched;
-  // Dropout (metal/dropout_philox.h); dropout_seed (B, 3) uint.
+  // Dropout (metal/dropout_philox.h); dropout_seed (B, MFA_DROPOUT_SEED_WORDS) uint.
   mfa_int has_dropout, dropout_broadcast_heads;
   mfa_u32 dropout_threshold;
   float dropout_keep_scale;

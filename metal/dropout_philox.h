@@ -12,6 +12,13 @@
 // Entry (b, n, i, j) is dropped iff that word < threshold, where threshold =
 // round(rate * 2^32) (see mfa_dropout_threshold); kept entries are scaled by
 // 1 / (1 - rate).
+//
+// The indices are those of the whole (unsharded) problem. A kernel call sees
+// a part of it (a device's heads, a ring block's queries and keys), so each
+// batch row of the dropout seed operand carries, besides the key words, the
+// counter's origin: the global index of the row's batch and of the call's
+// first head, query and key (MfaDropoutSeed). A local entry (n, i, j) draws
+// the word of (batch, head + n, query + i, key + j).
 #ifndef JAX_MFA_METAL_DROPOUT_PHILOX_H
 #define JAX_MFA_METAL_DROPOUT_PHILOX_H
 
@@ -25,6 +32,13 @@ inline mfa_u32 mfa_mulhi(mfa_u32 a, mfa_u32 b) {
   return mfa_u32((uint64_t(a) * uint64_t(b)) >> 32);
 }
 #endif
+
+// The words of one batch row of the dropout seed operand ((B, 6) uint32).
+enum MfaDropoutSeed {
+  MFA_SEED_KEY0, MFA_SEED_KEY1,  // the Philox key
+  MFA_SEED_BATCH, MFA_SEED_HEAD, MFA_SEED_QUERY, MFA_SEED_KEY,  // the counter origin
+  MFA_DROPOUT_SEED_WORDS
+};
 
 struct MfaPhilox4 {
   mfa_u32 x, y, z, w;
@@ -72,19 +86,28 @@ inline float mfa_dropout_factor(mfa_u32 k0, mfa_u32 k1, mfa_u32 batch, mfa_u32 h
   return mfa_dropout_word(k0, k1, batch, head, query, key) >= threshold ? keep_scale : 0.0f;
 }
 
-// The factors of two neighbouring keys (key_even, key_even + 1), key_even
-// even: both words come from one Philox evaluation.
+// The factors of two neighbouring keys (key_first, key_first + 1): one Philox
+// evaluation, or two when they straddle a group of four (key_first % 4 == 3,
+// possible with an odd key origin).
 struct MfaFactorPair {
   float first, second;
 };
 inline MfaFactorPair mfa_dropout_factor_pair(mfa_u32 k0, mfa_u32 k1, mfa_u32 batch, mfa_u32 head,
-                                             mfa_u32 query, mfa_u32 key_even, mfa_u32 threshold,
+                                             mfa_u32 query, mfa_u32 key_first, mfa_u32 threshold,
                                              float keep_scale) {
-  const MfaPhilox4 r = mfa_dropout_words(k0, k1, batch, head, query, key_even);
-  const bool low = (key_even & 2u) == 0u;
+  const MfaPhilox4 r = mfa_dropout_words(k0, k1, batch, head, query, key_first);
+  const mfa_u32 sel = key_first & 3u;
+  mfa_u32 first, second;
+  if (sel == 3u) {
+    first = r.w;
+    second = mfa_dropout_words(k0, k1, batch, head, query, key_first + 1u).x;
+  } else {
+    first = sel == 0u ? r.x : sel == 1u ? r.y : r.z;
+    second = sel == 0u ? r.y : sel == 1u ? r.z : r.w;
+  }
   MfaFactorPair f;
-  f.first = (low ? r.x : r.z) >= threshold ? keep_scale : 0.0f;
-  f.second = (low ? r.y : r.w) >= threshold ? keep_scale : 0.0f;
+  f.first = first >= threshold ? keep_scale : 0.0f;
+  f.second = second >= threshold ? keep_scale : 0.0f;
   return f;
 }
 

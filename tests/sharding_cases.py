@@ -61,29 +61,36 @@ def cases(kind: str, n: int) -> dict:
                                               bias=(1, 3 * n, 1, 12)),
             "float32_gqa_causal": dict(size=(2, 13, 13, 2 * n, 2, 8), is_causal=True,
                                        dtype=jnp.float32),
+            # Each device draws its heads' part of the mask (K = 2 divides the
+            # head shards or is replicated).
+            "dropout_gqa_causal_sinks": dict(size=(2, 13, 11, 2 * n, 2, 8), is_causal=True,
+                                             sinks=True, dropout=0.3),
         }
     if kind == "seq":
         L = odd * n
         return {
             # Segment ids travel with the key/value blocks; sinks join the
-            # final merge.
+            # final merge; dropout draws from each block's absolute rows (odd
+            # chunks: odd key origins).
             "causal_gqa_odd": dict(size=(2, L, L, 4, 1, 8), is_causal=True, bias=(2, 1, L, L),
-                                   lengths=True, segments=True, sinks=True),
+                                   lengths=True, segments=True, sinks=True, dropout=0.3),
             "full_t_ne_s_mask": dict(size=(2, 3 * n, L, 4, 2, 8), mask=(2, 1, 3 * n, L),
-                                     bias=(1, 1, 1, L), segments=True),
+                                     bias=(1, 1, 1, L), segments=True, dropout=0.3),
             "window_odd": dict(size=(2, L, L, 2, 1, 8), local_window_size=(3, 2),
                                bias=(1, 2, L, L), sinks=True),
             "causal_t_ne_s_softcap": dict(size=(1, 3 * n, L, 2, 2, 8), is_causal=True,
                                           softcap=2.0, lengths=True),
-            # Even rows per device: the layout's chunks without padding.
+            # Even rows per device: the layout's chunks without padding
+            # (dropout: one kernel call per chunk pair although no lengths).
             "float32_causal": dict(size=(2, 4 * n, 4 * n, 4, 2, 8), is_causal=True,
-                                   dtype=jnp.float32, bias="full"),
+                                   dtype=jnp.float32, bias="full", dropout=0.2),
             # Lengths the ring size does not divide (sharded inside jit, as
             # device_put refuses): padded inside the partitioning.
             "uneven_causal": dict(size=(2, L + 1, L + 1, 2, 1, 8), is_causal=True, uneven=True,
                                   bias=(2, 1, L + 1, L + 1), segments=True, sinks=True),
             "uneven_t_ne_s_lengths": dict(size=(1, L - 2, 3 * n + 1, 2, 2, 8), lengths=True,
-                                          mask=(1, 1, L - 2, 3 * n + 1), uneven=True),
+                                          mask=(1, 1, L - 2, 3 * n + 1), uneven=True,
+                                          dropout=0.4),
             # ring_attention on the "xla" implementation's kernels.
             "xla_kernels_causal_odd": dict(size=(1, L, L, 2, 1, 8), is_causal=True,
                                            bias=(1, 2, L, L), ring_implementation="xla"),
@@ -94,6 +101,10 @@ def cases(kind: str, n: int) -> dict:
                                 lengths=True, segments=True, sinks=True),
         "full_broadcast_bias": dict(size=(2, 3 * n, L, 4, 2, 8), bias=(1, 4, 1, L)),
         "float32_causal_mqa": dict(size=(2, L, L, 4, 1, 8), is_causal=True, dtype=jnp.float32),
+        # Batch rows, heads and blocks each draw their part of the mask. Not
+        # under shard_map: ring_attention sees local batch rows and heads there.
+        "dropout_causal_gqa": dict(size=(2, L, L, 4, 2, 8), is_causal=True, dropout=0.3,
+                                   shard_map=False),
     }
 
 
@@ -127,6 +138,9 @@ def make_inputs(case, rng):
                                                   jnp.int32)
     if case.get("sinks"):
         kw["sinks"] = arr((N,))
+    if case.get("dropout"):
+        kw["dropout_rate"] = case["dropout"]
+        kw["dropout_rng"] = jax.random.key(int(rng.integers(0, 2**31)))
     w = arr((B, T, N, H))
     wl = arr((B, T, N))
     return (q, k, v, bias, mask), kw, (w, wl)
@@ -139,8 +153,10 @@ def run_case(mesh, name, case, rng):
     heads_ok = h is not None
     kv_h = h if heads_ok and K % mesh.shape[h] == 0 else None
 
-    static = {key: val for key, val in kw.items() if not isinstance(val, jax.Array)}
-    kw = {key: val for key, val in kw.items() if isinstance(val, jax.Array)}
+    # Options and the dropout key (replicated) are not sharded.
+    static = {key: val for key, val in kw.items()
+              if not isinstance(val, jax.Array) or key == "dropout_rng"}
+    kw = {key: val for key, val in kw.items() if key not in static}
     sinks = kw.pop("sinks", None)  # differentiated, the other keywords are not
 
     def f(attn, q, k, v, bias, mask, sinks, kw):
@@ -191,7 +207,7 @@ def run_case(mesh, name, case, rng):
         args = [put(x, sp) for x, sp in zip((q, k, v, bias, mask, sinks), specs)]
         kw_sharded = {key: put(val, kw_specs[key]) for key, val in kw.items()}
         results = {"jit": jax.jit(grad(plain))(*args, kw_sharded)}
-    if s is not None:
+    if s is not None and case.get("shard_map", True):
         results["shard_map"] = ring_under_shard_map(
             mesh, grad, args, specs, kw_sharded, kw_specs,
             dict(static, implementation=case.get("ring_implementation", "cpu")))

@@ -23,7 +23,7 @@ def _call_forward(q, k, v, bias=None, mask=None, lengths=None, out_shape=None, s
     lengths = jnp.zeros((1,), jnp.int32) if lengths is None else lengths
     segments = jnp.zeros((1, 1), jnp.int32) if segments is None else segments
     sinks = jnp.zeros((1, 1), jnp.float32) if sinks is None else sinks
-    seed = jnp.zeros((1, 3), jnp.uint32) if seed is None else seed
+    seed = jnp.zeros((1, 6), jnp.uint32) if seed is None else seed
     B, T, N, H = q.shape
     out_shape = out_shape or (jax.ShapeDtypeStruct(q.shape, q.dtype),
                               jax.ShapeDtypeStruct((B, T, N), jnp.float32))
@@ -64,7 +64,7 @@ def test_valid_call_works():
                            seed=jnp.zeros((1, 2), jnp.uint32)), "dropout seed"),
     (lambda: _call_forward(*_qkv(), dropout_rate=np.float64(0.5),
                            dropout_threshold=np.int64(2**33),
-                           seed=jnp.zeros((1, 3), jnp.uint32)), "32 bits"),
+                           seed=jnp.zeros((1, 6), jnp.uint32)), "32 bits"),
     (lambda: _call_forward(*_qkv(), out_shape=(jax.ShapeDtypeStruct((1, 5, 2, 3), jnp.float32),
                                                jax.ShapeDtypeStruct((1, 5, 2), jnp.float32))),
      "out"),

@@ -141,8 +141,7 @@ def _flax_weights_with_our_mask(query, key, value, bias=None, mask=None, broadca
         *batch, N, Tw, S = w.shape
         Bw = int(np.prod(batch))
         rows = (jnp.zeros if broadcast_dropout else jnp.arange)(Bw, dtype=jnp.uint32)
-        seed = jnp.concatenate([jnp.broadcast_to(_philox.key_words(dropout_rng), (Bw, 2)),
-                                rows[:, None]], axis=1)
+        seed = _philox.make_seed(_philox.key_words(dropout_rng), rows)
         keep = _philox.keep_mask(seed, dropout_rate, (Bw, N, Tw, S), broadcast=broadcast_dropout)
         w = w * keep.reshape(w.shape) / (1.0 - dropout_rate)
     return jnp.einsum("...hqk,...khd->...qhd", w, value)

@@ -612,29 +612,62 @@ def test_sharded_batch(impl):
 
 @pytest.mark.parametrize("spec, kv_spec, rate", [
     # heads (K = 2 key/value heads stay replicated): sinks sharded with the
-    # query heads; with dropout the heads are kept whole
+    # query heads, every device draws its heads' dropout mask
     ('P(None, None, "b")', "P()", 0.0),
     ('P(None, None, "b")', "P()", 0.3),
-    # sequence: with dropout kept whole (without, the ring carries segment ids
-    # and sinks: tests/test_sharding.py)
+    # sequence: the ring carries segment ids, sinks join the final merge, every
+    # block draws from its absolute rows (T = 36, S = 44: odd chunks)
     ('P(None, "b")', 'P(None, "b")', 0.3),
 ])
 def test_sharded_heads_and_sequence(spec, kv_spec, rate):
     """Head- and sequence-sharded inputs with segment ids, sinks and dropout
-    give the unsharded results (the ROLES of the new operands; the plan keeps
-    dims whole where the kernels need global indices)."""
+    give the unsharded results (the ROLES of the new operands; the seed's
+    counter origin follows the heads and the ring's blocks)."""
     script = SHARDING_SCRIPT.format(impl="cpu", T=36, S=44, rate=rate, spec=spec,
                                     kv_spec=kv_spec)
     assert "SHARDING OK" in run_with_host_devices(script)
 
 
-def test_ring_attention_rejects_dropout():
-    """Dropout's counters are global indices the kernels cannot offset (segment
-    ids and sinks are carried: tests/test_sharding.py)."""
-    q = jnp.zeros((1, 4, 2, 8), jnp.float32)
-    with pytest.raises(ValueError, match="ring_attention does not support dropout_rate"):
-        jax_mfa.ring_attention(q, q, q, axis_name="seq", dropout_rate=0.1,
-                               dropout_rng=jax.random.key(0))
+@pytest.mark.parametrize("impl", ALL_IMPLEMENTATIONS)
+def test_counter_origin(impl, rng):
+    """A kernel call on a part of the problem (a device's heads, a ring
+    block's queries and keys) draws that part of the whole problem's mask: the
+    seed's origin (head, query, key) shifts the counter. Odd origins, so that
+    key pairs straddle Philox's groups of four; GQA; forward and gradients
+    against the float64 reference with the independently drawn mask, cut out
+    of the whole problem's."""
+    from jax_mfa import _api, _philox
+
+    B, T, S, N, K, H = 2, seq_len(impl, 13), seq_len(impl, 19), 4, 2, 16
+    head0, query0, key0 = 3, 2 * int(rng.integers(0, 50)) + 1, 2 * int(rng.integers(0, 50)) + 1
+    rate, key = 0.4, jax.random.key(int(rng.integers(0, 2**31)))
+    dtype = jnp.float64 if impl in FLOAT64_ALL else jnp.float32
+    q, k, v = (random_array(rng, s, dtype) for s in ((B, T, N, H), (B, S, K, H), (B, S, K, H)))
+    _, _, ops, options, _ = _api._setup(
+        q, k, v, None, None, None, None, scale=None, is_causal=True, local_window_size=None,
+        softcap=None, implementation=impl, dropout_rate=rate, dropout_rng=key)
+    seed = _philox.shift_origin(ops.dropout_seed, head=head0, query=query0, key=key0)
+
+    @jax.jit
+    def f(q, k, v, seed):
+        part = dataclasses.replace(ops, query=q, key=k, value=v, dropout_seed=seed)
+        return _api.call_implementation(impl, part, options)
+
+    cotangents = (random_array(rng, q.shape, dtype),
+                  random_array(rng, q.shape[:-1], accumulation_dtype(dtype)))
+    (out, lse), vjp = jax.vjp(lambda q, k, v: f(q, k, v, seed), q, k, v)
+    grads = dict(zip("qkv", vjp(cotangents)))
+    whole = reference_keep(key, rate, B, head0 + N, query0 + T, key0 + S)
+    ref_kw = dict(dropout_keep=whole[:, head0:, query0:, key0:], dropout_rate=rate)
+    ref_out, ref_lse, ref_grads = run_reference(dict(q=q, k=k, v=v), dict(is_causal=True),
+                                                ref_kw, cotangents)
+    check_close(out, ref_out, dtype, "out", what="out")
+    check_close(lse, ref_lse, dtype, "lse", what="lse")
+    for name, g in grads.items():
+        check_close(g, ref_grads[name], dtype, "grad", what="d" + name)
+    # The origin matters: the same call at origin 0 draws another mask.
+    at_zero = f(q, k, v, ops.dropout_seed)[0]
+    assert np.abs(to64(out) - to64(at_zero)).max() > 0.1
 
 
 def test_cpu_bfloat16_stacked_rows_with_features():

@@ -81,13 +81,15 @@ HLO_SCRIPT = textwrap.dedent(r"""
     ids = jnp.repeat(jnp.arange(4, dtype=jnp.int32), T // 4)[None].repeat(B, 0)
     sinks = jnp.zeros((N,), jnp.float32)
 
-    def loss(q, k, v, bias, ids=None, sinks=None):
+    def loss(q, k, v, bias, ids=None, sinks=None, rate=0.0):
         return jnp.sum(jax_mfa.attention(q, k, v, bias, is_causal=True, sinks=sinks,
                                          query_segment_ids=ids, key_value_segment_ids=ids,
+                                         dropout_rate=rate, dropout_rng=jax.random.key(3),
                                          implementation="cpu"))
 
     grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
     grad_features = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 5)))
+    grad_dropout = jax.jit(jax.grad(lambda *a: loss(*a, rate=0.3), argnums=(0, 1, 2, 3)))
     meshes = {
         "heads": ((4,), ("h",), P(None, None, "h"), P(None, "h")),
         "seq": ((4,), ("s",), P(None, "s"), P(None, None, "s")),
@@ -96,6 +98,9 @@ HLO_SCRIPT = textwrap.dedent(r"""
         # Segment ids travel around the ring; sinks follow the query heads.
         "seq_segments_sinks": ((4,), ("s",), P(None, "s"), P(None, None, "s")),
         "bhs_segments_sinks": ((1, 2, 2), ("b", "h", "s"), P("b", "s", "h"), P("b", "h", "s")),
+        # Dropout: the seed carries each call's counter origin.
+        "heads_dropout": ((4,), ("h",), P(None, None, "h"), P(None, "h")),
+        "bhs_dropout": ((1, 2, 2), ("b", "h", "s"), P("b", "s", "h"), P("b", "h", "s")),
     }
     for name, (shape, axes, spec, bias_spec) in meshes.items():
         types = (AxisType.Explicit if name.startswith("explicit") else AxisType.Auto,)
@@ -105,6 +110,8 @@ HLO_SCRIPT = textwrap.dedent(r"""
         if name.endswith("segments_sinks"):
             ids_spec = P(spec[0], spec[1])
             hlo = grad_features.lower(*args, put(ids, ids_spec), put(sinks, P(*spec[2:3])))
+        elif name.endswith("dropout"):
+            hlo = grad_dropout.lower(*args)
         else:
             hlo = grad.lower(*args)
         hlo = hlo.compile().as_text()
@@ -145,7 +152,8 @@ HLO_SCRIPT = textwrap.dedent(r"""
 def test_no_gather_in_hlo():
     """The compiled forward+backward of head-, sequence- and batch x head x
     sequence-sharded inputs gathers none of q, k, v (nor the bias, segment ids
-    or sinks): each kernel call runs on one device's rows and heads."""
+    or sinks), with dropout too: each kernel call runs on one device's rows and
+    heads."""
     run_script(["-c", HLO_SCRIPT], 4)
 
 

@@ -38,7 +38,7 @@ struct OperandBuffers {
   const int32_t* q_segments = nullptr;   // (B, T)
   const int32_t* kv_segments = nullptr;  // (B, S)
   const void* sinks = nullptr;           // (sinks_batch, N), accumulation dtype
-  const uint32_t* dropout_seed = nullptr;  // (B, 3): key words, counter batch index
+  const uint32_t* dropout_seed = nullptr;  // (B, 6): metal/dropout_philox.h
 };
 
 struct ForwardBuffers : OperandBuffers {

@@ -63,8 +63,8 @@ struct AttentionProblem {
   int64_t sinks_batch = 1;
   // Dropout on the probabilities (metal/dropout_philox.h): entries whose word
   // is below dropout_threshold are dropped, kept ones scaled by
-  // 1 / (1 - dropout_rate). dropout_seed (B, 3) uint32 holds per batch row the
-  // two key words and the batch index of the counter; with
+  // 1 / (1 - dropout_rate). dropout_seed (B, 6) uint32 holds per batch row the
+  // two key words and the counter origin (MfaDropoutSeed); with
   // dropout_broadcast_heads every head uses head index 0 (one mask per batch row).
   double dropout_rate = 0.0;
   uint32_t dropout_threshold = 0;

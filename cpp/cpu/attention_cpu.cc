@@ -347,7 +347,7 @@ struct Rules {
   // Segment ids of this batch row (nullptr without them).
   const int32_t* q_ids = nullptr;
   const int32_t* kv_ids = nullptr;
-  // Dropout: Philox key words and the counter's batch index of this row.
+  // Dropout: this batch row of the seed (metal/dropout_philox.h).
   const uint32_t* seed = nullptr;
 
   bool transforms() const { return p.softcap > 0 || bias || mask || q_ids; }
@@ -366,8 +366,10 @@ struct Rules {
   }
 
   // Multiplies a stacked tile X (rows t * G + g, keys j0 + c) by the dropout
-  // factors: 0 for dropped entries, 1 / (1 - rate) for kept ones. One Philox
-  // evaluation serves four neighbouring keys (metal/dropout_philox.h).
+  // factors: 0 for dropped entries, 1 / (1 - rate) for kept ones. The seed
+  // row holds the counter origin (global batch, first head, query and key);
+  // one Philox evaluation serves a group of four global keys
+  // (metal/dropout_philox.h).
   void dropout(int64_t kvh, int64_t t0, int64_t tq, int64_t j0, int64_t cols, Acc* X,
                int64_t ldx) const {
     if (!seed) return;
@@ -375,14 +377,17 @@ struct Rules {
     const uint32_t thr = p.dropout_threshold;
     for (int64_t t = 0; t < tq; ++t)
       for (int64_t g = 0; g < G; ++g) {
-        const uint32_t head = p.dropout_broadcast_heads ? 0u : uint32_t(kvh * G + g);
+        const uint32_t head =
+            p.dropout_broadcast_heads ? 0u : seed[MFA_SEED_HEAD] + uint32_t(kvh * G + g);
+        const uint32_t query = seed[MFA_SEED_QUERY] + uint32_t(t0 + t);
         Acc* x = X + (t * G + g) * ldx - j0;
-        for (int64_t jj = j0 & ~int64_t(3); jj < j0 + cols; jj += 4) {
-          const MfaPhilox4 r =
-              mfa_dropout_words(seed[0], seed[1], seed[2], head, uint32_t(t0 + t), uint32_t(jj));
+        for (int64_t j = j0; j < j0 + cols;) {
+          const uint32_t key = seed[MFA_SEED_KEY] + uint32_t(j);
+          const MfaPhilox4 r = mfa_dropout_words(seed[MFA_SEED_KEY0], seed[MFA_SEED_KEY1],
+                                                 seed[MFA_SEED_BATCH], head, query, key);
           const uint32_t words[4] = {r.x, r.y, r.z, r.w};
-          for (int64_t e = std::max<int64_t>(0, j0 - jj); e < 4 && jj + e < j0 + cols; ++e)
-            x[jj + e] *= words[e] >= thr ? keep : Acc(0);
+          for (uint32_t e = key & 3u; e < 4 && j < j0 + cols; ++e, ++j)
+            x[j] *= words[e] >= thr ? keep : Acc(0);
         }
       }
   }
@@ -444,7 +449,7 @@ Rules<Acc> make_rules(const AttentionProblem& p, const Buffers& buf, int64_t b, 
     r.q_ids = buf.q_segments + b * p.q_len;
     r.kv_ids = buf.kv_segments + b * p.kv_len;
   }
-  if (p.has_dropout()) r.seed = buf.dropout_seed + 3 * b;
+  if (p.has_dropout()) r.seed = buf.dropout_seed + MFA_DROPOUT_SEED_WORDS * b;
   return r;
 }
 

@@ -9,6 +9,7 @@
 #include "attention/backend.h"
 #include "attention/problem.h"
 #include "cpu/attention_cpu.h"
+#include "../../metal/dropout_philox.h"
 #if JAX_MFA_HAS_METAL || JAX_MFA_HAS_METAL_EMULATED
 #include "metal_host/metal_backend.h"
 #endif
@@ -104,8 +105,9 @@ ffi::Error decode_new_features(const Options& o, const Inputs& in, DType dtype,
   if (p.has_dropout()) {
     auto d = in.dropout_seed.dimensions();
     if (in.dropout_seed.element_type() != ffi::DataType::U32 || d.size() != 2 ||
-        d[0] != p.batch || d[1] != 3)
-      return invalid("dropout seed must be uint32 of shape (B, 3), got " + shape_string(d));
+        d[0] != p.batch || d[1] != MFA_DROPOUT_SEED_WORDS)
+      return invalid("dropout seed must be uint32 of shape (B, " +
+                     std::to_string(MFA_DROPOUT_SEED_WORDS) + "), got " + shape_string(d));
   }
   return ffi::Error::Success();
 }

@@ -164,7 +164,8 @@ std::vector<ArgBinding> feature_args(const AttentionProblem& p) {
   return {{Arg::QSegments, Access::Read, seg ? size_t(p.batch * p.q_len) * 4 : 0},
           {Arg::KvSegments, Access::Read, seg ? size_t(p.batch * p.kv_len) * 4 : 0},
           {Arg::Sinks, Access::Read, p.has_sinks ? size_t(p.sinks_batch * p.q_heads) * 4 : 0},
-          {Arg::DropoutSeed, Access::Read, p.has_dropout() ? size_t(p.batch) * 3 * 4 : 0}};
+          {Arg::DropoutSeed, Access::Read,
+           p.has_dropout() ? size_t(p.batch) * MFA_DROPOUT_SEED_WORDS * 4 : 0}};
 }
 
 void append(std::vector<ArgBinding>& args, const std::vector<ArgBinding>& more) {
