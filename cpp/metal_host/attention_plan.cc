@@ -216,8 +216,9 @@ BlockConfig block_config(Pass pass, GpuFamily family, int64_t head_dim) {
       BlockConfig c = m3 ? lookup(kKeyValueApple9, hp) : lookup(kKeyValueApple7, hp);
       // dK's and dV's accumulators take 4 x HO / 8 registers: where the whole
       // head would exceed the register budget (buckets 160 and up), each
-      // threadgroup owns half the head columns of dK and dV.
-      if (register_estimate(pass, c).total() > kRegisterBudget) {
+      // threadgroup owns half the head columns of dK and dV. The tables are
+      // shared by the storage types, so the float32 estimate decides.
+      if (register_estimate(pass, c, DType::F32).total() > kRegisterBudget) {
         c.head_out = hp / 2;
         c.head_block = head_block_for(c.head_block, c.head_out);
       }
@@ -230,27 +231,30 @@ BlockConfig block_config(Pass pass, GpuFamily family, int64_t head_dim) {
   return {};
 }
 
-RegisterEstimate register_estimate(Pass pass, const BlockConfig& c) {
+RegisterEstimate register_estimate(Pass pass, const BlockConfig& c, DType dtype) {
   RegisterEstimate r;
   const int hb = c.head_pad / 8, ob = c.head_out / 8, cb = c.cols / 8;
-  r.transients = 4;
+  // Registers per lane of one operand matrix (mfa_operand_mat): half for
+  // float16 storage, float otherwise.
+  const int operand = dtype == DType::F16 ? 1 : 2;
+  r.transients = 2 * operand;
   r.scalars = kScalarRegisters;
   switch (pass) {
     case Pass::Forward:
     case Pass::DecodePartial:
       r.accumulators = 2 * ob;
       r.cached_operands = mfa_forward_caches_q(c.head_pad) || (pass == Pass::DecodePartial &&
-                                                              c.head_pad <= 128) ? 2 * hb : 0;
+                                                              c.head_pad <= 128) ? operand * hb : 0;
       r.score_tiles = 2 * cb + cb;  // S, and 2 x C / 8 16-bit mask flags
       break;
     case Pass::BackwardQuery:
       r.accumulators = 2 * ob;
-      r.cached_operands = mfa_backward_caches_rows(c.head_pad) ? 4 * hb : 0;
+      r.cached_operands = mfa_backward_caches_rows(c.head_pad) ? 2 * operand * hb : 0;
       r.score_tiles = 4 * cb;
       break;
     case Pass::BackwardKeyValue:
       r.accumulators = 4 * ob;
-      r.cached_operands = mfa_backward_caches_rows(c.head_pad) ? 4 * hb : 0;
+      r.cached_operands = mfa_backward_caches_rows(c.head_pad) ? 2 * operand * hb : 0;
       r.score_tiles = 4 * cb;
       break;
     case Pass::DecodeMerge:

@@ -27,7 +27,8 @@ def test_scalar_kernel_counts(kernel_lib, check):
                         check=check, profile=True)
     per_sg = dict(device_bytes_read=128, device_bytes_written=16, threadgroup_bytes_written=128,
                   threadgroup_bytes_read=128, exp=32, exp2=32, tanh=32, log=4, threadgroup_barriers=1,
-                  simdgroup_barriers=1, simd_reductions=1, simd_shuffles=1)
+                  simdgroup_barriers=1, simd_reductions=1, simd_shuffles=1,
+                  device_accesses=32 + 4, threadgroup_accesses=32 + 32)
     assert (prof.threads_per_threadgroup, prof.simdgroups_per_threadgroup, prof.threadgroups) == (64, 2, 3)
     assert prof.simdgroups == 6
     assert prof.threadgroup_memory_bytes == 256
@@ -48,6 +49,9 @@ def test_matrix_kernel_counts(kernel_lib):
     prof = lib.dispatch("profile_matrix", grid=1, threads=32, buffers=[a, c, v], profile=True)
     t = prof.total
     assert t["simdgroup_matrix_multiply_accumulate"] == 3
+    assert t["simdgroup_matrix_multiply_accumulate_16bit"] == 3  # half x half, all three
+    # load/store instructions per lane (matrix loads/stores are counted above, not here)
+    assert t["device_accesses"] == 32 and t["threadgroup_accesses"] == 64
     assert (t["simdgroup_matrix_load_device"], t["simdgroup_matrix_load_threadgroup"]) == (1, 1)
     assert (t["simdgroup_matrix_store_device"], t["simdgroup_matrix_store_threadgroup"]) == (1, 1)
     # matrix loads/stores move 64 elements of 2 bytes; lanes add 2 x 32 threadgroup halves and 32 floats
