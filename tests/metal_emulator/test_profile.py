@@ -144,6 +144,14 @@ def test_own_forward_kernel_counts():
     key_blocks = S // 128
     assert prof.total["simdgroup_matrix_multiply_accumulate"] == simdgroups * key_blocks * 2 * 8 * 16
     assert prof.total["exp2"] == simdgroups * 32 * key_blocks * (1 + 2 * 16)
+    # Interior K and V tiles move in 16-byte chunks (4 floats): per threadgroup and key block,
+    # 2 tiles x 128 rows x 64 columns / 4 loads from device memory and as many threadgroup stores;
+    # besides them each lane loads its Q elements (2 x 8) and stores its O elements (2 x 8), and
+    # 8 lanes per simdgroup store a lse.
+    groups = blocks * N * B
+    chunks = 2 * 128 * 64 // 4
+    assert prof.total["threadgroup_accesses"] == groups * key_blocks * chunks
+    assert prof.total["device_accesses"] == groups * (key_blocks * chunks + 64 * (16 + 16) + 2 * 8)
 
 
 def test_mlx_attention_counts():
