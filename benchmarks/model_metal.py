@@ -29,11 +29,15 @@ kernel is profiled on its own grid with the real keys per threadgroup (see
 `mlx_decode`).
 
 The cost model (per GPU core; "pipe" = a resource the counts use):
-  matrix       simdgroup multiply-accumulates x 512 FMAs / (matrix FMAs per core-cycle)
+  matrix       simdgroup multiply-accumulates x 512 FMAs / (matrix FMAs per core-cycle:
+               the FFMA16 rate for those with both factors 16-bit, else FFMA32)
   complex      exp/exp2/log/log2/tanh/... calls x (cycles per 32-lane instruction) / 128
   simd         shuffles and reductions x (cycles per instruction) / 4 schedulers
   threadgroup  threadgroup bytes read + written / (bytes per core-cycle)
   device       device + constant bytes / (L2 bytes per core-cycle)
+  memory issue device and threadgroup load/store instructions (per lane / 32: per
+               simdgroup) x (cycles per instruction) / 4 schedulers; a 16-byte
+               vector load is one instruction where a scalar loop is 4 or 8
 A threadgroup costs the largest of its pipes (they overlap, as a roofline
 does). A threadgroup of s simdgroups issues from at most s of a core's 4
 schedulers, so alone on a core it takes cost x 4 / min(s, 4). A dispatch takes
@@ -93,6 +97,10 @@ sys.path.insert(0, str(ROOT))  # this checkout's jax_mfa, not an installed one
 #       10 cores, i.e. the same 128 FFMA per core-cycle as M1/M2).
 #  [Apple] core counts of M1 Max (32) and M3 Max (40 GPU cores), Apple's
 #       product specifications.
+# Loads and stores: metal-benchmarks publishes bandwidths, not an issue rate
+# for load/store instructions; each is charged one issue cycle of its
+# scheduler ([MB] ALU layout: 4 schedulers, one instruction per cycle each),
+# a lower bound that still tells one 16-byte load from 8 scalar ones.
 # Apple9 (M3/M4): metal-benchmarks publishes no per-instruction table for it;
 # the Apple7 figures are used, with MFA's M4 roofline as the evidence that the
 # FFMA peak per core-cycle is unchanged. Apple9's differences that matter here
@@ -102,7 +110,9 @@ sys.path.insert(0, str(ROOT))  # this checkout's jax_mfa, not an installed one
 # needs at least an exponential and a division).
 THROUGHPUT = {
     #                      apple7 (M1/M2)  apple9 (M3/M4)   source
-    "matrix_ffma_per_cycle": (101.7, 101.7),  # [MB] Matrix FFMA32 (FFMA16: 102.5)
+    "matrix_ffma_per_cycle": (101.7, 101.7),  # [MB] Matrix FFMA32
+    "matrix_ffma16_per_cycle": (102.5, 102.5),  # [MB] Matrix FFMA16 (both factors 16-bit)
+    "memory_issue_cycles": (1.0, 1.0),        # [MB] one issue slot per load/store (lower bound)
     "peak_ffma_per_cycle": (128, 128),        # [MB] F32 OPs (FMA) 256 / 2; [MFA] M4
     "exp2_cycles": (4.00, 4.00),              # [MB] EXP2_32, LOG2_32, EXPE_32, LOGE_32, EXP10/LOG10
     "div_cycles": (6.01, 6.01),               # [MB] DIV32 (for tanh = exp + div)
@@ -141,8 +151,11 @@ def pipe_cycles(counts: dict, family: str) -> dict:
     for counter in ("tan", "sinh", "cosh", "asin", "acos", "atan", "atan2", "pow", "powr", "erf"):
         complex_ += g(counter) * (rate("exp2_cycles", family) + rate("div_cycles", family)) / 128
     sched = rate("schedulers", family)
+    mma16 = g("simdgroup_matrix_multiply_accumulate_16bit")
+    mma32 = g("simdgroup_matrix_multiply_accumulate") - mma16
     return {
-        "matrix": g("simdgroup_matrix_multiply_accumulate") * 512 / rate("matrix_ffma_per_cycle", family),
+        "matrix": mma32 * 512 / rate("matrix_ffma_per_cycle", family)
+        + mma16 * 512 / rate("matrix_ffma16_per_cycle", family),
         "complex": complex_,
         "simd": (g("simd_shuffles") * rate("shuffle_cycles", family)
                  + g("simd_reductions") * rate("reduction_cycles", family)) / sched,
@@ -150,6 +163,8 @@ def pipe_cycles(counts: dict, family: str) -> dict:
         / rate("threadgroup_bytes_per_cycle", family),
         "device": (g("device_bytes_read") + g("device_bytes_written") + g("constant_bytes_read"))
         / rate("device_bytes_per_cycle", family),
+        "memory issue": (g("device_accesses") + g("threadgroup_accesses")) / 32
+        * rate("memory_issue_cycles", family) / sched,
     }
 
 
@@ -604,7 +619,7 @@ def main(argv=None) -> int:
                 if ratio > 1.15:
                     misses.append(f"{fam} {case} T={T} causal={causal}: D=80 costs {ratio:.2f}x D=72 (> 1.15x)")
     print()
-    print("Pipes: core-cycles by resource (matrix, complex, simd, threadgroup, device); scalar arithmetic is "
+    print("Pipes: core-cycles by resource (matrix, complex, simd, threadgroup, device, memory issue); scalar arithmetic is "
           "not counted by the profile, barriers not charged; see the docstring.")
     if misses:
         print(f"\nTARGETS MISSED ({len(misses)}):")

@@ -27,13 +27,14 @@
 // lane's two elements are K[key0 + lc + e][d0 + lr]. Keys at or past key_end
 // and head columns at or past H read as zero.
 template <typename T>
-METAL_FUNC void mfa_load_keys_transposed(thread mfa_mat& m, device const T* k_base,
+METAL_FUNC void mfa_load_keys_transposed(thread mfa_operand_mat<T>& m, device const T* k_base,
                                          mfa_long stride, int key0, int key_end, int d, int H,
                                          int lc) {
+  typedef typename MfaOperand<T>::type U;
   for (int e = 0; e < 2; ++e) {
     const int j = key0 + lc + e;
     m.thread_elements()[e] =
-        (j < key_end && d < H) ? mfa_to_float(T(k_base[mfa_long(j) * stride + d])) : 0.0f;
+        (j < key_end && d < H) ? mfa_operand(T(k_base[mfa_long(j) * stride + d])) : U(0.0f);
   }
 }
 
@@ -83,7 +84,7 @@ template <typename T, int HP, int C>
   device const T* v_head = v + mfa_long(b) * p.kv_len * kv_stride + mfa_long(kvh) * H;
 
   mfa_mat O[HB];
-  mfa_mat Qc[kCacheQ ? HB : 1];
+  mfa_operand_mat<T> Qc[kCacheQ ? HB : 1];
 #pragma clang loop unroll(full)
   for (int h = 0; h < HB; ++h) {
     O[h] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
@@ -98,12 +99,12 @@ template <typename T, int HP, int C>
     for (int c = 0; c < CB; ++c) S[c] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
 #pragma clang loop unroll(full)
     for (int kk = 0; kk < HB; ++kk) {
-      mfa_mat am;
+      mfa_operand_mat<T> am;
       if (kCacheQ) am = Qc[kCacheQ ? kk : 0];
       else mfa_load_rows(am, q_row, row_ok, kk * 8 + lc, H);
 #pragma clang loop unroll(full)
       for (int c = 0; c < CB; ++c) {
-        mfa_mat bt;
+        mfa_operand_mat<T> bt;
         mfa_load_keys_transposed(bt, k_head, kv_stride, j0 + c * 8, hi, kk * 8 + lr, H, lc);
         simdgroup_multiply_accumulate(S[c], am, bt, S[c]);
       }
@@ -138,7 +139,7 @@ template <typename T, int HP, int C>
       O[h].thread_elements()[1] *= alpha;
 #pragma clang loop unroll(full)
       for (int c = 0; c < CB; ++c) {
-        mfa_mat vm;
+        mfa_operand_mat<T> vm;
         const int j = j0 + c * 8 + lr;
         mfa_load_rows(vm, v_head + mfa_long(min(j, p.kv_len - 1)) * kv_stride, j < hi, h * 8 + lc, H);
         simdgroup_multiply_accumulate(O[h], S[c], vm, O[h]);

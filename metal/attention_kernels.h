@@ -2,7 +2,7 @@
 // (dQ) and backward-key-value (dK, dV). Design notes: docs/metal.md.
 //
 // Every kernel is a template over
-//   T   storage type: float, half or bf16_t (bfloat16 bits; converted to float
+//   T   storage type: float, half or bf16_t (bfloat16 bits, widened to float
 //       on load, so no bfloat arithmetic is needed on any chip),
 //   HP  head dim padded to a bucket (kHeadBuckets in attention_plan.h:
 //       multiples of 8 from 16 to 256), a multiple of DB,
@@ -10,7 +10,9 @@
 //       threadgroup; one simdgroup owns 8 of them, so P / 8 simdgroups,
 //   C   traversal block: columns (keys, or queries for dK/dV) per step,
 //   DB  head block: head-dim columns staged through threadgroup memory at once.
-// Arithmetic is float32 in simdgroup_matrix<float, 8, 8> registers. Logits are
+// Accumulators (S, P, O, dQ, dK, dV) are simdgroup_matrix<float, 8, 8>; the
+// input operands (Q, K, V, dO) are 8x8 matrices of the storage type where
+// Metal has them (mfa_operand_mat), multiplied into float accumulators. Logits are
 // kept in base-2 units (scale * log2(e) folded in) so the softmax uses exp2;
 // the logsumexp leaves the kernel in natural-log units.
 #ifndef JAX_MFA_METAL_ATTENTION_KERNELS_H
@@ -70,6 +72,32 @@ constant constexpr float kLn2 = 0.6931471805599453f;
 
 typedef simdgroup_matrix<float, 8, 8> mfa_mat;
 
+// The matrix type of an input operand (Q, K, V, dO) stored as T: half for
+// half storage (half the registers of float; exact, as the values are half
+// already), float for float and for bfloat16. bfloat16 is widened to float as
+// MFA does on chips without bfloat matrices: simdgroup_matrix<bfloat> needs
+// MSL 3.1 (macOS 14) and the launcher compiles MSL 3.0 for every family.
+// Products accumulate in float: simdgroup_multiply_accumulate with float
+// destination and accumulator and 16-bit (or mixed float x 16-bit) factors,
+// as MLX's steel attention multiplies its float P by half V. P and dS stay
+// float (never rounded to the storage type).
+template <typename T>
+struct MfaOperand {
+  typedef float type;
+};
+template <>
+struct MfaOperand<half> {
+  typedef half type;
+};
+template <typename T>
+using mfa_operand_mat = simdgroup_matrix<typename MfaOperand<T>::type, 8, 8>;
+
+// One element of T as an operand matrix element (exact: half stays half).
+template <typename T>
+METAL_FUNC typename MfaOperand<T>::type mfa_operand(T x) {
+  return typename MfaOperand<T>::type(mfa_to_float(x));
+}
+
 // Position of a lane's two elements in an 8x8 simdgroup matrix: row
 // (lane / 16) * 4 + (lane / 2) % 4, columns col and col + 1 with
 // col = ((lane / 8) % 2) * 4 + (lane % 2) * 2. Lanes sharing a row differ in
@@ -86,14 +114,16 @@ METAL_FUNC float mfa_row_sum(float x) {
   return x + simd_shuffle_xor(x, ushort(8));
 }
 
-// Loads an 8x8 block of a (positions x H) head slice straight into registers,
-// converted to float; rows at or past `rows_valid` and columns at or past H
-// read as zero (the head dim is padded to HP inside the kernel).
+// Loads an 8x8 block of a (positions x H) head slice straight into an
+// operand matrix; rows at or past `rows_valid` and columns at or past H read
+// as zero (the head dim is padded to HP inside the kernel).
 template <typename T>
-METAL_FUNC void mfa_load_rows(thread mfa_mat& m, device const T* row, bool row_ok, int col, int H) {
-  float a = 0.0f, b = 0.0f;
-  if (row_ok && col < H) a = mfa_to_float(T(row[col]));
-  if (row_ok && col + 1 < H) b = mfa_to_float(T(row[col + 1]));
+METAL_FUNC void mfa_load_rows(thread mfa_operand_mat<T>& m, device const T* row, bool row_ok,
+                              int col, int H) {
+  typedef typename MfaOperand<T>::type U;
+  U a = U(0.0f), b = U(0.0f);
+  if (row_ok && col < H) a = mfa_operand(T(row[col]));
+  if (row_ok && col + 1 < H) b = mfa_operand(T(row[col + 1]));
   m.thread_elements()[0] = a;
   m.thread_elements()[1] = b;
 }
@@ -103,6 +133,14 @@ METAL_FUNC void mfa_store_rows(thread mfa_mat& m, device T* row, bool row_ok, in
   if (row_ok && col < H) row[col] = mfa_from_float<T>(m.thread_elements()[0]);
   if (row_ok && col + 1 < H) row[col + 1] = mfa_from_float<T>(m.thread_elements()[1]);
 }
+
+// 16 bytes of T, moved as one unit: the interior-tile loads and stores of
+// mfa_stage. Aligned only as T is (no alignment is assumed of the buffers or
+// of the head dim), as MLX's steel loaders copy their read vectors.
+template <typename T>
+struct MfaChunk {
+  T v[16 / sizeof(T)];
+};
 
 // Cooperatively stages a (R x DB) tile of a head slice into threadgroup memory
 // in the storage type (half the bytes of float for 16-bit storage): rows
@@ -116,12 +154,27 @@ METAL_FUNC void mfa_stage(threadgroup T* tile, device const T* base, mfa_long st
   // DB 24).
   if (rows_valid >= R && d0 + DB <= H) {
     // Interior tile (every row and head column exists; uniform across the
-    // threadgroup): no bounds checks.
+    // threadgroup): no bounds checks, and each thread moves 16-byte chunks
+    // (kPerRow of them per tile row). When the threadgroup covers whole rows
+    // per step, a thread's rows advance by a constant: one 64-bit multiply
+    // per call, and a 64-bit add per step.
+    typedef MfaChunk<T> Chunk;
+    constexpr int kWidth = 16 / int(sizeof(T));
+    static_assert(DB % kWidth == 0, "a head block is a whole number of 16-byte chunks");
+    constexpr int kPerRow = DB / kWidth, kChunks = R * kPerRow;
+    constexpr bool kRowStep = NT % kPerRow == 0;
+    const int col = (int(tid) % kPerRow) * kWidth;
+    device const T* src = base + mfa_long(int(tid) / kPerRow) * stride + d0 + col;
+    const mfa_long src_step = kRowStep ? mfa_long(NT / kPerRow) * stride : 0;
 #pragma clang loop unroll(full)
-    for (int it = 0; it < (R * DB + NT - 1) / NT; ++it) {
-      const int idx = it * NT + int(tid);
-      if (R * DB % NT != 0 && idx >= R * DB) break;
-      tile[idx] = T(base[mfa_long(idx / DB) * stride + d0 + idx % DB]);
+    for (int it = 0; it < (kChunks + NT - 1) / NT; ++it) {
+      const int q = it * NT + int(tid);
+      if (kChunks % NT != 0 && q >= kChunks) break;
+      device const T* from =
+          kRowStep ? src : base + mfa_long(q / kPerRow) * stride + d0 + (q % kPerRow) * kWidth;
+      *reinterpret_cast<threadgroup Chunk*>(tile + q * kWidth) =
+          *reinterpret_cast<device const Chunk*>(from);
+      src += src_step;
     }
     return;
   }
@@ -135,23 +188,29 @@ METAL_FUNC void mfa_stage(threadgroup T* tile, device const T* base, mfa_long st
   }
 }
 
-// An 8x8 block of a staged tile (row stride `stride`) into a float matrix,
-// transposed or not. Float tiles use simdgroup_load; 16-bit tiles are read
-// by each lane (its two elements, converted), as MLX's steel kernels do.
+// An 8x8 block of a staged tile (row stride `stride`) into an operand matrix,
+// transposed or not. float and half tiles go through simdgroup_load; bfloat16
+// tiles are read by each lane (its two elements, widened), as MLX's steel
+// kernels read theirs.
+template <typename T>
+METAL_FUNC void mfa_load_tile(thread mfa_operand_mat<T>& m, threadgroup T* block, int stride,
+                              bool transpose, uint lane) {
+  const int r = mfa_lane_row(lane), c = mfa_lane_col(lane);
+  #pragma clang loop unroll(full)
+  for (int e = 0; e < 2; ++e) {
+    m.thread_elements()[e] = transpose ? mfa_operand(T(block[(c + e) * stride + r]))
+                                       : mfa_operand(T(block[r * stride + c + e]));
+  }
+}
 METAL_FUNC void mfa_load_tile(thread mfa_mat& m, threadgroup float* block, int stride,
                               bool transpose, uint lane) {
   (void)lane;
   simdgroup_load(m, block, stride, ulong2(0, 0), transpose);
 }
-template <typename T>
-METAL_FUNC void mfa_load_tile(thread mfa_mat& m, threadgroup T* block, int stride,
-                              bool transpose, uint lane) {
-  const int r = mfa_lane_row(lane), c = mfa_lane_col(lane);
-  #pragma clang loop unroll(full)
-  for (int e = 0; e < 2; ++e) {
-    m.thread_elements()[e] = transpose ? mfa_to_float(T(block[(c + e) * stride + r]))
-                                       : mfa_to_float(T(block[r * stride + c + e]));
-  }
+METAL_FUNC void mfa_load_tile(thread simdgroup_matrix<half, 8, 8>& m, threadgroup half* block,
+                              int stride, bool transpose, uint lane) {
+  (void)lane;
+  simdgroup_load(m, block, stride, ulong2(0, 0), transpose);
 }
 
 // acc[c] += A B^T over the (padded) head dim, for the C rows of B (keys, or
@@ -160,7 +219,7 @@ METAL_FUNC void mfa_load_tile(thread mfa_mat& m, threadgroup T* block, int strid
 // read back transposed; A, this simdgroup's 8 rows, comes from registers
 // (a_cached, HP / 8 matrices) when CACHED, else from a_row in device memory.
 template <typename T, int HP, int C, int DB, int NT, bool CACHED>
-METAL_FUNC void mfa_accumulate_abt(thread mfa_mat* acc, thread const mfa_mat* a_cached,
+METAL_FUNC void mfa_accumulate_abt(thread mfa_mat* acc, thread const mfa_operand_mat<T>* a_cached,
                                device const T* a_row, bool a_ok, device const T* b_base,
                                mfa_long b_stride, int b_rows, int mma_rows, int H, int lc,
                                threadgroup T* tile, uint tid) {
@@ -172,7 +231,7 @@ METAL_FUNC void mfa_accumulate_abt(thread mfa_mat* acc, thread const mfa_mat* a_
     threadgroup_barrier(mem_flags::mem_threadgroup);
     #pragma clang loop unroll(full)
     for (int kk = 0; kk < DB / 8; ++kk) {
-      mfa_mat am;
+      mfa_operand_mat<T> am;
       if (CACHED) am = a_cached[CACHED ? d0 / 8 + kk : 0];
       else mfa_load_rows(am, a_row, a_ok, d0 + kk * 8 + lc, H);
       #pragma clang loop unroll(full)
@@ -181,7 +240,7 @@ METAL_FUNC void mfa_accumulate_abt(thread mfa_mat* acc, thread const mfa_mat* a_
         // last row, or this simdgroup's last key on the causal diagonal):
         // acc stays as it is (uniform branch).
         if (c * 8 >= mma_rows) break;
-        mfa_mat bt;
+        mfa_operand_mat<T> bt;
         mfa_load_tile(bt, tile + c * 8 * DB + kk * 8, DB, true, tid % 32);
         simdgroup_multiply_accumulate(acc[c], am, bt, acc[c]);
       }
@@ -206,7 +265,7 @@ METAL_FUNC void mfa_accumulate_pb(thread mfa_mat* acc, thread const mfa_mat* pm,
       #pragma clang loop unroll(full)
       for (int c = 0; c < C / 8; ++c) {
         if (c * 8 >= mma_rows) break;  // P's columns there are zero
-        mfa_mat bm;
+        mfa_operand_mat<T> bm;
         mfa_load_tile(bm, tile + c * 8 * DB + o * 8, DB, false, tid % 32);
         simdgroup_multiply_accumulate(acc[d0 / 8 + o], pm[c], bm, acc[d0 / 8 + o]);
       }
@@ -446,7 +505,7 @@ template <typename T, int HP, int P, int C, int DB>
   const mfa_long kv_stride = mfa_long(K) * H;
 
   mfa_mat O[HB];
-  mfa_mat Qc[kCacheQ ? HB : 1];
+  mfa_operand_mat<T> Qc[kCacheQ ? HB : 1];
   #pragma clang loop unroll(full)
   for (int h = 0; h < HB; ++h) O[h] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
   if (kCacheQ && !(span.begin >= span.end))
@@ -590,7 +649,7 @@ template <typename T, int HP, int P, int C, int DB>
   const mfa_long kv_stride = mfa_long(K) * H;
 
   mfa_mat dQ[HB];
-  mfa_mat Qc[kCache ? HB : 1], dOc[kCache ? HB : 1];
+  mfa_operand_mat<T> Qc[kCache ? HB : 1], dOc[kCache ? HB : 1];
   #pragma clang loop unroll(full)
   for (int h = 0; h < HB; ++h) dQ[h] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
   if (kCache && !(span.begin >= span.end)) {
@@ -755,7 +814,7 @@ template <typename T, int HP, int P, int C, int DB, int HO>
       device const T* k_row = k + key_index * H;
       device const T* v_row = v + key_index * H;
       mfa_mat dK[OB], dV[OB];
-      mfa_mat Kc[kCache ? HB : 1], Vc[kCache ? HB : 1];
+      mfa_operand_mat<T> Kc[kCache ? HB : 1], Vc[kCache ? HB : 1];
       #pragma clang loop unroll(full)
       for (int h = 0; h < OB; ++h) {
         dK[h] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);

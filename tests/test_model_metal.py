@@ -30,6 +30,14 @@ def test_pipes_from_published_throughputs():
     assert p["simd"] == pytest.approx(4 * 2.04 / 4)
     assert p["threadgroup"] == pytest.approx(10)
     assert p["device"] == pytest.approx(10)
+    assert p["memory issue"] == 0
+    # Multiply-accumulates with both factors 16-bit at the FFMA16 rate; loads and stores one issue
+    # cycle per simdgroup instruction (32 lane accesses) on one of 4 schedulers.
+    p = mm.pipe_cycles({"simdgroup_matrix_multiply_accumulate": 300,
+                        "simdgroup_matrix_multiply_accumulate_16bit": 100,
+                        "device_accesses": 32 * 6, "threadgroup_accesses": 32 * 2}, "apple9")
+    assert p["matrix"] == pytest.approx(200 * 512 / 101.7 + 100 * 512 / 102.5)
+    assert p["memory issue"] == pytest.approx(8 / 4)
 
 
 def test_dispatch_cycles_rules():

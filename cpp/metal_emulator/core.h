@@ -88,7 +88,8 @@ struct Region {
   X(threadgroup_bytes_read) X(threadgroup_bytes_written) X(threadgroup_barriers)       \
   X(simdgroup_barriers) X(simd_shuffles) X(simd_reductions)                            \
   X(exp) X(exp2) X(exp10) X(log) X(log2) X(log10) X(sqrt) X(rsqrt) X(sin) X(cos)       \
-  X(tan) X(sinh) X(cosh) X(tanh) X(asin) X(acos) X(atan) X(atan2) X(pow) X(powr) X(erf)
+  X(tan) X(sinh) X(cosh) X(tanh) X(asin) X(acos) X(atan) X(atan2) X(pow) X(powr) X(erf)   \
+  X(simdgroup_matrix_multiply_accumulate_16bit) X(device_accesses) X(threadgroup_accesses)
 enum Counter : int {
 #define JAX_MFA_EMU_ENUM(name) kCount_##name,
   JAX_MFA_EMU_COUNTERS(JAX_MFA_EMU_ENUM)
@@ -113,6 +114,7 @@ inline void count(int counter, uint64_t v = 1, int tid = -1);
 inline void count_access(int space, size_t n, bool write, int tid);
 
 inline void access(const void* p, size_t n, const Region* r, bool write, int tid = -1);
+inline void access_instruction(const void* p, size_t n, const Region* r, bool write);
 inline void check_access(const void* p, size_t n, const Region* r, bool write, int tid = -1);
 inline void access_atomic(const void* p, size_t n, const Region* r);
 
@@ -144,7 +146,7 @@ struct as_ref : float16_ref_conversion<as_ref<T, S>, std::remove_cv_t<T>> {
   as_ref(T* p_, const detail::Region* r_) : p(p_), r(r_) {}
   as_ref(const as_ref&) = default;
   operator V() const {
-    detail::access(p, sizeof(T), r, false);
+    detail::access_instruction(p, sizeof(T), r, false);
     return *p;
   }
   V get() const { return *this; }
@@ -157,7 +159,7 @@ struct as_ref : float16_ref_conversion<as_ref<T, S>, std::remove_cv_t<T>> {
   }
   const as_ref& operator=(const V& v) const {
     static_assert(!std::is_const<T>::value, "write through a pointer to const");
-    detail::access(p, sizeof(T), r, true);
+    detail::access_instruction(p, sizeof(T), r, true);
     *p = v;
     return *this;
   }
@@ -827,6 +829,15 @@ inline void access(const void* p, size_t n, const Region* r, bool write, int tid
   if (!r) return;
   if (r->profile) count_access(r->space, n, write, tid);
   check_access(p, n, r, write, tid);
+}
+// One load or store instruction of the running lane through a pointer (an
+// element, a vector or a struct, whatever its width): its bytes, and one
+// device_accesses / threadgroup_accesses.
+inline void access_instruction(const void* p, size_t n, const Region* r, bool write) {
+  if (!r) return;
+  if (r->profile && r->space != kConstantSpace)
+    count(r->space == kThreadgroupSpace ? kCount_threadgroup_accesses : kCount_device_accesses, 1, -1);
+  access(p, n, r, write, -1);
 }
 inline void count(int counter, uint64_t v, int tid) {
   Worker* w = tl_worker_ptr();

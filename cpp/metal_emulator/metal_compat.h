@@ -719,6 +719,9 @@ template <class D, class A, class B, class C>
 inline void mma(void** data, int n, int sgi, const char* what) {
   if (n != 32) matrix_misuse(what, "simdgroup_matrix operations need a full simdgroup of 32 active threads");
   count(kCount_simdgroup_matrix_multiply_accumulate, 1, sgi * 32);
+  // Both factors 16-bit (half or bfloat); the accumulator may be float.
+  if (is_emu_float16<A>::value && is_emu_float16<B>::value)
+    count(kCount_simdgroup_matrix_multiply_accumulate_16bit, 1, sgi * 32);
   using X = MMA<D, A, B, C>;
   void* pa[32];
   void* pb[32];

@@ -253,7 +253,9 @@ BlockConfig block_config(Pass pass, GpuFamily family, DType dtype, int64_t head_
   // Over the register budget (MFA spills an accumulator there; these kernels
   // keep them all): first fewer columns per step, 8 at a time down to 32.
   const BlockConfig table = c;
-  auto over = [&] { return register_estimate(pass, c).total() > kRegisterBudget; };
+  // The float estimate decides for every storage type (16-bit operands only
+  // need fewer registers), so float16 and bfloat16 share one configuration.
+  auto over = [&] { return register_estimate(pass, c, DType::F32).total() > kRegisterBudget; };
   while (over() && c.cols > 32) c.cols -= 8;
   if (over() && pass == Pass::BackwardKeyValue) {
     // dK's and dV's accumulators take 4 x HO / 8 registers: each threadgroup
@@ -268,27 +270,30 @@ BlockConfig block_config(Pass pass, GpuFamily family, DType dtype, int64_t head_
   return c;
 }
 
-RegisterEstimate register_estimate(Pass pass, const BlockConfig& c) {
+RegisterEstimate register_estimate(Pass pass, const BlockConfig& c, DType dtype) {
   RegisterEstimate r;
   const int hb = c.head_pad / 8, ob = c.head_out / 8, cb = c.cols / 8;
-  r.transients = 4;
+  // Registers per lane of one operand matrix (mfa_operand_mat): half for
+  // float16 storage, float otherwise.
+  const int operand = dtype == DType::F16 ? 1 : 2;
+  r.transients = 2 * operand;
   r.scalars = kScalarRegisters;
   switch (pass) {
     case Pass::Forward:
     case Pass::DecodePartial:
       r.accumulators = 2 * ob;
       r.cached_operands = mfa_forward_caches_q(c.head_pad) || (pass == Pass::DecodePartial &&
-                                                              c.head_pad <= 128) ? 2 * hb : 0;
+                                                              c.head_pad <= 128) ? operand * hb : 0;
       r.score_tiles = 2 * cb + cb;  // S, and 2 x C / 8 16-bit mask flags
       break;
     case Pass::BackwardQuery:
       r.accumulators = 2 * ob;
-      r.cached_operands = mfa_backward_caches_rows(c.head_pad) ? 4 * hb : 0;
+      r.cached_operands = mfa_backward_caches_rows(c.head_pad) ? 2 * operand * hb : 0;
       r.score_tiles = 4 * cb;
       break;
     case Pass::BackwardKeyValue:
       r.accumulators = 4 * ob;
-      r.cached_operands = mfa_backward_caches_rows(c.head_pad) ? 4 * hb : 0;
+      r.cached_operands = mfa_backward_caches_rows(c.head_pad) ? 2 * operand * hb : 0;
       r.score_tiles = 4 * cb;
       break;
     case Pass::DecodeMerge:

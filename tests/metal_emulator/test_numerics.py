@@ -216,3 +216,29 @@ def test_matmul_device_origins(kernel_lib, transpose_c):
                  buffers=[A, B, C, np.array([M, N, K, transpose_c], np.uint32)])
     ref = A.astype(np.float32) @ B.astype(np.float32)
     np.testing.assert_array_equal(C, ref.T if transpose_c else ref)
+
+
+@pytest.mark.parametrize("name,dt", [("half", np.float16), ("bfloat", "bf16")])
+def test_mma_16bit_operands_round_and_accumulate_in_float(kernel_lib, name, dt):
+    """16-bit matrices (as the attention kernels use for Q, K, V, dO) round their elements to the
+    16-bit type, and a multiply-accumulate into a float matrix adds the products in float."""
+    lib = kernel_lib("matrix.metal")
+    dt = ml_dtypes.bfloat16 if dt == "bf16" else dt
+    rng = np.random.default_rng(9)
+    A = rng.uniform(0.2, 0.4, (8, 8)).astype(np.float32)
+    B = rng.uniform(0.2, 0.4, (8, 8)).astype(np.float32)
+    a16, b16 = (X.astype(dt).astype(np.float64) for X in (A, B))
+    for c0, atol in ((0.0, 1e-6), (2048.0, 8 * float(np.spacing(np.float32(2048.0))))):
+        C = np.full((8, 8), np.nan, np.float32)
+        D = np.full((8, 8), np.nan, np.float32)
+        lib.dispatch(f"mma_mixed_precision_{name}", grid=1, threads=32,
+                     buffers=[A, B, C, D, np.array(c0, np.float32)])
+        # float64 references: operands rounded to the 16-bit type (C), only B rounded (D, P x V).
+        np.testing.assert_allclose(C, c0 + a16 @ b16, rtol=0, atol=atol)
+        np.testing.assert_allclose(D, c0 + A.astype(np.float64) @ b16, rtol=0, atol=atol)
+    # Above, 2048 + ~0.7 kept its fraction to float accuracy (a 16-bit sum has a spacing of 2 or
+    # 16 there); and the operands were rounded: at c0 = 0 the unrounded product is measurably off.
+    C = np.full((8, 8), np.nan, np.float32)
+    lib.dispatch(f"mma_mixed_precision_{name}", grid=1, threads=32,
+                 buffers=[A, B, C, np.zeros((8, 8), np.float32), np.array(0.0, np.float32)])
+    assert np.abs(C - A.astype(np.float64) @ B.astype(np.float64)).max() > 1e-5

@@ -27,7 +27,8 @@ def test_scalar_kernel_counts(kernel_lib, check):
                         check=check, profile=True)
     per_sg = dict(device_bytes_read=128, device_bytes_written=16, threadgroup_bytes_written=128,
                   threadgroup_bytes_read=128, exp=32, exp2=32, tanh=32, log=4, threadgroup_barriers=1,
-                  simdgroup_barriers=1, simd_reductions=1, simd_shuffles=1)
+                  simdgroup_barriers=1, simd_reductions=1, simd_shuffles=1,
+                  device_accesses=32 + 4, threadgroup_accesses=32 + 32)
     assert (prof.threads_per_threadgroup, prof.simdgroups_per_threadgroup, prof.threadgroups) == (64, 2, 3)
     assert prof.simdgroups == 6
     assert prof.threadgroup_memory_bytes == 256
@@ -48,6 +49,9 @@ def test_matrix_kernel_counts(kernel_lib):
     prof = lib.dispatch("profile_matrix", grid=1, threads=32, buffers=[a, c, v], profile=True)
     t = prof.total
     assert t["simdgroup_matrix_multiply_accumulate"] == 3
+    assert t["simdgroup_matrix_multiply_accumulate_16bit"] == 3  # half x half, all three
+    # load/store instructions per lane (matrix loads/stores are counted above, not here)
+    assert t["device_accesses"] == 32 and t["threadgroup_accesses"] == 64
     assert (t["simdgroup_matrix_load_device"], t["simdgroup_matrix_load_threadgroup"]) == (1, 1)
     assert (t["simdgroup_matrix_store_device"], t["simdgroup_matrix_store_threadgroup"]) == (1, 1)
     # matrix loads/stores move 64 elements of 2 bytes; lanes add 2 x 32 threadgroup halves and 32 floats
@@ -140,6 +144,14 @@ def test_own_forward_kernel_counts():
     key_blocks = S // 128
     assert prof.total["simdgroup_matrix_multiply_accumulate"] == simdgroups * key_blocks * 2 * 8 * 16
     assert prof.total["exp2"] == simdgroups * 32 * key_blocks * (1 + 2 * 16)
+    # Interior K and V tiles move in 16-byte chunks (4 floats): per threadgroup and key block,
+    # 2 tiles x 128 rows x 64 columns / 4 loads from device memory and as many threadgroup stores;
+    # besides them each lane loads its Q elements (2 x 8) and stores its O elements (2 x 8), and
+    # 8 lanes per simdgroup store a lse.
+    groups = blocks * N * B
+    chunks = 2 * 128 * 64 // 4
+    assert prof.total["threadgroup_accesses"] == groups * key_blocks * chunks
+    assert prof.total["device_accesses"] == groups * (key_blocks * chunks + 64 * (16 + 16) + 2 * 8)
 
 
 def test_mlx_attention_counts():

@@ -88,3 +88,32 @@ kernel void matmul_device(device const half* A [[buffer(0)]],
   if (transpose_c) simdgroup_store(acc, C, dims.x, ulong2(r0, c0), true);
   else simdgroup_store(acc, C, N, ulong2(c0, r0));
 }
+
+// The 16-bit operand path of metal/attention_kernels.h: float values set as
+// the elements of 16-bit matrices (rounded to T), P (float) times a 16-bit
+// matrix, and products accumulated into a float matrix (init `c0`).
+// C = c0 + round(A) round(B) (the 16-bit product); D = c0 + A round(B) (mixed).
+template <typename T>
+kernel void mma_mixed_precision(device const float* A [[buffer(0)]],
+                                device const float* B [[buffer(1)]],
+                                device float* C [[buffer(2)]],
+                                device float* D [[buffer(3)]],
+                                constant float& c0 [[buffer(4)]],
+                                ushort lane [[thread_index_in_simdgroup]]) {
+  const int r = (lane / 16) * 4 + (lane / 2) % 4, c = ((lane / 8) % 2) * 4 + (lane % 2) * 2;
+  simdgroup_matrix<T, 8, 8> a, b;
+  simdgroup_float8x8 af;
+  for (int e = 0; e < 2; ++e) {
+    a.thread_elements()[e] = T(A[r * 8 + c + e]);
+    b.thread_elements()[e] = T(B[r * 8 + c + e]);
+    af.thread_elements()[e] = A[r * 8 + c + e];
+  }
+  simdgroup_float8x8 acc = make_filled_simdgroup_matrix<float, 8, 8>(c0);
+  simdgroup_float8x8 mixed = acc;
+  simdgroup_multiply_accumulate(acc, a, b, acc);
+  simdgroup_multiply_accumulate(mixed, af, b, mixed);
+  simdgroup_store(acc, C);
+  simdgroup_store(mixed, D);
+}
+JAX_MFA_INSTANTIATE_KERNEL("mma_mixed_precision_half", mma_mixed_precision, half)
+JAX_MFA_INSTANTIATE_KERNEL("mma_mixed_precision_bfloat", mma_mixed_precision, bfloat)
