@@ -412,9 +412,20 @@
 #define MFA_APPLE7_f16 MFA_APPLE7_MIXED
 #define MFA_APPLE7_bf16 MFA_APPLE7_MIXED
 
+// The storage type of each dtype on M3 and later (Apple9): bfloat16 is
+// Metal's bfloat there, so its operand matrices are bfloat (MfaOperand in
+// attention_kernels.h); elsewhere, and in the decode kernels of every
+// family, bfloat16 is bf16_t, widened to float.
+#define MFA_APPLE9_STORAGE_f32 float
+#define MFA_APPLE9_STORAGE_f16 half
+#define MFA_APPLE9_STORAGE_bf16 bfloat
+#if (JAX_MFA_METAL_FAMILIES & 2) && (JAX_MFA_METAL_DTYPES & 4) && !MFA_HAVE_BFLOAT
+#error "the M3+ (Apple9) bfloat16 kernels use bfloat: compile them with MSL 3.1 or later"
+#endif
+
 #define MFA_FAMILIES(T, TAG) MFA_FAMILY9(T, TAG) MFA_FAMILY7(T, TAG) MFA_DECODE_KERNELS(T, TAG)
 #if JAX_MFA_METAL_FAMILIES & 2
-#define MFA_FAMILY9(T, TAG) MFA_APPLE9_##TAG(T, TAG)
+#define MFA_FAMILY9(T, TAG) MFA_APPLE9_##TAG(MFA_APPLE9_STORAGE_##TAG, TAG)
 #else
 #define MFA_FAMILY9(T, TAG)
 #endif

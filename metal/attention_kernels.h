@@ -2,8 +2,9 @@
 // (dQ) and backward-key-value (dK, dV). Design notes: docs/metal.md.
 //
 // Every kernel is a template over
-//   T   storage type: float, half or bf16_t (bfloat16 bits, widened to float
-//       on load, so no bfloat arithmetic is needed on any chip),
+//   T   storage type: float, half, bf16_t (bfloat16 bits, widened to float
+//       on load: M1/M2) or bfloat (Metal's bfloat16 type, MSL 3.1: M3 and
+//       later, where the operand matrices are bfloat; see MfaOperand),
 //   HP  head dim padded to a bucket (kHeadBuckets in attention_plan.h:
 //       multiples of 8 from 16 to 256), a multiple of DB,
 //   P   parallelization block: rows (queries, or keys for dK/dV) per
@@ -37,6 +38,16 @@ struct bf16_t {
   ushort bits;
 };
 
+// Metal's own bfloat type (and simdgroup_matrix<bfloat>) exists from MSL 3.1
+// (macOS 14; __METAL_VERSION__ 310, the check MLX's kernels make) and in the
+// Metal emulator (no __METAL_VERSION__). The launcher compiles the M3+
+// (Apple9) libraries, which store bfloat16 as bfloat, with MSL 3.1.
+#if !defined(__METAL_VERSION__) || __METAL_VERSION__ >= 310
+#define MFA_HAVE_BFLOAT 1
+#else
+#define MFA_HAVE_BFLOAT 0
+#endif
+
 // Callers pass T(element): in the Metal emulator a device half element also
 // converts to float, so an overload set on float and half needs its type.
 inline float mfa_to_float(float x) { return x; }
@@ -61,6 +72,12 @@ inline bf16_t mfa_from_float<bf16_t>(float x) {
   }
   return r;
 }
+#if MFA_HAVE_BFLOAT
+inline float mfa_to_float(bfloat x) { return float(x); }
+// The same rounding as bf16_t's (so both families store identical bits).
+template <>
+inline bfloat mfa_from_float<bfloat>(float x) { return as_type<bfloat>(mfa_from_float<bf16_t>(x).bits); }
+#endif
 
 // A logit at or below this (base-2 units) counts as masked; also the initial
 // running maximum. Finite on purpose: the kernels never rely on infinities in
@@ -72,11 +89,13 @@ constant constexpr float kLn2 = 0.6931471805599453f;
 
 typedef simdgroup_matrix<float, 8, 8> mfa_mat;
 
-// The matrix type of an input operand (Q, K, V, dO) stored as T: half for
-// half storage (half the registers of float; exact, as the values are half
-// already), float for float and for bfloat16. bfloat16 is widened to float as
-// MFA does on chips without bfloat matrices: simdgroup_matrix<bfloat> needs
-// MSL 3.1 (macOS 14) and the launcher compiles MSL 3.0 for every family.
+// The matrix type of an input operand (Q, K, V, dO) stored as T: the
+// storage type itself for half and bfloat (half the registers of float;
+// exact, as the values are 16-bit already), float for float and for bf16_t.
+// bf16_t is the M1/M2 (Apple7) storage of bfloat16: it is widened to float,
+// as metal-flash-attention emulates bfloat on chips without bfloat matrices
+// (their libraries compile with MSL 3.0); M3 and later (Apple9) store
+// bfloat16 as bfloat and multiply bfloat matrices.
 // Products accumulate in float: simdgroup_multiply_accumulate with float
 // destination and accumulator and 16-bit (or mixed float x 16-bit) factors,
 // as MLX's steel attention multiplies its float P by half V. P and dS stay
@@ -89,6 +108,12 @@ template <>
 struct MfaOperand<half> {
   typedef half type;
 };
+#if MFA_HAVE_BFLOAT
+template <>
+struct MfaOperand<bfloat> {
+  typedef bfloat type;
+};
+#endif
 template <typename T>
 using mfa_operand_mat = simdgroup_matrix<typename MfaOperand<T>::type, 8, 8>;
 
@@ -189,9 +214,9 @@ METAL_FUNC void mfa_stage(threadgroup T* tile, device const T* base, mfa_long st
 }
 
 // An 8x8 block of a staged tile (row stride `stride`) into an operand matrix,
-// transposed or not. float and half tiles go through simdgroup_load; bfloat16
-// tiles are read by each lane (its two elements, widened), as MLX's steel
-// kernels read theirs.
+// transposed or not. float, half and bfloat tiles go through simdgroup_load;
+// bf16_t tiles are read by each lane (its two elements, widened), as MLX's
+// steel kernels read theirs.
 template <typename T>
 METAL_FUNC void mfa_load_tile(thread mfa_operand_mat<T>& m, threadgroup T* block, int stride,
                               bool transpose, uint lane) {
@@ -212,6 +237,13 @@ METAL_FUNC void mfa_load_tile(thread simdgroup_matrix<half, 8, 8>& m, threadgrou
   (void)lane;
   simdgroup_load(m, block, stride, ulong2(0, 0), transpose);
 }
+#if MFA_HAVE_BFLOAT
+METAL_FUNC void mfa_load_tile(thread simdgroup_matrix<bfloat, 8, 8>& m, threadgroup bfloat* block,
+                              int stride, bool transpose, uint lane) {
+  (void)lane;
+  simdgroup_load(m, block, stride, ulong2(0, 0), transpose);
+}
+#endif
 
 // acc[c] += A B^T over the (padded) head dim, for the C rows of B (keys, or
 // queries) at b_base (only b_rows of them exist: the last block of a span,

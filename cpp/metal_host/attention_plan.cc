@@ -255,7 +255,7 @@ BlockConfig block_config(Pass pass, GpuFamily family, DType dtype, int64_t head_
   const BlockConfig table = c;
   // The float estimate decides for every storage type (16-bit operands only
   // need fewer registers), so float16 and bfloat16 share one configuration.
-  auto over = [&] { return register_estimate(pass, c, DType::F32).total() > kRegisterBudget; };
+  auto over = [&] { return register_estimate(pass, c, DType::F32, family).total() > kRegisterBudget; };
   while (over() && c.cols > 32) c.cols -= 8;
   if (over() && pass == Pass::BackwardKeyValue) {
     // dK's and dV's accumulators take 4 x HO / 8 registers: each threadgroup
@@ -270,12 +270,19 @@ BlockConfig block_config(Pass pass, GpuFamily family, DType dtype, int64_t head_
   return c;
 }
 
-RegisterEstimate register_estimate(Pass pass, const BlockConfig& c, DType dtype) {
+int operand_registers(Pass pass, DType dtype, GpuFamily family) {
+  // half for float16; bfloat for bfloat16 where the kernel stores it as
+  // bfloat (attention.metal's MFA_APPLE9_STORAGE: M3+, not the decode
+  // kernel); float otherwise.
+  const bool bfloat_matrices = dtype == DType::BF16 && family == GpuFamily::Apple9 &&
+                               pass != Pass::DecodePartial;
+  return dtype == DType::F16 || bfloat_matrices ? 1 : 2;
+}
+
+RegisterEstimate register_estimate(Pass pass, const BlockConfig& c, DType dtype, GpuFamily family) {
   RegisterEstimate r;
   const int hb = c.head_pad / 8, ob = c.head_out / 8, cb = c.cols / 8;
-  // Registers per lane of one operand matrix (mfa_operand_mat): half for
-  // float16 storage, float otherwise.
-  const int operand = dtype == DType::F16 ? 1 : 2;
+  const int operand = operand_registers(pass, dtype, family);
   r.transients = 2 * operand;
   r.scalars = kScalarRegisters;
   switch (pass) {

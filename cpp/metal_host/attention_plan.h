@@ -80,13 +80,15 @@ struct BlockConfig {
 //   * cached operands: Q (forward, decode), Q and dO (dQ), K and V (dK/dV)
 //     when the register-cache policy (attention_params.h) keeps them, HP / 8
 //     matrices each, of the operand type (mfa_operand_mat in
-//     attention_kernels.h): 2 registers per lane for float and bfloat16
-//     storage (widened to float), 1 for float16 (two halves in one register);
+//     attention_kernels.h): 2 registers per lane for float storage and for
+//     bfloat16 widened to float (M1/M2, and the decode kernel everywhere), 1
+//     for float16 and for bfloat16 in bfloat matrices (M3+ forward, dQ and
+//     dK/dV): two 16-bit values in one register;
 //   * score tiles: S (forward, decode), S and dP (dQ), S^T and dP^T (dK/dV),
 //     C / 8 matrices each, plus the forward's per-element mask flags
 //     (2 x C / 8 bools, 16 bits each);
 //   * transients: the two operand matrices of one multiply-accumulate (2 x
-//     the operand type's registers: 4, or 2 for float16);
+//     the operand type's registers: 4, or 2 for 16-bit operands);
 //   * scalars: kScalarRegisters for indices, spans, loop counters, the
 //     running max and sum, and 3-4 device pointers of 2 registers each.
 // Not counted: what the compiler may keep in fewer registers (dead ranges,
@@ -99,7 +101,10 @@ struct RegisterEstimate {
   int accumulators = 0, cached_operands = 0, score_tiles = 0, transients = 0, scalars = 0;
   int total() const { return accumulators + cached_operands + score_tiles + transients + scalars; }
 };
-RegisterEstimate register_estimate(Pass pass, const BlockConfig& config, DType dtype);
+RegisterEstimate register_estimate(Pass pass, const BlockConfig& config, DType dtype,
+                                   GpuFamily family);
+// Registers per lane of one operand matrix (mfa_operand_mat) of `pass`.
+int operand_registers(Pass pass, DType dtype, GpuFamily family);
 
 // The head dims the kernels are compiled for (HP): every multiple of 8 from
 // 16 to 256, as MFA pads (a head dim runs in the first bucket at least as

@@ -93,7 +93,12 @@ class MetalContext {
       MTLCompileOptions* options = [[MTLCompileOptions alloc] init];
       if (options == nil) return Status::Error("creating MTLCompileOptions failed");
       // Explicit, so the result does not depend on the macOS version's defaults.
+      // M3+ (Apple9) libraries need MSL 3.1 (macOS 14, which every M3 runs):
+      // their bfloat16 kernels use bfloat operand matrices (attention.metal).
       options.languageVersion = MTLLanguageVersion3_0;
+      if (@available(macOS 14.0, *)) {
+        if (family_ == metal_host::GpuFamily::Apple9) options.languageVersion = MTLLanguageVersion3_1;
+      }
       if (@available(macOS 15.0, *)) {
         options.mathMode = MTLMathModeSafe;
       } else {

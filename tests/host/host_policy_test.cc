@@ -361,13 +361,13 @@ void test_register_budget() {
       for (Pass pass : {Pass::Forward, Pass::BackwardQuery, Pass::BackwardKeyValue,
                         Pass::DecodePartial, Pass::DecodeMerge, Pass::BackwardKeyValueReduce}) {
         const BlockConfig c = block_config(pass, f, t, h);
-        const RegisterEstimate r = register_estimate(pass, c, t);
+        const RegisterEstimate r = register_estimate(pass, c, t, f);
         if (r.total() > kRegisterBudget)
           std::printf("over budget: pass %d family %d head %d dtype %d: %d registers\n", int(pass),
                       int(f), h, int(t), r.total());
         CHECK(r.total() <= kRegisterBudget);
         // 16-bit operands never cost more registers than float ones.
-        CHECK(r.total() <= register_estimate(pass, c, DType::F32).total());
+        CHECK(r.total() <= register_estimate(pass, c, DType::F32, f).total());
         CHECK(c.head_out > 0 && c.head_out % 8 == 0 && (c.head_out == c.head_pad ||
               (2 * c.head_out >= c.head_pad && 2 * c.head_out - c.head_pad < 16)));  // whole or halves
         if (pass != Pass::DecodeMerge && pass != Pass::BackwardKeyValueReduce)
@@ -376,31 +376,42 @@ void test_register_budget() {
   // The counts themselves, on a configuration worked out by hand: M3 forward,
   // HP 64 (Q cached), C 128: O 16 + Q 16 + S 32 + flags 16 + 4 + scalars.
   const BlockConfig fwd64 = block_config(Pass::Forward, GpuFamily::Apple9, DType::F16, 64);
-  const RegisterEstimate r = register_estimate(Pass::Forward, fwd64, DType::F32);
+  const RegisterEstimate r = register_estimate(Pass::Forward, fwd64, DType::F32, GpuFamily::Apple9);
   CHECK(r.accumulators == 16 && r.cached_operands == 16 && r.score_tiles == 48 && r.transients == 4);
   CHECK(r.total() == 84 + kScalarRegisters);
   // float16 operands in half matrices: Q 8 (one register per lane per
-  // matrix), the multiply's two operands 2; bfloat16 is widened to float.
-  const RegisterEstimate h = register_estimate(Pass::Forward, fwd64, DType::F16);
+  // matrix), the multiply's two operands 2; bfloat16 the same on M3+ (bfloat
+  // matrices), widened to float on M1/M2 and in the decode kernel.
+  const RegisterEstimate h = register_estimate(Pass::Forward, fwd64, DType::F16, GpuFamily::Apple9);
   CHECK(h.accumulators == 16 && h.cached_operands == 8 && h.score_tiles == 48 && h.transients == 2);
   CHECK(h.total() == 74 + kScalarRegisters);
-  CHECK(register_estimate(Pass::Forward, fwd64, DType::BF16).total() == r.total());
+  const RegisterEstimate b9 = register_estimate(Pass::Forward, fwd64, DType::BF16, GpuFamily::Apple9);
+  CHECK(b9.cached_operands == 8 && b9.transients == 2 && b9.total() == h.total());
+  CHECK(register_estimate(Pass::Forward, fwd64, DType::BF16, GpuFamily::Apple7).total() == r.total());
+  for (GpuFamily f : {GpuFamily::Apple7, GpuFamily::Apple9}) {
+    CHECK(operand_registers(Pass::DecodePartial, DType::BF16, f) == 2);
+    CHECK(operand_registers(Pass::DecodePartial, DType::F16, f) == 1);
+    CHECK(operand_registers(Pass::BackwardKeyValue, DType::F32, f) == 2);
+  }
+  CHECK(operand_registers(Pass::BackwardQuery, DType::BF16, GpuFamily::Apple9) == 1);
+  CHECK(operand_registers(Pass::BackwardKeyValue, DType::BF16, GpuFamily::Apple9) == 1);
+  CHECK(operand_registers(Pass::BackwardQuery, DType::BF16, GpuFamily::Apple7) == 2);
   // dQ with Q and dO cached: 4 x HB registers in float, 2 x HB in float16.
   const BlockConfig dq64 = block_config(Pass::BackwardQuery, GpuFamily::Apple9, DType::F16, 64);
   if (mfa_backward_caches_rows(64)) {
-    CHECK(register_estimate(Pass::BackwardQuery, dq64, DType::F32).cached_operands == 32);
-    CHECK(register_estimate(Pass::BackwardQuery, dq64, DType::F16).cached_operands == 16);
+    CHECK(register_estimate(Pass::BackwardQuery, dq64, DType::F32, GpuFamily::Apple9).cached_operands == 32);
+    CHECK(register_estimate(Pass::BackwardQuery, dq64, DType::F16, GpuFamily::Apple9).cached_operands == 16);
   }
   // dK/dV at HP 256 splits its head columns: two accumulators of 128 / 8 matrices.
   const BlockConfig kv = block_config(Pass::BackwardKeyValue, GpuFamily::Apple9, DType::F16, 256);
-  CHECK(kv.head_out == 128 && register_estimate(Pass::BackwardKeyValue, kv, DType::F16).accumulators == 64);
+  CHECK(kv.head_out == 128 && register_estimate(Pass::BackwardKeyValue, kv, DType::F16, GpuFamily::Apple9).accumulators == 64);
   // Float32 storage takes MFA's float32 tables (M1 forward up to 56: P 32, C 32,
   // DB 56 -> 40 for bucket 40); their C is lowered by rule where it leaves the
   // budget (M3 forward 256: MFA's C 128 -> 80: O 64 + S 30 + 4 + scalars).
   const BlockConfig f40 = block_config(Pass::Forward, GpuFamily::Apple7, DType::F32, 40);
   CHECK(f40.rows == 32 && f40.cols == 32 && f40.head_block == 40);
   const BlockConfig f256 = block_config(Pass::Forward, GpuFamily::Apple9, DType::F32, 256);
-  CHECK(f256.cols == 80 && register_estimate(Pass::Forward, f256, DType::F32).total() == 126);
+  CHECK(f256.cols == 80 && register_estimate(Pass::Forward, f256, DType::F32, GpuFamily::Apple9).total() == 126);
   // Uneven dK/dV head splits (test_uneven_dkdv_head_split runs these):
   // 21 and 25 blocks of 8 head columns, 11 and 13 in the first part.
   CHECK(block_config(Pass::BackwardKeyValue, GpuFamily::Apple7, DType::F32, 168).head_out == 88);

@@ -112,6 +112,52 @@ PARAMS = np.dtype([("bias_strides", "<i8", 4), ("mask_strides", "<i8", 4), ("dbi
 assert PARAMS.itemsize == 248  # sizeof(AttentionParams), as cpp/metal_host/attention_plan.cc asserts
 
 
+def _run_forward(lib, name, q, k, v, rows):
+    """One plain forward (no mask, bias or dropout) of a metal/ forward kernel with P = rows, on
+    (B, T, N, H) inputs; returns (out, profile)."""
+    B, T, N, H = q.shape
+    S = k.shape[1]
+    out = np.full_like(q, np.nan)
+    lse = np.full((B, T, N), np.nan, np.float32)
+    p = np.zeros((), PARAMS)
+    scale = H ** -0.5
+    blocks = -(-T // rows)
+    for field, val in dict(batch=B, q_len=T, kv_len=S, q_heads=N, kv_heads=N, head_dim=H, group_size=1,
+                           scale=scale, scale_log2=scale * np.log2(np.e), window_left=-1, window_right=-1,
+                           num_row_blocks=blocks, block_rows=rows, merge_batches=1, merge_heads=1,
+                           total_groups=blocks * N * B, kv_splits=1).items():
+        p[field] = val
+    prof = lib.dispatch(name, grid=blocks * N * B, threads=rows * 4,
+                        buffers=[p.tobytes(), q, k, v, None, None, None, None, out, lse] + [None] * 4,
+                        profile=True)
+    return out, prof
+
+
+def _reference(q, k, v):
+    t = lambda x: x.astype(np.float64).transpose(0, 2, 1, 3)  # noqa: E731
+    return mlx_peer.attention_reference(t(q), t(k), t(v), q.shape[-1] ** -0.5)[0].transpose(0, 2, 1, 3)
+
+
+def test_apple9_bfloat16_kernels_multiply_bfloat_matrices():
+    """bfloat16 storage on M3+ (Apple9): Q and K are bfloat matrices, so every S = Q K^T
+    multiply-accumulate is 16-bit x 16-bit ((16 / 8) x (128 / 8) per simdgroup and key block); O += P V
+    multiplies float P by bfloat V (not counted as 16-bit). One head bucket of the Apple9 library
+    (attention.metal's instantiation, as the launcher compiles it)."""
+    import ml_dtypes
+
+    lib = me.load(str(ROOT / "metal" / "attention_bf16.metal"), include_paths=[str(ROOT / "metal")],
+                  defines={"JAX_MFA_METAL_FAMILIES": 2, "JAX_MFA_METAL_HEADS": 1})  # bucket 16 only
+    rng = np.random.default_rng(2)
+    B, T, S, N, H = 1, 19, 256, 1, 13  # the last row block and the head dim are partial
+    q, k, v = (rng.standard_normal((B, L, N, H)).astype(ml_dtypes.bfloat16) for L in (T, S, S))
+    out, prof = _run_forward(lib, "mfa_fwd_bf16_h16_p16_c128_d16", q, k, v, rows=16)
+    simdgroups, key_blocks = 3, S // 128  # 2 blocks of 16 rows; rows 24-31 (past T) do no work
+    qk = simdgroups * key_blocks * (16 // 8) * (128 // 8)
+    assert prof.total["simdgroup_matrix_multiply_accumulate"] == 2 * qk
+    assert prof.total["simdgroup_matrix_multiply_accumulate_16bit"] == qk
+    np.testing.assert_allclose(out.astype(np.float64), _reference(q, k, v), rtol=0, atol=2e-2)
+
+
 def test_own_forward_kernel_counts():
     """metal/attention.metal's forward (head dim 64, P = 16 rows, C = 128 keys per block): per simdgroup
     and key block, S = Q K^T takes (64 / 8) x (128 / 8) and O += P V (64 / 8) x (128 / 8)
@@ -124,22 +170,9 @@ def test_own_forward_kernel_counts():
     q = rng.standard_normal((B, T, N, H)).astype(np.float32)
     k = rng.standard_normal((B, S, N, H)).astype(np.float32)
     v = rng.standard_normal((B, S, N, H)).astype(np.float32)
-    out = np.full_like(q, np.nan)
-    lse = np.full((B, T, N), np.nan, np.float32)
-    p = np.zeros((), PARAMS)
-    scale = H ** -0.5
+    out, prof = _run_forward(lib, "mfa_fwd_f32_h64_p16_c128_d32", q, k, v, rows=16)
     blocks = T // 16
-    for name, val in dict(batch=B, q_len=T, kv_len=S, q_heads=N, kv_heads=N, head_dim=H, group_size=1,
-                          scale=scale, scale_log2=scale * np.log2(np.e), window_left=-1, window_right=-1,
-                          num_row_blocks=blocks, block_rows=16, merge_batches=1, merge_heads=1,
-                          total_groups=blocks * N * B, kv_splits=1).items():
-        p[name] = val
-    prof = lib.dispatch("mfa_fwd_f32_h64_p16_c128_d32", grid=blocks * N * B, threads=64,
-                        buffers=[p.tobytes(), q, k, v, None, None, None, None, out, lse] + [None] * 4,
-                        profile=True)
-    ref = mlx_peer.attention_reference(q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3),
-                                       v.transpose(0, 2, 1, 3), scale)[0].transpose(0, 2, 1, 3)
-    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(out, _reference(q, k, v), rtol=1e-4, atol=1e-5)
     simdgroups = blocks * N * B * 2
     key_blocks = S // 128
     assert prof.total["simdgroup_matrix_multiply_accumulate"] == simdgroups * key_blocks * 2 * 8 * 16

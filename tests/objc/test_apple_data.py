@@ -407,7 +407,7 @@ def test_every_api_the_launcher_uses_matches_apples_data(apple):
     # The extraction sees the launcher's real API surface.
     assert {"newBufferWithBytesNoCopy:length:options:deallocator:", "setBuffer:offset:atIndex:",
             "setMathMode:", "supportsFamily:"} <= used["selectors"]
-    assert {"MTLGPUFamilyApple7", "MTLCommandBufferStatusCompleted"} <= used["enums"]
+    assert {"MTLGPUFamilyApple7", "MTLCommandBufferStatusCompleted", "MTLLanguageVersion3_1"} <= used["enums"]
     assert {"MTLCopyAllDevices", "MTLCreateSystemDefaultDevice"} <= used["functions"]
     assert problems(apple, BACKEND, STUBS) == []
 
