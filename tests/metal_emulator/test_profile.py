@@ -134,7 +134,7 @@ def test_own_forward_kernel_counts():
                           num_row_blocks=blocks, block_rows=16, merge_batches=1, merge_heads=1,
                           total_groups=blocks * N * B, kv_splits=1).items():
         p[name] = val
-    prof = lib.dispatch("mfa_fwd_f32_h64_p16_c128_d32", grid=blocks * N * B, threads=64,
+    prof = lib.dispatch("mfa_fwd_f32_h64_p16_c128_d32_cache1", grid=blocks * N * B, threads=64,
                         buffers=[p.tobytes(), q, k, v, None, None, None, None, out, lse] + [None] * 4,
                         profile=True)
     ref = mlx_peer.attention_reference(q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3),
