@@ -279,7 +279,7 @@ class OurKernels:
             if hp >= head_dim:
                 break
         for name in self.lib(hp).kernels:
-            m = re.fullmatch(rf"mfa_{kind}_{TAGS[self.dtype]}_h(\d+)_p(\d+)_c(\d+)_d(\d+)(?:_o(\d+))?", name)
+            m = re.fullmatch(rf"mfa_{kind}_{TAGS[self.dtype]}_h(\d+)_p(\d+)_c(\d+)_d(\d+)(?:_o(\d+))?_cache[01]+", name)
             if m:
                 hp, rows, cols = (int(x) for x in m.groups()[:3])
                 return name, hp, rows, cols, -(-hp // int(m.group(5) or hp))

@@ -1,7 +1,9 @@
 // Host-named instantiations of the attention kernels (metal/attention_kernels.h):
 // one per storage type and per block configuration the descriptor tables in
 // cpp/metal_host/attention_plan.cc can choose. Names follow
-// mfa_<fwd|dq|dkdv>_<f32|f16|bf16>_h<HP>_p<P>_c<C>_d<DB>[_o<HO>] (HO: a dK/dV head split),
+// mfa_<fwd|dq|dkdv>_<f32|f16|bf16>_h<HP>_p<P>_c<C>_d<DB>[_o<HO>]_cache<flags> (HO: a
+// dK/dV head split; flags: the register-cache policy, 1 for an operand kept in
+// registers, in the kernel's order: Q; Q, dO; K, V),
 // mfa_decode_<type>_h<HP>_c<C>, mfa_decode_merge_<type> and mfa_dkdv_reduce_<type>
 // (the sum of a split GQA group's partial dK/dV).
 //
@@ -13,8 +15,9 @@
 // kHeadBuckets in cpp/metal_host/attention_plan.h (every multiple of 8 from 16
 // to 256); default all. The Metal launcher compiles one (type, bucket) library
 // at a time, on first use (library_macros() in host_policy.h). The lists
-// below follow the plan's tables (test_each_library_compiles_exactly_its_kernels
-// in tests/host checks every library against them).
+// below follow the plan's tables: tools/metal_instantiations.py writes them from
+// the plan (test_each_library_compiles_exactly_its_kernels in tests/host checks
+// every library against them).
 #include <metal_stdlib>
 #ifndef JAX_MFA_EMBEDDED
 #include "jax_mfa_instantiate.h"
@@ -192,220 +195,226 @@
 
 #define MFA_NAME(KIND, TAG, HP, P, C, DB) \
   "mfa_" #KIND "_" #TAG "_h" #HP "_p" #P "_c" #C "_d" #DB
+// Register-cache flags (0 or 1) as template arguments.
+#define MFA_BOOL_0 false
+#define MFA_BOOL_1 true
 
-#define MFA_FWD(T, TAG, HP, P, C, DB)                                          \
-  MFA_IF_H##HP(JAX_MFA_INSTANTIATE_KERNEL(MFA_NAME(fwd, TAG, HP, P, C, DB), attention_forward, \
-                                          T, HP, P, C, DB))
-#define MFA_DQ(T, TAG, HP, P, C, DB)                                                       \
-  MFA_IF_H##HP(JAX_MFA_INSTANTIATE_KERNEL(MFA_NAME(dq, TAG, HP, P, C, DB),                  \
-                                          attention_backward_query, T, HP, P, C, DB))
-#define MFA_DKDV(T, TAG, HP, P, C, DB)                                                     \
-  MFA_IF_H##HP(JAX_MFA_INSTANTIATE_KERNEL(MFA_NAME(dkdv, TAG, HP, P, C, DB),                \
-                                          attention_backward_key_value, T, HP, P, C, DB, HP))
+#define MFA_FWD(T, TAG, HP, P, C, DB, CQ)                                                  \
+  MFA_IF_H##HP(JAX_MFA_INSTANTIATE_KERNEL(MFA_NAME(fwd, TAG, HP, P, C, DB) "_cache" #CQ,    \
+                                          attention_forward, T, HP, P, C, DB, MFA_BOOL_##CQ))
+#define MFA_DQ(T, TAG, HP, P, C, DB, CQ, CDO)                                              \
+  MFA_IF_H##HP(JAX_MFA_INSTANTIATE_KERNEL(MFA_NAME(dq, TAG, HP, P, C, DB) "_cache" #CQ #CDO, \
+                                          attention_backward_query, T, HP, P, C, DB,        \
+                                          MFA_BOOL_##CQ, MFA_BOOL_##CDO))
+#define MFA_DKDV(T, TAG, HP, P, C, DB, CK, CV)                                             \
+  MFA_IF_H##HP(JAX_MFA_INSTANTIATE_KERNEL(MFA_NAME(dkdv, TAG, HP, P, C, DB) "_cache" #CK #CV, \
+                                          attention_backward_key_value, T, HP, P, C, DB, HP, \
+                                          MFA_BOOL_##CK, MFA_BOOL_##CV))
 // dK/dV owning HO of the HP head columns of dK and dV (the plan's head split).
-#define MFA_DKDV_SPLIT(T, TAG, HP, P, C, DB, HO)                                            \
-  MFA_IF_H##HP(JAX_MFA_INSTANTIATE_KERNEL(MFA_NAME(dkdv, TAG, HP, P, C, DB) "_o" #HO,       \
-                                          attention_backward_key_value, T, HP, P, C, DB, HO))
+#define MFA_DKDV_SPLIT(T, TAG, HP, P, C, DB, HO, CK, CV)                                   \
+  MFA_IF_H##HP(JAX_MFA_INSTANTIATE_KERNEL(                                                 \
+      MFA_NAME(dkdv, TAG, HP, P, C, DB) "_o" #HO "_cache" #CK #CV,                          \
+      attention_backward_key_value, T, HP, P, C, DB, HO, MFA_BOOL_##CK, MFA_BOOL_##CV))
 
 // M3 and later (Apple9): metal-flash-attention's mixed-precision tables
 // (float16 / bfloat16 storage) and its float32 tables (float32 storage), with
 // the register-budget changes listed in attention_plan.cc.
 #define MFA_APPLE9_MIXED(T, TAG) \
-  MFA_FWD(T, TAG, 16, 16, 128, 16) MFA_FWD(T, TAG, 24, 16, 128, 8)                         \
-  MFA_FWD(T, TAG, 32, 16, 128, 16) MFA_FWD(T, TAG, 40, 16, 128, 8)                         \
-  MFA_FWD(T, TAG, 48, 16, 128, 24) MFA_FWD(T, TAG, 56, 16, 128, 8)                         \
-  MFA_FWD(T, TAG, 64, 16, 128, 32) MFA_FWD(T, TAG, 72, 16, 128, 24)                        \
-  MFA_FWD(T, TAG, 80, 16, 128, 16) MFA_FWD(T, TAG, 88, 16, 128, 8)                         \
-  MFA_FWD(T, TAG, 96, 16, 128, 32) MFA_FWD(T, TAG, 104, 16, 128, 8)                        \
-  MFA_FWD(T, TAG, 112, 16, 128, 16) MFA_FWD(T, TAG, 120, 16, 128, 24)                      \
-  MFA_FWD(T, TAG, 128, 16, 128, 32) MFA_FWD(T, TAG, 136, 16, 128, 8)                       \
-  MFA_FWD(T, TAG, 144, 16, 128, 24) MFA_FWD(T, TAG, 152, 16, 128, 8)                       \
-  MFA_FWD(T, TAG, 160, 16, 128, 32) MFA_FWD(T, TAG, 168, 16, 128, 24)                      \
-  MFA_FWD(T, TAG, 176, 16, 128, 16) MFA_FWD(T, TAG, 184, 16, 128, 8)                       \
-  MFA_FWD(T, TAG, 192, 16, 128, 32) MFA_FWD(T, TAG, 200, 16, 64, 8)                        \
-  MFA_FWD(T, TAG, 208, 16, 64, 16) MFA_FWD(T, TAG, 216, 16, 64, 24)                        \
-  MFA_FWD(T, TAG, 224, 16, 64, 32) MFA_FWD(T, TAG, 232, 16, 64, 8)                         \
-  MFA_FWD(T, TAG, 240, 16, 64, 24) MFA_FWD(T, TAG, 248, 16, 64, 8)                         \
-  MFA_FWD(T, TAG, 256, 16, 64, 32) MFA_DQ(T, TAG, 16, 16, 64, 8)                           \
-  MFA_DQ(T, TAG, 24, 16, 64, 8) MFA_DQ(T, TAG, 32, 16, 64, 8)                              \
-  MFA_DQ(T, TAG, 40, 16, 64, 8) MFA_DQ(T, TAG, 48, 16, 64, 8)                              \
-  MFA_DQ(T, TAG, 56, 16, 64, 8) MFA_DQ(T, TAG, 64, 16, 64, 8)                              \
-  MFA_DQ(T, TAG, 72, 16, 64, 8) MFA_DQ(T, TAG, 80, 16, 64, 8)                              \
-  MFA_DQ(T, TAG, 88, 16, 64, 8) MFA_DQ(T, TAG, 96, 16, 64, 32)                             \
-  MFA_DQ(T, TAG, 104, 16, 64, 8) MFA_DQ(T, TAG, 112, 16, 64, 16)                           \
-  MFA_DQ(T, TAG, 120, 16, 64, 24) MFA_DQ(T, TAG, 128, 16, 64, 32)                          \
-  MFA_DQ(T, TAG, 136, 16, 64, 8) MFA_DQ(T, TAG, 144, 16, 64, 24)                           \
-  MFA_DQ(T, TAG, 152, 16, 64, 8) MFA_DQ(T, TAG, 160, 16, 64, 32)                           \
-  MFA_DQ(T, TAG, 168, 16, 64, 24) MFA_DQ(T, TAG, 176, 16, 64, 16)                          \
-  MFA_DQ(T, TAG, 184, 16, 64, 8) MFA_DQ(T, TAG, 192, 16, 64, 32)                           \
-  MFA_DQ(T, TAG, 200, 16, 64, 8) MFA_DQ(T, TAG, 208, 16, 64, 16)                           \
-  MFA_DQ(T, TAG, 216, 16, 64, 24) MFA_DQ(T, TAG, 224, 16, 64, 32)                          \
-  MFA_DQ(T, TAG, 232, 16, 64, 8) MFA_DQ(T, TAG, 240, 16, 64, 24)                           \
-  MFA_DQ(T, TAG, 248, 16, 64, 8) MFA_DQ(T, TAG, 256, 16, 64, 32)                           \
-  MFA_DKDV(T, TAG, 16, 16, 64, 8) MFA_DKDV(T, TAG, 24, 16, 64, 8)                          \
-  MFA_DKDV(T, TAG, 32, 16, 64, 8) MFA_DKDV(T, TAG, 40, 16, 64, 8)                          \
-  MFA_DKDV(T, TAG, 48, 16, 64, 8) MFA_DKDV(T, TAG, 56, 16, 64, 8)                          \
-  MFA_DKDV(T, TAG, 64, 16, 32, 16) MFA_DKDV(T, TAG, 72, 16, 32, 8)                         \
-  MFA_DKDV(T, TAG, 80, 16, 32, 16) MFA_DKDV(T, TAG, 88, 16, 32, 8)                         \
-  MFA_DKDV(T, TAG, 96, 16, 32, 16) MFA_DKDV(T, TAG, 104, 16, 32, 8)                        \
-  MFA_DKDV(T, TAG, 112, 16, 32, 16) MFA_DKDV(T, TAG, 120, 16, 32, 8)                       \
-  MFA_DKDV(T, TAG, 128, 16, 32, 16) MFA_DKDV(T, TAG, 136, 16, 32, 8)                       \
-  MFA_DKDV(T, TAG, 144, 16, 32, 16) MFA_DKDV(T, TAG, 152, 16, 32, 8)                       \
-  MFA_DKDV(T, TAG, 160, 16, 32, 16) MFA_DKDV_SPLIT(T, TAG, 168, 16, 32, 8, 88)             \
-  MFA_DKDV_SPLIT(T, TAG, 176, 16, 32, 8, 88) MFA_DKDV_SPLIT(T, TAG, 184, 16, 32, 8, 96)    \
-  MFA_DKDV_SPLIT(T, TAG, 192, 16, 32, 16, 96) MFA_DKDV_SPLIT(T, TAG, 200, 16, 32, 8, 104)  \
-  MFA_DKDV_SPLIT(T, TAG, 208, 16, 32, 8, 104) MFA_DKDV_SPLIT(T, TAG, 216, 16, 32, 8, 112)  \
-  MFA_DKDV_SPLIT(T, TAG, 224, 16, 32, 16, 112) MFA_DKDV_SPLIT(T, TAG, 232, 16, 32, 8, 120) \
-  MFA_DKDV_SPLIT(T, TAG, 240, 16, 32, 24, 120) MFA_DKDV_SPLIT(T, TAG, 248, 16, 32, 8, 128) \
-  MFA_DKDV_SPLIT(T, TAG, 256, 16, 32, 32, 128)
+  MFA_FWD(T, TAG, 16, 16, 128, 16, 1) MFA_FWD(T, TAG, 24, 16, 128, 8, 1)                     \
+  MFA_FWD(T, TAG, 32, 16, 128, 16, 1) MFA_FWD(T, TAG, 40, 16, 128, 8, 1)                     \
+  MFA_FWD(T, TAG, 48, 16, 128, 24, 1) MFA_FWD(T, TAG, 56, 16, 128, 8, 1)                     \
+  MFA_FWD(T, TAG, 64, 16, 128, 32, 1) MFA_FWD(T, TAG, 72, 16, 128, 24, 1)                    \
+  MFA_FWD(T, TAG, 80, 16, 128, 16, 1) MFA_FWD(T, TAG, 88, 16, 128, 8, 1)                     \
+  MFA_FWD(T, TAG, 96, 16, 128, 32, 1) MFA_FWD(T, TAG, 104, 16, 128, 8, 0)                    \
+  MFA_FWD(T, TAG, 112, 16, 128, 16, 0) MFA_FWD(T, TAG, 120, 16, 128, 24, 0)                  \
+  MFA_FWD(T, TAG, 128, 16, 128, 32, 0) MFA_FWD(T, TAG, 136, 16, 128, 8, 0)                   \
+  MFA_FWD(T, TAG, 144, 16, 128, 24, 0) MFA_FWD(T, TAG, 152, 16, 128, 8, 0)                   \
+  MFA_FWD(T, TAG, 160, 16, 128, 32, 0) MFA_FWD(T, TAG, 168, 16, 128, 24, 0)                  \
+  MFA_FWD(T, TAG, 176, 16, 128, 16, 0) MFA_FWD(T, TAG, 184, 16, 128, 8, 0)                   \
+  MFA_FWD(T, TAG, 192, 16, 128, 32, 0) MFA_FWD(T, TAG, 200, 16, 64, 8, 0)                    \
+  MFA_FWD(T, TAG, 208, 16, 64, 16, 0) MFA_FWD(T, TAG, 216, 16, 64, 24, 0)                    \
+  MFA_FWD(T, TAG, 224, 16, 64, 32, 0) MFA_FWD(T, TAG, 232, 16, 64, 8, 0)                     \
+  MFA_FWD(T, TAG, 240, 16, 64, 24, 0) MFA_FWD(T, TAG, 248, 16, 64, 8, 0)                     \
+  MFA_FWD(T, TAG, 256, 16, 64, 32, 0) MFA_DQ(T, TAG, 16, 16, 64, 8, 1, 1)                    \
+  MFA_DQ(T, TAG, 24, 16, 64, 8, 1, 1) MFA_DQ(T, TAG, 32, 16, 64, 8, 1, 1)                    \
+  MFA_DQ(T, TAG, 40, 16, 64, 8, 1, 1) MFA_DQ(T, TAG, 48, 16, 64, 8, 1, 1)                    \
+  MFA_DQ(T, TAG, 56, 16, 64, 8, 1, 1) MFA_DQ(T, TAG, 64, 16, 64, 8, 1, 1)                    \
+  MFA_DQ(T, TAG, 72, 16, 64, 8, 1, 1) MFA_DQ(T, TAG, 80, 16, 64, 8, 1, 1)                    \
+  MFA_DQ(T, TAG, 88, 16, 64, 8, 1, 0) MFA_DQ(T, TAG, 96, 16, 64, 32, 1, 0)                   \
+  MFA_DQ(T, TAG, 104, 16, 64, 8, 1, 0) MFA_DQ(T, TAG, 112, 16, 64, 16, 1, 0)                 \
+  MFA_DQ(T, TAG, 120, 16, 64, 24, 1, 0) MFA_DQ(T, TAG, 128, 16, 64, 32, 1, 0)                \
+  MFA_DQ(T, TAG, 136, 16, 64, 8, 0, 0) MFA_DQ(T, TAG, 144, 16, 64, 24, 0, 0)                 \
+  MFA_DQ(T, TAG, 152, 16, 64, 8, 0, 0) MFA_DQ(T, TAG, 160, 16, 64, 32, 0, 0)                 \
+  MFA_DQ(T, TAG, 168, 16, 64, 24, 0, 0) MFA_DQ(T, TAG, 176, 16, 64, 16, 0, 0)                \
+  MFA_DQ(T, TAG, 184, 16, 64, 8, 0, 0) MFA_DQ(T, TAG, 192, 16, 64, 32, 0, 0)                 \
+  MFA_DQ(T, TAG, 200, 16, 64, 8, 0, 0) MFA_DQ(T, TAG, 208, 16, 64, 16, 0, 0)                 \
+  MFA_DQ(T, TAG, 216, 16, 64, 24, 0, 0) MFA_DQ(T, TAG, 224, 16, 64, 32, 0, 0)                \
+  MFA_DQ(T, TAG, 232, 16, 64, 8, 0, 0) MFA_DQ(T, TAG, 240, 16, 64, 24, 0, 0)                 \
+  MFA_DQ(T, TAG, 248, 16, 64, 8, 0, 0) MFA_DQ(T, TAG, 256, 16, 64, 32, 0, 0)                 \
+  MFA_DKDV(T, TAG, 16, 16, 64, 8, 1, 1) MFA_DKDV(T, TAG, 24, 16, 64, 8, 1, 1)                \
+  MFA_DKDV(T, TAG, 32, 16, 64, 8, 1, 1) MFA_DKDV(T, TAG, 40, 16, 64, 8, 1, 1)                \
+  MFA_DKDV(T, TAG, 48, 16, 64, 8, 1, 1) MFA_DKDV(T, TAG, 56, 16, 64, 8, 1, 1)                \
+  MFA_DKDV(T, TAG, 64, 16, 32, 16, 1, 1) MFA_DKDV(T, TAG, 72, 16, 32, 8, 1, 1)               \
+  MFA_DKDV(T, TAG, 80, 16, 32, 16, 1, 1) MFA_DKDV(T, TAG, 88, 16, 32, 8, 1, 0)               \
+  MFA_DKDV(T, TAG, 96, 16, 32, 16, 1, 0) MFA_DKDV(T, TAG, 104, 16, 32, 8, 1, 0)              \
+  MFA_DKDV(T, TAG, 112, 16, 32, 16, 0, 0) MFA_DKDV(T, TAG, 120, 16, 32, 8, 0, 0)             \
+  MFA_DKDV(T, TAG, 128, 16, 32, 16, 0, 0) MFA_DKDV(T, TAG, 136, 16, 32, 8, 0, 0)             \
+  MFA_DKDV(T, TAG, 144, 16, 32, 16, 0, 0) MFA_DKDV(T, TAG, 152, 16, 32, 8, 0, 0)             \
+  MFA_DKDV(T, TAG, 160, 16, 32, 16, 0, 0) MFA_DKDV_SPLIT(T, TAG, 168, 16, 32, 8, 88, 0, 0)   \
+  MFA_DKDV_SPLIT(T, TAG, 176, 16, 32, 8, 88, 0, 0) MFA_DKDV_SPLIT(T, TAG, 184, 16, 32, 8, 96, 0, 0) \
+  MFA_DKDV_SPLIT(T, TAG, 192, 16, 32, 16, 96, 0, 0) MFA_DKDV_SPLIT(T, TAG, 200, 16, 32, 8, 104, 0, 0) \
+  MFA_DKDV_SPLIT(T, TAG, 208, 16, 32, 8, 104, 0, 0) MFA_DKDV_SPLIT(T, TAG, 216, 16, 32, 8, 112, 0, 0) \
+  MFA_DKDV_SPLIT(T, TAG, 224, 16, 32, 16, 112, 0, 0) MFA_DKDV_SPLIT(T, TAG, 232, 16, 32, 8, 120, 0, 0) \
+  MFA_DKDV_SPLIT(T, TAG, 240, 16, 32, 24, 120, 0, 0) MFA_DKDV_SPLIT(T, TAG, 248, 16, 32, 8, 128, 0, 0) \
+  MFA_DKDV_SPLIT(T, TAG, 256, 16, 32, 32, 128, 0, 0)
 
 // M1 and M2 (Apple7/Apple8).
 #define MFA_APPLE7_MIXED(T, TAG) \
-  MFA_FWD(T, TAG, 16, 32, 128, 16) MFA_FWD(T, TAG, 24, 32, 128, 24)                        \
-  MFA_FWD(T, TAG, 32, 32, 128, 32) MFA_FWD(T, TAG, 40, 32, 128, 8)                         \
-  MFA_FWD(T, TAG, 48, 32, 128, 24) MFA_FWD(T, TAG, 56, 32, 128, 8)                         \
-  MFA_FWD(T, TAG, 64, 32, 128, 32) MFA_FWD(T, TAG, 72, 32, 128, 24)                        \
-  MFA_FWD(T, TAG, 80, 32, 128, 16) MFA_FWD(T, TAG, 88, 32, 128, 8)                         \
-  MFA_FWD(T, TAG, 96, 32, 128, 32) MFA_FWD(T, TAG, 104, 32, 128, 8)                        \
-  MFA_FWD(T, TAG, 112, 32, 128, 16) MFA_FWD(T, TAG, 120, 32, 128, 24)                      \
-  MFA_FWD(T, TAG, 128, 32, 128, 32) MFA_FWD(T, TAG, 136, 32, 128, 8)                       \
-  MFA_FWD(T, TAG, 144, 32, 128, 24) MFA_FWD(T, TAG, 152, 32, 128, 8)                       \
-  MFA_FWD(T, TAG, 160, 32, 128, 32) MFA_FWD(T, TAG, 168, 32, 128, 24)                      \
-  MFA_FWD(T, TAG, 176, 32, 128, 16) MFA_FWD(T, TAG, 184, 32, 128, 8)                       \
-  MFA_FWD(T, TAG, 192, 32, 128, 32) MFA_FWD(T, TAG, 200, 32, 64, 8)                        \
-  MFA_FWD(T, TAG, 208, 32, 64, 16) MFA_FWD(T, TAG, 216, 32, 64, 24)                        \
-  MFA_FWD(T, TAG, 224, 32, 64, 32) MFA_FWD(T, TAG, 232, 32, 64, 8)                         \
-  MFA_FWD(T, TAG, 240, 32, 64, 24) MFA_FWD(T, TAG, 248, 32, 64, 8)                         \
-  MFA_FWD(T, TAG, 256, 32, 64, 32) MFA_DQ(T, TAG, 16, 32, 64, 16)                          \
-  MFA_DQ(T, TAG, 24, 32, 64, 24) MFA_DQ(T, TAG, 32, 32, 64, 32)                            \
-  MFA_DQ(T, TAG, 40, 32, 64, 8) MFA_DQ(T, TAG, 48, 32, 64, 24)                             \
-  MFA_DQ(T, TAG, 56, 32, 64, 8) MFA_DQ(T, TAG, 64, 32, 64, 32)                             \
-  MFA_DQ(T, TAG, 72, 32, 64, 24) MFA_DQ(T, TAG, 80, 32, 64, 16)                            \
-  MFA_DQ(T, TAG, 88, 32, 64, 8) MFA_DQ(T, TAG, 96, 32, 64, 32)                             \
-  MFA_DQ(T, TAG, 104, 32, 64, 8) MFA_DQ(T, TAG, 112, 32, 64, 16)                           \
-  MFA_DQ(T, TAG, 120, 32, 64, 24) MFA_DQ(T, TAG, 128, 32, 64, 32)                          \
-  MFA_DQ(T, TAG, 136, 32, 64, 8) MFA_DQ(T, TAG, 144, 32, 64, 24)                           \
-  MFA_DQ(T, TAG, 152, 32, 64, 8) MFA_DQ(T, TAG, 160, 32, 64, 32)                           \
-  MFA_DQ(T, TAG, 168, 32, 64, 24) MFA_DQ(T, TAG, 176, 32, 64, 16)                          \
-  MFA_DQ(T, TAG, 184, 32, 64, 8) MFA_DQ(T, TAG, 192, 32, 64, 32)                           \
-  MFA_DQ(T, TAG, 200, 32, 64, 8) MFA_DQ(T, TAG, 208, 32, 64, 16)                           \
-  MFA_DQ(T, TAG, 216, 32, 64, 24) MFA_DQ(T, TAG, 224, 32, 64, 32)                          \
-  MFA_DQ(T, TAG, 232, 32, 64, 8) MFA_DQ(T, TAG, 240, 32, 64, 24)                           \
-  MFA_DQ(T, TAG, 248, 32, 64, 8) MFA_DQ(T, TAG, 256, 32, 64, 32)                           \
-  MFA_DKDV(T, TAG, 16, 32, 64, 16) MFA_DKDV(T, TAG, 24, 32, 64, 24)                        \
-  MFA_DKDV(T, TAG, 32, 32, 64, 32) MFA_DKDV(T, TAG, 40, 32, 80, 8)                         \
-  MFA_DKDV(T, TAG, 48, 32, 80, 24) MFA_DKDV(T, TAG, 56, 32, 80, 8)                         \
-  MFA_DKDV(T, TAG, 64, 32, 64, 32) MFA_DKDV(T, TAG, 72, 32, 64, 24)                        \
-  MFA_DKDV(T, TAG, 80, 32, 64, 16) MFA_DKDV(T, TAG, 88, 32, 64, 8)                         \
-  MFA_DKDV(T, TAG, 96, 32, 64, 32) MFA_DKDV(T, TAG, 104, 32, 64, 8)                        \
-  MFA_DKDV(T, TAG, 112, 32, 64, 16) MFA_DKDV(T, TAG, 120, 32, 64, 24)                      \
-  MFA_DKDV(T, TAG, 128, 32, 64, 32) MFA_DKDV(T, TAG, 136, 32, 56, 8)                       \
-  MFA_DKDV(T, TAG, 144, 32, 48, 24) MFA_DKDV(T, TAG, 152, 32, 40, 8)                       \
-  MFA_DKDV(T, TAG, 160, 32, 32, 32) MFA_DKDV_SPLIT(T, TAG, 168, 32, 64, 8, 88)             \
-  MFA_DKDV_SPLIT(T, TAG, 176, 32, 64, 8, 88) MFA_DKDV_SPLIT(T, TAG, 184, 32, 64, 8, 96)    \
-  MFA_DKDV_SPLIT(T, TAG, 192, 32, 64, 32, 96) MFA_DKDV_SPLIT(T, TAG, 200, 32, 64, 8, 104)  \
-  MFA_DKDV_SPLIT(T, TAG, 208, 32, 64, 8, 104) MFA_DKDV_SPLIT(T, TAG, 216, 32, 64, 8, 112)  \
-  MFA_DKDV_SPLIT(T, TAG, 224, 32, 64, 16, 112) MFA_DKDV_SPLIT(T, TAG, 232, 32, 64, 8, 120) \
-  MFA_DKDV_SPLIT(T, TAG, 240, 32, 64, 24, 120) MFA_DKDV_SPLIT(T, TAG, 248, 32, 64, 8, 128) \
-  MFA_DKDV_SPLIT(T, TAG, 256, 32, 64, 32, 128)
+  MFA_FWD(T, TAG, 16, 32, 128, 16, 1) MFA_FWD(T, TAG, 24, 32, 128, 24, 1)                    \
+  MFA_FWD(T, TAG, 32, 32, 128, 32, 1) MFA_FWD(T, TAG, 40, 32, 128, 8, 1)                     \
+  MFA_FWD(T, TAG, 48, 32, 128, 24, 1) MFA_FWD(T, TAG, 56, 32, 128, 8, 1)                     \
+  MFA_FWD(T, TAG, 64, 32, 128, 32, 1) MFA_FWD(T, TAG, 72, 32, 128, 24, 1)                    \
+  MFA_FWD(T, TAG, 80, 32, 128, 16, 1) MFA_FWD(T, TAG, 88, 32, 128, 8, 1)                     \
+  MFA_FWD(T, TAG, 96, 32, 128, 32, 1) MFA_FWD(T, TAG, 104, 32, 128, 8, 0)                    \
+  MFA_FWD(T, TAG, 112, 32, 128, 16, 0) MFA_FWD(T, TAG, 120, 32, 128, 24, 0)                  \
+  MFA_FWD(T, TAG, 128, 32, 128, 32, 0) MFA_FWD(T, TAG, 136, 32, 128, 8, 0)                   \
+  MFA_FWD(T, TAG, 144, 32, 128, 24, 0) MFA_FWD(T, TAG, 152, 32, 128, 8, 0)                   \
+  MFA_FWD(T, TAG, 160, 32, 128, 32, 0) MFA_FWD(T, TAG, 168, 32, 128, 24, 0)                  \
+  MFA_FWD(T, TAG, 176, 32, 128, 16, 0) MFA_FWD(T, TAG, 184, 32, 128, 8, 0)                   \
+  MFA_FWD(T, TAG, 192, 32, 128, 32, 0) MFA_FWD(T, TAG, 200, 32, 64, 8, 0)                    \
+  MFA_FWD(T, TAG, 208, 32, 64, 16, 0) MFA_FWD(T, TAG, 216, 32, 64, 24, 0)                    \
+  MFA_FWD(T, TAG, 224, 32, 64, 32, 0) MFA_FWD(T, TAG, 232, 32, 64, 8, 0)                     \
+  MFA_FWD(T, TAG, 240, 32, 64, 24, 0) MFA_FWD(T, TAG, 248, 32, 64, 8, 0)                     \
+  MFA_FWD(T, TAG, 256, 32, 64, 32, 0) MFA_DQ(T, TAG, 16, 32, 64, 16, 1, 1)                   \
+  MFA_DQ(T, TAG, 24, 32, 64, 24, 1, 1) MFA_DQ(T, TAG, 32, 32, 64, 32, 1, 1)                  \
+  MFA_DQ(T, TAG, 40, 32, 64, 8, 1, 1) MFA_DQ(T, TAG, 48, 32, 64, 24, 1, 1)                   \
+  MFA_DQ(T, TAG, 56, 32, 64, 8, 1, 1) MFA_DQ(T, TAG, 64, 32, 64, 32, 1, 1)                   \
+  MFA_DQ(T, TAG, 72, 32, 64, 24, 1, 1) MFA_DQ(T, TAG, 80, 32, 64, 16, 1, 1)                  \
+  MFA_DQ(T, TAG, 88, 32, 64, 8, 1, 0) MFA_DQ(T, TAG, 96, 32, 64, 32, 1, 0)                   \
+  MFA_DQ(T, TAG, 104, 32, 64, 8, 1, 0) MFA_DQ(T, TAG, 112, 32, 64, 16, 1, 0)                 \
+  MFA_DQ(T, TAG, 120, 32, 64, 24, 1, 0) MFA_DQ(T, TAG, 128, 32, 64, 32, 1, 0)                \
+  MFA_DQ(T, TAG, 136, 32, 64, 8, 0, 0) MFA_DQ(T, TAG, 144, 32, 64, 24, 0, 0)                 \
+  MFA_DQ(T, TAG, 152, 32, 64, 8, 0, 0) MFA_DQ(T, TAG, 160, 32, 64, 32, 0, 0)                 \
+  MFA_DQ(T, TAG, 168, 32, 64, 24, 0, 0) MFA_DQ(T, TAG, 176, 32, 64, 16, 0, 0)                \
+  MFA_DQ(T, TAG, 184, 32, 64, 8, 0, 0) MFA_DQ(T, TAG, 192, 32, 64, 32, 0, 0)                 \
+  MFA_DQ(T, TAG, 200, 32, 64, 8, 0, 0) MFA_DQ(T, TAG, 208, 32, 64, 16, 0, 0)                 \
+  MFA_DQ(T, TAG, 216, 32, 64, 24, 0, 0) MFA_DQ(T, TAG, 224, 32, 64, 32, 0, 0)                \
+  MFA_DQ(T, TAG, 232, 32, 64, 8, 0, 0) MFA_DQ(T, TAG, 240, 32, 64, 24, 0, 0)                 \
+  MFA_DQ(T, TAG, 248, 32, 64, 8, 0, 0) MFA_DQ(T, TAG, 256, 32, 64, 32, 0, 0)                 \
+  MFA_DKDV(T, TAG, 16, 32, 64, 16, 1, 1) MFA_DKDV(T, TAG, 24, 32, 64, 24, 1, 1)              \
+  MFA_DKDV(T, TAG, 32, 32, 64, 32, 1, 1) MFA_DKDV(T, TAG, 40, 32, 80, 8, 1, 1)               \
+  MFA_DKDV(T, TAG, 48, 32, 80, 24, 1, 1) MFA_DKDV(T, TAG, 56, 32, 80, 8, 1, 1)               \
+  MFA_DKDV(T, TAG, 64, 32, 64, 32, 1, 1) MFA_DKDV(T, TAG, 72, 32, 64, 24, 1, 0)              \
+  MFA_DKDV(T, TAG, 80, 32, 64, 16, 1, 0) MFA_DKDV(T, TAG, 88, 32, 64, 8, 0, 0)               \
+  MFA_DKDV(T, TAG, 96, 32, 64, 32, 0, 0) MFA_DKDV(T, TAG, 104, 32, 64, 8, 0, 0)              \
+  MFA_DKDV(T, TAG, 112, 32, 64, 16, 0, 0) MFA_DKDV(T, TAG, 120, 32, 64, 24, 0, 0)            \
+  MFA_DKDV(T, TAG, 128, 32, 64, 32, 0, 0) MFA_DKDV(T, TAG, 136, 32, 56, 8, 0, 0)             \
+  MFA_DKDV(T, TAG, 144, 32, 48, 24, 0, 0) MFA_DKDV(T, TAG, 152, 32, 40, 8, 0, 0)             \
+  MFA_DKDV(T, TAG, 160, 32, 32, 32, 0, 0) MFA_DKDV_SPLIT(T, TAG, 168, 32, 64, 8, 88, 0, 0)   \
+  MFA_DKDV_SPLIT(T, TAG, 176, 32, 64, 8, 88, 0, 0) MFA_DKDV_SPLIT(T, TAG, 184, 32, 64, 8, 96, 0, 0) \
+  MFA_DKDV_SPLIT(T, TAG, 192, 32, 64, 32, 96, 0, 0) MFA_DKDV_SPLIT(T, TAG, 200, 32, 64, 8, 104, 0, 0) \
+  MFA_DKDV_SPLIT(T, TAG, 208, 32, 64, 8, 104, 0, 0) MFA_DKDV_SPLIT(T, TAG, 216, 32, 64, 8, 112, 0, 0) \
+  MFA_DKDV_SPLIT(T, TAG, 224, 32, 64, 16, 112, 0, 0) MFA_DKDV_SPLIT(T, TAG, 232, 32, 64, 8, 120, 0, 0) \
+  MFA_DKDV_SPLIT(T, TAG, 240, 32, 64, 24, 120, 0, 0) MFA_DKDV_SPLIT(T, TAG, 248, 32, 64, 8, 128, 0, 0) \
+  MFA_DKDV_SPLIT(T, TAG, 256, 32, 64, 32, 128, 0, 0)
 
 #define MFA_APPLE9_f32(T, TAG) \
-  MFA_FWD(T, TAG, 16, 16, 64, 16) MFA_FWD(T, TAG, 24, 16, 32, 8)                           \
-  MFA_FWD(T, TAG, 32, 16, 32, 8) MFA_FWD(T, TAG, 40, 16, 32, 8)                            \
-  MFA_FWD(T, TAG, 48, 16, 32, 8) MFA_FWD(T, TAG, 56, 16, 64, 8)                            \
-  MFA_FWD(T, TAG, 64, 16, 64, 16) MFA_FWD(T, TAG, 72, 16, 64, 8)                           \
-  MFA_FWD(T, TAG, 80, 16, 64, 16) MFA_FWD(T, TAG, 88, 16, 64, 8)                           \
-  MFA_FWD(T, TAG, 96, 16, 64, 16) MFA_FWD(T, TAG, 104, 16, 64, 8)                          \
-  MFA_FWD(T, TAG, 112, 16, 64, 16) MFA_FWD(T, TAG, 120, 16, 64, 8)                         \
-  MFA_FWD(T, TAG, 128, 16, 64, 16) MFA_FWD(T, TAG, 136, 16, 64, 8)                         \
-  MFA_FWD(T, TAG, 144, 16, 64, 16) MFA_FWD(T, TAG, 152, 16, 64, 8)                         \
-  MFA_FWD(T, TAG, 160, 16, 64, 16) MFA_FWD(T, TAG, 168, 16, 64, 8)                         \
-  MFA_FWD(T, TAG, 176, 16, 64, 16) MFA_FWD(T, TAG, 184, 16, 64, 8)                         \
-  MFA_FWD(T, TAG, 192, 16, 64, 16) MFA_FWD(T, TAG, 200, 16, 120, 8)                        \
-  MFA_FWD(T, TAG, 208, 16, 112, 16) MFA_FWD(T, TAG, 216, 16, 112, 8)                       \
-  MFA_FWD(T, TAG, 224, 16, 104, 16) MFA_FWD(T, TAG, 232, 16, 96, 8)                        \
-  MFA_FWD(T, TAG, 240, 16, 96, 16) MFA_FWD(T, TAG, 248, 16, 88, 8)                         \
-  MFA_FWD(T, TAG, 256, 16, 80, 16) MFA_DQ(T, TAG, 16, 16, 64, 8)                           \
-  MFA_DQ(T, TAG, 24, 16, 64, 8) MFA_DQ(T, TAG, 32, 16, 64, 16)                             \
-  MFA_DQ(T, TAG, 40, 16, 64, 8) MFA_DQ(T, TAG, 48, 16, 64, 24)                             \
-  MFA_DQ(T, TAG, 56, 16, 64, 8) MFA_DQ(T, TAG, 64, 16, 64, 32)                             \
-  MFA_DQ(T, TAG, 72, 16, 64, 24) MFA_DQ(T, TAG, 80, 16, 64, 16)                            \
-  MFA_DQ(T, TAG, 88, 16, 64, 8) MFA_DQ(T, TAG, 96, 16, 64, 32)                             \
-  MFA_DQ(T, TAG, 104, 16, 64, 8) MFA_DQ(T, TAG, 112, 16, 64, 16)                           \
-  MFA_DQ(T, TAG, 120, 16, 64, 24) MFA_DQ(T, TAG, 128, 16, 64, 32)                          \
-  MFA_DQ(T, TAG, 136, 16, 64, 8) MFA_DQ(T, TAG, 144, 16, 64, 24)                           \
-  MFA_DQ(T, TAG, 152, 16, 64, 8) MFA_DQ(T, TAG, 160, 16, 64, 32)                           \
-  MFA_DQ(T, TAG, 168, 16, 64, 24) MFA_DQ(T, TAG, 176, 16, 64, 16)                          \
-  MFA_DQ(T, TAG, 184, 16, 64, 8) MFA_DQ(T, TAG, 192, 16, 64, 32)                           \
-  MFA_DQ(T, TAG, 200, 16, 88, 8) MFA_DQ(T, TAG, 208, 16, 88, 16)                           \
-  MFA_DQ(T, TAG, 216, 16, 80, 8) MFA_DQ(T, TAG, 224, 16, 80, 16)                           \
-  MFA_DQ(T, TAG, 232, 16, 72, 8) MFA_DQ(T, TAG, 240, 16, 72, 16)                           \
-  MFA_DQ(T, TAG, 248, 16, 64, 8) MFA_DQ(T, TAG, 256, 16, 64, 16)                           \
-  MFA_DKDV(T, TAG, 16, 16, 64, 8) MFA_DKDV(T, TAG, 24, 16, 32, 8)                          \
-  MFA_DKDV(T, TAG, 32, 16, 32, 16) MFA_DKDV(T, TAG, 40, 16, 32, 8)                         \
-  MFA_DKDV(T, TAG, 48, 16, 32, 16) MFA_DKDV(T, TAG, 56, 16, 32, 8)                         \
-  MFA_DKDV(T, TAG, 64, 16, 32, 16) MFA_DKDV(T, TAG, 72, 16, 120, 8)                        \
-  MFA_DKDV(T, TAG, 80, 16, 112, 16) MFA_DKDV(T, TAG, 88, 16, 104, 8)                       \
-  MFA_DKDV(T, TAG, 96, 16, 96, 16) MFA_DKDV(T, TAG, 104, 16, 88, 8)                        \
-  MFA_DKDV(T, TAG, 112, 16, 80, 16) MFA_DKDV(T, TAG, 120, 16, 72, 8)                       \
-  MFA_DKDV(T, TAG, 128, 16, 64, 16) MFA_DKDV(T, TAG, 136, 16, 56, 8)                       \
-  MFA_DKDV(T, TAG, 144, 16, 48, 16) MFA_DKDV(T, TAG, 152, 16, 40, 8)                       \
-  MFA_DKDV(T, TAG, 160, 16, 32, 16) MFA_DKDV_SPLIT(T, TAG, 168, 16, 104, 8, 88)            \
-  MFA_DKDV_SPLIT(T, TAG, 176, 16, 104, 8, 88) MFA_DKDV_SPLIT(T, TAG, 184, 16, 96, 8, 96)   \
-  MFA_DKDV_SPLIT(T, TAG, 192, 16, 96, 16, 96) MFA_DKDV_SPLIT(T, TAG, 200, 16, 88, 8, 104)  \
-  MFA_DKDV_SPLIT(T, TAG, 208, 16, 88, 8, 104) MFA_DKDV_SPLIT(T, TAG, 216, 16, 80, 8, 112)  \
-  MFA_DKDV_SPLIT(T, TAG, 224, 16, 80, 16, 112) MFA_DKDV_SPLIT(T, TAG, 232, 16, 72, 8, 120) \
-  MFA_DKDV_SPLIT(T, TAG, 240, 16, 72, 8, 120) MFA_DKDV_SPLIT(T, TAG, 248, 16, 64, 8, 128)  \
-  MFA_DKDV_SPLIT(T, TAG, 256, 16, 64, 16, 128)
+  MFA_FWD(T, TAG, 16, 16, 64, 16, 1) MFA_FWD(T, TAG, 24, 16, 32, 8, 1)                       \
+  MFA_FWD(T, TAG, 32, 16, 32, 8, 1) MFA_FWD(T, TAG, 40, 16, 32, 8, 1)                        \
+  MFA_FWD(T, TAG, 48, 16, 32, 8, 1) MFA_FWD(T, TAG, 56, 16, 64, 8, 1)                        \
+  MFA_FWD(T, TAG, 64, 16, 64, 16, 1) MFA_FWD(T, TAG, 72, 16, 64, 8, 1)                       \
+  MFA_FWD(T, TAG, 80, 16, 64, 16, 1) MFA_FWD(T, TAG, 88, 16, 64, 8, 1)                       \
+  MFA_FWD(T, TAG, 96, 16, 64, 16, 1) MFA_FWD(T, TAG, 104, 16, 64, 8, 1)                      \
+  MFA_FWD(T, TAG, 112, 16, 64, 16, 1) MFA_FWD(T, TAG, 120, 16, 64, 8, 1)                     \
+  MFA_FWD(T, TAG, 128, 16, 64, 16, 1) MFA_FWD(T, TAG, 136, 16, 64, 8, 1)                     \
+  MFA_FWD(T, TAG, 144, 16, 64, 16, 1) MFA_FWD(T, TAG, 152, 16, 64, 8, 0)                     \
+  MFA_FWD(T, TAG, 160, 16, 64, 16, 0) MFA_FWD(T, TAG, 168, 16, 64, 8, 0)                     \
+  MFA_FWD(T, TAG, 176, 16, 64, 16, 0) MFA_FWD(T, TAG, 184, 16, 64, 8, 0)                     \
+  MFA_FWD(T, TAG, 192, 16, 64, 16, 0) MFA_FWD(T, TAG, 200, 16, 120, 8, 0)                    \
+  MFA_FWD(T, TAG, 208, 16, 112, 16, 0) MFA_FWD(T, TAG, 216, 16, 112, 8, 0)                   \
+  MFA_FWD(T, TAG, 224, 16, 104, 16, 0) MFA_FWD(T, TAG, 232, 16, 96, 8, 0)                    \
+  MFA_FWD(T, TAG, 240, 16, 96, 16, 0) MFA_FWD(T, TAG, 248, 16, 88, 8, 0)                     \
+  MFA_FWD(T, TAG, 256, 16, 80, 16, 0) MFA_DQ(T, TAG, 16, 16, 64, 8, 1, 1)                    \
+  MFA_DQ(T, TAG, 24, 16, 64, 8, 1, 1) MFA_DQ(T, TAG, 32, 16, 64, 16, 1, 1)                   \
+  MFA_DQ(T, TAG, 40, 16, 64, 8, 1, 1) MFA_DQ(T, TAG, 48, 16, 64, 24, 1, 1)                   \
+  MFA_DQ(T, TAG, 56, 16, 64, 8, 1, 1) MFA_DQ(T, TAG, 64, 16, 64, 32, 1, 1)                   \
+  MFA_DQ(T, TAG, 72, 16, 64, 24, 1, 1) MFA_DQ(T, TAG, 80, 16, 64, 16, 1, 1)                  \
+  MFA_DQ(T, TAG, 88, 16, 64, 8, 1, 0) MFA_DQ(T, TAG, 96, 16, 64, 32, 1, 0)                   \
+  MFA_DQ(T, TAG, 104, 16, 64, 8, 1, 0) MFA_DQ(T, TAG, 112, 16, 64, 16, 1, 0)                 \
+  MFA_DQ(T, TAG, 120, 16, 64, 24, 1, 0) MFA_DQ(T, TAG, 128, 16, 64, 32, 1, 0)                \
+  MFA_DQ(T, TAG, 136, 16, 64, 8, 0, 0) MFA_DQ(T, TAG, 144, 16, 64, 24, 0, 0)                 \
+  MFA_DQ(T, TAG, 152, 16, 64, 8, 0, 0) MFA_DQ(T, TAG, 160, 16, 64, 32, 0, 0)                 \
+  MFA_DQ(T, TAG, 168, 16, 64, 24, 0, 0) MFA_DQ(T, TAG, 176, 16, 64, 16, 0, 0)                \
+  MFA_DQ(T, TAG, 184, 16, 64, 8, 0, 0) MFA_DQ(T, TAG, 192, 16, 64, 32, 0, 0)                 \
+  MFA_DQ(T, TAG, 200, 16, 88, 8, 0, 0) MFA_DQ(T, TAG, 208, 16, 88, 16, 0, 0)                 \
+  MFA_DQ(T, TAG, 216, 16, 80, 8, 0, 0) MFA_DQ(T, TAG, 224, 16, 80, 16, 0, 0)                 \
+  MFA_DQ(T, TAG, 232, 16, 72, 8, 0, 0) MFA_DQ(T, TAG, 240, 16, 72, 16, 0, 0)                 \
+  MFA_DQ(T, TAG, 248, 16, 64, 8, 0, 0) MFA_DQ(T, TAG, 256, 16, 64, 16, 0, 0)                 \
+  MFA_DKDV(T, TAG, 16, 16, 64, 8, 1, 1) MFA_DKDV(T, TAG, 24, 16, 32, 8, 1, 1)                \
+  MFA_DKDV(T, TAG, 32, 16, 32, 16, 1, 1) MFA_DKDV(T, TAG, 40, 16, 32, 8, 1, 1)               \
+  MFA_DKDV(T, TAG, 48, 16, 32, 16, 1, 1) MFA_DKDV(T, TAG, 56, 16, 32, 8, 1, 1)               \
+  MFA_DKDV(T, TAG, 64, 16, 32, 16, 1, 1) MFA_DKDV(T, TAG, 72, 16, 120, 8, 0, 0)              \
+  MFA_DKDV(T, TAG, 80, 16, 112, 16, 0, 0) MFA_DKDV(T, TAG, 88, 16, 104, 8, 0, 0)             \
+  MFA_DKDV(T, TAG, 96, 16, 96, 16, 0, 0) MFA_DKDV(T, TAG, 104, 16, 88, 8, 0, 0)              \
+  MFA_DKDV(T, TAG, 112, 16, 80, 16, 0, 0) MFA_DKDV(T, TAG, 120, 16, 72, 8, 0, 0)             \
+  MFA_DKDV(T, TAG, 128, 16, 64, 16, 0, 0) MFA_DKDV(T, TAG, 136, 16, 56, 8, 0, 0)             \
+  MFA_DKDV(T, TAG, 144, 16, 48, 16, 0, 0) MFA_DKDV(T, TAG, 152, 16, 40, 8, 0, 0)             \
+  MFA_DKDV(T, TAG, 160, 16, 32, 16, 0, 0) MFA_DKDV_SPLIT(T, TAG, 168, 16, 104, 8, 88, 0, 0)  \
+  MFA_DKDV_SPLIT(T, TAG, 176, 16, 104, 8, 88, 0, 0) MFA_DKDV_SPLIT(T, TAG, 184, 16, 96, 8, 96, 0, 0) \
+  MFA_DKDV_SPLIT(T, TAG, 192, 16, 96, 16, 96, 0, 0) MFA_DKDV_SPLIT(T, TAG, 200, 16, 88, 8, 104, 0, 0) \
+  MFA_DKDV_SPLIT(T, TAG, 208, 16, 88, 8, 104, 0, 0) MFA_DKDV_SPLIT(T, TAG, 216, 16, 80, 8, 112, 0, 0) \
+  MFA_DKDV_SPLIT(T, TAG, 224, 16, 80, 16, 112, 0, 0) MFA_DKDV_SPLIT(T, TAG, 232, 16, 72, 8, 120, 0, 0) \
+  MFA_DKDV_SPLIT(T, TAG, 240, 16, 72, 8, 120, 0, 0) MFA_DKDV_SPLIT(T, TAG, 248, 16, 64, 8, 128, 0, 0) \
+  MFA_DKDV_SPLIT(T, TAG, 256, 16, 64, 16, 128, 0, 0)
 
 #define MFA_APPLE7_f32(T, TAG) \
-  MFA_FWD(T, TAG, 16, 32, 64, 16) MFA_FWD(T, TAG, 24, 32, 64, 24)                          \
-  MFA_FWD(T, TAG, 32, 32, 64, 32) MFA_FWD(T, TAG, 40, 32, 32, 40)                          \
-  MFA_FWD(T, TAG, 48, 32, 32, 48) MFA_FWD(T, TAG, 56, 32, 32, 56)                          \
-  MFA_FWD(T, TAG, 64, 32, 80, 16) MFA_FWD(T, TAG, 72, 32, 80, 8)                           \
-  MFA_FWD(T, TAG, 80, 32, 80, 16) MFA_FWD(T, TAG, 88, 32, 80, 8)                           \
-  MFA_FWD(T, TAG, 96, 32, 80, 16) MFA_FWD(T, TAG, 104, 32, 80, 8)                          \
-  MFA_FWD(T, TAG, 112, 32, 80, 16) MFA_FWD(T, TAG, 120, 32, 80, 8)                         \
-  MFA_FWD(T, TAG, 128, 32, 80, 16) MFA_FWD(T, TAG, 136, 32, 80, 8)                         \
-  MFA_FWD(T, TAG, 144, 32, 80, 16) MFA_FWD(T, TAG, 152, 32, 80, 8)                         \
-  MFA_FWD(T, TAG, 160, 32, 80, 16) MFA_FWD(T, TAG, 168, 32, 80, 8)                         \
-  MFA_FWD(T, TAG, 176, 32, 80, 16) MFA_FWD(T, TAG, 184, 32, 80, 8)                         \
-  MFA_FWD(T, TAG, 192, 32, 80, 16) MFA_FWD(T, TAG, 200, 32, 80, 8)                         \
-  MFA_FWD(T, TAG, 208, 32, 80, 16) MFA_FWD(T, TAG, 216, 32, 80, 8)                         \
-  MFA_FWD(T, TAG, 224, 32, 80, 16) MFA_FWD(T, TAG, 232, 32, 80, 8)                         \
-  MFA_FWD(T, TAG, 240, 32, 80, 16) MFA_FWD(T, TAG, 248, 32, 80, 8)                         \
-  MFA_FWD(T, TAG, 256, 32, 80, 16) MFA_DQ(T, TAG, 16, 32, 64, 16)                          \
-  MFA_DQ(T, TAG, 24, 32, 64, 24) MFA_DQ(T, TAG, 32, 32, 64, 32)                            \
-  MFA_DQ(T, TAG, 40, 32, 64, 8) MFA_DQ(T, TAG, 48, 32, 64, 24)                             \
-  MFA_DQ(T, TAG, 56, 32, 64, 8) MFA_DQ(T, TAG, 64, 32, 80, 16)                             \
-  MFA_DQ(T, TAG, 72, 32, 80, 8) MFA_DQ(T, TAG, 80, 32, 80, 16)                             \
-  MFA_DQ(T, TAG, 88, 32, 80, 8) MFA_DQ(T, TAG, 96, 32, 80, 16)                             \
-  MFA_DQ(T, TAG, 104, 32, 80, 8) MFA_DQ(T, TAG, 112, 32, 80, 16)                           \
-  MFA_DQ(T, TAG, 120, 32, 80, 8) MFA_DQ(T, TAG, 128, 32, 80, 16)                           \
-  MFA_DQ(T, TAG, 136, 32, 80, 8) MFA_DQ(T, TAG, 144, 32, 80, 16)                           \
-  MFA_DQ(T, TAG, 152, 32, 80, 8) MFA_DQ(T, TAG, 160, 32, 80, 16)                           \
-  MFA_DQ(T, TAG, 168, 32, 80, 8) MFA_DQ(T, TAG, 176, 32, 80, 16)                           \
-  MFA_DQ(T, TAG, 184, 32, 80, 8) MFA_DQ(T, TAG, 192, 32, 80, 16)                           \
-  MFA_DQ(T, TAG, 200, 32, 80, 8) MFA_DQ(T, TAG, 208, 32, 80, 16)                           \
-  MFA_DQ(T, TAG, 216, 32, 80, 8) MFA_DQ(T, TAG, 224, 32, 80, 16)                           \
-  MFA_DQ(T, TAG, 232, 32, 72, 8) MFA_DQ(T, TAG, 240, 32, 72, 16)                           \
-  MFA_DQ(T, TAG, 248, 32, 64, 8) MFA_DQ(T, TAG, 256, 32, 64, 16)                           \
-  MFA_DKDV(T, TAG, 16, 32, 32, 16) MFA_DKDV(T, TAG, 24, 32, 64, 24)                        \
-  MFA_DKDV(T, TAG, 32, 32, 80, 16) MFA_DKDV(T, TAG, 40, 32, 80, 8)                         \
-  MFA_DKDV(T, TAG, 48, 32, 80, 16) MFA_DKDV(T, TAG, 56, 32, 80, 8)                         \
-  MFA_DKDV(T, TAG, 64, 32, 64, 16) MFA_DKDV(T, TAG, 72, 32, 80, 8)                         \
-  MFA_DKDV(T, TAG, 80, 32, 80, 16) MFA_DKDV(T, TAG, 88, 32, 80, 8)                         \
-  MFA_DKDV(T, TAG, 96, 32, 80, 16) MFA_DKDV(T, TAG, 104, 32, 80, 8)                        \
-  MFA_DKDV(T, TAG, 112, 32, 80, 16) MFA_DKDV(T, TAG, 120, 32, 72, 8)                       \
-  MFA_DKDV(T, TAG, 128, 32, 64, 16) MFA_DKDV(T, TAG, 136, 32, 56, 8)                       \
-  MFA_DKDV(T, TAG, 144, 32, 48, 16) MFA_DKDV(T, TAG, 152, 32, 40, 8)                       \
-  MFA_DKDV(T, TAG, 160, 32, 32, 16) MFA_DKDV_SPLIT(T, TAG, 168, 32, 80, 8, 88)             \
-  MFA_DKDV_SPLIT(T, TAG, 176, 32, 80, 8, 88) MFA_DKDV_SPLIT(T, TAG, 184, 32, 80, 8, 96)    \
-  MFA_DKDV_SPLIT(T, TAG, 192, 32, 80, 16, 96) MFA_DKDV_SPLIT(T, TAG, 200, 32, 80, 8, 104)  \
-  MFA_DKDV_SPLIT(T, TAG, 208, 32, 80, 8, 104) MFA_DKDV_SPLIT(T, TAG, 216, 32, 80, 8, 112)  \
-  MFA_DKDV_SPLIT(T, TAG, 224, 32, 80, 16, 112) MFA_DKDV_SPLIT(T, TAG, 232, 32, 72, 8, 120) \
-  MFA_DKDV_SPLIT(T, TAG, 240, 32, 72, 8, 120) MFA_DKDV_SPLIT(T, TAG, 248, 32, 64, 8, 128)  \
-  MFA_DKDV_SPLIT(T, TAG, 256, 32, 64, 16, 128)
+  MFA_FWD(T, TAG, 16, 32, 64, 16, 1) MFA_FWD(T, TAG, 24, 32, 64, 24, 1)                      \
+  MFA_FWD(T, TAG, 32, 32, 64, 32, 1) MFA_FWD(T, TAG, 40, 32, 32, 40, 1)                      \
+  MFA_FWD(T, TAG, 48, 32, 32, 48, 1) MFA_FWD(T, TAG, 56, 32, 32, 56, 1)                      \
+  MFA_FWD(T, TAG, 64, 32, 80, 16, 1) MFA_FWD(T, TAG, 72, 32, 80, 8, 1)                       \
+  MFA_FWD(T, TAG, 80, 32, 80, 16, 1) MFA_FWD(T, TAG, 88, 32, 80, 8, 1)                       \
+  MFA_FWD(T, TAG, 96, 32, 80, 16, 1) MFA_FWD(T, TAG, 104, 32, 80, 8, 1)                      \
+  MFA_FWD(T, TAG, 112, 32, 80, 16, 1) MFA_FWD(T, TAG, 120, 32, 80, 8, 1)                     \
+  MFA_FWD(T, TAG, 128, 32, 80, 16, 1) MFA_FWD(T, TAG, 136, 32, 80, 8, 0)                     \
+  MFA_FWD(T, TAG, 144, 32, 80, 16, 0) MFA_FWD(T, TAG, 152, 32, 80, 8, 0)                     \
+  MFA_FWD(T, TAG, 160, 32, 80, 16, 0) MFA_FWD(T, TAG, 168, 32, 80, 8, 0)                     \
+  MFA_FWD(T, TAG, 176, 32, 80, 16, 0) MFA_FWD(T, TAG, 184, 32, 80, 8, 0)                     \
+  MFA_FWD(T, TAG, 192, 32, 80, 16, 0) MFA_FWD(T, TAG, 200, 32, 80, 8, 0)                     \
+  MFA_FWD(T, TAG, 208, 32, 80, 16, 0) MFA_FWD(T, TAG, 216, 32, 80, 8, 0)                     \
+  MFA_FWD(T, TAG, 224, 32, 80, 16, 0) MFA_FWD(T, TAG, 232, 32, 80, 8, 0)                     \
+  MFA_FWD(T, TAG, 240, 32, 80, 16, 0) MFA_FWD(T, TAG, 248, 32, 80, 8, 0)                     \
+  MFA_FWD(T, TAG, 256, 32, 80, 16, 0) MFA_DQ(T, TAG, 16, 32, 64, 16, 1, 1)                   \
+  MFA_DQ(T, TAG, 24, 32, 64, 24, 1, 1) MFA_DQ(T, TAG, 32, 32, 64, 32, 1, 1)                  \
+  MFA_DQ(T, TAG, 40, 32, 64, 8, 1, 1) MFA_DQ(T, TAG, 48, 32, 64, 24, 1, 1)                   \
+  MFA_DQ(T, TAG, 56, 32, 64, 8, 1, 1) MFA_DQ(T, TAG, 64, 32, 80, 16, 1, 1)                   \
+  MFA_DQ(T, TAG, 72, 32, 80, 8, 1, 1) MFA_DQ(T, TAG, 80, 32, 80, 16, 1, 0)                   \
+  MFA_DQ(T, TAG, 88, 32, 80, 8, 1, 0) MFA_DQ(T, TAG, 96, 32, 80, 16, 1, 0)                   \
+  MFA_DQ(T, TAG, 104, 32, 80, 8, 1, 0) MFA_DQ(T, TAG, 112, 32, 80, 16, 1, 0)                 \
+  MFA_DQ(T, TAG, 120, 32, 80, 8, 0, 0) MFA_DQ(T, TAG, 128, 32, 80, 16, 0, 0)                 \
+  MFA_DQ(T, TAG, 136, 32, 80, 8, 0, 0) MFA_DQ(T, TAG, 144, 32, 80, 16, 0, 0)                 \
+  MFA_DQ(T, TAG, 152, 32, 80, 8, 0, 0) MFA_DQ(T, TAG, 160, 32, 80, 16, 0, 0)                 \
+  MFA_DQ(T, TAG, 168, 32, 80, 8, 0, 0) MFA_DQ(T, TAG, 176, 32, 80, 16, 0, 0)                 \
+  MFA_DQ(T, TAG, 184, 32, 80, 8, 0, 0) MFA_DQ(T, TAG, 192, 32, 80, 16, 0, 0)                 \
+  MFA_DQ(T, TAG, 200, 32, 80, 8, 0, 0) MFA_DQ(T, TAG, 208, 32, 80, 16, 0, 0)                 \
+  MFA_DQ(T, TAG, 216, 32, 80, 8, 0, 0) MFA_DQ(T, TAG, 224, 32, 80, 16, 0, 0)                 \
+  MFA_DQ(T, TAG, 232, 32, 72, 8, 0, 0) MFA_DQ(T, TAG, 240, 32, 72, 16, 0, 0)                 \
+  MFA_DQ(T, TAG, 248, 32, 64, 8, 0, 0) MFA_DQ(T, TAG, 256, 32, 64, 16, 0, 0)                 \
+  MFA_DKDV(T, TAG, 16, 32, 32, 16, 1, 1) MFA_DKDV(T, TAG, 24, 32, 64, 24, 1, 1)              \
+  MFA_DKDV(T, TAG, 32, 32, 80, 16, 1, 1) MFA_DKDV(T, TAG, 40, 32, 80, 8, 1, 1)               \
+  MFA_DKDV(T, TAG, 48, 32, 80, 16, 1, 1) MFA_DKDV(T, TAG, 56, 32, 80, 8, 1, 1)               \
+  MFA_DKDV(T, TAG, 64, 32, 64, 16, 1, 1) MFA_DKDV(T, TAG, 72, 32, 80, 8, 1, 0)               \
+  MFA_DKDV(T, TAG, 80, 32, 80, 16, 0, 0) MFA_DKDV(T, TAG, 88, 32, 80, 8, 0, 0)               \
+  MFA_DKDV(T, TAG, 96, 32, 80, 16, 0, 0) MFA_DKDV(T, TAG, 104, 32, 80, 8, 0, 0)              \
+  MFA_DKDV(T, TAG, 112, 32, 80, 16, 0, 0) MFA_DKDV(T, TAG, 120, 32, 72, 8, 0, 0)             \
+  MFA_DKDV(T, TAG, 128, 32, 64, 16, 0, 0) MFA_DKDV(T, TAG, 136, 32, 56, 8, 0, 0)             \
+  MFA_DKDV(T, TAG, 144, 32, 48, 16, 0, 0) MFA_DKDV(T, TAG, 152, 32, 40, 8, 0, 0)             \
+  MFA_DKDV(T, TAG, 160, 32, 32, 16, 0, 0) MFA_DKDV_SPLIT(T, TAG, 168, 32, 80, 8, 88, 0, 0)   \
+  MFA_DKDV_SPLIT(T, TAG, 176, 32, 80, 8, 88, 0, 0) MFA_DKDV_SPLIT(T, TAG, 184, 32, 80, 8, 96, 0, 0) \
+  MFA_DKDV_SPLIT(T, TAG, 192, 32, 80, 16, 96, 0, 0) MFA_DKDV_SPLIT(T, TAG, 200, 32, 80, 8, 104, 0, 0) \
+  MFA_DKDV_SPLIT(T, TAG, 208, 32, 80, 8, 104, 0, 0) MFA_DKDV_SPLIT(T, TAG, 216, 32, 80, 8, 112, 0, 0) \
+  MFA_DKDV_SPLIT(T, TAG, 224, 32, 80, 16, 112, 0, 0) MFA_DKDV_SPLIT(T, TAG, 232, 32, 72, 8, 120, 0, 0) \
+  MFA_DKDV_SPLIT(T, TAG, 240, 32, 72, 8, 120, 0, 0) MFA_DKDV_SPLIT(T, TAG, 248, 32, 64, 8, 128, 0, 0) \
+  MFA_DKDV_SPLIT(T, TAG, 256, 32, 64, 16, 128, 0, 0)
 
 #define MFA_APPLE9_f16 MFA_APPLE9_MIXED
 #define MFA_APPLE9_bf16 MFA_APPLE9_MIXED

@@ -48,7 +48,7 @@ template <typename T, int HP, int C>
     device float* partial_l [[buffer(10)]], uint group [[threadgroup_position_in_grid]],
     uint lane [[thread_index_in_simdgroup]]) {
   constexpr int HB = HP / 8, CB = C / 8;
-  constexpr bool kCacheQ = HP <= 128;
+  constexpr bool kCacheQ = mfa_decode_caches_q(HP);
   const int splits = p.decode_splits;
   const int linear = p.group_offset + int(group);
   const int split = linear % splits;

@@ -485,9 +485,10 @@ inline float mfa_dropout_entry(constant AttentionParams& p, device const uint* s
 
 // ---------------------------------------------------------------------------
 // Forward: one threadgroup per (batch, query head, block of P queries). Keys
-// stream by in blocks of C with an online softmax; Q (when HP <= 128) and the
-// output accumulator live in registers for the whole kernel.
-template <typename T, int HP, int P, int C, int DB>
+// stream by in blocks of C with an online softmax; the output accumulator
+// lives in registers for the whole kernel, Q too when CACHE_Q (the launch
+// plan's register-cache policy, BlockConfig in cpp/metal_host/attention_plan.h).
+template <typename T, int HP, int P, int C, int DB, bool CACHE_Q>
 [[kernel, max_total_threads_per_threadgroup(P * 4)]] void attention_forward(constant AttentionParams& p [[buffer(0)]],
                               device const T* q [[buffer(1)]],
                               device const T* k [[buffer(2)]],
@@ -508,7 +509,6 @@ template <typename T, int HP, int P, int C, int DB>
                               uint tid [[thread_index_in_threadgroup]]) {
   constexpr int NT = P * 4;  // 32 threads per 8 rows
   constexpr int HB = HP / 8, CB = C / 8;
-  constexpr bool kCacheQ = mfa_forward_caches_q(HP);
   threadgroup T tile[C * DB];
 
   const int linear = p.group_offset + int(group);
@@ -537,12 +537,12 @@ template <typename T, int HP, int P, int C, int DB>
   const mfa_long kv_stride = mfa_long(K) * H;
 
   mfa_mat O[HB];
-  mfa_operand_mat<T> Qc[kCacheQ ? HB : 1];
+  mfa_operand_mat<T> Qc[CACHE_Q ? HB : 1];
   #pragma clang loop unroll(full)
   for (int h = 0; h < HB; ++h) O[h] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
-  if (kCacheQ && !(span.begin >= span.end))
+  if (CACHE_Q && !(span.begin >= span.end))
     #pragma clang loop unroll(full)
-    for (int h = 0; h < HB; ++h) mfa_load_rows(Qc[kCacheQ ? h : 0], q_row, row_ok, h * 8 + lc, H);
+    for (int h = 0; h < HB; ++h) mfa_load_rows(Qc[CACHE_Q ? h : 0], q_row, row_ok, h * 8 + lc, H);
 
   float m, l;
   mfa_softmax_start(p, sinks, b, n, m, l);
@@ -558,7 +558,7 @@ template <typename T, int HP, int P, int C, int DB>
     #pragma clang loop unroll(full)
     for (int c = 0; c < CB; ++c) S[c] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
     const int sg_cols = clamp(sg_keys_end - j0, 0, cols);
-    mfa_accumulate_abt<T, HP, C, DB, NT, kCacheQ>(S, Qc, q_row, row_ok, k_base, kv_stride, cols,
+    mfa_accumulate_abt<T, HP, C, DB, NT, CACHE_Q>(S, Qc, q_row, row_ok, k_base, kv_stride, cols,
                                                   sg_cols, H, lc, tile, tid);
 
     // Masks (only on tiles that need them), then the online softmax in base 2.
@@ -622,7 +622,9 @@ template <typename T, int HP, int P, int C, int DB>
 // queries) computes dQ. P is recomputed from the saved logsumexp; delta =
 // rowsum(dO * O) - dlse arrives precomputed. With a bias constant along keys
 // it also writes per-row sums of dS (the host reduces them into dbias).
-template <typename T, int HP, int P, int C, int DB>
+// CACHE_Q, CACHE_DO: Q, dO kept in registers for the whole kernel (the plan's
+// register-cache policy), else reloaded through threadgroup memory per step.
+template <typename T, int HP, int P, int C, int DB, bool CACHE_Q, bool CACHE_DO>
 [[kernel, max_total_threads_per_threadgroup(P * 4)]] void attention_backward_query(constant AttentionParams& p [[buffer(0)]],
                                      device const T* q [[buffer(1)]],
                                      device const T* k [[buffer(2)]],
@@ -646,7 +648,6 @@ template <typename T, int HP, int P, int C, int DB>
                                      uint tid [[thread_index_in_threadgroup]]) {
   constexpr int NT = P * 4;
   constexpr int HB = HP / 8, CB = C / 8;
-  constexpr bool kCache = mfa_backward_caches_rows(HP);  // Q and dO in registers
   threadgroup T tile[C * DB];
 
   const int linear = p.group_offset + int(group);
@@ -681,14 +682,14 @@ template <typename T, int HP, int P, int C, int DB>
   const mfa_long kv_stride = mfa_long(K) * H;
 
   mfa_mat dQ[HB];
-  mfa_operand_mat<T> Qc[kCache ? HB : 1], dOc[kCache ? HB : 1];
+  mfa_operand_mat<T> Qc[CACHE_Q ? HB : 1], dOc[CACHE_DO ? HB : 1];
   #pragma clang loop unroll(full)
   for (int h = 0; h < HB; ++h) dQ[h] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
-  if (kCache && !(span.begin >= span.end)) {
+  if ((CACHE_Q || CACHE_DO) && !(span.begin >= span.end)) {
     #pragma clang loop unroll(full)
     for (int h = 0; h < HB; ++h) {
-      mfa_load_rows(Qc[kCache ? h : 0], q_row, row_ok, h * 8 + lc, H);
-      mfa_load_rows(dOc[kCache ? h : 0], do_row, row_ok, h * 8 + lc, H);
+      if (CACHE_Q) mfa_load_rows(Qc[CACHE_Q ? h : 0], q_row, row_ok, h * 8 + lc, H);
+      if (CACHE_DO) mfa_load_rows(dOc[CACHE_DO ? h : 0], do_row, row_ok, h * 8 + lc, H);
     }
   }
   float ds_sum = 0.0f;
@@ -708,10 +709,10 @@ template <typename T, int HP, int P, int C, int DB>
       dP[c] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
     }
     const int sg_cols = clamp(sg_keys_end - j0, 0, cols);
-    mfa_accumulate_abt<T, HP, C, DB, NT, kCache>(S, Qc, q_row, row_ok, k_base, kv_stride, cols,
-                                                 sg_cols, H, lc, tile, tid);
-    mfa_accumulate_abt<T, HP, C, DB, NT, kCache>(dP, dOc, do_row, row_ok, v_base, kv_stride,
-                                                 cols, sg_cols, H, lc, tile, tid);
+    mfa_accumulate_abt<T, HP, C, DB, NT, CACHE_Q>(S, Qc, q_row, row_ok, k_base, kv_stride, cols,
+                                                  sg_cols, H, lc, tile, tid);
+    mfa_accumulate_abt<T, HP, C, DB, NT, CACHE_DO>(dP, dOc, do_row, row_ok, v_base, kv_stride,
+                                                   cols, sg_cols, H, lc, tile, tid);
 
     // P = exp2(logit - L), dS = P (dP Z - delta) with dropout factors Z;
     // S becomes dS * d(logit)/d(q.k). Masks only on tiles that need them.
@@ -775,7 +776,9 @@ METAL_FUNC void mfa_store_key_rows(thread mfa_mat* dK, thread mfa_mat* dV,
 // HO < HP splits the head columns of dK and dV over ceil(HP / HO) threadgroups per
 // key block (each recomputes S^T and dP^T; the first one accumulates dbias),
 // so that both accumulators fit in registers at large head dims.
-template <typename T, int HP, int P, int C, int DB, int HO>
+// CACHE_K, CACHE_V: K, V kept in registers for the whole key block (the
+// plan's register-cache policy), else reloaded through threadgroup memory.
+template <typename T, int HP, int P, int C, int DB, int HO, bool CACHE_K, bool CACHE_V>
 [[kernel, max_total_threads_per_threadgroup(P * 4)]] void attention_backward_key_value(constant AttentionParams& p [[buffer(0)]],
                                          device const T* q [[buffer(1)]],
                                          device const T* k [[buffer(2)]],
@@ -802,7 +805,6 @@ template <typename T, int HP, int P, int C, int DB, int HO>
                                          uint tid [[thread_index_in_threadgroup]]) {
   constexpr int NT = P * 4;
   constexpr int HB = HP / 8, CB = C / 8, OB = HO / 8;
-  constexpr bool kCache = mfa_backward_caches_rows(HP);  // K and V in registers
   threadgroup T tile[C * DB];
   threadgroup float lse_t[C];
   threadgroup float delta_t[C];
@@ -846,17 +848,17 @@ template <typename T, int HP, int P, int C, int DB, int HO>
       device const T* k_row = k + key_index * H;
       device const T* v_row = v + key_index * H;
       mfa_mat dK[OB], dV[OB];
-      mfa_operand_mat<T> Kc[kCache ? HB : 1], Vc[kCache ? HB : 1];
+      mfa_operand_mat<T> Kc[CACHE_K ? HB : 1], Vc[CACHE_V ? HB : 1];
       #pragma clang loop unroll(full)
       for (int h = 0; h < OB; ++h) {
         dK[h] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
         dV[h] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
       }
-      if (kCache && !(rows.begin >= rows.end)) {
+      if ((CACHE_K || CACHE_V) && !(rows.begin >= rows.end)) {
         #pragma clang loop unroll(full)
         for (int h = 0; h < HB; ++h) {
-          mfa_load_rows(Kc[kCache ? h : 0], k_row, key_ok, h * 8 + lc, H);
-          mfa_load_rows(Vc[kCache ? h : 0], v_row, key_ok, h * 8 + lc, H);
+          if (CACHE_K) mfa_load_rows(Kc[CACHE_K ? h : 0], k_row, key_ok, h * 8 + lc, H);
+          if (CACHE_V) mfa_load_rows(Vc[CACHE_V ? h : 0], v_row, key_ok, h * 8 + lc, H);
         }
       }
 
@@ -895,10 +897,10 @@ template <typename T, int HP, int P, int C, int DB, int HO>
             ST[c] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
             dPT[c] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
           }
-          mfa_accumulate_abt<T, HP, C, DB, NT, kCache>(ST, Kc, k_row, key_ok, q_base, q_stride,
-                                                       cnt, cnt, H, lc, tile, tid);
-          mfa_accumulate_abt<T, HP, C, DB, NT, kCache>(dPT, Vc, v_row, key_ok, do_base,
-                                                       q_stride, cnt, cnt, H, lc, tile, tid);
+          mfa_accumulate_abt<T, HP, C, DB, NT, CACHE_K>(ST, Kc, k_row, key_ok, q_base, q_stride,
+                                                        cnt, cnt, H, lc, tile, tid);
+          mfa_accumulate_abt<T, HP, C, DB, NT, CACHE_V>(dPT, Vc, v_row, key_ok, do_base,
+                                                        q_stride, cnt, cnt, H, lc, tile, tid);
 
           // P^T and dS^T; ST becomes P^T, dPT becomes dS^T * d(logit)/d(q.k).
           // Masks only on tiles that need them (this simdgroup's 8 keys x C

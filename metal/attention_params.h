@@ -101,14 +101,17 @@ inline bool mfa_sorted_segments_meet(mfa_int q_first, mfa_int q_last, mfa_int kv
 // Threads per threadgroup of the split GQA group's dK/dV reduction kernel.
 #define MFA_REDUCE_THREADS 256
 
-// Register-cache policy (one definition for the kernels and the launch
-// plan's register model): besides its accumulators, which a kernel always
-// keeps in registers, the forward kernel keeps Q in registers for the whole
-// run up to head bucket 96 (as MFA's M3 forward tables do), the dQ kernel Q
-// and dO and the dK/dV kernel K and V up to 64; larger buckets reload those
-// operands from device memory at every step.
+// Register-cache defaults, after MFA's published choices: the forward kernel
+// keeps Q in registers for the whole run up to head bucket 96 (as MFA's M3
+// forward tables do), the dQ kernel Q and dO and the dK/dV kernel K and V up
+// to 64. The launch plan starts from these and caches more operands where
+// its register model has room (block_config in cpp/metal_host/attention_plan.cc);
+// the kernels take the plan's choice as template parameters. The decode
+// partial kernel keeps Q up to bucket 128 (one definition for the kernel and
+// the register model).
 constexpr inline bool mfa_forward_caches_q(mfa_int head_pad) { return head_pad <= 96; }
 constexpr inline bool mfa_backward_caches_rows(mfa_int head_pad) { return head_pad <= 64; }
+constexpr inline bool mfa_decode_caches_q(mfa_int head_pad) { return head_pad <= 128; }
 
 // Half-open range of key (or query) positions.
 struct MfaSpan {

@@ -342,8 +342,9 @@ def test_embedded_source_is_self_contained(tmp_path):
     assert decode <= names
     names -= decode
     assert len(names) == len(expected) == 12
-    assert {re.sub(r"p\d+_c\d+_d\d+(_o\d+)?$", "", n) for n in names} == expected
-    assert all(re.fullmatch(r"mfa_(fwd|dq|dkdv)_f16_h\d+_p16_c\d+_d\d+(_o\d+)?", n) for n in names)
+    assert {re.sub(r"p\d+_c\d+_d\d+(_o\d+)?_cache[01]+$", "", n) for n in names} == expected
+    assert all(re.fullmatch(r"mfa_(fwd|dq|dkdv)_f16_h\d+_p16_c\d+_d\d+(_o\d+)?_cache[01]{1,2}", n)
+               for n in names)
     assert "#include \"" not in re.sub(r"#ifndef JAX_MFA_EMBEDDED\n(#include[^\n]*\n)+#endif", "",
                                         src)
 
@@ -378,7 +379,7 @@ def _forward_with(lib, rng):
     empty = np.zeros(0, np.float32)
     params = _params_bytes(B, T, S, N, K, H, P=P, scale=0.25)
     assert len(params) == 248  # sizeof(AttentionParams), static_assert in attention_plan.cc
-    lib.dispatch("mfa_fwd_f16_h16_p16_c128_d16", grid=(1,), threads=(P * 4,),
+    lib.dispatch("mfa_fwd_f16_h16_p16_c128_d16_cache1", grid=(1,), threads=(P * 4,),
                  buffers=[params, q, k, v, empty, empty, empty, empty, out, lse] + [empty] * 4)
     s = 0.25 * np.einsum("bthd,bshd->bts", q.astype(np.float64), k.astype(np.float64))
     p = np.exp(s - s.max(-1, keepdims=True))

@@ -247,9 +247,23 @@ BlockConfig block_config(Pass pass, GpuFamily family, DType dtype, int64_t head_
               : (m3 ? lookup(kKeyValueApple9, hp) : lookup(kKeyValueApple7, hp));
       break;
     case Pass::DecodePartial:
-    case Pass::DecodeMerge: return {hp, 8, kDecodeCols, 0, hp};
+    case Pass::DecodeMerge:
+      c = {hp, 8, kDecodeCols, 0, hp};
+      c.cache_q = pass == Pass::DecodePartial && mfa_decode_caches_q(hp);
+      return c;
     case Pass::BackwardKeyValueReduce: return {hp, 0, 0, 0, hp};
   }
+  // Register-cache policy, one rule for every family, storage type and head
+  // bucket: (1) MFA's defaults (attention_params.h: forward Q up to bucket
+  // 96, dQ's Q and dO and dK/dV's K and V up to 64) are cached, and the
+  // accumulators are fitted below with them in registers; (2) then each
+  // other row operand, in the kernel's order (Q then dO, K then V), is
+  // cached too when the register model with it cached stays within
+  // kRegisterBudget. A cached operand saves its threadgroup staging and
+  // barriers at every step; (1) prefers MFA's choice over a larger C.
+  const bool defaults =
+      pass == Pass::Forward ? mfa_forward_caches_q(hp) : mfa_backward_caches_rows(hp);
+  for (CacheFlag flag : cache_flags(pass)) c.*flag = defaults;
   // Over the register budget (MFA spills an accumulator there; these kernels
   // keep them all): first fewer columns per step, 8 at a time down to 32.
   const BlockConfig table = c;
@@ -267,6 +281,11 @@ BlockConfig block_config(Pass pass, GpuFamily family, DType dtype, int64_t head_
     c.head_block = head_block_for(c.head_block, std::gcd(hp, c.head_out));
     while (over() && c.cols > 32) c.cols -= 8;
   }
+  for (CacheFlag flag : cache_flags(pass)) {
+    if (c.*flag) continue;
+    c.*flag = true;
+    if (over()) c.*flag = false;
+  }
   return c;
 }
 
@@ -279,28 +298,37 @@ int operand_registers(Pass pass, DType dtype, GpuFamily family) {
   return dtype == DType::F16 || bfloat_matrices ? 1 : 2;
 }
 
+std::vector<CacheFlag> cache_flags(Pass pass) {
+  switch (pass) {
+    case Pass::Forward:
+    case Pass::DecodePartial: return {&BlockConfig::cache_q};
+    case Pass::BackwardQuery: return {&BlockConfig::cache_q, &BlockConfig::cache_dout};
+    case Pass::BackwardKeyValue: return {&BlockConfig::cache_k, &BlockConfig::cache_v};
+    case Pass::DecodeMerge:
+    case Pass::BackwardKeyValueReduce: return {};
+  }
+  return {};
+}
+
 RegisterEstimate register_estimate(Pass pass, const BlockConfig& c, DType dtype, GpuFamily family) {
   RegisterEstimate r;
   const int hb = c.head_pad / 8, ob = c.head_out / 8, cb = c.cols / 8;
   const int operand = operand_registers(pass, dtype, family);
   r.transients = 2 * operand;
   r.scalars = kScalarRegisters;
+  r.cached_operands = c.cached_operand_count() * operand * hb;
   switch (pass) {
     case Pass::Forward:
     case Pass::DecodePartial:
       r.accumulators = 2 * ob;
-      r.cached_operands = mfa_forward_caches_q(c.head_pad) || (pass == Pass::DecodePartial &&
-                                                              c.head_pad <= 128) ? operand * hb : 0;
       r.score_tiles = 2 * cb + cb;  // S, and 2 x C / 8 16-bit mask flags
       break;
     case Pass::BackwardQuery:
       r.accumulators = 2 * ob;
-      r.cached_operands = mfa_backward_caches_rows(c.head_pad) ? 2 * operand * hb : 0;
       r.score_tiles = 4 * cb;
       break;
     case Pass::BackwardKeyValue:
       r.accumulators = 4 * ob;
-      r.cached_operands = mfa_backward_caches_rows(c.head_pad) ? 2 * operand * hb : 0;
       r.score_tiles = 4 * cb;
       break;
     case Pass::DecodeMerge:
@@ -319,10 +347,12 @@ std::string kernel_name(Pass pass, DType dtype, const BlockConfig& c) {
   if (pass == Pass::BackwardKeyValueReduce)
     return std::string("mfa_dkdv_reduce_") + dtype_tag(dtype);
   const char* kind = pass == Pass::Forward ? "fwd" : pass == Pass::BackwardQuery ? "dq" : "dkdv";
+  std::string flags;
+  for (CacheFlag flag : cache_flags(pass)) flags += c.*flag ? '1' : '0';
   return std::string("mfa_") + kind + "_" + dtype_tag(dtype) + "_h" + std::to_string(c.head_pad) +
          "_p" + std::to_string(c.rows) + "_c" + std::to_string(c.cols) + "_d" +
          std::to_string(c.head_block) +
-         (c.head_out < c.head_pad ? "_o" + std::to_string(c.head_out) : "");
+         (c.head_out < c.head_pad ? "_o" + std::to_string(c.head_out) : "") + "_cache" + flags;
 }
 
 size_t threadgroup_memory_bytes(Pass pass, const BlockConfig& c, DType dtype) {
@@ -523,7 +553,8 @@ std::vector<KernelLaunch> plan_decode(const AttentionProblem& p, DType dtype) {
 
   KernelLaunch part;
   part.pass = Pass::DecodePartial;
-  part.config = {head_bucket(p.head_dim), 8, kDecodeCols, 0};
+  // The decode kernels are the same for every family.
+  part.config = block_config(part.pass, GpuFamily::Apple9, dtype, p.head_dim);
   part.kernel = kernel_name(part.pass, dtype, part.config);
   part.threads_per_group = 32;
   part.threadgroup_memory = threadgroup_memory_bytes(part.pass, part.config, dtype);

@@ -70,15 +70,27 @@ struct BlockConfig {
   // threadgroups per key block, each recomputing S^T and dP^T; the last one's
   // columns past HP read as zero). Equal to head_pad elsewhere.
   int head_out = 0;
+  // Register-cache policy, per row operand: kept in registers for the whole
+  // kernel (true) or reloaded through threadgroup memory, one head block at
+  // a time, at every step (false). The forward and decode kernels read Q;
+  // dQ reads Q and dO; dK/dV reads K and V (the other flags stay false).
+  // block_config chooses them (its comment gives the rule); the kernels take
+  // them as template parameters, named by kernel_name.
+  bool cache_q = false, cache_dout = false, cache_k = false, cache_v = false;
+  int cached_operand_count() const { return cache_q + cache_dout + cache_k + cache_v; }
 };
+// The cache flags of a pass's row operands, in the kernel's template order
+// (forward, decode: Q; dQ: Q, dO; dK/dV: K, V; none for the other passes).
+using CacheFlag = bool BlockConfig::*;
+std::vector<CacheFlag> cache_flags(Pass pass);
 
 // ---- Register model --------------------------------------------------------------
 // What one thread of a kernel keeps live, in 32-bit registers, estimated from
 // its structure (metal/attention_kernels.h, attention_decode.h):
 //   * accumulators: O (forward, decode), dQ, or dK and dV, HO / 8 8x8 float
 //     matrices each (a simdgroup_matrix<float, 8, 8> holds 2 floats per lane);
-//   * cached operands: Q (forward, decode), Q and dO (dQ), K and V (dK/dV)
-//     when the register-cache policy (attention_params.h) keeps them, HP / 8
+//   * cached operands: those the config's register-cache policy keeps (Q
+//     in the forward and decode, Q and dO in dQ, K and V in dK/dV), HP / 8
 //     matrices each, of the operand type (mfa_operand_mat in
 //     attention_kernels.h): 2 registers per lane for float storage and for
 //     bfloat16 widened to float (M1/M2, and the decode kernel everywhere), 1
@@ -121,7 +133,8 @@ int head_bucket(int64_t head_dim);
 // MFA's mixed-precision tables for float16/bfloat16 storage, its float32
 // tables for float32 storage (attention_plan.cc).
 BlockConfig block_config(Pass pass, GpuFamily family, DType dtype, int64_t head_dim);
-// Host name of the instantiation, e.g. "mfa_fwd_f16_h64_p16_c128_d32".
+// Host name of the instantiation, e.g. "mfa_fwd_f16_h64_p16_c128_d32_cache1"
+// (the cache flags in the kernel's operand order: Q; Q, dO; K, V).
 std::string kernel_name(Pass pass, DType dtype, const BlockConfig& config);
 // Threadgroup memory the kernel declares (bytes; tiles are staged in the
 // storage type); always <= 32 KiB.

@@ -372,6 +372,27 @@ void test_register_budget() {
               (2 * c.head_out >= c.head_pad && 2 * c.head_out - c.head_pad < 16)));  // whole or halves
         if (pass != Pass::DecodeMerge && pass != Pass::BackwardKeyValueReduce)
           CHECK(c.head_block == 0 || (c.head_out % c.head_block == 0 && h % c.head_block == 0));
+        // The register-cache rule (block_config): each pass flags only its
+        // own operands; MFA's defaults are always cached; an operand left
+        // uncached would leave the (float) budget if it were cached.
+        const bool fwd = pass == Pass::Forward, dq = pass == Pass::BackwardQuery,
+                   kv = pass == Pass::BackwardKeyValue;
+        CHECK(c.cached_operand_count() == [&] {
+          int n = 0;
+          for (CacheFlag flag : cache_flags(pass)) n += c.*flag;
+          return n;
+        }());
+        if (fwd) CHECK(c.cache_q || !mfa_forward_caches_q(h));
+        if (dq) CHECK((c.cache_q && c.cache_dout) || !mfa_backward_caches_rows(h));
+        if (kv) CHECK((c.cache_k && c.cache_v) || !mfa_backward_caches_rows(h));
+        if (pass == Pass::DecodePartial) CHECK(c.cache_q == mfa_decode_caches_q(h));
+        if (fwd || dq || kv)
+          for (CacheFlag flag : cache_flags(pass)) {
+            if (c.*flag) continue;
+            BlockConfig more = c;
+            more.*flag = true;
+            CHECK(register_estimate(pass, more, DType::F32, f).total() > kRegisterBudget);
+          }
       }
   // The counts themselves, on a configuration worked out by hand: M3 forward,
   // HP 64 (Q cached), C 128: O 16 + Q 16 + S 32 + flags 16 + 4 + scalars.
@@ -398,10 +419,22 @@ void test_register_budget() {
   CHECK(operand_registers(Pass::BackwardQuery, DType::BF16, GpuFamily::Apple7) == 2);
   // dQ with Q and dO cached: 4 x HB registers in float, 2 x HB in float16.
   const BlockConfig dq64 = block_config(Pass::BackwardQuery, GpuFamily::Apple9, DType::F16, 64);
-  if (mfa_backward_caches_rows(64)) {
-    CHECK(register_estimate(Pass::BackwardQuery, dq64, DType::F32, GpuFamily::Apple9).cached_operands == 32);
-    CHECK(register_estimate(Pass::BackwardQuery, dq64, DType::F16, GpuFamily::Apple9).cached_operands == 16);
-  }
+  CHECK(dq64.cache_q && dq64.cache_dout);
+  CHECK(register_estimate(Pass::BackwardQuery, dq64, DType::F32, GpuFamily::Apple9).cached_operands == 32);
+  CHECK(register_estimate(Pass::BackwardQuery, dq64, DType::F16, GpuFamily::Apple9).cached_operands == 16);
+  // Past MFA's defaults the budget decides, operand by operand: M3 dQ at
+  // HP 88, C 64 caches Q (dQ 22 + Q 22 + S, dP 32 + 4 + scalars = 108) but
+  // not dO (it would take 130); at HP 72 both fit (18 + 36 + 32 + 4 + 28).
+  const BlockConfig dq88 = block_config(Pass::BackwardQuery, GpuFamily::Apple9, DType::F16, 88);
+  CHECK(dq88.cols == 64 && dq88.cache_q && !dq88.cache_dout);
+  CHECK(register_estimate(Pass::BackwardQuery, dq88, DType::F32, GpuFamily::Apple9).total() == 108);
+  CHECK(kernel_name(Pass::BackwardQuery, DType::F16, dq88) == "mfa_dq_f16_h88_p16_c64_d8_cache10");
+  const BlockConfig dq72 = block_config(Pass::BackwardQuery, GpuFamily::Apple9, DType::F16, 72);
+  CHECK(dq72.cache_q && dq72.cache_dout);
+  CHECK(register_estimate(Pass::BackwardQuery, dq72, DType::F32, GpuFamily::Apple9).total() == 118);
+  // The forward at M3 HP 128 (mixed table, C 128) keeps Q in memory: O 32 +
+  // Q 32 + S 48 + 4 + 28 = 144 would leave the budget.
+  CHECK(!block_config(Pass::Forward, GpuFamily::Apple9, DType::F16, 128).cache_q);
   // dK/dV at HP 256 splits its head columns: two accumulators of 128 / 8 matrices.
   const BlockConfig kv = block_config(Pass::BackwardKeyValue, GpuFamily::Apple9, DType::F16, 256);
   CHECK(kv.head_out == 128 && register_estimate(Pass::BackwardKeyValue, kv, DType::F16, GpuFamily::Apple9).accumulators == 64);

@@ -150,7 +150,7 @@ def test_apple9_bfloat16_kernels_multiply_bfloat_matrices():
     rng = np.random.default_rng(2)
     B, T, S, N, H = 1, 19, 256, 1, 13  # the last row block and the head dim are partial
     q, k, v = (rng.standard_normal((B, L, N, H)).astype(ml_dtypes.bfloat16) for L in (T, S, S))
-    out, prof = _run_forward(lib, "mfa_fwd_bf16_h16_p16_c128_d16", q, k, v, rows=16)
+    out, prof = _run_forward(lib, "mfa_fwd_bf16_h16_p16_c128_d16_cache1", q, k, v, rows=16)
     simdgroups, key_blocks = 3, S // 128  # 2 blocks of 16 rows; rows 24-31 (past T) do no work
     qk = simdgroups * key_blocks * (16 // 8) * (128 // 8)
     assert prof.total["simdgroup_matrix_multiply_accumulate"] == 2 * qk
@@ -170,7 +170,7 @@ def test_own_forward_kernel_counts():
     q = rng.standard_normal((B, T, N, H)).astype(np.float32)
     k = rng.standard_normal((B, S, N, H)).astype(np.float32)
     v = rng.standard_normal((B, S, N, H)).astype(np.float32)
-    out, prof = _run_forward(lib, "mfa_fwd_f32_h64_p16_c128_d32", q, k, v, rows=16)
+    out, prof = _run_forward(lib, "mfa_fwd_f32_h64_p16_c128_d32_cache1", q, k, v, rows=16)
     blocks = T // 16
     np.testing.assert_allclose(out, _reference(q, k, v), rtol=1e-4, atol=1e-5)
     simdgroups = blocks * N * B * 2

@@ -5,4 +5,5 @@
 #include "attention_params.h"
 #include "attention_kernels.h"
 
-JAX_MFA_INSTANTIATE_KERNEL("mfa_fwd_f32_h64_p16_c128_d32", attention_forward, float, 64, 16, 128, 32)
+JAX_MFA_INSTANTIATE_KERNEL("mfa_fwd_f32_h64_p16_c128_d32_cache1", attention_forward, float, 64, 16, 128,
+                           32, true)
