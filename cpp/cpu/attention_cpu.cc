@@ -187,6 +187,10 @@ inline int64_t now_cpu_ns() {
 // the tasks and of the tile products, per pass, printed to stderr after each
 // call.
 struct Profile {
+  Profile() {  // AMX packing vs tile cycles of this call (cpu_bf16.h)
+    cpu::bf16_count_cycles(true);
+    cpu::bf16_take_cycles();
+  }
   static constexpr int kSites = 8;
   static bool enabled() {
     static const bool on = [] {
@@ -242,6 +246,9 @@ struct Profile {
       if (tasks_by_slot[i].load()) std::fprintf(stderr, " %.1f", busy_ns_by_slot[i].load() * 1e-6);
     std::fprintf(stderr, "; phases (wall ms):");
     for (int i = 0; i < phases; ++i) std::fprintf(stderr, " %s %.2f", phase_names[i], phase_ms[i]);
+    if (const cpu::Bf16Cycles cy = cpu::bf16_take_cycles(); cy.pack + cy.tiles > 0)
+      std::fprintf(stderr, "; AMX products: operand copies %.0f%%, tile work %.0f%% of their cycles",
+                   100.0 * cy.pack / (cy.pack + cy.tiles), 100.0 * cy.tiles / (cy.pack + cy.tiles));
     std::fprintf(stderr, "\n");
   }
 };
