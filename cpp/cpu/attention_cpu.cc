@@ -187,6 +187,10 @@ inline int64_t now_cpu_ns() {
 // the tasks and of the tile products, per pass, printed to stderr after each
 // call.
 struct Profile {
+  Profile() {  // AMX packing vs tile cycles of this call (cpu_bf16.h)
+    cpu::bf16_count_cycles(true);
+    cpu::bf16_take_cycles();
+  }
   static constexpr int kSites = 8;
   static bool enabled() {
     static const bool on = [] {
@@ -242,6 +246,9 @@ struct Profile {
       if (tasks_by_slot[i].load()) std::fprintf(stderr, " %.1f", busy_ns_by_slot[i].load() * 1e-6);
     std::fprintf(stderr, "; phases (wall ms):");
     for (int i = 0; i < phases; ++i) std::fprintf(stderr, " %s %.2f", phase_names[i], phase_ms[i]);
+    if (const cpu::Bf16Cycles cy = cpu::bf16_take_cycles(); cy.pack + cy.tiles > 0)
+      std::fprintf(stderr, "; AMX products: operand copies %.0f%%, tile work %.0f%% of their cycles",
+                   100.0 * cy.pack / (cy.pack + cy.tiles), 100.0 * cy.tiles / (cy.pack + cy.tiles));
     std::fprintf(stderr, "\n");
   }
 };
@@ -571,6 +578,20 @@ void forward_typed(const AttentionProblem& p, const ForwardBuffers& buf, TaskRun
     kpack[i].reset(new uint32_t[size_t(chunk * hpairs * Sld)]);
     vpack[i].reset(new uint32_t[size_t(chunk * Vpairs * H)]);
   }
+  // On AMX (bfloat16): K^T and V also in tile layout (cpu_bf16.h), copied
+  // once per call here rather than in every product (once per query block):
+  // O(S * H) words per pair of the chunk besides the pair layouts above.
+  // Products whose keys do not start on a tile use the pair layouts.
+  const bool tiled = dot && !split && cpu::bf16_b_tiles_used();
+  const int64_t k_kt = ceil_div(hpairs, 16), v_kt = ceil_div(Vpairs, 16);  // tiles along K
+  const int64_t k_tiles_size = k_kt * ceil_div(S_, 16) * 256, v_tiles_size = v_kt * ceil_div(H, 16) * 256;
+  struct alignas(64) Tile {  // tile loads and the copies want 64-byte rows
+    uint32_t words[256];
+  };
+  std::unique_ptr<Tile[]> ktile_store(tiled ? new Tile[size_t(chunk * k_tiles_size / 256)] : nullptr);
+  std::unique_ptr<Tile[]> vtile_store(tiled ? new Tile[size_t(chunk * v_tiles_size / 256)] : nullptr);
+  uint32_t* ktiles = tiled ? ktile_store[0].words : nullptr;
+  uint32_t* vtiles = tiled ? vtile_store[0].words : nullptr;
 
   for (int64_t p0 = 0; p0 < pairs; p0 += chunk) {
     const int64_t p1 = std::min(pairs, p0 + chunk), cp = p1 - p0;
@@ -595,6 +616,12 @@ void forward_typed(const AttentionProblem& p, const ForwardBuffers& buf, TaskRun
                                   Sld, 1);
           cpu::pack_pairs_across_rows(vs[i], stride, n, H,
                                       vpack[i].get() + (pl * Vpairs + s0 / 2) * H, H, 1);
+        }
+        if (tiled) {  // s0 is a multiple of 32: whole column tiles of K^T, K tiles of V
+          cpu::pack_b_tiles(kpack[0].get() + pl * hpairs * Sld + s0, Sld, hpairs, n,
+                            ktiles + pl * k_tiles_size + (s0 / 16) * k_kt * 256, k_kt);
+          cpu::pack_b_tiles(vpack[0].get() + (pl * Vpairs + s0 / 2) * H, H, (n + 1) / 2, H,
+                            vtiles + pl * v_tiles_size + (s0 / 32) * 256, v_kt);
         }
       });
     } else if constexpr (std::is_same_v<T, Acc>) {
@@ -663,6 +690,10 @@ void forward_typed(const AttentionProblem& p, const ForwardBuffers& buf, TaskRun
         if constexpr (std::is_same_v<Acc, float>) {
           if (dot)
             timed(prof, 0, nr, cols, H, [&] {
+              if (tiled && j0 % 16 == 0)
+                return cpu::bf16_gemm_b_tiles(
+                    nr, cols, hpairs, scale, Qw[0] + r0 * hpairs, hpairs,
+                    ktiles + pl * k_tiles_size + (j0 / 16) * k_kt * 256, k_kt, false, Sb, Bk);
               const uint32_t* A[2] = {Qw[0] + r0 * hpairs, split ? Qw[1] + r0 * hpairs : nullptr};
               const uint32_t* B[2] = {Kw[0] + j0, split ? Kw[1] + j0 : nullptr};
               dot_product(qk_terms, nr, cols, hpairs, scale, A, hpairs, B, Sld, false, Sb, Bk);
@@ -714,6 +745,11 @@ void forward_typed(const AttentionProblem& p, const ForwardBuffers& buf, TaskRun
           if (dot) {
             const int64_t kp = (cols + 1) / 2;
             timed(prof, 1, nr, H, cols, [&] {
+              // Whole K tiles of V from j0, or its end (zeros past S).
+              if (tiled && j0 % 32 == 0 && (cols % 32 == 0 || j0 + cols == S_))
+                return cpu::bf16_gemm_b_tiles(nr, H, kp, 1.0f, Pw[0], kpairs_max,
+                                              vtiles + pl * v_tiles_size + (j0 / 32) * 256,
+                                              v_kt, true, a, H);
               const uint32_t* B[2] = {Vw[0] + (j0 / 2) * H, split ? Vw[1] + (j0 / 2) * H : nullptr};
               dot_product(pv_terms, nr, H, kp, 1.0f, Pw, kpairs_max, B, H, true, a, H);
             });

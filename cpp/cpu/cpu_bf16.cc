@@ -1,6 +1,7 @@
 #include "cpu/cpu_bf16.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -221,8 +222,8 @@ AMX_TARGET void pack_tiles(const uint32_t* X, int64_t ld, int64_t rows, int64_t 
 // accumulation, go through the float copy c: C = alpha * AB (+ C), masked.
 template <int MT, int NT>
 AMX_TARGET void amx_block(int64_t M, int64_t N, int64_t k_tiles, float alpha, const uint32_t* At,
-                          const uint32_t* Bt, bool accumulate, float* C, int64_t ldc, int64_t m0,
-                          int64_t n0, float (*c)[256]) {
+                          int64_t a_next, const uint32_t* Bt, int64_t b_next, bool accumulate,
+                          float* C, int64_t ldc, int64_t m0, int64_t n0, float (*c)[256]) {
   const bool unit = alpha == 1.0f;
   const bool in_place_ok = unit || !accumulate;
   bool in_place[2][2];
@@ -246,9 +247,9 @@ AMX_TARGET void amx_block(int64_t M, int64_t N, int64_t k_tiles, float alpha, co
   if constexpr (MT > 1 && NT > 1) JAX_MFA_AMX_START(3, 1, 1);
   for (int64_t kt = 0; kt < k_tiles; ++kt) {
     _tile_loadd(4, At + kt * 256, 64);
-    if constexpr (MT > 1) _tile_loadd(5, At + (k_tiles + kt) * 256, 64);
+    if constexpr (MT > 1) _tile_loadd(5, At + (a_next + kt) * 256, 64);
     _tile_loadd(6, Bt + kt * 256, 64);
-    if constexpr (NT > 1) _tile_loadd(7, Bt + (k_tiles + kt) * 256, 64);
+    if constexpr (NT > 1) _tile_loadd(7, Bt + (b_next + kt) * 256, 64);
     _tile_dpbf16ps(0, 4, 6);
     if constexpr (NT > 1) _tile_dpbf16ps(1, 4, 7);
     if constexpr (MT > 1) _tile_dpbf16ps(2, 5, 6);
@@ -282,26 +283,18 @@ AMX_TARGET void amx_block(int64_t M, int64_t N, int64_t k_tiles, float alpha, co
     }
 }
 
-AMX_TARGET void amx_gemm(int64_t M, int64_t N, int64_t pairs, float alpha, int terms,
-                         const uint32_t* const* A, int64_t lda, const uint32_t* const* B,
-                         int64_t ldb, bool accumulate, float* C, int64_t ldc) {
-  // The terms' products are one K loop: term t's tiles follow term t - 1's.
-  const int64_t m_tiles = (M + 15) / 16, n_tiles = (N + 15) / 16;
-  const int64_t term_tiles = (pairs + 15) / 16, k_tiles = terms * term_tiles;
-  struct Aligned {
-    alignas(64) uint32_t words[256];
-  };
-  thread_local std::vector<Aligned> a_tiles, b_tiles;
-  if (a_tiles.size() < size_t(m_tiles * k_tiles)) a_tiles.resize(size_t(m_tiles * k_tiles));
-  if (b_tiles.size() < size_t(n_tiles * k_tiles)) b_tiles.resize(size_t(n_tiles * k_tiles));
-  uint32_t* At = a_tiles.data()->words;
-  uint32_t* Bt = b_tiles.data()->words;
-  for (int t = 0; t < terms; ++t) {
-    // A row tile mt: k_tiles tiles from mt * k_tiles; B column tile nt: likewise.
-    pack_tiles(A[t], lda, M, pairs, At + t * term_tiles * 256, k_tiles, 1);
-    pack_tiles(B[t], ldb, pairs, N, Bt + t * term_tiles * 256, 1, k_tiles);
-  }
+// Cycles (time stamp counter) spent packing operands into tiles and running
+// the tile products, summed over threads while counting is on (profiling).
+std::atomic<bool> count_cycles{false};
+std::atomic<int64_t> pack_cycles{0}, tile_cycles{0};
 
+// C = alpha A B (+ C) from operands in tile layout: A row tile mt at
+// At + mt * a_stride * 256, B column tile nt at Bt + nt * b_stride * 256, each
+// followed by its k_tiles tiles along K.
+AMX_TARGET void amx_tiles(int64_t M, int64_t N, int64_t k_tiles, float alpha, const uint32_t* At,
+                          int64_t a_stride, const uint32_t* Bt, int64_t b_stride,
+                          bool accumulate, float* C, int64_t ldc) {
+  const int64_t m_tiles = (M + 15) / 16, n_tiles = (N + 15) / 16;
   // Configured on every call: other code on this thread (oneDNN in XLA or
   // torch) may use the tiles with another shape in between.
   TileConfig cfg{};
@@ -320,11 +313,61 @@ AMX_TARGET void amx_gemm(int64_t M, int64_t N, int64_t pairs, float alpha, int t
       using Block = decltype(&amx_block<1, 1>);
       const Block block = two_m ? (two_n ? &amx_block<2, 2> : &amx_block<2, 1>)
                                 : (two_n ? &amx_block<1, 2> : &amx_block<1, 1>);
-      block(M, N, k_tiles, alpha, At + mt * k_tiles * 256, Bt + nt * k_tiles * 256, accumulate, C,
-            ldc, 16 * mt, 16 * nt, c);
+      block(M, N, k_tiles, alpha, At + mt * a_stride * 256, a_stride,
+            Bt + nt * b_stride * 256, b_stride, accumulate, C, ldc, 16 * mt, 16 * nt, c);
     }
   }
   _tile_release();  // back to the init state: no 8 KiB to save on a switch
+}
+
+struct Aligned {
+  alignas(64) uint32_t words[256];
+};
+
+// Operands in pair layout: copied into per-thread tiles first.
+AMX_TARGET void amx_gemm(int64_t M, int64_t N, int64_t pairs, float alpha, int terms,
+                         const uint32_t* const* A, int64_t lda, const uint32_t* const* B,
+                         int64_t ldb, bool accumulate, float* C, int64_t ldc) {
+  // The terms' products are one K loop: term t's tiles follow term t - 1's.
+  const int64_t m_tiles = (M + 15) / 16, n_tiles = (N + 15) / 16;
+  const int64_t term_tiles = (pairs + 15) / 16, k_tiles = terms * term_tiles;
+  thread_local std::vector<Aligned> a_tiles, b_tiles;
+  if (a_tiles.size() < size_t(m_tiles * k_tiles)) a_tiles.resize(size_t(m_tiles * k_tiles));
+  if (b_tiles.size() < size_t(n_tiles * k_tiles)) b_tiles.resize(size_t(n_tiles * k_tiles));
+  uint32_t* At = a_tiles.data()->words;
+  uint32_t* Bt = b_tiles.data()->words;
+  const bool count = count_cycles.load(std::memory_order_relaxed);
+  const int64_t t0 = count ? int64_t(__rdtsc()) : 0;
+  for (int t = 0; t < terms; ++t) {
+    // A row tile mt: k_tiles tiles from mt * k_tiles; B column tile nt: likewise.
+    pack_tiles(A[t], lda, M, pairs, At + t * term_tiles * 256, k_tiles, 1);
+    pack_tiles(B[t], ldb, pairs, N, Bt + t * term_tiles * 256, 1, k_tiles);
+  }
+  const int64_t t1 = count ? int64_t(__rdtsc()) : 0;
+  amx_tiles(M, N, k_tiles, alpha, At, k_tiles, Bt, k_tiles, accumulate, C, ldc);
+  if (count) {
+    pack_cycles += t1 - t0;
+    tile_cycles += int64_t(__rdtsc()) - t1;
+  }
+}
+
+// A in pair layout (copied into tiles), B already in tile layout.
+AMX_TARGET void amx_gemm_b_tiles(int64_t M, int64_t N, int64_t pairs, float alpha,
+                                 const uint32_t* A, int64_t lda, const uint32_t* Bt,
+                                 int64_t b_stride, bool accumulate, float* C, int64_t ldc) {
+  const int64_t m_tiles = (M + 15) / 16, k_tiles = (pairs + 15) / 16;
+  thread_local std::vector<Aligned> a_tiles;
+  if (a_tiles.size() < size_t(m_tiles * k_tiles)) a_tiles.resize(size_t(m_tiles * k_tiles));
+  uint32_t* At = a_tiles.data()->words;
+  const bool count = count_cycles.load(std::memory_order_relaxed);
+  const int64_t t0 = count ? int64_t(__rdtsc()) : 0;
+  pack_tiles(A, lda, M, pairs, At, k_tiles, 1);
+  const int64_t t1 = count ? int64_t(__rdtsc()) : 0;
+  amx_tiles(M, N, k_tiles, alpha, At, k_tiles, Bt, b_stride, accumulate, C, ldc);
+  if (count) {
+    pack_cycles += t1 - t0;
+    tile_cycles += int64_t(__rdtsc()) - t1;
+  }
 }
 #endif  // JAX_MFA_AMX
 
@@ -416,6 +459,49 @@ void bf16_gemm(int64_t, int64_t, int64_t, float, const uint32_t*, int64_t, const
   std::abort();
 }
 #endif
+
+bool bf16_b_tiles_used() {
+#ifdef JAX_MFA_AMX
+  const char* choice = std::getenv("JAX_MFA_AMX_TILED_B");
+  if (choice && std::strcmp(choice, "0") == 0) return false;
+  return bf16_dot_kind() == Bf16Dot::Amx;
+#else
+  return false;
+#endif
+}
+
+void pack_b_tiles(const uint32_t* B, int64_t ldb, int64_t pairs, int64_t N, uint32_t* dst,
+                  int64_t b_stride) {
+#ifdef JAX_MFA_AMX
+  pack_tiles(B, ldb, pairs, N, dst, 1, b_stride);
+#else
+  std::abort();  // bf16_b_tiles_used() is false here
+#endif
+}
+
+void bf16_gemm_b_tiles(int64_t M, int64_t N, int64_t pairs, float alpha, const uint32_t* A,
+                       int64_t lda, const uint32_t* Bt, int64_t b_stride, bool accumulate,
+                       float* C, int64_t ldc) {
+#ifdef JAX_MFA_AMX
+  amx_gemm_b_tiles(M, N, pairs, alpha, A, lda, Bt, b_stride, accumulate, C, ldc);
+#else
+  std::abort();  // bf16_b_tiles_used() is false here
+#endif
+}
+
+void bf16_count_cycles(bool on) {
+#ifdef JAX_MFA_AMX
+  count_cycles = on;
+#endif
+}
+
+Bf16Cycles bf16_take_cycles() {
+#ifdef JAX_MFA_AMX
+  return {pack_cycles.exchange(0), tile_cycles.exchange(0)};
+#else
+  return {};
+#endif
+}
 
 }  // namespace cpu
 }  // namespace jax_mfa

@@ -86,5 +86,32 @@ void bf16_gemm_sum(int64_t M, int64_t N, int64_t pairs, float alpha, int terms,
                    const uint32_t* const* A, int64_t lda, const uint32_t* const* B, int64_t ldb,
                    bool accumulate, float* C, int64_t ldc);
 
+// Tile layout (AMX only: bf16_b_tiles_used()): a B operand copied once into
+// the 16 x 16-word tiles the tile unit loads, so that products reusing it
+// (every query block of an attention call against the same keys) skip the
+// per-call copy of amx_gemm. Tile (kt, nt) (pairs 16 kt.., columns 16 nt..)
+// lies at dst + (kt + nt * b_stride) * 256, zero-padded past `pairs` and N;
+// b_stride >= ceil(pairs / 16), the tiles of a column tile along K.
+// JAX_MFA_AMX_TILED_B=0 (read on every call) turns it off, for comparisons.
+bool bf16_b_tiles_used();
+void pack_b_tiles(const uint32_t* B, int64_t ldb, int64_t pairs, int64_t N, uint32_t* dst,
+                  int64_t b_stride);
+// bf16_gemm with B in tile layout from tile (kt0, nt0) of a pack_b_tiles
+// operand: Bt = dst + (kt0 + nt0 * b_stride) * 256. Products read
+// ceil(pairs / 16) tiles along K and ceil(N / 16) along N; C's columns past
+// N are never written.
+void bf16_gemm_b_tiles(int64_t M, int64_t N, int64_t pairs, float alpha, const uint32_t* A,
+                       int64_t lda, const uint32_t* Bt, int64_t b_stride, bool accumulate,
+                       float* C, int64_t ldc);
+
+// Profiling (JAX_MFA_PROFILE): time stamp counter cycles the AMX products
+// spent copying operands into tiles and in the tile products, summed over
+// threads since the last take.
+struct Bf16Cycles {
+  int64_t pack = 0, tiles = 0;
+};
+void bf16_count_cycles(bool on);
+Bf16Cycles bf16_take_cycles();
+
 }  // namespace cpu
 }  // namespace jax_mfa
