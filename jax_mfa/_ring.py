@@ -29,7 +29,8 @@ so causal needs no mask. The two chunks stay separate arrays all along (the
 block): every visible chunk pair is its own kernel call on whole arrays, and
 every accumulator is per part, so that nothing is concatenated, sliced for a
 kernel or partly updated; the branches over the visiting block's owner return
-only the kernels' results, folded into the accumulators outside them. Each
+only the kernels' results, folded into the accumulators outside them, and in
+the backward each kernel call waits for the previous call's fold. Each
 of these saved XLA copies of local blocks (benchmarks/RESULTS.md, "Ring
 attention", has the memory per device and what remains).
 
@@ -49,6 +50,7 @@ covers one chunk of contiguous absolute rows.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable, NamedTuple
 
 import jax
@@ -378,22 +380,48 @@ def _chosen(blocks: list, index) -> Block:
     return Block(q_rows=None, causal=False, q_len=q_len, allowed=None, **fields)
 
 
-def _run_step(ring: Ring, options: Options, local: _Local, step: int, visiting, call):
-    """The kernel results of ring step `step`: `call(block, visiting)` for
-    each kernel call, in a branch per case of the (dynamic) owner of the
-    visiting block. Returns (blocks, results); the blocks' parts may be
-    dynamic. The branches return the kernels' results only, so that XLA
-    need not copy the accumulators through them."""
+def _run_step(ring: Ring, options: Options, local: _Local, step: int, visiting, call, fold):
+    """Ring step `step`: for each kernel call, `call(block, visiting)` in a
+    branch per case of the (dynamic) owner of the visiting block, then
+    `fold(block, results)` (the block's parts may be dynamic), which returns
+    the accumulators it updated, or None. The branches return the kernels'
+    results only, so that XLA need not copy the accumulators through them.
+    A call waits for the accumulators the previous fold returned (_ready):
+    otherwise XLA fuses the folds of a step into one, which keeps every
+    call's results alive at once."""
     cases, index = _step_blocks(ring, options, local, step)
+    ready = None
 
-    def branch(blocks):
-        return lambda vs: [call(block, vs) for block in blocks]
+    def branch(block):
+        return lambda vs, ready: call(_after(block, ready), vs)
 
-    if len(cases) == 1:
-        results = branch(cases[0])(visiting)
-    else:
-        results = jax.lax.switch(index, [branch(blocks) for blocks in cases], visiting)
-    return [_chosen(list(blocks), index) for blocks in zip(*cases)], results
+    for blocks in zip(*cases):
+        if len(cases) == 1:
+            results = branch(blocks[0])(visiting, ready)
+        else:
+            results = jax.lax.switch(index, [branch(block) for block in blocks], visiting,
+                                     ready)
+        ready = _ready(fold(_chosen(list(blocks), index), results))
+
+
+def _ready(arrays):
+    """An int32 scalar that XLA knows only once all `arrays` are computed
+    (one element of each), or None without arrays."""
+    leaves = jax.tree.leaves(arrays)
+    if not leaves:
+        return None
+    return functools.reduce(jnp.maximum, [
+        jax.lax.bitcast_convert_type(x.reshape(-1)[0].astype(jnp.float32), jnp.int32)
+        for x in leaves])
+
+
+def _after(block: Block, ready) -> Block:
+    """`block`, its kernel call made to wait for `ready` (see _ready): the key
+    lengths, unchanged, computed from it."""
+    if ready is None:
+        return block
+    above = jnp.maximum(ready, 2**30)  # above any length, whatever `ready` is
+    return block._replace(kv_len=jnp.minimum(block.kv_len, above))
 
 
 def _fold_into(parts: list, which, update: tuple, empty: tuple, combine):
@@ -455,10 +483,15 @@ def forward(kernels: Kernels, ring: Ring, options: Options, ops: Operands, vary=
 
     def step(s, visiting, state):
         parts = list(zip(*state))  # (out, lse) per query part
-        blocks, results = _run_step(ring, options, local, s, visiting, call)
-        for block, (o, l) in zip(blocks, results):
-            _fold_into(parts, block.q_part, (o, l), (0, -jnp.inf),
+
+        def fold(block, results):
+            _fold_into(parts, block.q_part, results, (0, -jnp.inf),
                        lambda a, o, l: merge(*a, o, l))
+            # No wait here: measured, it raised the forward's peak
+            # (benchmarks/RESULTS.md, "Ring attention").
+            return None
+
+        _run_step(ring, options, local, s, visiting, call, fold)
         return visiting, tuple(list(x) for x in zip(*parts))
 
     visiting = _Visiting(local.ops.key, local.ops.value, local.ops.kv_segments)
@@ -499,16 +532,19 @@ def backward(kernels: Kernels, ring: Ring, options: Options, ops: Operands, lse,
 
     def step(s, visiting, state):
         dk, dv = list(visiting.dkey), list(visiting.dvalue)
-        dq, dbias = list(state[0]), state[1]
-        blocks, results = _run_step(ring, options, local, s, visiting, call)
+        dq, dbias = list(state[0]), [state[1]]
         add = lambda a, g: a + g.astype(a.dtype)  # noqa: E731
-        for block, grads in zip(blocks, results):
+
+        def fold(block, grads):
             _fold_into(dq, block.q_part, grads[:1], (0,), add)
             _fold_into(dk, block.kv_part, grads[1:2], (0,), add)
             _fold_into(dv, block.kv_part, grads[2:3], (0,), add)
             if options.has_bias:
-                dbias = _add_block(dbias, grads[3], block)
-        return visiting._replace(dkey=dk, dvalue=dv), (dq, dbias)
+                dbias[0] = _add_block(dbias[0], grads[3], block)
+            return dq, dk, dv
+
+        _run_step(ring, options, local, s, visiting, call, fold)
+        return visiting._replace(dkey=dk, dvalue=dv), (dq, dbias[0])
 
     k, v = local.ops.key, local.ops.value
     visiting = _Visiting(k, v, local.ops.kv_segments, [zeros(x) for x in k],
