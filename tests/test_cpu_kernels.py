@@ -79,17 +79,19 @@ CASES = [
 ]
 
 
-# (dtype, path): float16's backward always takes the portable path.
-PATHS = [(dt, path) for dt in (jnp.bfloat16, jnp.float16) for path in BF16_DOT]
+# (dtype, path, tiles): float16's backward always takes the portable path;
+# float16's split shares its tiling with bfloat16's, so odd tiles run for
+# bfloat16 and the portable float16 path only.
+PATHS = [(dt, path, tiles) for dt in (jnp.bfloat16, jnp.float16) for path in BF16_DOT
+         for tiles in (None, "37,61,40,40")
+         if not (dt == jnp.float16 and path != "portable" and tiles)]
 
 
-@pytest.mark.parametrize("tiles", [None, "37,61,40,40"], ids=["default-tiles", "odd-tiles"])
-@pytest.mark.parametrize("dtype, path", PATHS,
-                         ids=[f"{jnp.dtype(d).name}-{p}" for d, p in PATHS])
+@pytest.mark.parametrize("dtype, path, tiles", PATHS,
+                         ids=[f"{jnp.dtype(d).name}-{p}-{'odd' if t else 'default'}-tiles"
+                              for d, p, t in PATHS])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_16_bit_paths(case, dtype, path, tiles, rng, monkeypatch):
-    if dtype == jnp.float16 and path != "portable" and tiles:
-        pytest.skip("the split shares its tiling with bfloat16's, tested with odd tiles there")
     use_path(path, monkeypatch)
     if tiles:
         monkeypatch.setenv("JAX_MFA_TILES", tiles)
