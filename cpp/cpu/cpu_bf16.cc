@@ -288,6 +288,15 @@ AMX_TARGET void amx_block(int64_t M, int64_t N, int64_t k_tiles, float alpha, co
 std::atomic<bool> count_cycles{false};
 std::atomic<int64_t> pack_cycles{0}, tile_cycles{0};
 
+// Runs work(), adding its cycles to `total` while counting is on.
+template <typename Work>
+inline void counted(std::atomic<int64_t>& total, Work work) {
+  if (!count_cycles.load(std::memory_order_relaxed)) return work();
+  const int64_t t0 = int64_t(__rdtsc());
+  work();
+  total += int64_t(__rdtsc()) - t0;
+}
+
 // C = alpha A B (+ C) from operands in tile layout: A row tile mt at
 // At + mt * a_stride * 256, B column tile nt at Bt + nt * b_stride * 256, each
 // followed by its k_tiles tiles along K.
@@ -336,19 +345,16 @@ AMX_TARGET void amx_gemm(int64_t M, int64_t N, int64_t pairs, float alpha, int t
   if (b_tiles.size() < size_t(n_tiles * k_tiles)) b_tiles.resize(size_t(n_tiles * k_tiles));
   uint32_t* At = a_tiles.data()->words;
   uint32_t* Bt = b_tiles.data()->words;
-  const bool count = count_cycles.load(std::memory_order_relaxed);
-  const int64_t t0 = count ? int64_t(__rdtsc()) : 0;
-  for (int t = 0; t < terms; ++t) {
-    // A row tile mt: k_tiles tiles from mt * k_tiles; B column tile nt: likewise.
-    pack_tiles(A[t], lda, M, pairs, At + t * term_tiles * 256, k_tiles, 1);
-    pack_tiles(B[t], ldb, pairs, N, Bt + t * term_tiles * 256, 1, k_tiles);
-  }
-  const int64_t t1 = count ? int64_t(__rdtsc()) : 0;
-  amx_tiles(M, N, k_tiles, alpha, At, k_tiles, Bt, k_tiles, accumulate, C, ldc);
-  if (count) {
-    pack_cycles += t1 - t0;
-    tile_cycles += int64_t(__rdtsc()) - t1;
-  }
+  counted(pack_cycles, [&] {
+    for (int t = 0; t < terms; ++t) {
+      // A row tile mt: k_tiles tiles from mt * k_tiles; B column tile nt: likewise.
+      pack_tiles(A[t], lda, M, pairs, At + t * term_tiles * 256, k_tiles, 1);
+      pack_tiles(B[t], ldb, pairs, N, Bt + t * term_tiles * 256, 1, k_tiles);
+    }
+  });
+  counted(tile_cycles, [&] {
+    amx_tiles(M, N, k_tiles, alpha, At, k_tiles, Bt, k_tiles, accumulate, C, ldc);
+  });
 }
 
 // A in pair layout (copied into tiles), B already in tile layout.
@@ -359,15 +365,10 @@ AMX_TARGET void amx_gemm_b_tiles(int64_t M, int64_t N, int64_t pairs, float alph
   thread_local std::vector<Aligned> a_tiles;
   if (a_tiles.size() < size_t(m_tiles * k_tiles)) a_tiles.resize(size_t(m_tiles * k_tiles));
   uint32_t* At = a_tiles.data()->words;
-  const bool count = count_cycles.load(std::memory_order_relaxed);
-  const int64_t t0 = count ? int64_t(__rdtsc()) : 0;
-  pack_tiles(A, lda, M, pairs, At, k_tiles, 1);
-  const int64_t t1 = count ? int64_t(__rdtsc()) : 0;
-  amx_tiles(M, N, k_tiles, alpha, At, k_tiles, Bt, b_stride, accumulate, C, ldc);
-  if (count) {
-    pack_cycles += t1 - t0;
-    tile_cycles += int64_t(__rdtsc()) - t1;
-  }
+  counted(pack_cycles, [&] { pack_tiles(A, lda, M, pairs, At, k_tiles, 1); });
+  counted(tile_cycles, [&] {
+    amx_tiles(M, N, k_tiles, alpha, At, k_tiles, Bt, b_stride, accumulate, C, ldc);
+  });
 }
 #endif  // JAX_MFA_AMX
 
