@@ -19,12 +19,19 @@ REFERENCE = "jax.nn"  # jax.nn.dot_product_attention, as XLA compiles it
 
 
 def median_times(calls: Sequence[tuple[Callable, tuple]], repeats: int = 5, warmup: int = 1,
-                 min_time: float = 0.05) -> list[float]:
+                 min_time: float = 0.05, settle: float = 0.02) -> list[float]:
     """Median wall time in seconds of each ``fn(*args)`` in ``calls`` (outputs
     blocked on). The calls are interleaved -- every repeat runs each of them
     once, in rotating order -- so that load from other processes hits them
     alike and their ratios stay meaningful on a shared machine. Calls shorter
     than ``min_time`` are repeated within a sample (the per-call time is kept).
+
+    Between samples of interleaved calls the loop sleeps ``settle`` seconds:
+    thread pools keep their workers spinning for a while after a call (torch's
+    OpenMP, XLA's Eigen pool, OpenBLAS), and on a machine with few cores those
+    spinning threads take the CPU from whatever runs next (measured on 2
+    cores: a call timed right after another library's ran up to 1.4x slower
+    than alone; benchmarks/RESULTS.md, "2 cores").
     """
     inner = []
     for fn, args in calls:
@@ -39,6 +46,8 @@ def median_times(calls: Sequence[tuple[Callable, tuple]], repeats: int = 5, warm
         for j in range(len(calls)):
             idx = (j + rep) % len(calls)
             fn, args = calls[idx]
+            if settle > 0 and len(calls) > 1:
+                time.sleep(settle)
             t0 = time.perf_counter()
             for _ in range(inner[idx]):
                 out = fn(*args)

@@ -19,3 +19,26 @@ def test_bench_gpu_smoke():
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "feature grid: OK" in result.stdout, result.stdout[-3000:]
     assert "| 64 | fwd+bwd |" in result.stdout
+
+
+def test_median_times_settles_between_interleaved_calls():
+    """Interleaved samples start `settle` seconds after the previous call
+    ended (other libraries' spinning threads go idle), and the pause is not
+    part of the timed samples."""
+    import time
+
+    from jax_mfa._benchmark import median_times
+
+    starts, ends = [], []
+
+    def fn():
+        starts.append(time.perf_counter())
+        ends.append(time.perf_counter())
+        return 0
+
+    settle = 0.03
+    times = median_times([(fn, ()), (fn, ())], repeats=3, warmup=0, min_time=0, settle=settle)
+    assert max(times) < settle
+    timed_starts, timed_ends = starts[2:], ends[2:]  # after the calibration calls
+    gaps = [s - e for s, e in zip(timed_starts[1:], timed_ends[:-1])]
+    assert len(gaps) == 5 and min(gaps) >= settle
