@@ -9,7 +9,8 @@ forward takes the same instructions through exact bfloat16 hi/lo splits
 The sizes are chosen to hit the dot-product path's edges: odd head dims (rows
 of Q padded to a whole pair), odd key counts (P and V padded), key spans that
 start at odd keys (windows, causal sub-tiles), tile shapes that are not
-multiples of anything (JAX_MFA_TILES), and short query blocks with the key
+multiples of anything (JAX_MFA_TILES) run in row strips that are not either
+(JAX_MFA_DOT_STRIP; AMX's default strips are 16 rows), and short query blocks with the key
 range split over threads (decoding itself, with fewer than 64 stacked query
 rows per head, keeps the float path). The environment variables are read by the kernels on every
 call, so both paths run in one process.
@@ -93,8 +94,9 @@ PATHS = [(dt, path, tiles) for dt in (jnp.bfloat16, jnp.float16) for path in BF1
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_16_bit_paths(case, dtype, path, tiles, rng, monkeypatch):
     use_path(path, monkeypatch)
-    if tiles:
+    if tiles:  # and row strips that divide neither the tiles nor the heads' groups
         monkeypatch.setenv("JAX_MFA_TILES", tiles)
+        monkeypatch.setenv("JAX_MFA_DOT_STRIP", "13")
     test_attention.test_against_reference(case, dtype, "cpu", rng)  # the main matrix's checks
 
 
