@@ -169,14 +169,15 @@ TileShape tile_shape(bool backward, int64_t H, TileShape dflt) {
   return dflt;
 }
 
-// Stacked rows per strip of a forward tile on the bfloat16 instructions (see
-// forward_typed); JAX_MFA_DOT_STRIP=<rows> overrides it for tuning.
-int64_t dot_strip_rows(bool dot, int64_t tile_rows) {
+// Stacked rows per strip of a forward tile: 16 on AMX with K^T and V in tile
+// layout (`tiled`, see forward_typed), else the whole tile;
+// JAX_MFA_DOT_STRIP=<rows> overrides it on every bfloat16-instruction path
+// (for tuning, and so that tests run strips on any CPU).
+int64_t dot_strip_rows(bool dot, bool tiled, int64_t tile_rows) {
   if (!dot) return tile_rows;
   if (const char* env = std::getenv("JAX_MFA_DOT_STRIP"); env && std::atoi(env) > 0)
     return std::min<int64_t>(tile_rows, std::atoi(env));
-  return cpu::bf16_dot_kind() == cpu::Bf16Dot::Amx ? std::min<int64_t>(tile_rows, 16)
-                                                   : tile_rows;
+  return tiled ? std::min<int64_t>(tile_rows, 16) : tile_rows;
 }
 
 // ---------------------------------------------------------------------------
@@ -553,12 +554,6 @@ void forward_typed(const AttentionProblem& p, const ForwardBuffers& buf, TaskRun
   // output is rounded to float16 (2^-11).
   const int qk_terms = split ? 4 : 1, pv_terms = split ? 3 : 1;
   const int64_t Bk = dot ? (tile.cols + 1) / 2 * 2 : tile.cols;
-  // On AMX a tile runs in strips of 16 stacked rows (one tile row): the float
-  // scores of a strip (16 x Bk) stay in L1 between the Q K^T tile stores, the
-  // softmax and the P V product, where a whole tile's (256 KiB) went through
-  // L2. Measured on the AMX Xeon: 6-26% faster forwards at 2 and 16 threads;
-  // on AVX512-BF16 (Zen 4) whole tiles were faster (RESULTS.md, "2 cores").
-  const int64_t strip_rows = dot_strip_rows(dot, rows_max);
   const int64_t QB = ceil_div(T_, Tq), pairs = B * K;
   const int64_t hpairs = (H + 1) / 2, kpairs_max = Bk / 2;  // words per row of Q, of P
   const int64_t Sld = (S_ + 15) / 16 * 16, Vpairs = (S_ + 1) / 2;  // packed K^T row, V rows
@@ -608,6 +603,13 @@ void forward_typed(const AttentionProblem& p, const ForwardBuffers& buf, TaskRun
   std::unique_ptr<Tile[]> vtile_store(tiled ? new Tile[size_t(chunk * v_tiles_size / 256)] : nullptr);
   uint32_t* ktiles = tiled ? ktile_store[0].words : nullptr;
   uint32_t* vtiles = tiled ? vtile_store[0].words : nullptr;
+  // On AMX a tile runs in strips of 16 stacked rows (one tile row): the float
+  // scores of a strip (16 x Bk) stay in L1 between the Q K^T tile stores, the
+  // softmax and the P V product, where a whole tile's (256 KiB) went through
+  // L2. Measured on the AMX Xeon: 2-30% faster bfloat16 forwards at 2 and 16
+  // threads. Not where B is copied into tiles on every product (the float16
+  // split: 2x slower in strips), nor on AVX512-BF16 (Zen 4: slower).
+  const int64_t strip_rows = dot_strip_rows(dot, tiled, rows_max);
 
   for (int64_t p0 = 0; p0 < pairs; p0 += chunk) {
     const int64_t p1 = std::min(pairs, p0 + chunk), cp = p1 - p0;
