@@ -100,6 +100,19 @@ def test_16_bit_paths(case, dtype, path, tiles, rng, monkeypatch):
     test_attention.test_against_reference(case, dtype, "cpu", rng)  # the main matrix's checks
 
 
+@pytest.mark.parametrize("products", ["own", "blas"])
+@pytest.mark.parametrize("tiles", [None, "37,61,40,40"], ids=["default-tiles", "odd-tiles"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_float32_tile_products(case, products, tiles, rng, monkeypatch):
+    """float32 on both tile products: AVX-512 register blocks (K^T in panels,
+    tiles and sub-tiles starting on panels) where the CPU has AVX-512, and
+    OpenBLAS (JAX_MFA_F32_TILES=blas), which the CPUs without it use."""
+    monkeypatch.setenv("JAX_MFA_F32_TILES", products)
+    if tiles:
+        monkeypatch.setenv("JAX_MFA_TILES", tiles)
+    test_attention.test_against_reference(case, jnp.float32, "cpu", rng)
+
+
 @pytest.mark.skipif(not HAS_BF16_DOT, reason="this CPU has no AVX512-BF16")
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=["bfloat16", "float16"])
 def test_bf16_dot_path_is_taken(dtype, rng, monkeypatch):

@@ -54,6 +54,7 @@
 #include "../../metal/dropout_philox.h"
 #include "common/half_types.h"
 #include "cpu/cpu_bf16.h"
+#include "cpu/cpu_f32_tiles.h"
 #include "cpu/cpu_blas.h"
 #include "cpu/cpu_simd.h"
 
@@ -610,6 +611,12 @@ void forward_typed(const AttentionProblem& p, const ForwardBuffers& buf, TaskRun
   // threads. Not where B is copied into tiles on every product (the float16
   // split: 2x slower in strips), nor on AVX512-BF16 (Zen 4: slower).
   const int64_t strip_rows = dot_strip_rows(dot, tiled, rows_max);
+  // The float path's tile products on AVX-512 (cpu_f32_tiles.h) instead of
+  // BLAS: P V reads V in place; Q K^T reads K^T from panels packed per key
+  // block, which pays once the block has enough query rows to reuse them (not
+  // when decoding: there BLAS's small-M path keeps Q K^T).
+  const bool own = std::is_same_v<Acc, float> && !dot && cpu::f32_tiles_available();
+  const bool own_qk = own && std::min(Tq, T_) * G >= 32;
 
   for (int64_t p0 = 0; p0 < pairs; p0 += chunk) {
     const int64_t p1 = std::min(pairs, p0 + chunk), cp = p1 - p0;
@@ -694,6 +701,9 @@ void forward_typed(const AttentionProblem& p, const ForwardBuffers& buf, TaskRun
       // Keys and values of the current key block on the float path: the
       // inputs in place (float32/float64) or their float copies.
       Rows<Acc> kb = kv, vb = vv;
+      // K^T of the current key block in panels (own_qk), from key kpanels_j0.
+      const float* kpanels = nullptr;
+      int64_t kpanels_j0 = 0;
       const uint32_t* Kw[2] = {}, *Vw[2] = {};
       for (int i = 0; dot && i < parts; ++i) {
         Kw[i] = kpack[i].get() + pl * hpairs * Sld;
@@ -717,9 +727,19 @@ void forward_typed(const AttentionProblem& p, const ForwardBuffers& buf, TaskRun
               dot_product(qk_terms, nr, cols, hpairs, scale, A, hpairs, B, Sld, false, Sb, Bk);
             });
         }
-        if (!dot)
+        if constexpr (std::is_same_v<Acc, float>) {
+          if (kpanels && (j0 - kpanels_j0) % 16 == 0)
+            timed(prof, 0, nr, cols, H, [&] {
+              cpu::f32_gemm(nr, cols, H, scale, Qs + r0 * H, H, 1,
+                            kpanels + (j0 - kpanels_j0) * H, 16, 16 * H, false, Sb, Bk);
+            });
+          else if (!dot)
+            timed_gemm(prof, 0, false, true, nr, cols, H, scale, Qs + r0 * H, H,
+                       kb.at(b, kvh, j0), kb.sp, Acc(0), Sb, Bk);
+        } else {
           timed_gemm(prof, 0, false, true, nr, cols, H, scale, Qs + r0 * H, H, kb.at(b, kvh, j0),
                      kb.sp, Acc(0), Sb, Bk);
+        }
         if (!rules.plain(u0, uq, j0, cols)) rules.apply(b, kvh, u0, uq, j0, cols, Sb, Bk, th);
         for (int64_t r = 0; r < nr; ++r) {  // online softmax
           Acc* s = Sb + r * Bk;
@@ -773,9 +793,18 @@ void forward_typed(const AttentionProblem& p, const ForwardBuffers& buf, TaskRun
             });
           }
         }
-        if (!dot)
+        if constexpr (std::is_same_v<Acc, float>) {
+          if (own)
+            timed(prof, 1, nr, H, cols, [&] {
+              cpu::f32_gemm(nr, H, cols, 1.0f, Sb, Bk, 1, vb.at(b, kvh, j0), vb.sp, 16, true, a, H);
+            });
+          else if (!dot)
+            timed_gemm(prof, 1, false, false, nr, H, cols, Acc(1), Sb, Bk, vb.at(b, kvh, j0),
+                       vb.sp, Acc(1), a, H);
+        } else {
           timed_gemm(prof, 1, false, false, nr, H, cols, Acc(1), Sb, Bk, vb.at(b, kvh, j0),
                      vb.sp, Acc(1), a, H);
+        }
       };
       const int64_t sub = std::max<int64_t>(1, 64 / G);  // positions per sub-tile
       const int64_t strip = std::max<int64_t>(1, strip_rows / G);  // positions per strip
@@ -788,6 +817,16 @@ void forward_typed(const AttentionProblem& p, const ForwardBuffers& buf, TaskRun
           const T* v = static_cast<const T*>(buf.v);
           kb = convert_keys(k, S_, K, H, b, kvh, seg, scratch<Acc>(11, Bk * H), ops);
           vb = convert_keys(v, S_, K, H, b, kvh, seg, scratch<Acc>(12, Bk * H), ops);
+        }
+        if constexpr (std::is_same_v<Acc, float>) {
+          if (own_qk) {  // timed with the Q K^T products it serves
+            float* dst = scratch<float>(13, ceil_div(Bk, 16) * 16 * H);
+            timed(prof, 0, 0, 0, 0, [&] {
+              cpu::pack_panels(kb.at(b, kvh, seg.begin), kb.sp, seg.end - seg.begin, H, dst);
+            });
+            kpanels = dst;
+            kpanels_j0 = seg.begin;
+          }
         }
         const bool ragged =
             t0 + tq > rules.q_valid ||
@@ -809,6 +848,8 @@ void forward_typed(const AttentionProblem& p, const ForwardBuffers& buf, TaskRun
           int64_t lo = std::max({j0, us.begin, ss.begin});
           const int64_t hi = std::min({j0 + cols, us.end, ss.end});
           if (dot) lo &= ~int64_t(1);  // j0 is even: lo stays in the tile
+          // Sub-tiles start on a K^T panel; the extra keys are masked by `rules`.
+          if (kpanels) lo = seg.begin + (std::max(lo, seg.begin) - seg.begin) / 16 * 16;
           if (lo < hi) tile(u0, uq, lo, hi - lo);
         }
       }
@@ -939,6 +980,12 @@ void backward_typed(const AttentionProblem& p, const BackwardBuffers& buf, TaskR
   std::vector<char> dq_written;
   std::vector<Acc> qbuf, dobuf, kbuf, vbuf;
   std::vector<uint32_t> qw, dow, qt, dot_, kt, vt, kw;
+  // The float path's products on AVX-512 (cpu_f32_tiles.h), as in the
+  // forward: Q K^T and dO V^T from K^T and V^T panels packed once per key
+  // block of a task (and only with enough query rows to reuse them), the
+  // other three with their operands in place.
+  const bool own = std::is_same_v<Acc, float> && !dot && cpu::f32_tiles_available();
+  const bool own_panels = own && TG >= 32;
 
   for (int64_t p0 = 0; p0 < pairs; p0 += chunk) {
     const int64_t p1 = std::min(pairs, p0 + chunk), cp = p1 - p0;
@@ -1035,6 +1082,15 @@ void backward_typed(const AttentionProblem& p, const BackwardBuffers& buf, TaskR
         std::fill(dV, dV + Bk * H, Acc(0));
         const Acc* Kp = dot ? nullptr : kv.at(b, kvh, j0);
         const Acc* Vp = dot ? nullptr : vv.at(b, kvh, j0);
+        Acc* kpanels = own_panels ? scratch<Acc>(9, ceil_div(Bk, 16) * 16 * H) : nullptr;
+        Acc* vpanels = own_panels ? scratch<Acc>(11, ceil_div(Bk, 16) * 16 * H) : nullptr;
+        if constexpr (std::is_same_v<Acc, float>) {
+          if (own_panels && !rspan.empty())  // timed with the products they serve
+            timed(prof, 0, 0, 0, 0, [&] {
+              cpu::pack_panels(Kp, kv.sp, cols, H, kpanels);
+              cpu::pack_panels(Vp, vv.sp, cols, H, vpanels);
+            });
+        }
         Acc* dq_acc = dq_sums.get() + pl * sum_pair;
         Acc* rs_acc = dq_acc + T_ * G * H;
         // Adds this tile's dQ rows (and row sums) of positions [t0, t0 + tq)
@@ -1098,7 +1154,13 @@ void backward_typed(const AttentionProblem& p, const BackwardBuffers& buf, TaskR
                                Sld, false, Pb, Bk);
               });
           }
-          if (!dot)
+          if constexpr (std::is_same_v<Acc, float>) {
+            if (own_panels)
+              timed(prof, 0, rows, cols, H, [&] {
+                cpu::f32_gemm(rows, cols, H, scale, Qp, ldq, 1, kpanels, 16, 16 * H, false, Pb, Bk);
+              });
+          }
+          if (!dot && !own_panels)
             timed_gemm(prof, 0, false, true, rows, cols, H, scale, Qp, ldq, Kp, kv.sp, Acc(0), Pb, Bk);
           if (!rules.plain(t0, tq, j0, cols)) rules.apply(b, kvh, t0, tq, j0, cols, Pb, Bk, th);
           for (int64_t r = 0; r < rows; ++r) row_exp(Pb + r * Bk, cols, lse[r], ops);
@@ -1109,7 +1171,14 @@ void backward_typed(const AttentionProblem& p, const BackwardBuffers& buf, TaskR
                                Sld, false, dPb, Bk);
               });
           }
-          if (!dot)
+          if constexpr (std::is_same_v<Acc, float>) {
+            if (own_panels)
+              timed(prof, 1, rows, cols, H, [&] {
+                cpu::f32_gemm(rows, cols, H, 1.0f, dOp, lddo, 1, vpanels, 16, 16 * H, false, dPb,
+                              Bk);
+              });
+          }
+          if (!dot && !own_panels)
             timed_gemm(prof, 1, false, true, rows, cols, H, Acc(1), dOp, lddo, Vp, vv.sp, Acc(0), dPb, Bk);
           // Dropout: dS = P (dP Z - delta), and dV takes (P Z)^T dO. The
           // factors Z are drawn once into a tile and used twice (never on
@@ -1165,7 +1234,20 @@ void backward_typed(const AttentionProblem& p, const BackwardBuffers& buf, TaskR
               });
             }
           }
-          if (!dot) {
+          if constexpr (std::is_same_v<Acc, float>) {
+            if (own) {  // P^T and dS^T read in place: A(i, k) at [k * Bk + i]
+              timed(prof, 2, cols, H, rows, [&] {
+                cpu::f32_gemm(cols, H, rows, 1.0f, Pb, 1, Bk, dOp, lddo, 16, true, dV, H);
+              });
+              timed(prof, 3, cols, H, rows, [&] {
+                cpu::f32_gemm(cols, H, rows, scale, dPb, 1, Bk, Qp, ldq, 16, true, dK, H);
+              });
+              timed(prof, 4, rows, H, cols, [&] {
+                cpu::f32_gemm(rows, H, cols, scale, dPb, Bk, 1, Kp, kv.sp, 16, false, dQt, H);
+              });
+            }
+          }
+          if (!dot && !own) {
             timed_gemm(prof, 2, true, false, cols, H, rows, Acc(1), Pb, Bk, dOp, lddo, Acc(1), dV, H);
             timed_gemm(prof, 3, true, false, cols, H, rows, scale, dPb, Bk, Qp, ldq, Acc(1), dK, H);
             timed_gemm(prof, 4, false, false, rows, H, cols, scale, dPb, Bk, Kp, kv.sp, Acc(0),
