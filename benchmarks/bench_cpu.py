@@ -336,6 +336,14 @@ if torch is not None:
 TORCH_FILTER = {"dtypes": ("float32", "float16", "bfloat16"), "passes": ("fwd", "fwd+bwd")}
 
 
+def log(message: str):
+    """A line on stderr that the progress bars (if any) do not overwrite."""
+    if hasattr(tqdm, "write"):
+        tqdm.write(message, file=sys.stderr)
+    else:
+        print(message, file=sys.stderr, flush=True)
+
+
 def torch_rows(b: Bench, lengths, head_dims, decode_len):
     """jax_mfa, XLA and torch side by side on the same inputs (interleaved):
     every dtype, head dim, length, causal or not, forward and forward+backward;
@@ -366,6 +374,9 @@ def torch_rows(b: Bench, lengths, head_dims, decode_len):
             name = ("decode T=1 S=%d N=8 K=1" % S if T == 1 else
                     f"T=S={T}{' causal' if causal else ''}")
             b.torch_table.append((dt, H, name, "fwd+bwd" if backward else "fwd", tc, tx, tt))
+            # Each row as it is measured: a run cut short by a time limit keeps them.
+            log(f"torch row: {dt} H={H} {name} {'fwd+bwd' if backward else 'fwd'}: jax_mfa "
+                f"{tc * 1e3:.1f} ms, torch {tt * 1e3:.1f} ms ({tt / tc:.2f}x)")
             b.check(f"{dt} H={H} {name} {'fwd+bwd' if backward else 'fwd'} >= 1.1x torch",
                     f"{tt / tc:.2f}x", tt / tc >= 1.1)
 
