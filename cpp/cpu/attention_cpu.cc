@@ -574,6 +574,18 @@ void forward_typed(const AttentionProblem& p, const ForwardBuffers& buf, TaskRun
     SP = std::clamp<int64_t>(ceil_div(4 * threads, pairs * QB), 1,
                              std::max<int64_t>(1, S_ / (2 * Bk)));
 
+  // The float path's tile products on AVX-512 (cpu_f32_tiles.h) instead of
+  // BLAS: P V reads V in place; Q K^T reads K^T from 16-column panels, which
+  // pays once enough query rows reuse them (not when decoding: there BLAS's
+  // small-M path keeps Q K^T). float32 packs the panels once per call
+  // (`staged_panels`, for the chunk's pairs, like the dot-product path's
+  // repacks): per task and key block they took 5-7% of a forward (Zen 4).
+  // The other dtypes pack the key blocks they convert, in the task.
+  const bool own = std::is_same_v<Acc, float> && !dot && cpu::f32_tiles_available();
+  const bool own_qk = own && std::min(Tq, T_) * G >= 32;
+  const bool staged_panels = own_qk && std::is_same_v<T, Acc>;
+  const int64_t panel_size = ceil_div(S_, 16) * 16 * H;  // floats per pair
+
   // float16/bfloat16 on the float path: each task converts the key/value
   // blocks it visits into per-thread scratch (convert_keys). Converting is a
   // few instructions per value against 2 * rows flops of the tile products,
@@ -583,7 +595,8 @@ void forward_typed(const AttentionProblem& p, const ForwardBuffers& buf, TaskRun
   // Chunks of pairs bound the bfloat16 repacks of the dot-product path.
   const bool direct = std::is_same_v<T, Acc>;
   const int64_t per_pair = 2 * S_ * H * int64_t(sizeof(Acc));
-  const int64_t chunk = dot ? std::clamp<int64_t>((64 << 20) / per_pair, 1, pairs) : pairs;
+  const int64_t chunk =
+      dot || staged_panels ? std::clamp<int64_t>((64 << 20) / per_pair, 1, pairs) : pairs;
   // Buffers written in full (or where read) before they are read: left
   // uninitialised, as zeroing them on the calling thread took a large share
   // of short calls (a decode's partial results, a 2048-key bfloat16 repack).
@@ -619,12 +632,11 @@ void forward_typed(const AttentionProblem& p, const ForwardBuffers& buf, TaskRun
   // threads. Not where B is copied into tiles on every product (the float16
   // split: 2x slower in strips), nor on AVX512-BF16 (Zen 4: slower).
   const int64_t strip_rows = dot_strip_rows(dot, tiled, rows_max);
-  // The float path's tile products on AVX-512 (cpu_f32_tiles.h) instead of
-  // BLAS: P V reads V in place; Q K^T reads K^T from panels packed per key
-  // block, which pays once the block has enough query rows to reuse them (not
-  // when decoding: there BLAS's small-M path keeps Q K^T).
-  const bool own = std::is_same_v<Acc, float> && !dot && cpu::f32_tiles_available();
-  const bool own_qk = own && std::min(Tq, T_) * G >= 32;
+  // K^T panels of the chunk's pairs (staged_panels), from a cache line.
+  std::unique_ptr<float[]> panel_store(
+      staged_panels ? new float[size_t(chunk * panel_size + 16)] : nullptr);
+  float* panels = panel_store ? reinterpret_cast<float*>(
+      (reinterpret_cast<uintptr_t>(panel_store.get()) + 63) & ~uintptr_t(63)) : nullptr;
 
   for (int64_t p0 = 0; p0 < pairs; p0 += chunk) {
     const int64_t p1 = std::min(pairs, p0 + chunk), cp = p1 - p0;
@@ -660,6 +672,18 @@ void forward_typed(const AttentionProblem& p, const ForwardBuffers& buf, TaskRun
     } else if constexpr (std::is_same_v<T, Acc>) {
       kv = Rows<Acc>{static_cast<const Acc*>(buf.k), S_ * K * H, H, K * H, H, 0};
       vv = Rows<Acc>{static_cast<const Acc*>(buf.v), S_ * K * H, H, K * H, H, 0};
+      if constexpr (std::is_same_v<Acc, float>) {
+        if (staged_panels) {
+          const int64_t block = 512, blocks = ceil_div(S_, block);
+          parallel_for_slots(runner, cp * blocks, helpers_for(runner, cp * blocks),
+                             [&](int64_t, int64_t task) {
+            const int64_t pl = task / blocks, s0 = (task % blocks) * block;
+            const int64_t b = (p0 + pl) / K, kvh = (p0 + pl) % K;
+            cpu::pack_panels(kv.at(b, kvh, s0), kv.sp, std::min(block, S_ - s0), H,
+                             panels + pl * panel_size + s0 * H);
+          });
+        }
+      }
     }
     const int64_t ntasks = cp * QB * SP;
     if (prof) prof->mark("stage");
@@ -673,6 +697,7 @@ void forward_typed(const AttentionProblem& p, const ForwardBuffers& buf, TaskRun
       const Rules<Acc> rules = make_rules<Acc>(p, buf, b, G);
       Span span = key_span_clamped(p, t0, tq, rules.q_valid, rules.kv_valid);
       if (dot) span.begin &= ~int64_t(1);  // the extra key is masked by `rules`
+      if (staged_panels && !span.empty()) span.begin &= ~int64_t(15);  // tiles start on panels
       if (SP > 1) {
         const int64_t per = ceil_div(ceil_div(span.end - span.begin, Bk), SP) * Bk;
         const int64_t cb = std::min(span.end, span.begin + sp * per);
@@ -827,7 +852,10 @@ void forward_typed(const AttentionProblem& p, const ForwardBuffers& buf, TaskRun
           vb = convert_keys(v, S_, K, H, b, kvh, seg, scratch<Acc>(12, Bk * H), ops);
         }
         if constexpr (std::is_same_v<Acc, float>) {
-          if (own_qk) {  // timed with the Q K^T products it serves
+          if (staged_panels) {
+            kpanels = panels + pl * panel_size;
+            kpanels_j0 = 0;
+          } else if (own_qk) {  // timed with the Q K^T products it serves
             float* dst = scratch_aligned<float>(13, ceil_div(Bk, 16) * 16 * H);
             timed(prof, 0, 0, 0, 0, [&] {
               cpu::pack_panels(kb.at(b, kvh, seg.begin), kb.sp, seg.end - seg.begin, H, dst);
@@ -856,8 +884,9 @@ void forward_typed(const AttentionProblem& p, const ForwardBuffers& buf, TaskRun
           int64_t lo = std::max({j0, us.begin, ss.begin});
           const int64_t hi = std::min({j0 + cols, us.end, ss.end});
           if (dot) lo &= ~int64_t(1);  // j0 is even: lo stays in the tile
-          // Sub-tiles start on a K^T panel; the extra keys are masked by `rules`.
-          if (kpanels) lo = seg.begin + (std::max(lo, seg.begin) - seg.begin) / 16 * 16;
+          // Sub-tiles start on a K^T panel where they can; the extra keys are
+          // masked by `rules`.
+          if (kpanels) lo = std::max(seg.begin, kpanels_j0 + (lo - kpanels_j0) / 16 * 16);
           if (lo < hi) tile(u0, uq, lo, hi - lo);
         }
       }
