@@ -7,10 +7,9 @@
 #include <cstring>
 #include <vector>
 
-#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
-#define JAX_MFA_X86 1
-#include <cpuid.h>
-#include <immintrin.h>
+#include "cpu/cpu_x86.h"
+
+#ifdef JAX_MFA_X86
 // AMX needs the Linux permission request below and AMX intrinsics (GCC 11,
 // clang 12).
 #if defined(__linux__) && ((defined(__clang__) && __clang_major__ >= 12) || \

@@ -5,10 +5,7 @@
 #include <cstdlib>
 #include <cstring>
 
-#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
-#define JAX_MFA_X86 1
-#include <immintrin.h>
-#endif
+#include "cpu/cpu_x86.h"
 
 namespace jax_mfa {
 namespace cpu {

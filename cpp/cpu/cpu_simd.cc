@@ -9,12 +9,7 @@
 
 #include "common/half_types.h"
 #include "cpu/cpu_bf16.h"
-
-#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
-#define JAX_MFA_X86 1
-#include <cpuid.h>
-#include <immintrin.h>
-#endif
+#include "cpu/cpu_x86.h"
 
 namespace jax_mfa {
 namespace cpu {

@@ -28,6 +28,9 @@ pytestmark = [
 MACHO_ARM64 = bytes.fromhex("cffaedfe0c000001")  # MH_MAGIC_64, CPU_TYPE_ARM64 (little endian)
 
 
+CPU_SOURCES = ["cpu_blas.cc", "cpu_simd.cc", "cpu_bf16.cc", "cpu_f32_tiles.cc"]
+
+
 @pytest.fixture(scope="module")
 def apple_build(tmp_path_factory):
     build = tmp_path_factory.mktemp("apple-branch")
@@ -46,7 +49,10 @@ def apple_build(tmp_path_factory):
     r = subprocess.run(configure, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "Generate step failed" not in r.stdout + r.stderr
-    targets = ["jax_mfa_metal_objc", "cpp/cpu/CMakeFiles/jax_mfa_cpu.dir/cpu_blas.cc.o"]
+    # The CPU kernels' files with x86-only branches too: their portable
+    # branches must compile for arm64 macOS.
+    targets = ["jax_mfa_metal_objc"] + [f"cpp/cpu/CMakeFiles/jax_mfa_cpu.dir/{name}.o"
+                                        for name in CPU_SOURCES]
     r = subprocess.run(["cmake", "--build", str(build), "--target", *targets],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-5000:] + r.stderr[-3000:]
@@ -59,7 +65,8 @@ def _object(build, name):
     return found[0]
 
 
-@pytest.mark.parametrize("name", ["metal_backend.mm.o", "metal_source.cc.o", "cpu_blas.cc.o"])
+@pytest.mark.parametrize("name", ["metal_backend.mm.o", "metal_source.cc.o"]
+                         + [f"{name}.o" for name in CPU_SOURCES])
 def test_apple_only_sources_compile_to_arm64_macos_objects(apple_build, name):
     assert _object(apple_build, name).read_bytes()[:8] == MACHO_ARM64
 
