@@ -1,4 +1,6 @@
-// Single-threaded GEMM for the CPU kernels' tiles.
+// Single-threaded GEMM for the CPU kernels' tiles where cpu_f32_tiles.h does
+// not apply: no AVX-512, float64, JAX_MFA_F32_TILES=blas, and the products
+// against packed K^T / V^T when under 32 stacked query rows would reuse them.
 //
 // Uses OpenBLAS from the scipy-openblas32 wheel (loaded at run time by path,
 // its own thread pool set to one thread: the kernels parallelise themselves),
