@@ -283,6 +283,40 @@ inline void timed_gemm(Profile* prof, int site, bool ta, bool tb, int64_t M, int
   timed(prof, site, M, N, K, [&] { gemm(ta, tb, M, N, K, rest...); });
 }
 
+// The float path's tile products: on cpu_f32_tiles' register blocks where
+// the caller chose them (float only), else BLAS; timed per call site.
+// C = alpha * op(A) B (+ C when accumulate), B's rows in place (row stride
+// ldb); op(A) = A (row stride lda) or, with ta, A^T of A stored K x M.
+template <typename Acc>
+void rows_product(Profile* prof, int site, bool own, bool ta, int64_t M, int64_t N, int64_t K,
+                  Acc alpha, const Acc* A, int64_t lda, const Acc* B, int64_t ldb,
+                  bool accumulate, Acc* C, int64_t ldc) {
+  if constexpr (std::is_same_v<Acc, float>) {
+    if (own)
+      return timed(prof, site, M, N, K, [&] {
+        cpu::f32_gemm(M, N, K, alpha, A, ta ? 1 : lda, ta ? lda : 1, B, ldb, 16, accumulate, C,
+                      ldc);
+      });
+  }
+  timed_gemm(prof, site, ta, false, M, N, K, alpha, A, lda, B, ldb,
+             accumulate ? Acc(1) : Acc(0), C, ldc);
+}
+// C = alpha * A X^T (X: N rows of K, a key block's K or V): from the
+// pack_panels of X^T where given (first column of the product), else BLAS
+// on X's rows in place (row stride ldx).
+template <typename Acc>
+void transposed_product(Profile* prof, int site, const Acc* panels, int64_t M, int64_t N,
+                        int64_t K, Acc alpha, const Acc* A, int64_t lda, const Acc* X,
+                        int64_t ldx, Acc* C, int64_t ldc) {
+  if constexpr (std::is_same_v<Acc, float>) {
+    if (panels)
+      return timed(prof, site, M, N, K, [&] {
+        cpu::f32_gemm(M, N, K, alpha, A, lda, 1, panels, 16, 16 * K, false, C, ldc);
+      });
+  }
+  timed_gemm(prof, site, false, true, M, N, K, alpha, A, lda, X, ldx, Acc(0), C, ldc);
+}
+
 // ---------------------------------------------------------------------------
 // Threads
 
@@ -315,12 +349,17 @@ Acc* scratch(int id, size_t n) {
   return v.data();
 }
 
-// The same, starting on a 64-byte boundary (a cache line: the vector loads
-// of cpu_f32_tiles' panels then never straddle two).
+// The first cache line boundary at or after p (of a buffer allocated with
+// 64 bytes to spare): the vector loads of cpu_f32_tiles' panels then never
+// straddle two lines.
+template <typename W>
+W* line_aligned(W* p) {
+  return reinterpret_cast<W*>((reinterpret_cast<uintptr_t>(p) + 63) & ~uintptr_t(63));
+}
+// scratch() starting on a cache line.
 template <typename Acc>
 Acc* scratch_aligned(int id, size_t n) {
-  const uintptr_t p = reinterpret_cast<uintptr_t>(scratch<Acc>(id, n + 64 / sizeof(Acc)));
-  return reinterpret_cast<Acc*>((p + 63) & ~uintptr_t(63));
+  return line_aligned(scratch<Acc>(id, n + 64 / sizeof(Acc)));
 }
 
 // ---------------------------------------------------------------------------
@@ -635,8 +674,7 @@ void forward_typed(const AttentionProblem& p, const ForwardBuffers& buf, TaskRun
   // K^T panels of the chunk's pairs (staged_panels), from a cache line.
   std::unique_ptr<float[]> panel_store(
       staged_panels ? new float[size_t(chunk * panel_size + 16)] : nullptr);
-  float* panels = panel_store ? reinterpret_cast<float*>(
-      (reinterpret_cast<uintptr_t>(panel_store.get()) + 63) & ~uintptr_t(63)) : nullptr;
+  float* panels = panel_store ? line_aligned(panel_store.get()) : nullptr;
 
   for (int64_t p0 = 0; p0 < pairs; p0 += chunk) {
     const int64_t p1 = std::min(pairs, p0 + chunk), cp = p1 - p0;
@@ -735,7 +773,7 @@ void forward_typed(const AttentionProblem& p, const ForwardBuffers& buf, TaskRun
       // inputs in place (float32/float64) or their float copies.
       Rows<Acc> kb = kv, vb = vv;
       // K^T of the current key block in panels (own_qk), from key kpanels_j0.
-      const float* kpanels = nullptr;
+      const Acc* kpanels = nullptr;
       int64_t kpanels_j0 = 0;
       const uint32_t* Kw[2] = {}, *Vw[2] = {};
       for (int i = 0; dot && i < parts; ++i) {
@@ -760,18 +798,10 @@ void forward_typed(const AttentionProblem& p, const ForwardBuffers& buf, TaskRun
               dot_product(qk_terms, nr, cols, hpairs, scale, A, hpairs, B, Sld, false, Sb, Bk);
             });
         }
-        if constexpr (std::is_same_v<Acc, float>) {
-          if (kpanels && (j0 - kpanels_j0) % 16 == 0)
-            timed(prof, 0, nr, cols, H, [&] {
-              cpu::f32_gemm(nr, cols, H, scale, Qs + r0 * H, H, 1,
-                            kpanels + (j0 - kpanels_j0) * H, 16, 16 * H, false, Sb, Bk);
-            });
-          else if (!dot)
-            timed_gemm(prof, 0, false, true, nr, cols, H, scale, Qs + r0 * H, H,
-                       kb.at(b, kvh, j0), kb.sp, Acc(0), Sb, Bk);
-        } else {
-          timed_gemm(prof, 0, false, true, nr, cols, H, scale, Qs + r0 * H, H, kb.at(b, kvh, j0),
-                     kb.sp, Acc(0), Sb, Bk);
+        if (!dot) {  // from the K^T panels where the tile starts on one
+          const bool on_panel = kpanels && (j0 - kpanels_j0) % 16 == 0;
+          transposed_product(prof, 0, on_panel ? kpanels + (j0 - kpanels_j0) * H : nullptr, nr,
+                             cols, H, scale, Qs + r0 * H, H, kb.at(b, kvh, j0), kb.sp, Sb, Bk);
         }
         if (!rules.plain(u0, uq, j0, cols)) rules.apply(b, kvh, u0, uq, j0, cols, Sb, Bk, th);
         for (int64_t r = 0; r < nr; ++r) {  // online softmax
@@ -826,18 +856,9 @@ void forward_typed(const AttentionProblem& p, const ForwardBuffers& buf, TaskRun
             });
           }
         }
-        if constexpr (std::is_same_v<Acc, float>) {
-          if (own)
-            timed(prof, 1, nr, H, cols, [&] {
-              cpu::f32_gemm(nr, H, cols, 1.0f, Sb, Bk, 1, vb.at(b, kvh, j0), vb.sp, 16, true, a, H);
-            });
-          else if (!dot)
-            timed_gemm(prof, 1, false, false, nr, H, cols, Acc(1), Sb, Bk, vb.at(b, kvh, j0),
-                       vb.sp, Acc(1), a, H);
-        } else {
-          timed_gemm(prof, 1, false, false, nr, H, cols, Acc(1), Sb, Bk, vb.at(b, kvh, j0),
-                     vb.sp, Acc(1), a, H);
-        }
+        if (!dot)
+          rows_product(prof, 1, own, false, nr, H, cols, Acc(1), Sb, Bk, vb.at(b, kvh, j0), vb.sp,
+                       true, a, H);
       };
       const int64_t sub = std::max<int64_t>(1, 64 / G);  // positions per sub-tile
       const int64_t strip = std::max<int64_t>(1, strip_rows / G);  // positions per strip
@@ -1191,14 +1212,8 @@ void backward_typed(const AttentionProblem& p, const BackwardBuffers& buf, TaskR
                                Sld, false, Pb, Bk);
               });
           }
-          if constexpr (std::is_same_v<Acc, float>) {
-            if (own_panels)
-              timed(prof, 0, rows, cols, H, [&] {
-                cpu::f32_gemm(rows, cols, H, scale, Qp, ldq, 1, kpanels, 16, 16 * H, false, Pb, Bk);
-              });
-          }
-          if (!dot && !own_panels)
-            timed_gemm(prof, 0, false, true, rows, cols, H, scale, Qp, ldq, Kp, kv.sp, Acc(0), Pb, Bk);
+          if (!dot)
+            transposed_product(prof, 0, kpanels, rows, cols, H, scale, Qp, ldq, Kp, kv.sp, Pb, Bk);
           if (!rules.plain(t0, tq, j0, cols)) rules.apply(b, kvh, t0, tq, j0, cols, Pb, Bk, th);
           for (int64_t r = 0; r < rows; ++r) row_exp(Pb + r * Bk, cols, lse[r], ops);
           if constexpr (std::is_same_v<Acc, float>) {
@@ -1208,15 +1223,9 @@ void backward_typed(const AttentionProblem& p, const BackwardBuffers& buf, TaskR
                                Sld, false, dPb, Bk);
               });
           }
-          if constexpr (std::is_same_v<Acc, float>) {
-            if (own_panels)
-              timed(prof, 1, rows, cols, H, [&] {
-                cpu::f32_gemm(rows, cols, H, 1.0f, dOp, lddo, 1, vpanels, 16, 16 * H, false, dPb,
-                              Bk);
-              });
-          }
-          if (!dot && !own_panels)
-            timed_gemm(prof, 1, false, true, rows, cols, H, Acc(1), dOp, lddo, Vp, vv.sp, Acc(0), dPb, Bk);
+          if (!dot)
+            transposed_product(prof, 1, vpanels, rows, cols, H, Acc(1), dOp, lddo, Vp, vv.sp, dPb,
+                               Bk);
           // Dropout: dS = P (dP Z - delta), and dV takes (P Z)^T dO. The
           // factors Z are drawn once into a tile and used twice (never on
           // the dot-product path, see use_bf16_dot).
@@ -1271,24 +1280,11 @@ void backward_typed(const AttentionProblem& p, const BackwardBuffers& buf, TaskR
               });
             }
           }
-          if constexpr (std::is_same_v<Acc, float>) {
-            if (own) {  // P^T and dS^T read in place: A(i, k) at [k * Bk + i]
-              timed(prof, 2, cols, H, rows, [&] {
-                cpu::f32_gemm(cols, H, rows, 1.0f, Pb, 1, Bk, dOp, lddo, 16, true, dV, H);
-              });
-              timed(prof, 3, cols, H, rows, [&] {
-                cpu::f32_gemm(cols, H, rows, scale, dPb, 1, Bk, Qp, ldq, 16, true, dK, H);
-              });
-              timed(prof, 4, rows, H, cols, [&] {
-                cpu::f32_gemm(rows, H, cols, scale, dPb, Bk, 1, Kp, kv.sp, 16, false, dQt, H);
-              });
-            }
-          }
-          if (!dot && !own) {
-            timed_gemm(prof, 2, true, false, cols, H, rows, Acc(1), Pb, Bk, dOp, lddo, Acc(1), dV, H);
-            timed_gemm(prof, 3, true, false, cols, H, rows, scale, dPb, Bk, Qp, ldq, Acc(1), dK, H);
-            timed_gemm(prof, 4, false, false, rows, H, cols, scale, dPb, Bk, Kp, kv.sp, Acc(0),
-                       dQt, H);
+          if (!dot) {  // P^T and dS^T read in place
+            rows_product(prof, 2, own, true, cols, H, rows, Acc(1), Pb, Bk, dOp, lddo, true, dV, H);
+            rows_product(prof, 3, own, true, cols, H, rows, scale, dPb, Bk, Qp, ldq, true, dK, H);
+            rows_product(prof, 4, own, false, rows, H, cols, scale, dPb, Bk, Kp, kv.sp, false, dQt,
+                         H);
           }
           add_dq(t0, tq);
         }
