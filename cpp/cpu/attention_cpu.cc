@@ -727,6 +727,8 @@ void forward_typed(const AttentionProblem& p, const ForwardBuffers& buf, TaskRun
     if (prof) prof->mark("stage");
     parallel_for_slots(runner, ntasks, helpers_for(runner, ntasks), [&](int64_t slot, int64_t task) {
       const int64_t task_start = prof ? now_cpu_ns() : 0;
+      // The task's many strip products keep the AMX tiles configured.
+      const cpu::AmxTileScope amx_tiles(tiled);
       // Last query blocks first: under a causal mask they are the longest.
       const int64_t sp = task % SP, rest = task / SP;
       const int64_t pl = rest % cp, qb = QB - 1 - rest / cp;
@@ -786,16 +788,22 @@ void forward_typed(const AttentionProblem& p, const ForwardBuffers& buf, TaskRun
       auto tile = [&](int64_t u0, int64_t uq, int64_t j0, int64_t cols) {
         const int64_t r0 = (u0 - t0) * G, nr = uq * G;
         Acc* a = acc + r0 * H;
+        const bool plain = rules.plain(u0, uq, j0, cols);
+        // bfloat16: the softmax applies the scale to plain tiles (`mul`), one
+        // pass over the scores fewer than scaling them after the product.
+        const bool fold = dot && !split && plain && scale > Acc(0);
+        const Acc mul = fold ? scale : Acc(1);
         if constexpr (std::is_same_v<Acc, float>) {
           if (dot)
             timed(prof, 0, nr, cols, H, [&] {
               if (tiled && j0 % 16 == 0)
                 return cpu::bf16_gemm_b_tiles(
-                    nr, cols, hpairs, scale, Qw[0] + r0 * hpairs, hpairs,
+                    nr, cols, hpairs, fold ? 1.0f : scale, Qw[0] + r0 * hpairs, hpairs,
                     ktiles + pl * k_tiles_size + (j0 / 16) * k_kt * 256, k_kt, false, Sb, Bk);
               const uint32_t* A[2] = {Qw[0] + r0 * hpairs, split ? Qw[1] + r0 * hpairs : nullptr};
               const uint32_t* B[2] = {Kw[0] + j0, split ? Kw[1] + j0 : nullptr};
-              dot_product(qk_terms, nr, cols, hpairs, scale, A, hpairs, B, Sld, false, Sb, Bk);
+              dot_product(qk_terms, nr, cols, hpairs, fold ? 1.0f : scale, A, hpairs, B, Sld, false,
+                          Sb, Bk);
             });
         }
         if (!dot) {  // from the K^T panels where the tile starts on one
@@ -803,11 +811,11 @@ void forward_typed(const AttentionProblem& p, const ForwardBuffers& buf, TaskRun
           transposed_product(prof, 0, on_panel ? kpanels + (j0 - kpanels_j0) * H : nullptr, nr,
                              cols, H, scale, Qs + r0 * H, H, kb.at(b, kvh, j0), kb.sp, Sb, Bk);
         }
-        if (!rules.plain(u0, uq, j0, cols)) rules.apply(b, kvh, u0, uq, j0, cols, Sb, Bk, th);
+        if (!plain) rules.apply(b, kvh, u0, uq, j0, cols, Sb, Bk, th);
         for (int64_t r = 0; r < nr; ++r) {  // online softmax
           Acc* s = Sb + r * Bk;
           Acc& mr = m[r0 + r];
-          const Acc row_m = std::max(mr, row_max(s, cols, ops));
+          const Acc row_m = std::max(mr, mul * row_max(s, cols, ops));
           if (row_m == neg_inf) {  // nothing allowed yet in this row, or NaN logits only
             // The max may skip NaN; an allowed NaN logit must make the row NaN
             // (out and lse), as in jax.nn. Masked entries are -inf, never NaN.
@@ -830,7 +838,7 @@ void forward_typed(const AttentionProblem& p, const ForwardBuffers& buf, TaskRun
               cpu::float_to_bf16_hi_lo(s, cols, hi, lo);
               if (cols % 2) lo[cols] = 0;
             } else if (dot) {
-              sum = ops.exp_sum_to_bfloat(s, hi, cols, row_m);
+              sum = ops.exp_sum_to_bfloat(s, hi, cols, mul, row_m);
             }
             if (dot && cols % 2) hi[cols] = 0;
           }

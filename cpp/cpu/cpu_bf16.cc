@@ -213,16 +213,32 @@ AMX_TARGET void pack_tiles(const uint32_t* X, int64_t ld, int64_t rows, int64_t 
   }
 }
 
-// C block of MT x NT tiles at (m0, n0) from the packed tiles of its A rows
-// (At) and B columns (Bt), k_tiles each. A C tile wholly inside C lives in
-// C itself: with alpha = 1 the accumulator is loaded from C (accumulate) or
-// zeroed, and stored back in place; with alpha != 1 and no accumulation it is
-// stored in place and scaled there. Edge tiles, and alpha != 1 with
-// accumulation, go through the float copy c: C = alpha * AB (+ C), masked.
+// Where the A tiles of a product lie: packed (tile kt of row tile mt at
+// base + (mt * next + kt) * 256 words, 64-byte rows), or the operand itself
+// when its rows are whole tiles (tile kt of row tile mt at
+// base + mt * 16 * ld + 16 kt words, rows ld words apart): Q and P rows, whose
+// row runs of 64 bytes the tile loads read in place instead of a copy.
+struct ATiles {
+  const uint32_t* base;
+  int64_t next, ld;  // packed: next = tiles per row tile, ld = 0; in place: ld words per row
+  bool in_place() const { return ld > 0; }
+  const uint32_t* at(int64_t mt, int64_t kt) const {
+    return in_place() ? base + mt * 16 * ld + 16 * kt : base + (mt * next + kt) * 256;
+  }
+  int64_t stride() const { return in_place() ? ld * 4 : 64; }
+};
+
+// C block of MT x NT tiles at (m0, n0) from A's row tiles m0 / 16.. and the
+// packed tiles of its B columns (Bt), k_tiles each. A C tile wholly inside C
+// lives in C itself: with alpha = 1 the accumulator is loaded from C
+// (accumulate) or zeroed, and stored back in place; with alpha != 1 and no
+// accumulation it is stored in place and scaled there. Edge tiles, and
+// alpha != 1 with accumulation, go through the float copy c:
+// C = alpha * AB (+ C), masked.
 template <int MT, int NT>
-AMX_TARGET void amx_block(int64_t M, int64_t N, int64_t k_tiles, float alpha, const uint32_t* At,
-                          int64_t a_next, const uint32_t* Bt, int64_t b_next, bool accumulate,
-                          float* C, int64_t ldc, int64_t m0, int64_t n0, float (*c)[256]) {
+AMX_TARGET void amx_block(int64_t M, int64_t N, int64_t k_tiles, float alpha, const ATiles& A,
+                          const uint32_t* Bt, int64_t b_next, bool accumulate, float* C,
+                          int64_t ldc, int64_t m0, int64_t n0, float (*c)[256]) {
   const bool unit = alpha == 1.0f;
   const bool in_place_ok = unit || !accumulate;
   bool in_place[2][2];
@@ -232,7 +248,7 @@ AMX_TARGET void amx_block(int64_t M, int64_t N, int64_t k_tiles, float alpha, co
       in_place[i][j] = in_place_ok && m0 + 16 * i + 16 <= M && n0 + 16 * j + 16 <= N;
       at[i][j] = C + (m0 + 16 * i) * ldc + n0 + 16 * j;
     }
-  const int64_t stride = ldc * int64_t(sizeof(float));
+  const int64_t stride = ldc * int64_t(sizeof(float)), sa = A.stride(), mt = m0 / 16;
   // Tile numbers are immediates: one macro use per accumulator.
 #define JAX_MFA_AMX_START(t, i, j)                                  \
   if (unit && accumulate && in_place[i][j]) _tile_loadd(t, at[i][j], stride); \
@@ -245,8 +261,8 @@ AMX_TARGET void amx_block(int64_t M, int64_t N, int64_t k_tiles, float alpha, co
   if constexpr (MT > 1) JAX_MFA_AMX_START(2, 1, 0);
   if constexpr (MT > 1 && NT > 1) JAX_MFA_AMX_START(3, 1, 1);
   for (int64_t kt = 0; kt < k_tiles; ++kt) {
-    _tile_loadd(4, At + kt * 256, 64);
-    if constexpr (MT > 1) _tile_loadd(5, At + (a_next + kt) * 256, 64);
+    _tile_loadd(4, A.at(mt, kt), sa);
+    if constexpr (MT > 1) _tile_loadd(5, A.at(mt + 1, kt), sa);
     _tile_loadd(6, Bt + kt * 256, 64);
     if constexpr (NT > 1) _tile_loadd(7, Bt + (b_next + kt) * 256, 64);
     _tile_dpbf16ps(0, 4, 6);
@@ -296,15 +312,8 @@ inline void counted(std::atomic<int64_t>& total, Work work) {
   total += int64_t(__rdtsc()) - t0;
 }
 
-// C = alpha A B (+ C) from operands in tile layout: A row tile mt at
-// At + mt * a_stride * 256, B column tile nt at Bt + nt * b_stride * 256, each
-// followed by its k_tiles tiles along K.
-AMX_TARGET void amx_tiles(int64_t M, int64_t N, int64_t k_tiles, float alpha, const uint32_t* At,
-                          int64_t a_stride, const uint32_t* Bt, int64_t b_stride,
-                          bool accumulate, float* C, int64_t ldc) {
-  const int64_t m_tiles = (M + 15) / 16, n_tiles = (N + 15) / 16;
-  // Configured on every call: other code on this thread (oneDNN in XLA or
-  // torch) may use the tiles with another shape in between.
+// The tile configuration of every product: 8 tiles of 16 rows x 64 bytes.
+AMX_TARGET void configure_tiles() {
   TileConfig cfg{};
   cfg.palette = 1;
   for (int t = 0; t < 8; ++t) {
@@ -312,6 +321,22 @@ AMX_TARGET void amx_tiles(int64_t M, int64_t N, int64_t k_tiles, float alpha, co
     cfg.rows[t] = 16;
   }
   _tile_loadconfig(&cfg);
+}
+AMX_TARGET void release_tiles() { _tile_release(); }  // back to the init state
+
+// Set while an AmxTileScope holds this thread's tiles configured.
+thread_local bool tiles_held = false;
+
+// C = alpha A B (+ C) from A (ATiles) and B in tile layout (B column tile nt
+// at Bt + nt * b_stride * 256, followed by its k_tiles tiles along K).
+AMX_TARGET void amx_tiles(int64_t M, int64_t N, int64_t k_tiles, float alpha, const ATiles& A,
+                          const uint32_t* Bt, int64_t b_stride, bool accumulate, float* C,
+                          int64_t ldc) {
+  const int64_t m_tiles = (M + 15) / 16, n_tiles = (N + 15) / 16;
+  // Configured per product unless a scope holds the tiles: other code on this
+  // thread (oneDNN in XLA or torch) may use them with another shape in between.
+  const bool own_config = !tiles_held;
+  if (own_config) configure_tiles();
   alignas(64) float c[4][256];
   // Blocks of 2 x 2 tiles: two A and two B tiles feed four products.
   for (int64_t mt = 0; mt < m_tiles; mt += 2) {
@@ -321,11 +346,11 @@ AMX_TARGET void amx_tiles(int64_t M, int64_t N, int64_t k_tiles, float alpha, co
       using Block = decltype(&amx_block<1, 1>);
       const Block block = two_m ? (two_n ? &amx_block<2, 2> : &amx_block<2, 1>)
                                 : (two_n ? &amx_block<1, 2> : &amx_block<1, 1>);
-      block(M, N, k_tiles, alpha, At + mt * a_stride * 256, a_stride,
-            Bt + nt * b_stride * 256, b_stride, accumulate, C, ldc, 16 * mt, 16 * nt, c);
+      block(M, N, k_tiles, alpha, A, Bt + nt * b_stride * 256, b_stride, accumulate, C, ldc,
+            16 * mt, 16 * nt, c);
     }
   }
-  _tile_release();  // back to the init state: no 8 KiB to save on a switch
+  if (own_config) release_tiles();  // no 8 KiB of tile state to save on a switch
 }
 
 struct Aligned {
@@ -352,21 +377,26 @@ AMX_TARGET void amx_gemm(int64_t M, int64_t N, int64_t pairs, float alpha, int t
     }
   });
   counted(tile_cycles, [&] {
-    amx_tiles(M, N, k_tiles, alpha, At, k_tiles, Bt, k_tiles, accumulate, C, ldc);
+    amx_tiles(M, N, k_tiles, alpha, ATiles{At, k_tiles, 0}, Bt, k_tiles, accumulate, C, ldc);
   });
 }
 
-// A in pair layout (copied into tiles), B already in tile layout.
+// B already in tile layout; A read in place where its rows are whole tiles
+// (M and pairs multiples of 16), else copied into per-thread tiles.
 AMX_TARGET void amx_gemm_b_tiles(int64_t M, int64_t N, int64_t pairs, float alpha,
                                  const uint32_t* A, int64_t lda, const uint32_t* Bt,
                                  int64_t b_stride, bool accumulate, float* C, int64_t ldc) {
   const int64_t m_tiles = (M + 15) / 16, k_tiles = (pairs + 15) / 16;
-  thread_local std::vector<Aligned> a_tiles;
-  if (a_tiles.size() < size_t(m_tiles * k_tiles)) a_tiles.resize(size_t(m_tiles * k_tiles));
-  uint32_t* At = a_tiles.data()->words;
-  counted(pack_cycles, [&] { pack_tiles(A, lda, M, pairs, At, k_tiles, 1); });
+  ATiles a{A, 0, lda};
+  if (M % 16 != 0 || pairs % 16 != 0) {
+    thread_local std::vector<Aligned> a_tiles;
+    if (a_tiles.size() < size_t(m_tiles * k_tiles)) a_tiles.resize(size_t(m_tiles * k_tiles));
+    uint32_t* At = a_tiles.data()->words;
+    counted(pack_cycles, [&] { pack_tiles(A, lda, M, pairs, At, k_tiles, 1); });
+    a = ATiles{At, k_tiles, 0};
+  }
   counted(tile_cycles, [&] {
-    amx_tiles(M, N, k_tiles, alpha, At, k_tiles, Bt, b_stride, accumulate, C, ldc);
+    amx_tiles(M, N, k_tiles, alpha, a, Bt, b_stride, accumulate, C, ldc);
   });
 }
 #endif  // JAX_MFA_AMX
@@ -486,6 +516,26 @@ void bf16_gemm_b_tiles(int64_t M, int64_t N, int64_t pairs, float alpha, const u
   amx_gemm_b_tiles(M, N, pairs, alpha, A, lda, Bt, b_stride, accumulate, C, ldc);
 #else
   std::abort();  // bf16_b_tiles_used() is false here
+#endif
+}
+
+AmxTileScope::AmxTileScope(bool on) {
+#ifdef JAX_MFA_AMX
+  if (on && !tiles_held && bf16_dot_kind() == Bf16Dot::Amx) {
+    configure_tiles();
+    held_ = tiles_held = true;
+  }
+#else
+  (void)on;
+#endif
+}
+
+AmxTileScope::~AmxTileScope() {
+#ifdef JAX_MFA_AMX
+  if (held_) {
+    release_tiles();
+    tiles_held = false;
+  }
 #endif
 }
 

@@ -99,10 +99,27 @@ void pack_b_tiles(const uint32_t* B, int64_t ldb, int64_t pairs, int64_t N, uint
 // bf16_gemm with B in tile layout from tile (kt0, nt0) of a pack_b_tiles
 // operand: Bt = dst + (kt0 + nt0 * b_stride) * 256. Products read
 // ceil(pairs / 16) tiles along K and ceil(N / 16) along N; C's columns past
-// N are never written.
+// N are never written. A is read in place where M and pairs are multiples of
+// 16 (its rows then hold whole tiles), else copied into tiles first.
 void bf16_gemm_b_tiles(int64_t M, int64_t N, int64_t pairs, float alpha, const uint32_t* A,
                        int64_t lda, const uint32_t* Bt, int64_t b_stride, bool accumulate,
                        float* C, int64_t ldc);
+
+// Keeps the calling thread's AMX tiles configured for the products run in its
+// lifetime (a task's many small products), instead of configuring and
+// releasing them in every product; releases them at its end, so that other
+// code on the thread finds them free. Nothing where `on` is false or the
+// products do not run on AMX. Scopes do not nest (an inner one does nothing).
+class AmxTileScope {
+ public:
+  explicit AmxTileScope(bool on);
+  ~AmxTileScope();
+  AmxTileScope(const AmxTileScope&) = delete;
+  AmxTileScope& operator=(const AmxTileScope&) = delete;
+
+ private:
+  bool held_ = false;
+};
 
 // Profiling (JAX_MFA_PROFILE): time stamp counter cycles the AMX products
 // spent copying operands into tiles and in the tile products, summed over

@@ -276,17 +276,48 @@ AVX512 void scale_avx512(float* y, int64_t n, float a) {
 }
 
 #define AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma,f16c")))
-AVX512BF16 float exp_sum_to_bfloat_avx512(const float* x, uint16_t* dst, int64_t n, float shift) {
-  const __m512 sh = _mm512_set1_ps(shift);
-  __m512 s = _mm512_setzero_ps();
-  for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 k = tail_mask(n - i);
-    const __m512 e = _mm512_maskz_mov_ps(k, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, x + i), sh)));
-    // Round to nearest even (the instruction flushes subnormals to 0).
-    _mm256_mask_storeu_epi16(dst + i, k, (__m256i)_mm512_cvtneps_pbh(e));
-    s = _mm512_add_ps(s, e);
+// 2^r on |r| <= 1/2 for the bfloat16 path's P: degree 5 (relative error
+// 2e-7 in float arithmetic, fitted here to minimise the relative error), where
+// exp16's degree 7 and Cody-Waite reduction serve the float path's 1-2 ulp.
+constexpr float kExp2C[6] = {1.0f, 0.693147003f, 0.240222424f, 0.0555073358f, 0.00967151299f,
+                             0.00132647273f};
+// exp(x * mul - shift) for 16 values, exactly 0 below kExpLow (masked -inf
+// logits), NaN kept: x * mul - shift in one rounding, then 2^t.
+AVX512BF16 inline __m512 exp16_for_bfloat(__m512 x, __m512 mul, __m512 shift) {
+  const __m512 low = _mm512_set1_ps(kExpLow);
+  const __m512 d = _mm512_fmsub_ps(x, mul, shift);
+  const __mmask16 keep = _mm512_cmp_ps_mask(d, low, _CMP_NLT_UQ);
+  const __m512 t = _mm512_mul_ps(_mm512_max_ps(low, d), _mm512_set1_ps(kLog2e));
+  const __m512 j = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 r = _mm512_sub_ps(t, j);
+  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(kExp2C[5]), r, _mm512_set1_ps(kExp2C[4]));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExp2C[3]));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExp2C[2]));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExp2C[1]));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExp2C[0]));
+  return _mm512_maskz_scalef_ps(keep, p, j);
+}
+AVX512BF16 float exp_sum_to_bfloat_avx512(const float* x, uint16_t* dst, int64_t n, float mul,
+                                          float shift) {
+  const __m512 m = _mm512_set1_ps(mul), sh = _mm512_set1_ps(shift);
+  __m512 s0 = _mm512_setzero_ps(), s1 = s0;
+  int64_t i = 0;
+  // Two vectors per step, rounded to bfloat16 by one instruction (to nearest
+  // even; it flushes subnormals to 0): 22% faster than one (Zen 4).
+  for (; i + 32 <= n; i += 32) {
+    const __m512 a = exp16_for_bfloat(_mm512_loadu_ps(x + i), m, sh);
+    const __m512 b = exp16_for_bfloat(_mm512_loadu_ps(x + i + 16), m, sh);
+    _mm512_storeu_si512(dst + i, (__m512i)_mm512_cvtne2ps_pbh(b, a));
+    s0 = _mm512_add_ps(s0, a);
+    s1 = _mm512_add_ps(s1, b);
   }
-  return _mm512_reduce_add_ps(s);
+  for (; i < n; i += 16) {
+    const __mmask16 k = tail_mask(n - i);
+    const __m512 e = _mm512_maskz_mov_ps(k, exp16_for_bfloat(_mm512_maskz_loadu_ps(k, x + i), m, sh));
+    _mm256_mask_storeu_epi16(dst + i, k, (__m256i)_mm512_cvtneps_pbh(e));
+    s0 = _mm512_add_ps(s0, e);
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
 }
 
 const RowOps kAvx512 = {max_avx512, exp_sum_avx512, exp_avx512, ds_avx512, scale_avx512,

@@ -24,10 +24,12 @@ struct RowOps {
   // Storage conversions.
   void (*half_to_float)(const uint16_t* src, float* dst, int64_t n);
   void (*bfloat_to_float)(const uint16_t* src, float* dst, int64_t n);
-  // dst[i] = bfloat16(exp(x[i] - shift)) (same rule as exp), x unchanged;
-  // returns the sum of the float values. Only where the CPU has AVX512-BF16
-  // (nullptr otherwise): the softmax of the bfloat16 dot-product path.
-  float (*exp_sum_to_bfloat)(const float* x, uint16_t* dst, int64_t n, float shift);
+  // dst[i] = bfloat16(exp(x[i] * mul - shift)) (0 below -87.3 as in exp),
+  // x unchanged; returns the sum of the float values (relative error ~2e-7:
+  // P itself is rounded to bfloat16). Only where the CPU has AVX512-BF16
+  // (nullptr otherwise): the softmax of the bfloat16 dot-product path, `mul`
+  // its softmax scale where the scores are not scaled yet.
+  float (*exp_sum_to_bfloat)(const float* x, uint16_t* dst, int64_t n, float mul, float shift);
   // dst[i] = round-to-nearest-even(src[i] * scale), as float_to_*_bits do.
   void (*float_to_half)(const float* src, uint16_t* dst, int64_t n, float scale);
   void (*float_to_bfloat)(const float* src, uint16_t* dst, int64_t n, float scale);

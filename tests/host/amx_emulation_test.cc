@@ -4,7 +4,8 @@
 // the products are compared with a double reference of the same bfloat16
 // inputs. Covers the per-product tile copies (amx_gemm) and B operands copied
 // once into tile layout (pack_b_tiles + amx_gemm_b_tiles) at tile offsets,
-// with odd sizes, alpha != 1 and accumulation. Needs AVX-512 (the copies).
+// with odd sizes, alpha != 1 and accumulation; A read in place where M and
+// pairs are multiples of 16. Needs AVX-512 (the copies).
 #include <immintrin.h>
 
 #include <cmath>
@@ -144,7 +145,7 @@ void check(int64_t M, int64_t N, int64_t pairs, int64_t col0, float alpha, bool 
 int main() {
   std::mt19937 rng(12);
   for (bool tiled : {false, true})
-    for (int64_t M : {1, 17, 40})
+    for (int64_t M : {1, 16, 17, 32, 40})
       for (int64_t N : {5, 16, 33})
         for (int64_t pairs : {3, 32, 41})
           for (int64_t col0 : {0, 32})
