@@ -10,7 +10,8 @@ The sizes are chosen to hit the dot-product path's edges: odd head dims (rows
 of Q padded to a whole pair), odd key counts (P and V padded), key spans that
 start at odd keys (windows, causal sub-tiles), tile shapes that are not
 multiples of anything (JAX_MFA_TILES) run in row strips that are not either
-(JAX_MFA_DOT_STRIP; AMX's default strips are 16 rows), and short query blocks with the key
+(JAX_MFA_DOT_STRIP; AMX's default strips are 16 rows, whole plain tiles run them as a
+pipeline), and short query blocks with the key
 range split over threads (decoding itself, with fewer than 64 stacked query
 rows per head, keeps the float path). The environment variables are read by the kernels on every
 call, so both paths run in one process.
@@ -77,6 +78,11 @@ CASES = [
     Case("transforms", T=70, S=129, N=2, K=2, H=40, bias="BNTS", softcap=3.0, mask="B11S",
          mask_empty_rows=True, q_lens=("T", 33), kv_lens=(5, "S")),
     Case("head_dim_128_gqa", T=65, S=200, N=4, K=1, H=128, batch=1, causal=True),
+    # Whole 256-row tiles with whole 256-key blocks: AMX's strip pipeline
+    # (bfloat16), with a short last key block and, causal, the diagonal's
+    # sub-tiles beside it.
+    Case("strip_pipeline", T=512, S=700, N=4, K=2, H=64, batch=1),
+    Case("strip_pipeline_causal", T=600, S=600, N=2, K=2, H=128, causal=True, batch=1),
 ]
 
 
@@ -94,6 +100,7 @@ PATHS = [(dt, path, tiles) for dt in (jnp.bfloat16, jnp.float16) for path in BF1
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_16_bit_paths(case, dtype, path, tiles, rng, monkeypatch):
     use_path(path, monkeypatch)
+    monkeypatch.setenv("JAX_MFA_AMX_PIPELINE", "1")  # AMX's strip pipeline at every H it can take
     if tiles:  # and row strips that divide neither the tiles nor the heads' groups
         monkeypatch.setenv("JAX_MFA_TILES", tiles)
         monkeypatch.setenv("JAX_MFA_DOT_STRIP", "13")

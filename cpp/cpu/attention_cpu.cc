@@ -671,6 +671,17 @@ void forward_typed(const AttentionProblem& p, const ForwardBuffers& buf, TaskRun
   // threads. Not where B is copied into tiles on every product (the float16
   // split: 2x slower in strips), nor on AVX512-BF16 (Zen 4: slower).
   const int64_t strip_rows = dot_strip_rows(dot, tiled, rows_max);
+  // Whole plain tiles on AMX run their strips as a software pipeline (see
+  // pipelined_tile below) at H >= 128, where the products take longer than
+  // the softmax: measured on 2 cores of the AMX Xeon, T=S=4096, 13-35% faster
+  // at H=128 but 5-25% slower at H=64 (not explained; its second strip
+  // buffers add 24 KiB to what L1 holds; benchmarks/RESULTS.md).
+  // JAX_MFA_AMX_PIPELINE=0 turns it off, =1 on at any H multiple of 32
+  // (comparisons, tests).
+  const char* pipeline_env = std::getenv("JAX_MFA_AMX_PIPELINE");
+  const std::string pipeline_choice = pipeline_env ? pipeline_env : "";
+  const bool pipeline = tiled && H % 32 == 0 && scale > Acc(0) && pipeline_choice != "0" &&
+                        (H >= 128 || pipeline_choice == "1");
   // K^T panels of the chunk's pairs (staged_panels), from a cache line.
   std::unique_ptr<float[]> panel_store(
       staged_panels ? new float[size_t(chunk * panel_size + 16)] : nullptr);
@@ -783,6 +794,43 @@ void forward_typed(const AttentionProblem& p, const ForwardBuffers& buf, TaskRun
         Vw[i] = vpack[i].get() + pl * Vpairs * H;
       }
 
+      // Online softmax of stacked row `row` (scores s, `cols` of them; P of
+      // the dot-product paths at word offset p_at of Pw): updates m, l and
+      // the row of acc, leaves exp(s * mul - m) in s (float path) or P.
+      auto softmax_row = [&](int64_t row, Acc* s, int64_t p_at, int64_t cols, Acc mul) {
+        Acc& mr = m[row];
+        const Acc row_m = std::max(mr, mul * row_max(s, cols, ops));
+        if (row_m == neg_inf) {  // nothing allowed yet in this row, or NaN logits only
+          // The max may skip NaN; an allowed NaN logit must make the row NaN
+          // (out and lse), as in jax.nn. Masked entries are -inf, never NaN.
+          if (std::any_of(s, s + cols, [](Acc x) { return std::isnan(x); }))
+            mr = l[row] = std::numeric_limits<Acc>::quiet_NaN();
+          std::fill(s, s + cols, Acc(0));
+          for (int i = 0; dot && i < parts; ++i) std::fill_n(Pw[i] + p_at, (cols + 1) / 2, 0u);
+          return;
+        }
+        const Acc alpha = std::exp(mr - row_m);  // 0 when m was -inf
+        Acc sum = 0;
+        if constexpr (std::is_same_v<Acc, float>) {
+          // P to bfloat16 for P V (an odd count padded with 0): straight
+          // from the exponentials, or split into hi and lo parts.
+          uint16_t* hi = dot ? reinterpret_cast<uint16_t*>(Pw[0] + p_at) : nullptr;
+          uint16_t* lo = split ? reinterpret_cast<uint16_t*>(Pw[1] + p_at) : nullptr;
+          if (split) {
+            sum = row_exp_sum(s, cols, row_m, ops);
+            cpu::float_to_bf16_hi_lo(s, cols, hi, lo);
+            if (cols % 2) lo[cols] = 0;
+          } else if (dot) {
+            sum = ops.exp_sum_to_bfloat(s, hi, cols, mul, row_m);
+          }
+          if (dot && cols % 2) hi[cols] = 0;
+        }
+        if (!dot) sum = row_exp_sum(s, cols, row_m, ops);
+        l[row] = l[row] * alpha + sum;
+        mr = row_m;
+        if (alpha != Acc(1)) row_scale(acc + row * H, H, alpha, ops);
+      };
+
       // One tile: query positions [u0, u0 + uq) (stacked rows from
       // (u0 - t0) * G), keys [j0, j0 + cols).
       auto tile = [&](int64_t u0, int64_t uq, int64_t j0, int64_t cols) {
@@ -812,41 +860,8 @@ void forward_typed(const AttentionProblem& p, const ForwardBuffers& buf, TaskRun
                              cols, H, scale, Qs + r0 * H, H, kb.at(b, kvh, j0), kb.sp, Sb, Bk);
         }
         if (!plain) rules.apply(b, kvh, u0, uq, j0, cols, Sb, Bk, th);
-        for (int64_t r = 0; r < nr; ++r) {  // online softmax
-          Acc* s = Sb + r * Bk;
-          Acc& mr = m[r0 + r];
-          const Acc row_m = std::max(mr, mul * row_max(s, cols, ops));
-          if (row_m == neg_inf) {  // nothing allowed yet in this row, or NaN logits only
-            // The max may skip NaN; an allowed NaN logit must make the row NaN
-            // (out and lse), as in jax.nn. Masked entries are -inf, never NaN.
-            if (std::any_of(s, s + cols, [](Acc x) { return std::isnan(x); }))
-              mr = l[r0 + r] = std::numeric_limits<Acc>::quiet_NaN();
-            std::fill(s, s + cols, Acc(0));
-            for (int i = 0; dot && i < parts; ++i)
-              std::fill_n(Pw[i] + r * kpairs_max, (cols + 1) / 2, 0u);
-            continue;
-          }
-          const Acc alpha = std::exp(mr - row_m);  // 0 when m was -inf
-          Acc sum = 0;
-          if constexpr (std::is_same_v<Acc, float>) {
-            // P to bfloat16 for P V (an odd count padded with 0): straight
-            // from the exponentials, or split into hi and lo parts.
-            uint16_t* hi = dot ? reinterpret_cast<uint16_t*>(Pw[0] + r * kpairs_max) : nullptr;
-            uint16_t* lo = split ? reinterpret_cast<uint16_t*>(Pw[1] + r * kpairs_max) : nullptr;
-            if (split) {
-              sum = row_exp_sum(s, cols, row_m, ops);
-              cpu::float_to_bf16_hi_lo(s, cols, hi, lo);
-              if (cols % 2) lo[cols] = 0;
-            } else if (dot) {
-              sum = ops.exp_sum_to_bfloat(s, hi, cols, mul, row_m);
-            }
-            if (dot && cols % 2) hi[cols] = 0;
-          }
-          if (!dot) sum = row_exp_sum(s, cols, row_m, ops);
-          l[r0 + r] = l[r0 + r] * alpha + sum;
-          mr = row_m;
-          if (alpha != Acc(1)) row_scale(a + r * H, H, alpha, ops);
-        }
+        for (int64_t r = 0; r < nr; ++r)
+          softmax_row(r0 + r, Sb + r * Bk, r * kpairs_max, cols, mul);
         // Dropout after the sums: l is not dropped. Never on the dot-product
         // path (use_bf16_dot), whose P is written as bfloat16 by the softmax.
         rules.dropout(kvh, u0, uq, j0, cols, Sb, Bk);
@@ -867,6 +882,52 @@ void forward_typed(const AttentionProblem& p, const ForwardBuffers& buf, TaskRun
         if (!dot)
           rows_product(prof, 1, own, false, nr, H, cols, Acc(1), Sb, Bk, vb.at(b, kvh, j0), vb.sp,
                        true, a, H);
+      };
+      // bfloat16 on AMX, a whole plain tile (no mask inside it, no
+      // transforms) with keys [j0, j0 + cols) in whole tiles: its 16-row
+      // strips as a software pipeline. While the softmax of strip st runs row
+      // by row, the tile unit works on Q K^T of strip st + 1 and on P V of
+      // strip st - 1, one block of two C tiles between rows: the products
+      // and the softmax overlap instead of taking turns. Scores and P
+      // alternate between two strip buffers. False where it does not apply.
+      auto pipelined_tile = [&](int64_t j0, int64_t cols) {
+        if constexpr (std::is_same_v<Acc, float>) {
+          if (!pipeline || rows % 16 != 0 || j0 % 32 != 0 || cols % 32 != 0 ||
+              !rules.plain(t0, tq, j0, cols))
+            return false;
+          const int64_t strips = rows / 16, qk_blocks = cols / 32, pv_blocks = H / 32;
+          const uint32_t* k_at = ktiles + pl * k_tiles_size + (j0 / 16) * k_kt * 256;
+          const uint32_t* v_at = vtiles + pl * v_tiles_size + (j0 / 32) * 256;
+          auto qk = [&](int64_t st, int64_t blk) {  // scores of keys 32 blk.. (unscaled)
+            cpu::bf16_strip_block(k_kt, Qw[0] + st * 16 * hpairs, hpairs,
+                                  k_at + 2 * blk * k_kt * 256, k_kt, false,
+                                  Sb + (st % 2) * 16 * Bk + 32 * blk, Bk);
+          };
+          auto pv = [&](int64_t st, int64_t blk) {  // output columns 32 blk..
+            cpu::bf16_strip_block(cols / 32, Pw[0] + (st % 2) * 16 * kpairs_max, kpairs_max,
+                                  v_at + 2 * blk * v_kt * 256, v_kt, true,
+                                  acc + st * 16 * H + 32 * blk, H);
+          };
+          for (int64_t blk = 0; blk < qk_blocks; ++blk) qk(0, blk);
+          for (int64_t st = 0; st < strips; ++st) {
+            int64_t qk_done = 0, pv_done = 0;
+            for (int64_t r = 0; r < 16; ++r) {
+              if (st + 1 < strips)
+                for (; qk_done < (r + 1) * qk_blocks / 16; ++qk_done) qk(st + 1, qk_done);
+              if (st > 0)
+                for (; pv_done < (r + 1) * pv_blocks / 16; ++pv_done) pv(st - 1, pv_done);
+              softmax_row(st * 16 + r, Sb + ((st % 2) * 16 + r) * Bk,
+                          ((st % 2) * 16 + r) * kpairs_max, cols, scale);
+            }
+            for (; st + 1 < strips && qk_done < qk_blocks; ++qk_done) qk(st + 1, qk_done);
+            for (; st > 0 && pv_done < pv_blocks; ++pv_done) pv(st - 1, pv_done);
+          }
+          for (int64_t blk = 0; blk < pv_blocks; ++blk) pv(strips - 1, blk);
+          return true;
+        } else {
+          (void)j0, (void)cols;
+          return false;
+        }
       };
       const int64_t sub = std::max<int64_t>(1, 64 / G);  // positions per sub-tile
       const int64_t strip = std::max<int64_t>(1, strip_rows / G);  // positions per strip
@@ -898,6 +959,7 @@ void forward_typed(const AttentionProblem& p, const ForwardBuffers& buf, TaskRun
             p.key_span(t0 + tq - 1, rules.q_valid, rules.kv_valid).begin > j0 ||
             p.key_span(t0, rules.q_valid, rules.kv_valid).end < j0 + cols ||
             (rules.q_ids && rules.q_ids[t0] != rules.q_ids[t0 + tq - 1]);
+        if (pipelined_tile(seg.begin, seg.end - seg.begin)) continue;
         if (!ragged || tq <= sub) {
           for (int64_t u0 = t0; u0 < t0 + tq; u0 += strip)
             tile(u0, std::min(strip, t0 + tq - u0), seg.begin, seg.end - seg.begin);

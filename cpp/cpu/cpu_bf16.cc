@@ -519,6 +519,17 @@ void bf16_gemm_b_tiles(int64_t M, int64_t N, int64_t pairs, float alpha, const u
 #endif
 }
 
+void bf16_strip_block(int64_t k_tiles, const uint32_t* A, int64_t lda, const uint32_t* Bt,
+                      int64_t b_stride, bool accumulate, float* C, int64_t ldc) {
+#ifdef JAX_MFA_AMX
+  amx_block<1, 2>(16, 32, k_tiles, 1.0f, ATiles{A, 0, lda}, Bt, b_stride, accumulate, C, ldc, 0,
+                  0, nullptr);
+#else
+  (void)k_tiles, (void)A, (void)lda, (void)Bt, (void)b_stride, (void)accumulate, (void)C, (void)ldc;
+  std::abort();  // bf16_b_tiles_used() is false here
+#endif
+}
+
 AmxTileScope::AmxTileScope(bool on) {
 #ifdef JAX_MFA_AMX
   if (on && !tiles_held && bf16_dot_kind() == Bf16Dot::Amx) {

@@ -105,6 +105,14 @@ void bf16_gemm_b_tiles(int64_t M, int64_t N, int64_t pairs, float alpha, const u
                        int64_t lda, const uint32_t* Bt, int64_t b_stride, bool accumulate,
                        float* C, int64_t ldc);
 
+// One step of a software-pipelined product (attention_cpu.cc's strips): the
+// 16 x 32 block C[0..16) x [0..32) (+)= A B, A 16 rows in place (k_tiles * 16
+// pairs each, rows lda words apart), B two column tiles of a pack_b_tiles
+// operand (Bt, b_stride as bf16_gemm_b_tiles), alpha 1. Only on AMX, inside
+// an AmxTileScope.
+void bf16_strip_block(int64_t k_tiles, const uint32_t* A, int64_t lda, const uint32_t* Bt,
+                      int64_t b_stride, bool accumulate, float* C, int64_t ldc);
+
 // Keeps the calling thread's AMX tiles configured for the products run in its
 // lifetime (a task's many small products), instead of configuring and
 // releasing them in every product; releases them at its end, so that other
