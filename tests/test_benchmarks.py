@@ -42,3 +42,32 @@ def test_median_times_settles_between_interleaved_calls():
     timed_starts, timed_ends = starts[2:], ends[2:]  # after the calibration calls
     gaps = [s - e for s, e in zip(timed_starts[1:], timed_ends[:-1])]
     assert len(gaps) == 5 and min(gaps) >= settle
+
+
+def test_amx_micro_builds_and_agrees():
+    """benchmarks/amx_micro.cc (the AMX forward's inner loop, timed) compiles
+    against the kernels' headers; on a CPU with AMX-BF16 it also runs (a small
+    size) and its arrangements of the products give the same output."""
+    import platform
+    import shutil
+
+    import pytest
+
+    cxx = shutil.which("g++") or shutil.which("clang++")
+    if cxx is None or platform.machine() != "x86_64" or platform.system() != "Linux":
+        pytest.skip("needs a C++ compiler on x86-64 Linux (AMX code)")
+    exe = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"amx_micro_{os.getpid()}")
+    cpu = os.path.join(REPO, "cpp", "cpu")
+    build = subprocess.run([cxx, "-O1", "-std=c++17", f"-I{os.path.join(REPO, 'cpp')}",
+                            os.path.join(REPO, "benchmarks", "amx_micro.cc"),
+                            os.path.join(cpu, "cpu_simd.cc"), os.path.join(cpu, "cpu_bf16.cc"),
+                            "-o", exe], capture_output=True, text=True, timeout=600)
+    assert build.returncode == 0, build.stderr[-3000:]
+    try:
+        run = subprocess.run([exe, "64", "512"], capture_output=True, text=True, timeout=300)
+    finally:
+        os.unlink(exe)
+    assert run.returncode == 0, run.stdout + run.stderr
+    if "needs AMX-BF16" in run.stdout:
+        return  # built; nothing to run on this CPU
+    assert "MISMATCH" not in run.stdout and run.stdout.count("worst relative difference") == 3, run.stdout
