@@ -102,7 +102,7 @@ inline void store(const Acc* s, T* d, int64_t n, Acc scale) {
 // Softmax row operations: vectorised for float, plain loops for double.
 inline float row_max(const float* x, int64_t n, const RowOps& o) { return o.max(x, n); }
 inline float row_exp_sum(float* x, int64_t n, float sh, const RowOps& o) { return o.exp_sum(x, n, sh); }
-inline void row_exp(float* x, int64_t n, float sh, const RowOps& o) { o.exp(x, n, sh); }
+inline void row_exp(float* x, int64_t n, float mul, float sh, const RowOps& o) { o.exp(x, n, mul, sh); }
 inline void row_ds(const float* p, float* dp, int64_t n, float d, const RowOps& o) { o.ds(p, dp, n, d); }
 inline void row_scale(float* y, int64_t n, float a, const RowOps& o) { o.scale(y, n, a); }
 inline double row_max(const double* x, int64_t n, const RowOps&) {
@@ -115,8 +115,8 @@ inline double row_exp_sum(double* x, int64_t n, double sh, const RowOps&) {
   for (int64_t i = 0; i < n; ++i) s += (x[i] = std::exp(x[i] - sh));
   return s;
 }
-inline void row_exp(double* x, int64_t n, double sh, const RowOps&) {
-  for (int64_t i = 0; i < n; ++i) x[i] = std::exp(x[i] - sh);
+inline void row_exp(double* x, int64_t n, double mul, double sh, const RowOps&) {
+  for (int64_t i = 0; i < n; ++i) x[i] = std::exp(x[i] * mul - sh);
 }
 inline void row_ds(const double* p, double* dp, int64_t n, double d, const RowOps&) {
   for (int64_t i = 0; i < n; ++i) dp[i] = p[i] * (dp[i] - d);
@@ -1132,6 +1132,13 @@ void backward_typed(const AttentionProblem& p, const BackwardBuffers& buf, TaskR
   // other three with their operands in place.
   const bool own = std::is_same_v<Acc, float> && !dot && cpu::f32_tiles_available();
   const bool own_panels = own && TG >= 32;
+  // On AMX, as in the forward: the tiles configured once per task; the key
+  // block's B operands (K^T, V^T, K) copied into tile layout once per task
+  // instead of in every product, P and dS converted straight into it, and
+  // A operands (Q, dO and their transposes, dS) read in place where their
+  // rows are whole tiles.
+  const bool tiled = dot && cpu::bf16_b_tiles_used();
+  const int64_t h_kt = ceil_div(hpairs, 16), col_tiles = ceil_div(Bk, 16);
 
   for (int64_t p0 = 0; p0 < pairs; p0 += chunk) {
     const int64_t p1 = std::min(pairs, p0 + chunk), cp = p1 - p0;
@@ -1217,6 +1224,7 @@ void backward_typed(const AttentionProblem& p, const BackwardBuffers& buf, TaskR
 
     parallel_for_slots(runner, ntasks, helpers, [&](int64_t slot, int64_t task) {
       const int64_t task_start = prof ? now_cpu_ns() : 0;
+      const cpu::AmxTileScope amx_tiles(tiled);
       // First key blocks first: under a causal mask they are the longest.
       const int64_t kb = task / ngroups;
       const std::vector<int64_t>& group = groups[task % ngroups];
@@ -1255,6 +1263,20 @@ void backward_typed(const AttentionProblem& p, const BackwardBuffers& buf, TaskR
               cpu::pack_panels(Vp, vv.sp, cols, H, vpanels);
             });
         }
+        // This key block's operands on the dot-product path: K^T and V^T
+        // (pair layout from kto, row stride Sld), K's pairs across keys (kwo);
+        // on AMX also in tile layout (Kt, Vt, Kw).
+        const int64_t kto = pl * hpairs * Sld + j0, kwo = (pl * Spairs + j0 / 2) * H;
+        const int64_t cpairs = (cols + 1) / 2, c_kt = ceil_div(cpairs, 16);
+        uint32_t* Kt = tiled ? scratch_aligned<uint32_t>(12, h_kt * col_tiles * 256) : nullptr;
+        uint32_t* Vt = tiled ? scratch_aligned<uint32_t>(13, h_kt * col_tiles * 256) : nullptr;
+        uint32_t* Kw = tiled ? scratch_aligned<uint32_t>(14, c_kt * ceil_div(H, 16) * 256) : nullptr;
+        if (tiled && !rspan.empty())  // timed with the products they serve
+          timed(prof, 0, 0, 0, 0, [&] {
+            cpu::pack_b_tiles(kt + kto, Sld, hpairs, cols, Kt, h_kt);
+            cpu::pack_b_tiles(vt + kto, Sld, hpairs, cols, Vt, h_kt);
+            cpu::pack_b_tiles(kw + kwo, H, cpairs, H, Kw, c_kt);
+          });
         Acc* dq_acc = dq_sums.get() + pl * sum_pair;
         Acc* rs_acc = dq_acc + T_ * G * H;
         // Adds this tile's dQ rows (and row sums) of positions [t0, t0 + tq)
@@ -1310,21 +1332,32 @@ void backward_typed(const AttentionProblem& p, const BackwardBuffers& buf, TaskR
             }
           // Operands of this tile on the dot-product path.
           const int64_t r0 = t0 * G, ro = (pl * TG + r0) * hpairs, rt = pl * H * rpairs + r0 / 2;
-          const int64_t kto = pl * hpairs * Sld + j0, kwo = (pl * Spairs + j0 / 2) * H;
+          // The dot-product path applies the scale in the exponential of
+          // plain tiles, as the forward does: on AMX a scaled product takes
+          // an extra pass over its output.
+          const bool plain = rules.plain(t0, tq, j0, cols);
+          const bool fold = dot && plain && scale > Acc(0);
+          const Acc mul = fold ? scale : Acc(1), qk_alpha = fold ? Acc(1) : scale;
           if constexpr (std::is_same_v<Acc, float>) {
             if (dot)
               timed(prof, 0, rows, cols, H, [&] {
-                cpu::bf16_gemm(rows, cols, hpairs, scale, qw + ro, hpairs, kt + kto,
+                if (tiled)
+                  return cpu::bf16_gemm_b_tiles(rows, cols, hpairs, qk_alpha, qw + ro, hpairs,
+                                                Kt, h_kt, false, Pb, Bk);
+                cpu::bf16_gemm(rows, cols, hpairs, qk_alpha, qw + ro, hpairs, kt + kto,
                                Sld, false, Pb, Bk);
               });
           }
           if (!dot)
             transposed_product(prof, 0, kpanels, rows, cols, H, scale, Qp, ldq, Kp, kv.sp, Pb, Bk);
-          if (!rules.plain(t0, tq, j0, cols)) rules.apply(b, kvh, t0, tq, j0, cols, Pb, Bk, th);
-          for (int64_t r = 0; r < rows; ++r) row_exp(Pb + r * Bk, cols, lse[r], ops);
+          if (!plain) rules.apply(b, kvh, t0, tq, j0, cols, Pb, Bk, th);
+          for (int64_t r = 0; r < rows; ++r) row_exp(Pb + r * Bk, cols, mul, lse[r], ops);
           if constexpr (std::is_same_v<Acc, float>) {
             if (dot)
               timed(prof, 1, rows, cols, H, [&] {
+                if (tiled)
+                  return cpu::bf16_gemm_b_tiles(rows, cols, hpairs, 1.0f, dow + ro, hpairs, Vt,
+                                                h_kt, false, dPb, Bk);
                 cpu::bf16_gemm(rows, cols, hpairs, 1.0f, dow + ro, hpairs, vt + kto,
                                Sld, false, dPb, Bk);
               });
@@ -1366,24 +1399,43 @@ void backward_typed(const AttentionProblem& p, const BackwardBuffers& buf, TaskR
                 dPb[r * Bk + c] *= Acc(1) - tt * tt;
               }
           if constexpr (std::is_same_v<Acc, float>) {
-            if (dot) {  // dV^T += dO^T P, dK^T += scale Q^T dS, dQ += scale dS K
-              uint32_t* Pp = scratch<uint32_t>(10, (rows_max / 2 + 1) * Bk);
-              uint32_t* dSp = scratch<uint32_t>(11, (rows_max / 2 + 1) * Bk);
+            if (dot) {  // dV^T += dO^T P, dK^T += Q^T dS (scaled at the store), dQ += scale dS K
+              const int64_t rp = (rows + 1) / 2, r_kt = ceil_div(rp, 16);
               uint32_t* dSw = scratch<uint32_t>(9, rows_max * (Bk / 2));
-              cpu::float_to_pairs_across_rows(Pb, Bk, rows, cols, Pp, Bk);
-              cpu::float_to_pairs_across_rows(dPb, Bk, rows, cols, dSp, Bk);
               cpu::float_to_pairs_in_rows(dPb, Bk, rows, cols, dSw, Bk / 2);
-              const int64_t rp = (rows + 1) / 2, cpairs = (cols + 1) / 2;
-              timed(prof, 2, cols, H, rows, [&] {
-                cpu::bf16_gemm(H, cols, rp, 1.0f, dot_ + rt, rpairs, Pp, Bk, true, dV, Bk);
-              });
-              timed(prof, 3, cols, H, rows, [&] {
-                cpu::bf16_gemm(H, cols, rp, scale, qt + rt, rpairs, dSp, Bk, true, dK, Bk);
-              });
-              timed(prof, 4, rows, H, cols, [&] {
-                cpu::bf16_gemm(rows, H, cpairs, scale, dSw, Bk / 2, kw + kwo, H, false,
-                               dQt, H);
-              });
+              if (tiled) {
+                uint32_t* Pt = scratch_aligned<uint32_t>(10, r_kt * col_tiles * 256);
+                uint32_t* dSt = scratch_aligned<uint32_t>(11, r_kt * col_tiles * 256);
+                cpu::float_to_b_tiles(Pb, Bk, rows, cols, Pt, r_kt);
+                cpu::float_to_b_tiles(dPb, Bk, rows, cols, dSt, r_kt);
+                timed(prof, 2, cols, H, rows, [&] {
+                  cpu::bf16_gemm_b_tiles(H, cols, rp, 1.0f, dot_ + rt, rpairs, Pt, r_kt, true,
+                                         dV, Bk);
+                });
+                timed(prof, 3, cols, H, rows, [&] {
+                  cpu::bf16_gemm_b_tiles(H, cols, rp, 1.0f, qt + rt, rpairs, dSt, r_kt, true,
+                                         dK, Bk);
+                });
+                timed(prof, 4, rows, H, cols, [&] {
+                  cpu::bf16_gemm_b_tiles(rows, H, cpairs, scale, dSw, Bk / 2, Kw, c_kt, false,
+                                         dQt, H);
+                });
+              } else {
+                uint32_t* Pp = scratch<uint32_t>(10, (rows_max / 2 + 1) * Bk);
+                uint32_t* dSp = scratch<uint32_t>(11, (rows_max / 2 + 1) * Bk);
+                cpu::float_to_pairs_across_rows(Pb, Bk, rows, cols, Pp, Bk);
+                cpu::float_to_pairs_across_rows(dPb, Bk, rows, cols, dSp, Bk);
+                timed(prof, 2, cols, H, rows, [&] {
+                  cpu::bf16_gemm(H, cols, rp, 1.0f, dot_ + rt, rpairs, Pp, Bk, true, dV, Bk);
+                });
+                timed(prof, 3, cols, H, rows, [&] {
+                  cpu::bf16_gemm(H, cols, rp, 1.0f, qt + rt, rpairs, dSp, Bk, true, dK, Bk);
+                });
+                timed(prof, 4, rows, H, cols, [&] {
+                  cpu::bf16_gemm(rows, H, cpairs, scale, dSw, Bk / 2, kw + kwo, H, false,
+                                 dQt, H);
+                });
+              }
             }
           }
           if (!dot) {  // P^T and dS^T read in place
@@ -1402,7 +1454,9 @@ void backward_typed(const AttentionProblem& p, const BackwardBuffers& buf, TaskR
             for (int64_t h = 0; h < H; ++h) column[h] = dK[h * Bk + c];
             dk_row = column;
           }
-          store<T, Acc>(dk_row, dk + ((b * S_ + j0 + c) * K + kvh) * H, H, Acc(1));
+          // The dot-product path accumulates dK unscaled (AMX accumulates in
+          // place only with alpha = 1).
+          store<T, Acc>(dk_row, dk + ((b * S_ + j0 + c) * K + kvh) * H, H, dot ? scale : Acc(1));
           if (dot) {
             for (int64_t h = 0; h < H; ++h) column[h] = dV[h * Bk + c];
             dv_row = column;

@@ -432,16 +432,44 @@ BF16_TARGET void float_to_pairs_in_rows(const float* src, int64_t src_stride, in
   }
 }
 
+namespace {
+// The words (lo[c], hi[c]) of 16 columns (masked by m, zeros outside; hi
+// null: high halves 0).
+BF16_TARGET inline __m512i pair_words(__mmask16 m, const float* lo, const float* hi) {
+  const __m512i w = bf16_words(m, lo);
+  return hi ? _mm512_or_si512(w, _mm512_slli_epi32(bf16_words(m, hi), 16)) : w;
+}
+}  // namespace
+
 BF16_TARGET void float_to_pairs_across_rows(const float* src, int64_t src_stride, int64_t K,
                                             int64_t cols, uint32_t* dst, int64_t ld) {
   for (int64_t k = 0; k < K; k += 2) {
     const float* lo = src + k * src_stride;
+    const float* hi = k + 1 < K ? lo + src_stride : nullptr;
     uint32_t* d = dst + (k / 2) * ld;
     for (int64_t c = 0; c < cols; c += 16) {
       const __mmask16 m = tail_mask(cols - c);
-      __m512i w = bf16_words(m, lo + c);
-      if (k + 1 < K) w = _mm512_or_si512(w, _mm512_slli_epi32(bf16_words(m, lo + src_stride + c), 16));
-      _mm512_mask_storeu_epi32(d + c, m, w);
+      _mm512_mask_storeu_epi32(d + c, m, pair_words(m, lo + c, hi ? hi + c : nullptr));
+    }
+  }
+}
+
+BF16_TARGET void float_to_b_tiles(const float* src, int64_t src_stride, int64_t K, int64_t cols,
+                                  uint32_t* dst, int64_t b_stride) {
+  const int64_t pairs = (K + 1) / 2, col_tiles = (cols + 15) / 16;
+  for (int64_t kp = 0; kp < (pairs + 15) / 16 * 16; ++kp) {  // tile row kp % 16 of tile kp / 16
+    uint32_t* d = dst + (kp / 16) * 256 + (kp % 16) * 16;
+    if (kp >= pairs) {
+      for (int64_t ct = 0; ct < col_tiles; ++ct)
+        _mm512_store_si512(d + ct * b_stride * 256, _mm512_setzero_si512());
+      continue;
+    }
+    const float* lo = src + 2 * kp * src_stride;
+    const float* hi = 2 * kp + 1 < K ? lo + src_stride : nullptr;
+    for (int64_t ct = 0; ct < col_tiles; ++ct) {
+      const int64_t c = 16 * ct;
+      _mm512_store_si512(d + ct * b_stride * 256,
+                         pair_words(tail_mask(cols - c), lo + c, hi ? hi + c : nullptr));
     }
   }
 }
@@ -478,6 +506,9 @@ void float_to_pairs_in_rows(const float*, int64_t, int64_t, int64_t, uint32_t*, 
   std::abort();
 }
 void float_to_pairs_across_rows(const float*, int64_t, int64_t, int64_t, uint32_t*, int64_t) {
+  std::abort();
+}
+void float_to_b_tiles(const float*, int64_t, int64_t, int64_t, uint32_t*, int64_t) {
   std::abort();
 }
 void bf16_gemm_sum(int64_t, int64_t, int64_t, float, int, const uint32_t* const*, int64_t,

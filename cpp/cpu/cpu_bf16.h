@@ -96,6 +96,12 @@ void bf16_gemm_sum(int64_t M, int64_t N, int64_t pairs, float alpha, int terms,
 bool bf16_b_tiles_used();
 void pack_b_tiles(const uint32_t* B, int64_t ldb, int64_t pairs, int64_t N, uint32_t* dst,
                   int64_t b_stride);
+// float_to_pairs_across_rows (K x cols floats) written straight in that tile
+// layout, zero-padded to whole tiles: the same words as pack_b_tiles of its
+// pair layout, without the copy in between (the backward's P and dS). dst on
+// a 64-byte boundary; only where bf16_b_tiles_used().
+void float_to_b_tiles(const float* src, int64_t src_stride, int64_t K, int64_t cols,
+                      uint32_t* dst, int64_t b_stride);
 // bf16_gemm with B in tile layout from tile (kt0, nt0) of a pack_b_tiles
 // operand: Bt = dst + (kt0 + nt0 * b_stride) * 256. Products read
 // ceil(pairs / 16) tiles along K and ceil(N / 16) along N; C's columns past

@@ -41,8 +41,8 @@ float exp_sum_scalar(float* x, int64_t n, float shift) {
   for (int64_t i = 0; i < n; ++i) s += (x[i] = exp_one(x[i] - shift));
   return s;
 }
-void exp_scalar(float* x, int64_t n, float shift) {
-  for (int64_t i = 0; i < n; ++i) x[i] = exp_one(x[i] - shift);
+void exp_scalar(float* x, int64_t n, float mul, float shift) {
+  for (int64_t i = 0; i < n; ++i) x[i] = exp_one(std::fma(x[i], mul, -shift));
 }
 void ds_scalar(const float* p, float* dp, int64_t n, float delta) {
   for (int64_t i = 0; i < n; ++i) dp[i] = p[i] * (dp[i] - delta);
@@ -132,12 +132,12 @@ AVX2 float exp_sum_avx2(float* x, int64_t n, float shift) {
   for (; i < n; ++i) s += (x[i] = exp_one(x[i] - shift));
   return s;
 }
-AVX2 void exp_avx2(float* x, int64_t n, float shift) {
-  const __m256 sh = _mm256_set1_ps(shift);
+AVX2 void exp_avx2(float* x, int64_t n, float mul, float shift) {
+  const __m256 m = _mm256_set1_ps(mul), sh = _mm256_set1_ps(shift);
   int64_t i = 0;
   for (; i + 8 <= n; i += 8)
-    _mm256_storeu_ps(x + i, exp8(_mm256_sub_ps(_mm256_loadu_ps(x + i), sh)));
-  for (; i < n; ++i) x[i] = exp_one(x[i] - shift);
+    _mm256_storeu_ps(x + i, exp8(_mm256_fmsub_ps(_mm256_loadu_ps(x + i), m, sh)));
+  for (; i < n; ++i) x[i] = exp_one(std::fma(x[i], mul, -shift));
 }
 AVX2 void ds_avx2(const float* p, float* dp, int64_t n, float delta) {
   const __m256 d = _mm256_set1_ps(delta);
@@ -252,11 +252,12 @@ AVX512 float exp_sum_avx512(float* x, int64_t n, float shift) {
   }
   return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
 }
-AVX512 void exp_avx512(float* x, int64_t n, float shift) {
-  const __m512 sh = _mm512_set1_ps(shift);
+AVX512 void exp_avx512(float* x, int64_t n, float mul, float shift) {
+  const __m512 m = _mm512_set1_ps(mul), sh = _mm512_set1_ps(shift);
   for (int64_t i = 0; i < n; i += 16) {
     const __mmask16 k = tail_mask(n - i);
-    _mm512_mask_storeu_ps(x + i, k, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, x + i), sh)));
+    _mm512_mask_storeu_ps(x + i, k,
+                          exp16(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(k, x + i), m, sh)));
   }
 }
 AVX512 void ds_avx512(const float* p, float* dp, int64_t n, float delta) {

@@ -15,8 +15,9 @@ struct RowOps {
   // x[i] = exp(x[i] - shift) (exactly 0 where x[i] - shift < -87.3, e.g. -inf);
   // returns the sum of the new values.
   float (*exp_sum)(float* x, int64_t n, float shift);
-  // x[i] = exp(x[i] - shift), same rule, no sum.
-  void (*exp)(float* x, int64_t n, float shift);
+  // x[i] = exp(x[i] * mul - shift) (one rounding of the argument), same
+  // rule, no sum: `mul` a softmax scale not yet applied to the scores.
+  void (*exp)(float* x, int64_t n, float mul, float shift);
   // dp[i] = p[i] * (dp[i] - delta)
   void (*ds)(const float* p, float* dp, int64_t n, float delta);
   // y[i] *= a

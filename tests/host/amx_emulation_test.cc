@@ -5,7 +5,8 @@
 // inputs. Covers the per-product tile copies (amx_gemm) and B operands copied
 // once into tile layout (pack_b_tiles + amx_gemm_b_tiles) at tile offsets,
 // with odd sizes, alpha != 1 and accumulation; A read in place where M and
-// pairs are multiples of 16. Needs AVX-512 (the copies).
+// pairs are multiples of 16; float rows converted straight into tile layout
+// (float_to_b_tiles, where the CPU has AVX512-BF16). Needs AVX-512 (the copies).
 #include <immintrin.h>
 
 #include <cmath>
@@ -140,6 +141,27 @@ void check(int64_t M, int64_t N, int64_t pairs, int64_t col0, float alpha, bool 
     ++failures;
   }
 }
+
+// float_to_b_tiles against float_to_pairs_across_rows + pack_b_tiles: the
+// same words, padding included (tiles poisoned first), for odd K and cols.
+void check_float_to_b_tiles(int64_t K, int64_t cols, std::mt19937& rng) {
+  const int64_t src_stride = cols + 7, pairs = (K + 1) / 2;
+  const int64_t kt = (pairs + 15) / 16 + 1, nt = (cols + 15) / 16;
+  std::vector<float> src(static_cast<size_t>(K * src_stride));
+  std::normal_distribution<float> d;
+  for (auto& x : src) x = d(rng);
+  std::vector<uint32_t> pair_layout(static_cast<size_t>(pairs * cols));
+  float_to_pairs_across_rows(src.data(), src_stride, K, cols, pair_layout.data(), cols);
+  std::vector<Aligned> want(static_cast<size_t>(kt * nt)), got(static_cast<size_t>(kt * nt));
+  for (auto* v : {&want, &got})
+    for (auto& t : *v) std::memset(t.words, 0xA5, sizeof(t.words));
+  pack_b_tiles(pair_layout.data(), cols, pairs, cols, want.data()->words, kt);
+  float_to_b_tiles(src.data(), src_stride, K, cols, got.data()->words, kt);
+  if (std::memcmp(want.data(), got.data(), want.size() * sizeof(Aligned)) != 0) {
+    std::printf("FAIL float_to_b_tiles K=%lld cols=%lld\n", (long long)K, (long long)cols);
+    ++failures;
+  }
+}
 }  // namespace
 
 int main() {
@@ -151,6 +173,12 @@ int main() {
           for (int64_t col0 : {0, 32})
             for (float alpha : {1.0f, 0.37f})
               for (bool acc : {false, true}) check(M, N, pairs, col0, alpha, acc, tiled, rng);
+  if (cpu_has_avx512_bf16()) {  // the float conversions
+    for (int64_t K : {1, 2, 31, 32, 33, 64})
+      for (int64_t cols : {1, 16, 37, 256}) check_float_to_b_tiles(K, cols, rng);
+  } else {
+    std::printf("float_to_b_tiles not checked: no AVX512-BF16\n");
+  }
   if (failures) return 1;
   std::printf("all AMX emulation tests passed\n");
 }
