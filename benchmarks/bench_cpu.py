@@ -72,10 +72,11 @@ def machine() -> str:
 
 
 class Bench:
-    def __init__(self, quick: bool, repeats: int, settle: float):
+    def __init__(self, quick: bool, repeats: int, settle: float, settle_ratio: float):
         self.quick = quick
         self.repeats = repeats
-        self.settle = settle  # median_times' pause before each interleaved sample
+        self.settle = settle  # median_times' pauses before each interleaved sample
+        self.settle_ratio = settle_ratio
         self.rows: list[tuple[str, str, str]] = []  # (section, config, result)
         self.curve: dict[tuple[str, bool], list[tuple[int, float]]] = {}
         self.verdicts: list[tuple[str, str, bool]] = []
@@ -85,7 +86,8 @@ class Bench:
 
     def times(self, calls):
         """Interleaved medians of several (fn, args) calls."""
-        return bm.median_times(calls, repeats=self.repeats, settle=self.settle)
+        return bm.median_times(calls, repeats=self.repeats, settle=self.settle,
+                               settle_ratio=self.settle_ratio)
 
     def check(self, name: str, figure: str, ok: bool):
         self.verdicts.append((name, figure, ok))
@@ -106,7 +108,8 @@ def main_rows(b: Bench, L: int):
         before = bm.sgemm_gflops(2048)
         calls = [call("cpu", x, backward=backward), call(REF, x, backward=backward)]
         if backward:  # "in each of five runs": five separate interleaved pairs
-            runs = [bm.median_times(calls, repeats=1, min_time=0, settle=b.settle)
+            runs = [bm.median_times(calls, repeats=1, min_time=0, settle=b.settle,
+                                    settle_ratio=b.settle_ratio)
                     for _ in range(3 if b.quick else 5)]
             ratios = sorted(tx / tc for tc, tx in runs)
             tc = statistics.median(r[0] for r in runs)
@@ -464,8 +467,11 @@ def main():
                     help="directory for the plot and table")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--settle", type=float, default=0.02,
-                    help="seconds of pause before each interleaved sample (default 0.02; 0: "
-                         "none, to see how much other libraries' spinning threads cost)")
+                    help="seconds of pause before each interleaved sample, at least (default "
+                         "0.02; a quarter of the previous sample's time if longer; 0 with "
+                         "--settle-ratio 0: none, to see what other libraries' threads cost)")
+    ap.add_argument("--settle-ratio", type=float, default=0.25,
+                    help="pause before a sample as a fraction of the previous one's time")
     ap.add_argument("--no-torch", action="store_true", help="skip the torch comparison")
     ap.add_argument("--torch-lengths", default=None,
                     help="T=S values of the torch comparison, comma-separated "
@@ -493,7 +499,7 @@ def main():
     if args.no_torch:
         torch = None
     os.makedirs(args.out, exist_ok=True)
-    b = Bench(args.quick, 3 if args.quick else args.repeats, args.settle)
+    b = Bench(args.quick, 3 if args.quick else args.repeats, args.settle, args.settle_ratio)
 
     if args.quick:
         steps = [(main_rows, 1024), (curve_rows, 512), (mask_rows, 1024),

@@ -19,19 +19,24 @@ REFERENCE = "jax.nn"  # jax.nn.dot_product_attention, as XLA compiles it
 
 
 def median_times(calls: Sequence[tuple[Callable, tuple]], repeats: int = 5, warmup: int = 1,
-                 min_time: float = 0.05, settle: float = 0.02) -> list[float]:
+                 min_time: float = 0.05, settle: float = 0.02,
+                 settle_ratio: float = 0.25) -> list[float]:
     """Median wall time in seconds of each ``fn(*args)`` in ``calls`` (outputs
     blocked on). The calls are interleaved -- every repeat runs each of them
     once, in rotating order -- so that load from other processes hits them
     alike and their ratios stay meaningful on a shared machine. Calls shorter
     than ``min_time`` are repeated within a sample (the per-call time is kept).
 
-    Between samples of interleaved calls the loop sleeps ``settle`` seconds:
+    Between samples of interleaved calls the loop sleeps ``settle`` seconds,
+    or ``settle_ratio`` times the previous sample's duration if longer:
     thread pools keep their workers spinning for a while after a call (torch's
     OpenMP, XLA's Eigen pool, OpenBLAS), and on a machine with few cores those
     spinning threads take the CPU from whatever runs next (measured on 2
     cores: a call timed right after another library's ran up to 1.4x slower
-    than alone; benchmarks/RESULTS.md, "2 cores").
+    than alone). A long XLA call leaves more behind: on 2 cores of the AMX
+    Xeon, jax_mfa and torch calls started 20 ms after a 0.5-2.3 s XLA call
+    ran 1.1-2.0x slower than alone, 100 ms after it as fast as alone
+    (benchmarks/RESULTS.md, "what a long XLA call leaves behind").
     """
     inner = []
     for fn, args in calls:
@@ -42,17 +47,19 @@ def median_times(calls: Sequence[tuple[Callable, tuple]], repeats: int = 5, warm
         once = max(time.perf_counter() - t0, 1e-6)
         inner.append(max(1, int(min_time / once)) if min_time > 0 else 1)
     samples: list[list[float]] = [[] for _ in calls]
+    last = 0.0  # the previous sample's duration
     for rep in range(repeats):
         for j in range(len(calls)):
             idx = (j + rep) % len(calls)
             fn, args = calls[idx]
-            if settle > 0 and len(calls) > 1:
-                time.sleep(settle)
+            if len(calls) > 1 and max(settle, settle_ratio * last) > 0:
+                time.sleep(max(settle, settle_ratio * last))
             t0 = time.perf_counter()
             for _ in range(inner[idx]):
                 out = fn(*args)
             jax.block_until_ready(out)
-            samples[idx].append((time.perf_counter() - t0) / inner[idx])
+            last = time.perf_counter() - t0
+            samples[idx].append(last / inner[idx])
     return [statistics.median(s) for s in samples]
 
 

@@ -44,6 +44,34 @@ def test_median_times_settles_between_interleaved_calls():
     assert len(gaps) == 5 and min(gaps) >= settle
 
 
+def test_median_times_settles_longer_after_long_calls():
+    """After a long sample the pause is settle_ratio times its duration (what
+    a long XLA call leaves behind slows whatever runs next), and short calls
+    keep the short pause."""
+    import time
+
+    from jax_mfa._benchmark import median_times
+
+    events = []
+
+    def slow():
+        events.append(("slow", time.perf_counter()))
+        time.sleep(0.2)
+        events.append(("end", time.perf_counter()))
+
+    def fast():
+        events.append(("fast", time.perf_counter()))
+        events.append(("end", time.perf_counter()))
+
+    median_times([(slow, ()), (fast, ())], repeats=2, warmup=0, min_time=0, settle=0.01,
+                 settle_ratio=0.5)
+    timed = events[4:]  # after the calibration calls
+    gaps = {(timed[i - 2][0], timed[i][0]): timed[i][1] - timed[i - 1][1]
+            for i in range(2, len(timed), 2)}
+    assert gaps[("slow", "fast")] >= 0.1  # half of the slow call's 0.2 s
+    assert 0.01 <= gaps[("fast", "slow")] < 0.1
+
+
 def test_amx_micro_builds_and_agrees():
     """benchmarks/amx_micro.cc (the AMX forward's inner loop, timed) compiles
     against the kernels' headers; on a CPU with AMX-BF16 it also runs (a small
