@@ -52,8 +52,9 @@ def median_times(calls: Sequence[tuple[Callable, tuple]], repeats: int = 5, warm
         for j in range(len(calls)):
             idx = (j + rep) % len(calls)
             fn, args = calls[idx]
-            if len(calls) > 1 and max(settle, settle_ratio * last) > 0:
-                time.sleep(max(settle, settle_ratio * last))
+            pause = max(settle, settle_ratio * last) if len(calls) > 1 else 0.0
+            if pause > 0:
+                time.sleep(pause)
             t0 = time.perf_counter()
             for _ in range(inner[idx]):
                 out = fn(*args)

@@ -156,6 +156,13 @@ void dot_product(int terms, int64_t M, int64_t N, int64_t pairs, float alpha,
   cpu::bf16_gemm_sum(M, N, pairs, alpha, terms, as, lda, bs, ldb, accumulate, C, ldc);
 }
 
+// A B operand of bf16_gemm (pair layout, stride = row stride in words) or of
+// bf16_gemm_b_tiles (tile layout, stride = b_stride).
+struct BWords {
+  const uint32_t* words;
+  int64_t stride;
+};
+
 // Tile shape: stacked query rows x key columns per tile. Overridable for
 // tuning with JAX_MFA_TILES="fwd_rows,fwd_cols,bwd_rows,bwd_cols".
 struct TileShape {
@@ -1277,6 +1284,21 @@ void backward_typed(const AttentionProblem& p, const BackwardBuffers& buf, TaskR
             cpu::pack_b_tiles(vt + kto, Sld, hpairs, cols, Vt, h_kt);
             cpu::pack_b_tiles(kw + kwo, H, cpairs, H, Kw, c_kt);
           });
+        // The dot-product path's B operands: tile layout on AMX, else pair layout.
+        const BWords kT = tiled ? BWords{Kt, h_kt} : BWords{kt + kto, Sld};
+        const BWords vT = tiled ? BWords{Vt, h_kt} : BWords{vt + kto, Sld};
+        const BWords kP = tiled ? BWords{Kw, c_kt} : BWords{kw + kwo, H};
+        // C (M x N) = alpha A B (+ C), profiled at `site` as M x N x k.
+        auto product = [&](int site, int64_t M, int64_t N, int64_t k, int64_t pairs, float alpha,
+                           const uint32_t* A, int64_t lda, BWords B, bool accumulate, float* C,
+                           int64_t ldc) {
+          timed(prof, site, M, N, k, [&] {
+            if (tiled)
+              return cpu::bf16_gemm_b_tiles(M, N, pairs, alpha, A, lda, B.words, B.stride,
+                                            accumulate, C, ldc);
+            cpu::bf16_gemm(M, N, pairs, alpha, A, lda, B.words, B.stride, accumulate, C, ldc);
+          });
+        };
         Acc* dq_acc = dq_sums.get() + pl * sum_pair;
         Acc* rs_acc = dq_acc + T_ * G * H;
         // Adds this tile's dQ rows (and row sums) of positions [t0, t0 + tq)
@@ -1339,28 +1361,14 @@ void backward_typed(const AttentionProblem& p, const BackwardBuffers& buf, TaskR
           const bool fold = dot && plain && scale > Acc(0);
           const Acc mul = fold ? scale : Acc(1), qk_alpha = fold ? Acc(1) : scale;
           if constexpr (std::is_same_v<Acc, float>) {
-            if (dot)
-              timed(prof, 0, rows, cols, H, [&] {
-                if (tiled)
-                  return cpu::bf16_gemm_b_tiles(rows, cols, hpairs, qk_alpha, qw + ro, hpairs,
-                                                Kt, h_kt, false, Pb, Bk);
-                cpu::bf16_gemm(rows, cols, hpairs, qk_alpha, qw + ro, hpairs, kt + kto,
-                               Sld, false, Pb, Bk);
-              });
+            if (dot) product(0, rows, cols, H, hpairs, qk_alpha, qw + ro, hpairs, kT, false, Pb, Bk);
           }
           if (!dot)
             transposed_product(prof, 0, kpanels, rows, cols, H, scale, Qp, ldq, Kp, kv.sp, Pb, Bk);
           if (!plain) rules.apply(b, kvh, t0, tq, j0, cols, Pb, Bk, th);
           for (int64_t r = 0; r < rows; ++r) row_exp(Pb + r * Bk, cols, mul, lse[r], ops);
           if constexpr (std::is_same_v<Acc, float>) {
-            if (dot)
-              timed(prof, 1, rows, cols, H, [&] {
-                if (tiled)
-                  return cpu::bf16_gemm_b_tiles(rows, cols, hpairs, 1.0f, dow + ro, hpairs, Vt,
-                                                h_kt, false, dPb, Bk);
-                cpu::bf16_gemm(rows, cols, hpairs, 1.0f, dow + ro, hpairs, vt + kto,
-                               Sld, false, dPb, Bk);
-              });
+            if (dot) product(1, rows, cols, H, hpairs, 1.0f, dow + ro, hpairs, vT, false, dPb, Bk);
           }
           if (!dot)
             transposed_product(prof, 1, vpanels, rows, cols, H, Acc(1), dOp, lddo, Vp, vv.sp, dPb,
@@ -1403,39 +1411,22 @@ void backward_typed(const AttentionProblem& p, const BackwardBuffers& buf, TaskR
               const int64_t rp = (rows + 1) / 2, r_kt = ceil_div(rp, 16);
               uint32_t* dSw = scratch<uint32_t>(9, rows_max * (Bk / 2));
               cpu::float_to_pairs_in_rows(dPb, Bk, rows, cols, dSw, Bk / 2);
-              if (tiled) {
-                uint32_t* Pt = scratch_aligned<uint32_t>(10, r_kt * col_tiles * 256);
-                uint32_t* dSt = scratch_aligned<uint32_t>(11, r_kt * col_tiles * 256);
-                cpu::float_to_b_tiles(Pb, Bk, rows, cols, Pt, r_kt);
-                cpu::float_to_b_tiles(dPb, Bk, rows, cols, dSt, r_kt);
-                timed(prof, 2, cols, H, rows, [&] {
-                  cpu::bf16_gemm_b_tiles(H, cols, rp, 1.0f, dot_ + rt, rpairs, Pt, r_kt, true,
-                                         dV, Bk);
-                });
-                timed(prof, 3, cols, H, rows, [&] {
-                  cpu::bf16_gemm_b_tiles(H, cols, rp, 1.0f, qt + rt, rpairs, dSt, r_kt, true,
-                                         dK, Bk);
-                });
-                timed(prof, 4, rows, H, cols, [&] {
-                  cpu::bf16_gemm_b_tiles(rows, H, cpairs, scale, dSw, Bk / 2, Kw, c_kt, false,
-                                         dQt, H);
-                });
-              } else {
-                uint32_t* Pp = scratch<uint32_t>(10, (rows_max / 2 + 1) * Bk);
-                uint32_t* dSp = scratch<uint32_t>(11, (rows_max / 2 + 1) * Bk);
-                cpu::float_to_pairs_across_rows(Pb, Bk, rows, cols, Pp, Bk);
-                cpu::float_to_pairs_across_rows(dPb, Bk, rows, cols, dSp, Bk);
-                timed(prof, 2, cols, H, rows, [&] {
-                  cpu::bf16_gemm(H, cols, rp, 1.0f, dot_ + rt, rpairs, Pp, Bk, true, dV, Bk);
-                });
-                timed(prof, 3, cols, H, rows, [&] {
-                  cpu::bf16_gemm(H, cols, rp, 1.0f, qt + rt, rpairs, dSp, Bk, true, dK, Bk);
-                });
-                timed(prof, 4, rows, H, cols, [&] {
-                  cpu::bf16_gemm(rows, H, cpairs, scale, dSw, Bk / 2, kw + kwo, H, false,
-                                 dQt, H);
-                });
-              }
+              // P and dS pairs across rows (B operands of dV^T and dK^T) in
+              // scratch `id`: tile layout on AMX, else pair layout.
+              auto across_rows = [&](const float* src, int id) {
+                if (!tiled) {
+                  uint32_t* dst = scratch<uint32_t>(id, (rows_max / 2 + 1) * Bk);
+                  cpu::float_to_pairs_across_rows(src, Bk, rows, cols, dst, Bk);
+                  return BWords{dst, Bk};
+                }
+                uint32_t* dst = scratch_aligned<uint32_t>(id, r_kt * col_tiles * 256);
+                cpu::float_to_b_tiles(src, Bk, rows, cols, dst, r_kt);
+                return BWords{dst, r_kt};
+              };
+              const BWords pB = across_rows(Pb, 10), dsB = across_rows(dPb, 11);
+              product(2, H, cols, rows, rp, 1.0f, dot_ + rt, rpairs, pB, true, dV, Bk);
+              product(3, H, cols, rows, rp, 1.0f, qt + rt, rpairs, dsB, true, dK, Bk);
+              product(4, rows, H, cols, cpairs, scale, dSw, Bk / 2, kP, false, dQt, H);
             }
           }
           if (!dot) {  // P^T and dS^T read in place
