@@ -34,9 +34,10 @@ def median_times(calls: Sequence[tuple[Callable, tuple]], repeats: int = 5, warm
     spinning threads take the CPU from whatever runs next (measured on 2
     cores: a call timed right after another library's ran up to 1.4x slower
     than alone). A long XLA call leaves more behind: on 2 cores of the AMX
-    Xeon, jax_mfa and torch calls started 20 ms after a 0.5-2.3 s XLA call
-    ran 1.1-2.0x slower than alone, 100 ms after it as fast as alone
-    (benchmarks/RESULTS.md, "what a long XLA call leaves behind").
+    Xeon, jax_mfa and torch calls started 20 ms after a 2.3 s XLA call ran
+    1.1-2.0x slower than alone; jax_mfa 100 ms after it as fast as alone
+    (benchmarks/probe_after_xla.py; benchmarks/RESULTS.md, "what a long XLA
+    call leaves behind").
     """
     inner = []
     for fn, args in calls:
